@@ -1,0 +1,119 @@
+"""The IR traced from torchvision models agrees with the models themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lpnet.arch.build import build_module
+from lpnet.arch.counting import network_cost
+from lpnet.arch.from_torch import network_from_module, network_from_torchvision, torchvision_model
+from lpnet.arch.ir import Op
+from lpnet.errors import UnknownModel, UnsupportedOperator
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
+
+
+def _hook_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Count conv and linear MACs with forward hooks on the real module (independent of the IR)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear_hook(module: nn.Linear, _inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(conv_hook)
+        elif isinstance(m, nn.Linear):
+            m.register_forward_hook(linear_hook)
+    with torch.no_grad():
+        model(torch.zeros(input_shape))
+    return total
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ir_matches_torchvision_module(name: str) -> None:
+    model = torchvision_model(name)
+    net = network_from_torchvision(name)
+    counts = net.op_counts()
+    assert counts["conv2d"] == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert counts["linear"] == sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert counts.get("batchnorm2d", 0) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    cost = network_cost(net)
+    assert cost.params == sum(p.numel() for p in model.parameters())
+    assert cost.macs == _hook_macs(model, net.input_shape)
+
+
+def test_known_layer_counts() -> None:
+    assert len(network_from_torchvision("resnet18").layers) == 69
+    assert network_from_torchvision("resnet50").op_counts()["add"] == 16
+    assert network_from_torchvision("mobilenet_v2").op_counts()["relu6"] == 35
+
+
+def test_built_module_computes_the_same_shapes_and_retraces_to_the_same_hash() -> None:
+    net = network_from_torchvision("mobilenet_v2", (2, 3, 160, 160))
+    module = build_module(net)
+    with torch.no_grad():
+        out = module(torch.randn(net.input_shape))
+    assert out.shape == (2, 1000)
+    assert network_from_module(module, net.input_shape).content_hash == net.content_hash
+
+
+def test_input_shape_changes_spatial_sizes() -> None:
+    small = network_from_torchvision("resnet18", (1, 3, 112, 112))
+    assert small.by_name["conv1"].out_hw == (56, 56)
+    assert network_cost(small).macs < network_cost(network_from_torchvision("resnet18")).macs
+
+
+def test_unknown_torchvision_name_lists_choices() -> None:
+    with pytest.raises(UnknownModel, match="resnet18"):
+        network_from_torchvision("resnet19")
+
+
+class _Rolls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(self.conv(x), shifts=1, dims=2)
+
+
+class _LSTMish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pixel = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pixel(self.conv(x))
+
+
+def test_unsupported_function_is_named_with_its_layer() -> None:
+    with pytest.raises(UnsupportedOperator) as info:
+        network_from_module(_Rolls(), (1, 3, 16, 16))
+    assert info.value.op == "roll"
+    assert info.value.layer == "roll"
+    assert "roll" in str(info.value)
+
+
+def test_unsupported_module_is_named_with_its_layer() -> None:
+    with pytest.raises(UnsupportedOperator) as info:
+        network_from_module(_LSTMish(), (1, 3, 16, 16))
+    assert info.value.op == "PixelShuffle"
+    assert info.value.layer == "pixel"
+
+
+def test_depthwise_and_concat_networks_trace() -> None:
+    googlenet = network_from_torchvision("googlenet")
+    assert googlenet.op_counts()["concat"] == 9
+    mbv2 = network_from_torchvision("mobilenet_v2")
+    assert any(layer.is_depthwise for layer in mbv2.layers)
+    assert all(layer.op is not Op.CONCAT for layer in mbv2.layers)
