@@ -1,0 +1,195 @@
+"""A standalone device agent: profile this machine and send the measurements somewhere.
+
+Runs on the device being profiled, with nothing of the service installed:
+
+    python -m profiler.agent --families resnet18,mobilenet_v2 --budget-minutes 30 --jsonl runs/cpu.jsonl
+    LPNET_API_KEY=... python -m profiler.agent --url http://server:8000 --device-id 3 --budget-minutes 60
+
+The service's `lpnet profile` command builds the same pieces (`AgentOptions`, `build_sampler`,
+`run_agent`) with a database sink instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lpnet.errors import LpnetError
+from profiler.backends.base import registered_backends
+from profiler.batch import MeasurementKind
+from profiler.device import DeviceSpec, local_device_spec
+from profiler.environment import retain_freed_memory
+from profiler.protocol import TimingProtocol
+from profiler.runner import RunSummary, make_run_context, run_profile
+from profiler.sampling import DEFAULT_FAMILIES, SamplingConfig, StratifiedSampler
+from profiler.sinks import HttpSink, JsonlSink, MeasurementSink
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "LPNET_API_KEY"
+
+
+@dataclass
+class AgentOptions:
+    """Everything a profiling run needs besides the sink."""
+
+    families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
+    kinds: list[MeasurementKind] = field(default_factory=lambda: list(MeasurementKind))
+    backend: str = "torch-cpu"
+    threads: int = 1
+    batch_size: int = 1
+    dtype: str = "float32"
+    hardware: str | None = None
+    image_size: int = 224
+    budget_minutes: float | None = None
+    network_samples: int | None = None
+    in_context_samples: int | None = None
+    isolated_samples: int | None = None
+    seed: int = 0
+    quick_protocol: bool = False
+    retain_memory: bool = False
+    progress: bool = True
+
+    def device(self) -> DeviceSpec:
+        spec = local_device_spec(self.backend, self.threads, self.batch_size, self.dtype)
+        if self.hardware:
+            spec = DeviceSpec(self.hardware, self.backend, self.threads, self.batch_size, self.dtype)
+        return spec
+
+    def protocol(self) -> TimingProtocol:
+        return TimingProtocol.quick() if self.quick_protocol else TimingProtocol()
+
+    def sampling_config(self) -> SamplingConfig:
+        """Per-family counts as given; unset ones default to SamplingConfig's, or unbounded under a budget."""
+        base = SamplingConfig.for_budget() if self.budget_minutes is not None else SamplingConfig()
+        return SamplingConfig(
+            kinds=tuple(self.kinds),
+            seed=self.seed,
+            network_samples=_given_or(self.network_samples, base.network_samples),
+            in_context_samples=_given_or(self.in_context_samples, base.in_context_samples),
+            isolated_samples=_given_or(self.isolated_samples, base.isolated_samples),
+        )
+
+
+def _given_or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def build_sampler(options: AgentOptions, device: DeviceSpec) -> StratifiedSampler:
+    """The stratified sampler over the requested families (unsupported ones are skipped)."""
+    size = options.image_size
+    return StratifiedSampler.for_families(
+        options.families, device, options.sampling_config(), (1, 3, size, size)
+    )
+
+
+def run_agent(options: AgentOptions, sink: MeasurementSink) -> RunSummary:
+    """Profile with `options` into `sink` (not closed here)."""
+    if options.retain_memory:
+        retain_freed_memory()
+    device = options.device()
+    backend = device.create_backend()
+    sampler = build_sampler(options, device)
+    return run_profile(
+        device,
+        sampler,
+        sink,
+        options.protocol(),
+        budget_minutes=options.budget_minutes,
+        progress=options.progress,
+        backend=backend,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m profiler.agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--families", default=",".join(DEFAULT_FAMILIES), help="comma-separated torchvision names"
+    )
+    parser.add_argument(
+        "--kinds", default=",".join(k.value for k in MeasurementKind), help="network,in_context,isolated"
+    )
+    parser.add_argument("--backend", default="torch-cpu", choices=registered_backends())
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--hardware", help="device name to record (default: the CPU model)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--budget-minutes", type=float, help="stop after this much measuring time")
+    parser.add_argument("--network-samples", type=int, help="per family")
+    parser.add_argument("--in-context-samples", type=int, help="per family")
+    parser.add_argument("--isolated-samples", type=int, help="per family")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="loose timing protocol (smoke runs only)")
+    parser.add_argument("--retain-memory", action="store_true", help="keep freed memory in-process (mallopt)")
+    parser.add_argument("--no-progress", action="store_true")
+    target = parser.add_argument_group("where measurements go (one of)")
+    target.add_argument("--jsonl", type=Path, help="append to this JSONL file")
+    target.add_argument("--url", help="service base URL; the API key comes from $" + API_KEY_ENV)
+    parser.add_argument("--device-id", help="the service's device id (with --url)")
+    parser.add_argument("--spool-dir", type=Path, default=Path(".lpnet-spool"), help="undelivered batches")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> AgentOptions:
+    try:
+        kinds = [MeasurementKind(k.strip()) for k in args.kinds.split(",") if k.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"--kinds: {exc}; valid: {', '.join(k.value for k in MeasurementKind)}") from exc
+    return AgentOptions(
+        families=[f.strip() for f in args.families.split(",") if f.strip()],
+        kinds=kinds,
+        backend=args.backend,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        hardware=args.hardware,
+        image_size=args.image_size,
+        budget_minutes=args.budget_minutes,
+        network_samples=args.network_samples,
+        in_context_samples=args.in_context_samples,
+        isolated_samples=args.isolated_samples,
+        seed=args.seed,
+        quick_protocol=args.quick,
+        retain_memory=args.retain_memory,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if (args.jsonl is None) == (args.url is None):
+        parser.error("give exactly one of --jsonl or --url")
+    options = options_from_args(args)
+    try:
+        device = options.device()
+        backend = device.create_backend()
+        context = make_run_context(device, options.protocol(), backend)
+        sink: MeasurementSink
+        if args.url:
+            api_key = os.environ.get(API_KEY_ENV)
+            if not api_key or not args.device_id:
+                parser.error(f"--url needs --device-id and the API key in ${API_KEY_ENV}")
+            sink = HttpSink(args.url, args.device_id, api_key, context, args.spool_dir)
+        else:
+            sink = JsonlSink(args.jsonl, context)
+        try:
+            summary = run_agent(options, sink)
+        finally:
+            sink.close()
+    except LpnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary.print_table()
+    return 130 if summary.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The timing protocol: warm up, then repeat until the median is both long-run and precise.
+
+Per-forward latency on a busy CPU has a CV of several percent, but the median settles quickly; so the
+protocol keeps sampling until (a) at least `min_repeat_ms` of samples and `min_repetitions` exist
+and (b) a distribution-free confidence interval of the median is narrower than
+`target_precision` of the median, or until a cap is hit, which the result records.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from profiler.backends.base import Runnable
+
+SampleFn = Callable[[int], float]
+"""Runs `number` forwards and returns milliseconds per forward."""
+
+
+class StopReason(StrEnum):
+    PRECISION = "precision"
+    MAX_REPETITIONS = "max_repetitions"
+    MAX_SECONDS = "max_seconds"
+
+
+class TimingProtocol(BaseModel):
+    """How long and how often to time; stored with every run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    warmup_runs: int = Field(default=5, ge=0, le=10_000)
+    warmup_ms: float = Field(default=200.0, ge=0)
+    min_repeat_ms: float = Field(default=1000.0, ge=0)
+    min_repetitions: int = Field(default=20, ge=3)
+    max_repetitions: int = Field(default=2000, ge=3)
+    target_precision: float = Field(default=0.01, gt=0, lt=1)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    max_seconds: float = Field(default=60.0, gt=0)
+    min_sample_ms: float = Field(default=0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> TimingProtocol:
+        if self.min_repetitions > self.max_repetitions:
+            raise ValueError(
+                f"min_repetitions={self.min_repetitions} exceeds max_repetitions={self.max_repetitions}"
+            )
+        return self
+
+    @classmethod
+    def quick(cls) -> TimingProtocol:
+        """A loose protocol for smoke runs and tests: seconds, not minutes."""
+        return cls(
+            warmup_runs=2,
+            warmup_ms=10,
+            min_repeat_ms=50,
+            min_repetitions=7,
+            max_repetitions=200,
+            target_precision=0.05,
+            max_seconds=2.0,
+        )
+
+
+class TimingResult(BaseModel):
+    """Summary statistics of one timed configuration, per forward, in milliseconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    cv: float
+    repetitions: int
+    number: int = Field(description="forwards per timed sample (>1 only for very short forwards)")
+    precision: float = Field(description="half-width of the median's confidence interval / median")
+    precision_reached: bool
+    stopped_by: StopReason
+    total_seconds: float
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect young garbage, then keep the cyclic collector off; restore its state even on error.
+
+    Only the young generations are collected: they hold what building the module left behind, and a
+    full collection of a process with torch loaded costs ~0.3 s per measurement.
+    """
+    was_enabled = gc.isenabled()
+    gc.collect(1)
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def median_precision(sorted_samples: np.ndarray, confidence: float) -> float:
+    """Relative half-width of the order-statistic confidence interval of the median.
+
+    Distribution-free: the ranks n/2 -+ z*sqrt(n)/2 bound the median with the given confidence.
+    """
+    n = len(sorted_samples)
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    lo = max(1, math.floor(n / 2 - z * math.sqrt(n) / 2))
+    hi = min(n, math.ceil(n / 2 + z * math.sqrt(n) / 2 + 1))
+    median = float(np.median(sorted_samples))
+    if median <= 0:
+        return math.inf
+    return float(sorted_samples[hi - 1] - sorted_samples[lo - 1]) / 2 / median
+
+
+def summarize(
+    samples: list[float] | np.ndarray,
+    number: int,
+    protocol: TimingProtocol,
+    stopped_by: StopReason,
+    total_seconds: float,
+) -> TimingResult:
+    """Statistics of per-forward samples (milliseconds)."""
+    values = np.sort(np.asarray(samples, dtype=np.float64))
+    if len(values) == 0:
+        raise ValueError("no samples to summarise")
+    mean = float(values.mean())
+    precision = median_precision(values, protocol.confidence) if len(values) >= 3 else math.inf
+    p10, median, p90 = (float(v) for v in np.percentile(values, [10, 50, 90]))
+    return TimingResult(
+        median_ms=median,
+        p10_ms=p10,
+        p90_ms=p90,
+        mean_ms=mean,
+        min_ms=float(values[0]),
+        cv=float(values.std(ddof=1) / mean) if len(values) > 1 and mean > 0 else 0.0,
+        repetitions=len(values),
+        number=number,
+        precision=precision,
+        precision_reached=precision <= protocol.target_precision,
+        stopped_by=stopped_by,
+        total_seconds=total_seconds,
+    )
+
+
+def measure(sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True) -> TimingResult:
+    """Time `sample` under `protocol` with the garbage collector paused.
+
+    Args:
+        sample: runs `number` forwards, returns milliseconds per forward.
+        protocol: warm-up, stopping rule and caps.
+        calibrate: group forwards shorter than `min_sample_ms` into one sample, so the clock's own
+            cost stays negligible. Off when each sample must be exactly one forward.
+    """
+    start = time.perf_counter()
+    deadline = start + protocol.max_seconds
+    with gc_paused():
+        warm: list[float] = []
+        while len(warm) < protocol.warmup_runs or sum(warm) < protocol.warmup_ms:
+            warm.append(sample(1))
+            # A warm-up that eats the time budget leaves no time to measure: stop at a quarter.
+            if time.perf_counter() - start > protocol.max_seconds / 4:
+                break
+        number = 1
+        if calibrate and protocol.min_sample_ms > 0:
+            fastest = min(warm) if warm else sample(1)
+            if fastest > 0:
+                number = max(1, math.ceil(protocol.min_sample_ms / fastest))
+
+        samples: list[float] = []
+        elapsed_ms = 0.0
+        next_check = protocol.min_repetitions
+        stopped_by = StopReason.MAX_REPETITIONS
+        while len(samples) < protocol.max_repetitions:
+            value = sample(number)
+            samples.append(value)
+            elapsed_ms += value * number
+            n = len(samples)
+            if n >= next_check and elapsed_ms >= protocol.min_repeat_ms:
+                # Re-checking every sample costs a sort each; every ~5 % more samples is enough.
+                next_check = n + max(1, n // 20)
+                if (
+                    median_precision(np.sort(np.asarray(samples)), protocol.confidence)
+                    <= protocol.target_precision
+                ):
+                    stopped_by = StopReason.PRECISION
+                    break
+            if n >= 3 and time.perf_counter() >= deadline:
+                stopped_by = StopReason.MAX_SECONDS
+                break
+    return summarize(samples, number, protocol, stopped_by, time.perf_counter() - start)
+
+
+def measure_runnable(runnable: Runnable, protocol: TimingProtocol) -> TimingResult:
+    """Time whole forwards of a prepared runnable."""
+    return measure(runnable.timed_runs, protocol)
+
+
+class LayerwiseTiming(BaseModel):
+    """Per-node medians of in-context forwards, and the statistics of their per-forward sum."""
+
+    model_config = ConfigDict(frozen=True)
+
+    layers_ms: dict[str, float]
+    total: TimingResult
+
+
+def measure_layerwise(runnable: Runnable, protocol: TimingProtocol) -> LayerwiseTiming:
+    """Time every node inside real forwards until the per-forward node sum meets the protocol."""
+    per_node: dict[str, list[float]] = {}
+
+    def one_forward(number: int) -> float:
+        total = 0.0
+        for _ in range(number):
+            times = runnable.run_layerwise()
+            for name, ms in times.items():
+                per_node.setdefault(name, []).append(ms)
+            total += sum(times.values())
+        return total / number
+
+    total = measure(one_forward, protocol, calibrate=False)
+    # Warm-up forwards are in `per_node` too: drop them so medians use the same forwards as `total`.
+    layers = {name: float(np.median(values[-total.repetitions :])) for name, values in per_node.items()}
+    return LayerwiseTiming(layers_ms=layers, total=total)

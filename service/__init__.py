@@ -1,0 +1,1 @@
+"""lpnet service: HTTP API, database, jobs and the `lpnet` command line."""

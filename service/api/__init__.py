@@ -1,0 +1,1 @@
+"""HTTP API: the FastAPI routes, dependencies, middleware and the one JSON error shape."""

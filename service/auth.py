@@ -1,0 +1,194 @@
+"""API keys: generation, hashing, verification, and the service functions that store and check them.
+
+A key looks like ``lpn_<43 url-safe characters>`` (256 random bits). Only its sha256 is stored; a
+plain hash is enough because the key is random, not a password a person chose. The first
+`PREFIX_LENGTH` characters are stored too so people can tell keys apart and revoke one by prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.base import utcnow
+from service.db.models import ApiKey, Device, KeyScope
+from service.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+
+KEY_MARKER = "lpn_"
+PREFIX_LENGTH = len(KEY_MARKER) + 8
+# Writing last_used_at on every request would turn every read into a write; a minute is precise enough.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+MAX_NAME_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    """A freshly generated key: show `key` once, store `prefix` and `key_hash`."""
+
+    key: str
+    prefix: str
+    key_hash: str
+
+
+def generate_api_key() -> GeneratedKey:
+    """Generate a random API key together with its public prefix and hash."""
+    key = KEY_MARKER + secrets.token_urlsafe(32)
+    return GeneratedKey(key=key, prefix=key_prefix(key), key_hash=hash_api_key(key))
+
+
+def hash_api_key(key: str) -> str:
+    """Return the sha256 hex digest under which `key` is stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_prefix(key: str) -> str:
+    """Return the public prefix of `key` (``lpn_`` and the next 8 characters)."""
+    return key[:PREFIX_LENGTH]
+
+
+def verify_api_key(key: str, key_hash: str) -> bool:
+    """Whether `key` hashes to `key_hash` (compared in constant time)."""
+    return hmac.compare_digest(hash_api_key(key), key_hash)
+
+
+def parse_scope(value: str) -> KeyScope:
+    """Return the scope named `value`.
+
+    Raises:
+        InvalidInput: `value` is not one of admin, agent, reader.
+    """
+    try:
+        return KeyScope(value)
+    except ValueError:
+        choices = ", ".join(scope.value for scope in KeyScope)
+        raise InvalidInput(f"unknown key scope {value!r}; choose one of {choices}") from None
+
+
+def create_api_key(
+    session: Session, *, scope: str, name: str | None = None, device: Device | None = None
+) -> tuple[ApiKey, str]:
+    """Create and add an API key (the caller commits).
+
+    Args:
+        session: Open session.
+        scope: admin, agent or reader.
+        name: Label for people; defaults to the scope (and device for agent keys).
+        device: The device an agent key submits measurements for; required for agent keys and
+            refused for the others.
+
+    Returns:
+        The stored row and the raw key, which is not kept anywhere and must be shown to the user now.
+
+    Raises:
+        InvalidInput: Unknown scope, missing or unexpected device, or a name that is too long.
+    """
+    key_scope = parse_scope(scope)
+    if key_scope is KeyScope.AGENT and device is None:
+        raise InvalidInput("an agent key submits measurements for one device; name the device")
+    if key_scope is not KeyScope.AGENT and device is not None:
+        raise InvalidInput(f"only agent keys belong to a device, not {key_scope.value} keys")
+    label = (name or "").strip() or (f"agent@{device.name}" if device is not None else key_scope.value)
+    if len(label) > MAX_NAME_LENGTH:
+        raise InvalidInput(f"key name is {len(label)} characters long; at most {MAX_NAME_LENGTH} allowed")
+
+    generated = generate_api_key()
+    row = ApiKey(
+        name=label,
+        prefix=generated.prefix,
+        key_hash=generated.key_hash,
+        scope=key_scope.value,
+        device=device,
+    )
+    session.add(row)
+    session.flush()
+    return row, generated.key
+
+
+def list_api_keys(session: Session, *, include_revoked: bool = True) -> list[ApiKey]:
+    """Return the API keys, oldest first."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query))
+
+
+def revoke_api_key(session: Session, prefix: str, *, now: datetime | None = None) -> ApiKey:
+    """Revoke the active key whose prefix is `prefix` (the caller commits).
+
+    Raises:
+        InvalidInput: The prefix is shorter than the stored prefix.
+        NotFound: No key has this prefix.
+        Conflict: The key is already revoked, or several active keys share the prefix (pass the full
+            key then).
+    """
+    prefix = prefix.strip()
+    if len(prefix) < PREFIX_LENGTH:
+        raise InvalidInput(
+            f"key prefix {prefix!r} is too short; give the {PREFIX_LENGTH}-character prefix "
+            "shown by `lpnet keys list`"
+        )
+    stored_prefix = key_prefix(prefix)
+    candidates = session.scalars(
+        select(ApiKey).where(ApiKey.prefix == stored_prefix, ApiKey.revoked_at.is_(None))
+    ).all()
+    # A full key (or more of it than the stored prefix) narrows the match down by hash.
+    if len(prefix) > PREFIX_LENGTH:
+        candidates = [key for key in candidates if verify_api_key(prefix, key.key_hash)]
+    if not candidates:
+        revoked = session.scalars(
+            select(ApiKey).where(ApiKey.prefix == stored_prefix, ApiKey.revoked_at.is_not(None))
+        ).first()
+        if revoked is not None and revoked.revoked_at is not None:
+            raise Conflict(f"API key {revoked.prefix} is already revoked ({revoked.revoked_at.isoformat()})")
+        raise NotFound(f"no active API key with prefix {prefix!r}; see `lpnet keys list`")
+    if len(candidates) > 1:
+        raise Conflict(
+            f"{len(candidates)} active keys share the prefix {prefix!r}; pass the full key to revoke one"
+        )
+    key = candidates[0]
+    key.revoked_at = now or utcnow()
+    session.flush()
+    return key
+
+
+def authenticate_api_key(session: Session, key: str, *, now: datetime | None = None) -> ApiKey:
+    """Return the active key row for a raw key, updating its ``last_used_at`` (the caller commits).
+
+    Raises:
+        Unauthenticated: The key is malformed, unknown or revoked.
+    """
+    if not key.startswith(KEY_MARKER) or len(key) <= PREFIX_LENGTH:
+        raise Unauthenticated("malformed API key; expected a key starting with 'lpn_'")
+    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key))).one_or_none()
+    if row is None:
+        raise Unauthenticated("unknown API key")
+    if row.revoked_at is not None:
+        raise Unauthenticated(f"API key {row.prefix} was revoked at {row.revoked_at.isoformat()}")
+    now = now or utcnow()
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.flush()
+    return row
+
+
+def require_scope(key: ApiKey, allowed: Iterable[str]) -> None:
+    """Check that `key` may do what needs one of the `allowed` scopes; admin keys may do everything.
+
+    Raises:
+        PermissionDenied: The key's scope is not allowed.
+    """
+    allowed_scopes = {KeyScope(scope) for scope in allowed}
+    if key.scope == KeyScope.ADMIN or key.scope in allowed_scopes:
+        return
+    needed = " or ".join(sorted(scope.value for scope in allowed_scopes | {KeyScope.ADMIN}))
+    raise PermissionDenied(
+        f"API key {key.prefix} has scope {key.scope!r}; this needs {needed}",
+        {"scope": key.scope, "allowed": sorted(scope.value for scope in allowed_scopes)},
+    )

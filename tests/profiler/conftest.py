@@ -1,0 +1,78 @@
+"""Tiny real networks and devices for the profiler tests (timings of a few milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lpnet.arch.from_torch import network_from_module
+from lpnet.arch.ir import Network
+from profiler.device import DeviceSpec
+from profiler.protocol import TimingProtocol
+
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
+class TinyResNet(nn.Module):
+    """conv-bn-relu stem, one residual block, pooling and a classifier: every kind of coupling."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (N, W, 32, 32)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(y)))
+        x = torch.relu(self.down(x))  # (N, 2W, 16, 16)
+        return self.fc(torch.flatten(self.pool(x), 1))  # (N, classes)
+
+
+@pytest.fixture(scope="session")
+def tiny_network() -> Network:
+    return network_from_module(TinyResNet(), INPUT_SHAPE, name="tiny", family="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_mobile_network() -> Network:
+    """A depthwise-separable block, for a second family."""
+    module = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.ReLU6(),
+        nn.Conv2d(16, 24, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
+    )
+    return network_from_module(module, INPUT_SHAPE, name="tinymobile", family="tinymobile")
+
+
+@pytest.fixture
+def device() -> DeviceSpec:
+    return DeviceSpec(hardware="test-cpu", backend="torch-cpu", threads=1)
+
+
+@pytest.fixture
+def fast_protocol() -> TimingProtocol:
+    """Loose enough that a tiny network takes ~0.1 s."""
+    return TimingProtocol(
+        warmup_runs=2,
+        warmup_ms=5,
+        min_repeat_ms=20,
+        min_repetitions=5,
+        max_repetitions=100,
+        target_precision=0.05,
+        max_seconds=0.5,
+    )

@@ -1,0 +1,114 @@
+"""Fixtures for the service tests: isolated settings, migrated databases, a live uvicorn server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy.orm import Session
+
+from service.config import get_settings
+from service.db.migrate import upgrade
+from service.db.session import make_engine, make_session_factory
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """Point the settings at a per-test data directory and forget cached settings around each test."""
+    data_dir = tmp_path / "lpnet-data"
+    for name in (
+        "LPNET_DATABASE_URL",
+        "LPNET_HOST",
+        "LPNET_PORT",
+        "LPNET_MAX_REQUEST_BYTES",
+        "LPNET_LOG_LEVEL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LPNET_DATA_DIR", str(data_dir))
+    get_settings.cache_clear()
+    yield data_dir
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def migrated_url(db_url: str) -> str:
+    """`db_url` migrated to the newest schema."""
+    upgrade(db_url, "head")
+    return db_url
+
+
+@pytest.fixture(scope="session")
+def postgres_migrated_session_url(postgres_session_url: str) -> str:
+    """The shared PostgreSQL test database, migrated to the newest schema once per run."""
+    upgrade(postgres_session_url, "head")
+    return postgres_session_url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def session(request: pytest.FixtureRequest) -> Iterator[Session]:
+    """A session on a migrated database, on each backend in turn; nothing persists past the test.
+
+    SQLite gets a fresh file. PostgreSQL shares one migrated database and wraps the test in a
+    transaction that is rolled back; the session's own commits become savepoints inside it.
+    """
+    if request.param == "sqlite":
+        engine = make_engine(request.getfixturevalue("sqlite_migrated_url"))
+        with make_session_factory(engine)() as db_session:
+            yield db_session
+        engine.dispose()
+        return
+
+    engine = make_engine(request.getfixturevalue("postgres_migrated_session_url"))
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        with Session(
+            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+        ) as db_session:
+            yield db_session
+        transaction.rollback()
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_migrated_url(sqlite_url: str) -> str:
+    """A fresh SQLite file migrated to the newest schema, for tests that need only one backend."""
+    upgrade(sqlite_url, "head")
+    return sqlite_url
+
+
+@pytest.fixture
+def live_server() -> Callable[[FastAPI], AbstractContextManager[str]]:
+    """``with live_server(app) as base_url:`` runs `app` on a real uvicorn server on loopback."""
+    return serve_in_thread
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, timeout_s: float = 10.0) -> Iterator[str]:
+    """Run `app` with a real uvicorn server on a free loopback port; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Binding port 0 here and handing the socket to uvicorn avoids racing another process for the port.
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port} within {timeout_s} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()

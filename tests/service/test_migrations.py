@@ -1,0 +1,124 @@
+"""Migrations run up, down and up again on SQLite and PostgreSQL, and match the models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from service.db import migrate, models
+from service.db.base import Base
+from service.db.session import make_engine
+from service.errors import InvalidInput, SchemaOutOfDate
+
+MODEL_TABLES = {
+    "device",
+    "profile_run",
+    "profile_batch",
+    "layer_measurement",
+    "network_measurement",
+    "predictor",
+    "job",
+    "api_key",
+    "model_upload",
+}
+
+
+def table_names(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_models_declare_exactly_the_expected_tables() -> None:
+    assert models.Base is Base
+    assert set(Base.metadata.tables) == MODEL_TABLES
+
+
+def test_upgrade_downgrade_upgrade_round_trip(db_url: str) -> None:
+    assert migrate.current(db_url) is None
+
+    migrate.upgrade(db_url)
+    assert table_names(db_url) == MODEL_TABLES | {"alembic_version"}
+    assert migrate.current(db_url) == migrate.head()
+
+    migrate.downgrade(db_url, "base")
+    assert table_names(db_url) <= {"alembic_version"}
+    assert migrate.current(db_url) is None
+
+    migrate.upgrade(db_url, "head")
+    assert table_names(db_url) == MODEL_TABLES | {"alembic_version"}
+    assert migrate.current(db_url) == migrate.head()
+
+
+def test_models_match_the_migrated_schema(migrated_url: str) -> None:
+    engine = make_engine(migrated_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            differences = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+def test_every_constraint_and_index_is_named() -> None:
+    for table in Base.metadata.sorted_tables:
+        for constraint in table.constraints:
+            assert constraint.name, f"unnamed {type(constraint).__name__} on {table.name}"
+        for index in table.indexes:
+            assert index.name, f"unnamed index on {table.name}"
+
+
+def test_migrations_run_from_any_working_directory(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    migrate.upgrade(sqlite_url)
+    assert migrate.current(sqlite_url) == migrate.head()
+
+
+def test_unknown_revision_is_reported_with_the_known_ones(sqlite_url: str) -> None:
+    with pytest.raises(InvalidInput, match=r"'nope'.*known revisions: 0001"):
+        migrate.upgrade(sqlite_url, "nope")
+
+
+def test_revisions_are_listed_oldest_first() -> None:
+    revisions = migrate.revision_ids()
+    assert revisions[0] == "0001"
+    assert revisions[-1] == migrate.head()
+
+
+def test_ensure_schema_upgrades_sqlite_automatically(sqlite_url: str) -> None:
+    assert migrate.ensure_schema(sqlite_url) == "base"
+    assert migrate.current(sqlite_url) == migrate.head()
+    assert migrate.ensure_schema(sqlite_url) is None
+
+
+@pytest.mark.postgres
+def test_ensure_schema_only_checks_postgres(postgres_url: str) -> None:
+    with pytest.raises(SchemaOutOfDate, match="run `lpnet db upgrade`"):
+        migrate.ensure_schema(postgres_url)
+    assert migrate.current(postgres_url) is None
+
+    migrate.upgrade(postgres_url)
+    assert migrate.ensure_schema(postgres_url) is None
+
+
+def test_a_schema_from_a_newer_lpnet_is_reported(sqlite_url: str) -> None:
+    migrate.upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(SchemaOutOfDate, match="newer lpnet"):
+        migrate.require_current_schema(sqlite_url)
+    with pytest.raises(SchemaOutOfDate, match="newer lpnet"):
+        migrate.ensure_schema(sqlite_url)
