@@ -18,7 +18,9 @@ from lpnet.errors import InvalidWidthVector
 def _torch_pruning_group_count(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(input_shape))
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    return len(list(graph.get_all_groups(ignored_layers=[classifier], root_module_types=(nn.Conv2d, nn.Linear))))
+    return len(
+        list(graph.get_all_groups(ignored_layers=[classifier], root_module_types=(nn.Conv2d, nn.Linear)))
+    )
 
 
 @pytest.mark.parametrize(("name", "expected"), [("resnet18", 12), ("resnet50", 37), ("mobilenet_v2", 25)])

@@ -1,0 +1,1 @@
+"""Latency predictors: LPNet (a differentiable layer-level network) and scikit-learn baselines."""

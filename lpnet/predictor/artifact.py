@@ -1,0 +1,111 @@
+"""Predictor artifacts: safetensors bytes (never pickle) with a versioned JSON header."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from lpnet.errors import LpnetError
+from lpnet.predictor.features import FEATURE_SCHEMA_VERSION, NUMERIC_FEATURES, OPS
+from lpnet.predictor.model import LPNet, LPNetConfig
+from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
+
+ARTIFACT_FORMAT = "lpnet-predictor"
+# Bump when the layout of the tensors or the header changes; readers say which versions they read.
+ARTIFACT_VERSION = 1
+READABLE_ARTIFACT_VERSIONS = frozenset({1})
+
+
+class ArtifactError(LpnetError):
+    """A predictor artifact that this version of lpnet cannot read."""
+
+    code = "predictor_artifact_unreadable"
+
+
+def dump_predictor(predictor: LatencyPredictor, extra: dict[str, Any] | None = None) -> bytes:
+    """Serialise a predictor to safetensors bytes; `extra` goes into the header as JSON."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in predictor.model.state_dict().items()}
+    tensors["domain.feature_min"] = predictor.domain.feature_min.contiguous()
+    tensors["domain.feature_max"] = predictor.domain.feature_max.contiguous()
+    header = {
+        "format": ARTIFACT_FORMAT,
+        "artifact_version": str(ARTIFACT_VERSION),
+        "feature_schema_version": str(FEATURE_SCHEMA_VERSION),
+        "features": json.dumps(list(NUMERIC_FEATURES)),
+        "ops": json.dumps([op.value for op in OPS]),
+        "config": json.dumps(predictor.model.config.to_dict()),
+        "domain_ops": json.dumps(sorted(predictor.domain.ops)),
+        "extra": json.dumps(extra or {}),
+    }
+    return save_tensors(tensors, metadata=header)
+
+
+def read_header(data: bytes) -> dict[str, str]:
+    """The JSON metadata of a safetensors file, without loading its tensors."""
+    if len(data) < 8:
+        raise ArtifactError("predictor artifact is truncated (no safetensors header)")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ArtifactError("predictor artifact is truncated (header longer than the file)")
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except ValueError as exc:
+        raise ArtifactError(f"predictor artifact header is not JSON: {exc}") from exc
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ArtifactError("predictor artifact metadata is malformed")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def load_predictor(data: bytes) -> LatencyPredictor:
+    """Load a predictor, checking format and versions first.
+
+    Raises:
+        ArtifactError: naming the version found and the versions this build reads.
+    """
+    header = read_header(data)
+    if header.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"not an lpnet predictor artifact (format={header.get('format')!r})")
+    version = int(header.get("artifact_version", "0"))
+    if version not in READABLE_ARTIFACT_VERSIONS:
+        raise ArtifactError(
+            f"predictor artifact version {version} cannot be read by this lpnet, which reads versions "
+            f"{sorted(READABLE_ARTIFACT_VERSIONS)}; refit the predictor (lpnet fit) or upgrade lpnet",
+            {"artifact_version": version, "readable": sorted(READABLE_ARTIFACT_VERSIONS)},
+        )
+    schema = int(header.get("feature_schema_version", "0"))
+    if schema != FEATURE_SCHEMA_VERSION or json.loads(header["features"]) != list(NUMERIC_FEATURES):
+        raise ArtifactError(
+            f"predictor was trained on feature schema {schema}; this lpnet computes schema "
+            f"{FEATURE_SCHEMA_VERSION}; refit the predictor (lpnet fit)",
+            {"feature_schema_version": schema, "expected": FEATURE_SCHEMA_VERSION},
+        )
+    if json.loads(header["ops"]) != [op.value for op in OPS]:
+        raise ArtifactError(
+            "predictor was trained with a different operator vocabulary; refit it (lpnet fit)"
+        )
+    config = LPNetConfig(**json.loads(header["config"]))
+    tensors = load_tensors(data)
+    model = LPNet(config)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"predictor tensors do not match its config: missing {missing}, unexpected {unexpected}"
+        )
+    domain = TrainingDomain(
+        ops=set(json.loads(header["domain_ops"])),
+        feature_min=tensors["domain.feature_min"],
+        feature_max=tensors["domain.feature_max"],
+    )
+    return LatencyPredictor(model, domain)
+
+
+def artifact_extra(data: bytes) -> dict[str, Any]:
+    """The `extra` JSON stored with an artifact (metrics, fingerprints...)."""
+    extra: dict[str, Any] = json.loads(read_header(data).get("extra", "{}"))
+    return extra

@@ -1,0 +1,205 @@
+"""Per-layer features as differentiable functions of the per-group kept-channel counts.
+
+Every feature of a layer is an affine function of a few basis functions of its input channel
+count and of its output channel count, separately:
+
+    features[l] = const[l] + in_coef[l] @ basis(in_c[l]) + out_coef[l] @ basis(out_c[l])
+
+(`log(MACs)` is `log(in_c) + log(out_c) + const` for a conv, and so on). Channel counts are
+themselves affine maps of the width vector (`lpnet.arch.groups.ChannelLayout`). So a predictor on
+these features can be back-propagated to the widths, and a one-hidden-layer predictor can evaluate
+the first layer once per distinct channel count instead of once per (vector, layer) pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lpnet.arch.groups import channel_layout
+from lpnet.arch.ir import Layer, Network, Op
+
+FEATURE_SCHEMA_VERSION = 1
+OPS: tuple[Op, ...] = tuple(Op)
+OP_INDEX: dict[Op, int] = {op: i for i, op in enumerate(OPS)}
+NUMERIC_FEATURES: tuple[str, ...] = (
+    "log_in_channels",
+    "log_out_channels",
+    "log_in_area",
+    "log_out_area",
+    "kernel_area",
+    "stride",
+    "log_groups",
+    "depthwise",
+    "bias",
+    "log_macs",
+    "log_in_elements",
+    "log_out_elements",
+    "log_params",
+    "batch",
+    "in_cos8",
+    "in_sin8",
+    "in_cos16",
+    "in_sin16",
+    "out_cos8",
+    "out_sin8",
+    "out_cos16",
+    "out_sin16",
+)
+_F = {name: i for i, name in enumerate(NUMERIC_FEATURES)}
+# Basis functions of a channel count: log, and its position within blocks of 8 and 16 channels
+# (SIMD and cache blocking make latency a staircase in the channel count; a smooth periodic
+# encoding lets the model learn the steps while keeping gradients defined for continuous counts).
+BASIS: tuple[str, ...] = ("log", "cos8", "sin8", "cos16", "sin16")
+
+
+def channel_basis(channels: torch.Tensor) -> torch.Tensor:
+    """(...,) channel counts -> (..., len(BASIS))."""
+    c = channels.clamp_min(1.0)
+    a8 = 2 * math.pi * c / 8.0
+    a16 = 2 * math.pi * c / 16.0
+    return torch.stack([torch.log(c), torch.cos(a8), torch.sin(a8), torch.cos(a16), torch.sin(a16)], dim=-1)
+
+
+def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """const (L, F), in_coef (L, F, K) and out_coef (L, F, K) of every layer, vectorised."""
+    n_l, n_f, n_k = len(layers), len(NUMERIC_FEATURES), len(BASIS)
+    const = np.zeros((n_l, n_f))
+    cin = np.zeros((n_l, n_f, n_k))
+    cout = np.zeros((n_l, n_f, n_k))
+    kernel = np.array([lay.kernel[0] * lay.kernel[1] for lay in layers], dtype=float)
+    in_area = np.array([lay.in_hw[0] * lay.in_hw[1] for lay in layers], dtype=float)
+    out_area = np.array([lay.out_hw[0] * lay.out_hw[1] for lay in layers], dtype=float)
+    depthwise = np.array([lay.is_depthwise for lay in layers])
+    groups = np.array([1 if lay.is_depthwise else lay.groups for lay in layers], dtype=float)
+    ops = [lay.op for lay in layers]
+    conv = np.array([op is Op.CONV2D for op in ops])
+    linear = np.array([op is Op.LINEAR for op in ops])
+    batchnorm = np.array([op is Op.BATCHNORM2D for op in ops])
+
+    cin[:, _F["log_in_channels"], 0] = 1.0
+    cout[:, _F["log_out_channels"], 0] = 1.0
+    const[:, _F["log_in_area"]] = np.log(in_area)
+    const[:, _F["log_out_area"]] = np.log(out_area)
+    const[:, _F["kernel_area"]] = kernel / 9.0
+    const[:, _F["stride"]] = [float(lay.stride[0]) for lay in layers]
+    const[:, _F["depthwise"]] = depthwise
+    const[:, _F["bias"]] = [lay.bias for lay in layers]
+    const[:, _F["batch"]] = math.log(batch)
+    cin[depthwise, _F["log_groups"], 0] = 1.0
+    const[:, _F["log_groups"]] = np.where(depthwise, 0.0, np.log(groups))
+    cin[:, _F["log_in_elements"], 0] = 1.0
+    const[:, _F["log_in_elements"]] = np.log(in_area * batch)
+    cout[:, _F["log_out_elements"], 0] = 1.0
+    const[:, _F["log_out_elements"]] = np.log(out_area * batch)
+    # Conv MACs = B * out_area * out_c * (in_c / groups) * k, with in_c / groups == 1 for depthwise.
+    const[conv, _F["log_macs"]] = np.log(batch * out_area[conv] * kernel[conv] / groups[conv])
+    const[conv, _F["log_params"]] = np.log(kernel[conv] / groups[conv])
+    const[linear, _F["log_macs"]] = math.log(batch)
+    const[batchnorm, _F["log_params"]] = math.log(2.0)
+    dense = conv & ~depthwise
+    for feature in ("log_macs", "log_params"):
+        cout[conv | linear, _F[feature], 0] = 1.0
+        cin[dense | linear, _F[feature], 0] = 1.0
+    cout[batchnorm, _F["log_params"], 0] = 1.0
+    for prefix, coef in (("in", cin), ("out", cout)):
+        for k, basis in enumerate(BASIS[1:], start=1):
+            coef[:, _F[f"{prefix}_{basis}"], k] = 1.0
+    return const, cin, cout
+
+
+@dataclass
+class TensorizedNetwork:
+    """A network's layers as tensors; channel counts are `A @ w + b` of a width vector `w`."""
+
+    network_hash: str
+    layer_names: list[str]
+    ops: torch.Tensor  # (L,) long
+    in_map: torch.Tensor  # (L, G)
+    in_bias: torch.Tensor  # (L,)
+    out_map: torch.Tensor  # (L, G)
+    out_bias: torch.Tensor  # (L,)
+    const: torch.Tensor  # (L, F)
+    in_coef: torch.Tensor  # (L, F, K)
+    out_coef: torch.Tensor  # (L, F, K)
+    full_widths: torch.Tensor  # (G,)
+    group_divisors: torch.Tensor  # (G,)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.full_widths.numel())
+
+    def channels(self, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output channel counts, each (B, L), for width vectors (B, G)."""
+        in_c = widths @ self.in_map.T + self.in_bias  # (B, L)
+        out_c = widths @ self.out_map.T + self.out_bias  # (B, L)
+        return in_c, out_c
+
+    def layer_features(self, widths: torch.Tensor) -> torch.Tensor:
+        """Features (B, L, F) in the order of NUMERIC_FEATURES."""
+        in_c, out_c = self.channels(widths)
+        return self.features_from_channels(in_c, out_c)
+
+    def features_from_channels(self, in_c: torch.Tensor, out_c: torch.Tensor) -> torch.Tensor:
+        """Features (B, L, F) from channel counts (B, L)."""
+        in_part = torch.einsum("blk,lfk->blf", channel_basis(in_c), self.in_coef)
+        out_part = torch.einsum("blk,lfk->blf", channel_basis(out_c), self.out_coef)
+        return self.const + in_part + out_part
+
+
+def tensorize(
+    network: Network, with_groups: bool = True, dtype: torch.dtype = torch.float32
+) -> TensorizedNetwork:
+    """Build the tensor view of a network.
+
+    Args:
+        network: the network.
+        with_groups: resolve its channel groups (torch-pruning, a fraction of a second) so channel
+            counts follow a width vector. Without them every count is a constant and the only
+            valid width vector is the empty one: enough to predict a fixed network.
+        dtype: floating type of the tensors.
+    """
+    layers = network.layers
+    num_layers = len(layers)
+    if with_groups:
+        layout = channel_layout(network)
+        num_groups = len(layout.groups)
+        full = [float(g.channels) for g in layout.groups]
+        divisors = [float(g.divisor) for g in layout.groups]
+    else:
+        num_groups, full, divisors = 0, [], []
+    in_map = torch.zeros(num_layers, num_groups, dtype=dtype)
+    out_map = torch.zeros(num_layers, num_groups, dtype=dtype)
+    in_bias = torch.tensor([float(layer.in_channels) for layer in layers], dtype=dtype)
+    out_bias = torch.tensor([float(layer.out_channels) for layer in layers], dtype=dtype)
+    if with_groups:
+        for i, layer in enumerate(layers):
+            for expr, amap, bias in (
+                (layout.in_expr[layer.name], in_map, in_bias),
+                (layout.out_expr[layer.name], out_map, out_bias),
+            ):
+                bias[i] = expr.constant
+                for g, coef in expr.terms:
+                    amap[i, g] = coef
+    const, in_coef, out_coef = _layer_terms(layers, network.input_shape[0])
+    return TensorizedNetwork(
+        network_hash=network.content_hash,
+        layer_names=[layer.name for layer in layers],
+        ops=torch.tensor([OP_INDEX[layer.op] for layer in layers], dtype=torch.long),
+        in_map=in_map,
+        in_bias=in_bias,
+        out_map=out_map,
+        out_bias=out_bias,
+        const=torch.as_tensor(const, dtype=dtype),
+        in_coef=torch.as_tensor(in_coef, dtype=dtype),
+        out_coef=torch.as_tensor(out_coef, dtype=dtype),
+        full_widths=torch.tensor(full, dtype=dtype),
+        group_divisors=torch.tensor(divisors, dtype=dtype),
+    )

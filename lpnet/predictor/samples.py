@@ -1,0 +1,92 @@
+"""Training samples for latency predictors, independent of where they were stored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lpnet.arch.ir import Network
+from lpnet.predictor.features import TensorizedNetwork, tensorize
+
+
+@dataclass(frozen=True)
+class NetworkSample:
+    """One measured network: its IR, its median latency and, when measured, per-layer times."""
+
+    network: Network
+    latency_ms: float
+    per_layer_ms: dict[str, float] | None = None
+    family: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The family used to split by architecture (leave-one-family-out)."""
+        return self.family or self.network.family or self.network.name or "unknown"
+
+
+@dataclass
+class PackedSamples:
+    """All layers of many networks as one table, with a segment index back to the network."""
+
+    features: torch.Tensor  # (N, F) raw features
+    ops: torch.Tensor  # (N,)
+    segment: torch.Tensor  # (N,) network index of each layer
+    layer_target_ms: torch.Tensor  # (N,) NaN where a layer was not timed
+    network_target_ms: torch.Tensor  # (S,)
+    num_networks: int
+    tensorized: list[TensorizedNetwork] = field(repr=False, default_factory=list)
+
+    def subset(self, networks: Sequence[int]) -> PackedSamples:
+        """The packed rows of the listed networks, renumbered 0..len-1 (repeats allowed: bootstrap)."""
+        counts = torch.bincount(self.segment, minlength=self.num_networks)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        rows = [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in networks]
+        take = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        segment = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in enumerate(rows)])
+        index = torch.as_tensor(list(networks), dtype=torch.long)
+        return PackedSamples(
+            features=self.features[take],
+            ops=self.ops[take],
+            segment=segment,
+            layer_target_ms=self.layer_target_ms[take],
+            network_target_ms=self.network_target_ms[index],
+            num_networks=len(index),
+            tensorized=[self.tensorized[i] for i in index.tolist()] if self.tensorized else [],
+        )
+
+
+def pack_samples(samples: Sequence[NetworkSample]) -> PackedSamples:
+    """Tensorise every sample (without channel groups: each is a fixed network)."""
+    feats, ops, segs, layer_targets, tensorized = [], [], [], [], []
+    for s_index, sample in enumerate(samples):
+        tn = tensorize(sample.network, with_groups=False)
+        tensorized.append(tn)
+        feats.append(tn.layer_features(torch.zeros(1, 0))[0])
+        ops.append(tn.ops)
+        segs.append(torch.full((tn.num_layers,), s_index, dtype=torch.long))
+        per_layer = sample.per_layer_ms or {}
+        layer_targets.append(
+            torch.tensor([per_layer.get(name, float("nan")) for name in tn.layer_names], dtype=torch.float32)
+        )
+    return PackedSamples(
+        features=torch.cat(feats),
+        ops=torch.cat(ops),
+        segment=torch.cat(segs),
+        layer_target_ms=torch.cat(layer_targets),
+        network_target_ms=torch.tensor([s.latency_ms for s in samples], dtype=torch.float32),
+        num_networks=len(samples),
+        tensorized=tensorized,
+    )
+
+
+def samples_fingerprint(samples: Sequence[NetworkSample]) -> str:
+    """A stable hash of the training data: which networks, and what was measured."""
+    rows = sorted(
+        (s.network.content_hash, round(s.latency_ms, 6), sorted((s.per_layer_ms or {}).items()))
+        for s in samples
+    )
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()

@@ -1,0 +1,181 @@
+"""Fitting LPNet on measured networks: joint network- and layer-level loss in log space."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lpnet.errors import LpnetError
+from lpnet.predictor.features import OPS
+from lpnet.predictor.model import LPNet, LPNetConfig
+from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
+from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
+
+logger = logging.getLogger(__name__)
+
+MIN_NETWORK_SAMPLES = 20
+# Intervals are calibrated on held-out networks to cover this share of them.
+INTERVAL_COVERAGE = 0.9
+
+
+class NotEnoughMeasurements(LpnetError):
+    """Too few measured networks to fit a predictor."""
+
+    code = "not_enough_measurements"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings."""
+
+    steps: int = 1500
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-5
+    layer_loss_weight: float = 0.5
+    calibration_share: float = 0.15
+    huber_delta: float = 0.1
+    seed: int = 0
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def fit_lpnet(
+    samples: Sequence[NetworkSample],
+    config: LPNetConfig | None = None,
+    train: TrainConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> LPNet:
+    """Fit an LPNet ensemble and calibrate its interval on held-out networks.
+
+    Raises:
+        NotEnoughMeasurements: with fewer than MIN_NETWORK_SAMPLES measured networks, saying how
+            many more are needed.
+    """
+    config = config or LPNetConfig()
+    train = train or TrainConfig()
+    if len(samples) < MIN_NETWORK_SAMPLES:
+        missing = MIN_NETWORK_SAMPLES - len(samples)
+        raise NotEnoughMeasurements(
+            f"fitting needs at least {MIN_NETWORK_SAMPLES} measured networks; got {len(samples)}, "
+            f"measure {missing} more (lpnet profile)",
+            {"have": len(samples), "need": MIN_NETWORK_SAMPLES, "missing": missing},
+        )
+    packed = pack_samples(samples)
+    generator = torch.Generator().manual_seed(train.seed)
+    order = torch.randperm(packed.num_networks, generator=generator).tolist()
+    n_cal = max(3, int(round(train.calibration_share * packed.num_networks)))
+    calibration, fitting = order[:n_cal], order[n_cal:]
+
+    torch.manual_seed(train.seed)  # initial weights: a fit is reproducible from its data
+    model = LPNet(config)
+    model.feature_mean.copy_(packed.features.mean(0))
+    model.feature_std.copy_(packed.features.std(0).clamp_min(1e-3))
+    fit_part = packed.subset(fitting)
+    total_steps = train.steps * config.members
+    for k in range(config.members):
+        boot = torch.randint(0, fit_part.num_networks, (fit_part.num_networks,), generator=generator)
+        member_data = fit_part.subset(boot.tolist()) if config.members > 1 else fit_part
+
+        def member_progress(step: int, k: int = k) -> None:
+            if progress is not None:
+                progress(k * train.steps + step, total_steps)
+
+        _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
+    _calibrate_interval(model, packed.subset(calibration))
+    model.eval()
+    return model
+
+
+def _fit_member(
+    model: LPNet,
+    index: int,
+    data: PackedSamples,
+    train: TrainConfig,
+    seed: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    torch.manual_seed(seed)
+    member = model.members[index]
+    features = model.normalise(data.features)
+    log_net = torch.log(data.network_target_ms)
+    has_layer = ~torch.isnan(data.layer_target_ms)
+    log_layer = torch.log(data.layer_target_ms[has_layer].clamp_min(1e-4))
+    with torch.no_grad():  # start the overhead at zero and the layers at the mean per-layer share
+        member.network_overhead.zero_()
+        mean_share = (
+            data.network_target_ms / torch.bincount(data.segment, minlength=data.num_networks)
+        ).mean()
+        member.head.bias.fill_(math.log(float(mean_share)))
+    optimizer = torch.optim.AdamW(
+        member.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.steps)
+    for step in range(train.steps):
+        layer_log = member.layer_log_ms(features, data.ops)  # (N,)
+        per_layer = torch.exp(layer_log) + member.overhead_ms(data.ops)
+        network = (
+            torch.zeros(data.num_networks).index_add(0, data.segment, per_layer) + member.network_overhead
+        )
+        # Huber in log space: a measurement disturbed by a load spike must not steer the fit.
+        loss = _robust(torch.log(network.clamp_min(1e-4)) - log_net, train.huber_delta)
+        if bool(has_layer.any()):
+            loss = loss + train.layer_loss_weight * _robust(
+                layer_log[has_layer] - log_layer, train.huber_delta
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if progress and step % 50 == 0:
+            progress(step)
+    logger.debug("member %d final loss %.5f", index, float(loss.detach()))
+
+
+def _robust(log_error: torch.Tensor, delta: float) -> torch.Tensor:
+    return torch.nn.functional.huber_loss(log_error, torch.zeros_like(log_error), delta=delta) / delta
+
+
+def _calibrate_interval(model: LPNet, data: PackedSamples) -> None:
+    with torch.no_grad():
+        member_ms = network_predictions(model, data)  # (K, S)
+        log_members = torch.log(member_ms.clamp_min(1e-4))
+        center = torch.log(member_ms.mean(0).clamp_min(1e-4))
+        spread = (
+            log_members.std(0).clamp_min(1e-3) if model.config.members > 1 else torch.full_like(center, 0.01)
+        )
+        z = (torch.log(data.network_target_ms) - center).abs() / spread
+        model.interval_scale.fill_(float(torch.quantile(z, INTERVAL_COVERAGE)))
+
+
+def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:
+    """Network latency (ms) of every member for packed samples: (K, S)."""
+    features = model.normalise(data.features)
+    rows = []
+    for member in model.members:
+        per_layer = torch.exp(member.layer_log_ms(features, data.ops)) + member.overhead_ms(data.ops)
+        rows.append(
+            torch.zeros(data.num_networks).index_add(0, data.segment, per_layer) + member.network_overhead
+        )
+    return torch.stack(rows)
+
+
+def fit_predictor(
+    samples: Sequence[NetworkSample],
+    config: LPNetConfig | None = None,
+    train: TrainConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> LatencyPredictor:
+    """Fit LPNet and record its training domain (ops seen, feature ranges) for warnings."""
+    model = fit_lpnet(samples, config, train, progress)
+    packed = pack_samples(samples)
+    domain = TrainingDomain(
+        ops={OPS[i].value for i in packed.ops.unique().tolist()},
+        feature_min=packed.features.min(0).values,
+        feature_max=packed.features.max(0).values,
+    )
+    return LatencyPredictor(model, domain)

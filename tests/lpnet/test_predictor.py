@@ -1,0 +1,189 @@
+"""LPNet fitted on real measurements of two tiny network families (timed here, 1 thread)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lpnet.arch.from_torch import network_from_module
+from lpnet.arch.groups import apply_width_vector, channel_layout
+from lpnet.arch.ir import Network
+from lpnet.predictor.artifact import ArtifactError, dump_predictor, load_predictor, read_header
+from lpnet.predictor.baselines import FlopsLinear
+from lpnet.predictor.features import tensorize
+from lpnet.predictor.metrics import accuracy_metrics
+from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.predictor.samples import NetworkSample
+from lpnet.predictor.train import NotEnoughMeasurements, TrainConfig, fit_predictor
+from profiler.backends import get_backend
+from profiler.protocol import TimingProtocol
+from profiler.tasks import measure_in_context
+
+SHAPE = (1, 3, 48, 48)
+VARIANTS_PER_FAMILY = 26
+SMALL_FIT = TrainConfig(steps=500)
+SMALL_MODEL = LPNetConfig(members=3)
+
+
+def _plain() -> Network:
+    module = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    return network_from_module(module, SHAPE, name="plain", family="plain")
+
+
+def _separable() -> Network:
+    module = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU6(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU6(),
+        nn.Conv2d(32, 96, 1), nn.BatchNorm2d(96), nn.ReLU6(),
+        nn.Conv2d(96, 96, 3, stride=2, padding=1, groups=96), nn.BatchNorm2d(96), nn.ReLU6(),
+        nn.Conv2d(96, 64, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    return network_from_module(module, SHAPE, name="separable", family="separable")
+
+
+def _variants(network: Network, count: int, seed: int) -> list[list[int]]:
+    layout = channel_layout(network)
+    rng = np.random.default_rng(seed)
+    vectors = [layout.full_widths]
+    for _ in range(count - 1):
+        ratios = rng.uniform(0.1, 1.0, len(layout.groups))
+        vectors.append([max(1, round(g.channels * r)) for g, r in zip(layout.groups, ratios, strict=True)])
+    return vectors
+
+
+@pytest.fixture(scope="module")
+def measured() -> list[NetworkSample]:
+    torch.set_num_threads(1)
+    backend = get_backend("torch-cpu", threads=1)
+    protocol = TimingProtocol.quick()
+    samples = []
+    for seed, base in enumerate([_plain(), _separable()]):
+        for widths in _variants(base, VARIANTS_PER_FAMILY, seed):
+            result = measure_in_context(base, backend, protocol, width_vector=widths)
+            samples.append(
+                NetworkSample(
+                    apply_width_vector(base, widths), result.network.median_ms, result.layers_ms, base.family
+                )
+            )
+    return samples
+
+
+@pytest.fixture(scope="module")
+def split(measured: list[NetworkSample]) -> tuple[list[NetworkSample], list[NetworkSample]]:
+    # Every fourth variant of each family is held out: whole architectures, never rows.
+    train = [s for i, s in enumerate(measured) if i % 4 != 3]
+    test = [s for i, s in enumerate(measured) if i % 4 == 3]
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def predictor(split: tuple[list[NetworkSample], list[NetworkSample]]) -> LatencyPredictor:
+    return fit_predictor(split[0], SMALL_MODEL, SMALL_FIT)
+
+
+def test_lpnet_beats_the_flops_linear_baseline_on_held_out_networks(
+    predictor: LatencyPredictor, split: tuple[list[NetworkSample], list[NetworkSample]]
+) -> None:
+    train, test = split
+    measured_ms = np.array([s.latency_ms for s in test])
+    lpnet_ms = np.array([predictor.predict(s.network).total_ms for s in test])
+    baseline = FlopsLinear()
+    baseline.fit(train)
+    baseline_ms = baseline.predict([s.network for s in test])
+    lpnet = accuracy_metrics(lpnet_ms, measured_ms)
+    flops = accuracy_metrics(baseline_ms, measured_ms)
+    assert lpnet.mape < flops.mape, (lpnet, flops)
+    assert lpnet.spearman > 0.5
+
+
+def test_gradients_with_respect_to_channel_counts_are_finite_and_positive(
+    predictor: LatencyPredictor,
+) -> None:
+    tn = tensorize(_plain())
+    widths = (tn.full_widths * 0.6).clone().requires_grad_(True)
+    latency = predictor.latency(tn, widths[None])
+    latency.sum().backward()
+    grad = widths.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    # More channels, more latency, for a conv-dominated network: along the all-ones direction,
+    # and for most groups on their own.
+    assert float(grad.sum()) > 0
+    assert float((grad > 0).float().mean()) >= 0.5
+    wider = predictor.latency(tn, (tn.full_widths * 0.9)[None])
+    narrower = predictor.latency(tn, (tn.full_widths * 0.3)[None])
+    assert float(wider.detach()) > float(narrower.detach())
+
+
+def test_batch_path_equals_single_predictions(predictor: LatencyPredictor) -> None:
+    base = _separable()
+    tn = tensorize(base)
+    vectors = torch.tensor(_variants(base, 400, seed=7), dtype=torch.float32)  # enough rows for the fast path
+    batch = predictor.predict_widths(tn, vectors)
+    for i in (0, 57, 399):
+        single = predictor.predict(apply_width_vector(base, vectors[i].long().tolist()))
+        assert batch.total_ms[i].item() == pytest.approx(single.total_ms, rel=1e-4)
+        assert batch.low_ms[i] <= batch.total_ms[i] <= batch.high_ms[i]
+
+
+def test_per_layer_predictions_sum_with_overhead_to_the_total(predictor: LatencyPredictor) -> None:
+    prediction = predictor.predict(_plain())
+    assert sum(layer.ms for layer in prediction.per_layer) + prediction.overhead_ms == pytest.approx(
+        prediction.total_ms, rel=1e-4
+    )
+    assert prediction.low_ms <= prediction.total_ms <= prediction.high_ms
+    assert [layer.name for layer in prediction.per_layer] == [layer.name for layer in _plain().layers]
+
+
+def test_artifact_round_trips(predictor: LatencyPredictor) -> None:
+    data = dump_predictor(predictor, {"metrics": {"note": "x"}})
+    loaded = load_predictor(data)
+    network = _separable()
+    assert loaded.predict(network).total_ms == predictor.predict(network).total_ms
+    assert json.loads(read_header(data)["extra"]) == {"metrics": {"note": "x"}}
+    assert b"pickle" not in data[:64]
+
+
+def test_artifact_from_an_unknown_version_fails_with_a_version_message(predictor: LatencyPredictor) -> None:
+    data = dump_predictor(predictor)
+    assert b'"artifact_version":"1"' in data
+    newer = data.replace(b'"artifact_version":"1"', b'"artifact_version":"9"', 1)  # same length
+    with pytest.raises(ArtifactError, match="version 9 cannot be read by this lpnet"):
+        load_predictor(newer)
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_predictor(data[:4])
+
+
+def test_unseen_op_and_out_of_range_configurations_are_flagged(predictor: LatencyPredictor) -> None:
+    class SqueezeExcite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 32, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Conv2d(32, 32, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y * torch.sigmoid(self.fc(self.pool(y)))
+
+    prediction = predictor.predict(network_from_module(SqueezeExcite(), SHAPE))
+    assert prediction.extrapolated
+    assert any("'sigmoid' was never measured" in w for w in prediction.warnings)
+    assert any("'mul' was never measured" in w for w in prediction.warnings)
+    huge = network_from_module(nn.Sequential(nn.Conv2d(3, 2048, 7, padding=3)), (1, 3, 224, 224))
+    assert any("outside the training range" in w for w in predictor.predict(huge).warnings)
+    assert not predictor.predict(_plain()).warnings
+
+
+def test_too_few_measurements_say_how_many_more(measured: list[NetworkSample]) -> None:
+    with pytest.raises(NotEnoughMeasurements, match="measure 15 more"):
+        fit_predictor(measured[:5], SMALL_MODEL, SMALL_FIT)
