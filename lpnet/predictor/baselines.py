@@ -51,7 +51,9 @@ class LayerForestSum:
     name = "nn-Meter-style RF sum"
 
     def __init__(self, seed: int = 0) -> None:
-        self.forest = RandomForestRegressor(n_estimators=200, min_samples_leaf=2, n_jobs=1, random_state=seed)
+        self.forest = RandomForestRegressor(
+            n_estimators=100, min_samples_leaf=2, max_samples=0.5, n_jobs=1, random_state=seed
+        )
 
     def fit(self, samples: Sequence[NetworkSample]) -> None:
         x, y, _ = _layer_table(samples)

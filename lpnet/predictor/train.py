@@ -38,6 +38,7 @@ class TrainConfig:
     layer_loss_weight: float = 0.5
     calibration_share: float = 0.15
     huber_delta: float = 0.1
+    batch_networks: int = 64
     seed: int = 0
 
 
@@ -103,30 +104,32 @@ def _fit_member(
     member = model.members[index]
     features = model.normalise(data.features)
     log_net = torch.log(data.network_target_ms)
-    has_layer = ~torch.isnan(data.layer_target_ms)
-    log_layer = torch.log(data.layer_target_ms[has_layer].clamp_min(1e-4))
+    log_layer = torch.log(data.layer_target_ms.clamp_min(1e-4))  # NaN where a layer was not timed
+    counts = torch.bincount(data.segment, minlength=data.num_networks)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     with torch.no_grad():  # start the overhead at zero and the layers at the mean per-layer share
         member.network_overhead.zero_()
-        mean_share = (
-            data.network_target_ms / torch.bincount(data.segment, minlength=data.num_networks)
-        ).mean()
-        member.head.bias.fill_(math.log(float(mean_share)))
+        member.head.bias.fill_(math.log(float((data.network_target_ms / counts).mean())))
     optimizer = torch.optim.AdamW(
         member.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.steps)
+    batch_size = min(train.batch_networks, data.num_networks)
     for step in range(train.steps):
-        layer_log = member.layer_log_ms(features, data.ops)  # (N,)
-        per_layer = torch.exp(layer_log) + member.overhead_ms(data.ops)
-        network = (
-            torch.zeros(data.num_networks).index_add(0, data.segment, per_layer) + member.network_overhead
-        )
+        # A minibatch of whole networks (all their layers), so the network loss stays exact.
+        chosen = torch.randperm(data.num_networks)[:batch_size]
+        rows = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in chosen.tolist()])
+        segment = torch.repeat_interleave(torch.arange(batch_size), counts[chosen])
+        ops = data.ops[rows]
+        layer_log = member.layer_log_ms(features[rows], ops)  # (R,)
+        per_layer = torch.exp(layer_log) + member.overhead_ms(ops)
+        network = torch.zeros(batch_size).index_add(0, segment, per_layer) + member.network_overhead
         # Huber in log space: a measurement disturbed by a load spike must not steer the fit.
-        loss = _robust(torch.log(network.clamp_min(1e-4)) - log_net, train.huber_delta)
-        if bool(has_layer.any()):
-            loss = loss + train.layer_loss_weight * _robust(
-                layer_log[has_layer] - log_layer, train.huber_delta
-            )
+        loss = _robust(torch.log(network.clamp_min(1e-4)) - log_net[chosen], train.huber_delta)
+        timed = ~torch.isnan(log_layer[rows])
+        if bool(timed.any()):
+            layer_error = layer_log[timed] - log_layer[rows][timed]
+            loss = loss + train.layer_loss_weight * _robust(layer_error, train.huber_delta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
