@@ -91,19 +91,19 @@ class Measurement(BaseModel):
             return self
         if self.error:
             raise ValueError("an ok measurement cannot carry an error")
-        latencies = {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms}
-        if self.mean_ms is not None:
-            latencies["mean_ms"] = self.mean_ms
-        for name, value in latencies.items():
-            if value is None:
-                raise ValueError(f"an ok measurement needs {name}")
-            if not math.isfinite(value) or value <= 0:
+        p10, median, p90 = self.p10_ms, self.median_ms, self.p90_ms
+        if p10 is None or median is None or p90 is None:
+            raise ValueError("an ok measurement needs p10_ms, median_ms and p90_ms")
+        for name, value in (
+            ("median_ms", median),
+            ("p10_ms", p10),
+            ("p90_ms", p90),
+            ("mean_ms", self.mean_ms),
+        ):
+            if value is not None and (not math.isfinite(value) or value <= 0):
                 raise ValueError(f"{name}={value} must be a positive finite number of milliseconds")
-        assert self.p10_ms is not None and self.median_ms is not None and self.p90_ms is not None
-        if not self.p10_ms <= self.median_ms <= self.p90_ms:
-            raise ValueError(
-                f"percentiles out of order: p10_ms={self.p10_ms}, median_ms={self.median_ms}, p90_ms={self.p90_ms}"
-            )
+        if not p10 <= median <= p90:
+            raise ValueError(f"percentiles out of order: p10_ms={p10}, median_ms={median}, p90_ms={p90}")
         if self.repetitions is None:
             raise ValueError("an ok measurement needs its repetition count")
         if self.kind is MeasurementKind.IN_CONTEXT:
@@ -112,9 +112,7 @@ class Measurement(BaseModel):
             total = sum(t.ms for t in self.per_layer)
             if not math.isclose(total, self.layers_sum_ms, rel_tol=1e-6, abs_tol=1e-6):
                 raise ValueError(f"layers_sum_ms={self.layers_sum_ms} differs from the per-layer sum {total}")
-            if not math.isclose(
-                self.layers_sum_ms + self.residual_ms, self.median_ms, rel_tol=1e-6, abs_tol=1e-6
-            ):
+            if not math.isclose(self.layers_sum_ms + self.residual_ms, median, rel_tol=1e-6, abs_tol=1e-6):
                 raise ValueError("layers_sum_ms + residual_ms must equal median_ms")
         return self
 

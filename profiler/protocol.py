@@ -40,12 +40,12 @@ class TimingProtocol(BaseModel):
 
     warmup_runs: int = Field(default=5, ge=0, le=10_000)
     warmup_ms: float = Field(default=200.0, ge=0)
-    min_repeat_ms: float = Field(default=1000.0, ge=0)
+    min_repeat_ms: float = Field(default=500.0, ge=0)
     min_repetitions: int = Field(default=20, ge=3)
     max_repetitions: int = Field(default=2000, ge=3)
     target_precision: float = Field(default=0.01, gt=0, lt=1)
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
-    max_seconds: float = Field(default=60.0, gt=0)
+    max_seconds: float = Field(default=30.0, gt=0)
     min_sample_ms: float = Field(default=0.5, ge=0)
 
     @model_validator(mode="after")
@@ -205,28 +205,37 @@ def measure_runnable(runnable: Runnable, protocol: TimingProtocol) -> TimingResu
 
 
 class LayerwiseTiming(BaseModel):
-    """Per-node medians of in-context forwards, and the statistics of their per-forward sum."""
+    """A whole-network timing and, from forwards interleaved with it, each node's in-context median."""
 
     model_config = ConfigDict(frozen=True)
 
+    network: TimingResult
     layers_ms: dict[str, float]
-    total: TimingResult
+    layerwise_total: TimingResult
 
 
 def measure_layerwise(runnable: Runnable, protocol: TimingProtocol) -> LayerwiseTiming:
-    """Time every node inside real forwards until the per-forward node sum meets the protocol."""
-    per_node: dict[str, list[float]] = {}
+    """Alternate one plain forward with one node-by-node timed forward until the plain ones meet the protocol.
 
-    def one_forward(number: int) -> float:
-        total = 0.0
+    Interleaving makes both see the same machine state: timed one after the other, a change in
+    background load between the two phases would show up as a false gap between the network and
+    the sum of its layers.
+    """
+    per_node: dict[str, list[float]] = {}
+    totals: list[float] = []
+
+    def paired_forward(number: int) -> float:
+        network_ms = runnable.timed_runs(number)
         for _ in range(number):
             times = runnable.run_layerwise()
             for name, ms in times.items():
                 per_node.setdefault(name, []).append(ms)
-            total += sum(times.values())
-        return total / number
+            totals.append(sum(times.values()))
+        return network_ms
 
-    total = measure(one_forward, protocol, calibrate=False)
-    # Warm-up forwards are in `per_node` too: drop them so medians use the same forwards as `total`.
-    layers = {name: float(np.median(values[-total.repetitions :])) for name, values in per_node.items()}
-    return LayerwiseTiming(layers_ms=layers, total=total)
+    network = measure(paired_forward, protocol, calibrate=False)
+    # Warm-up forwards are recorded too: keep the last ones, those paired with the timed samples.
+    kept = network.repetitions
+    layers = {name: float(np.median(values[-kept:])) for name, values in per_node.items()}
+    layerwise_total = summarize(totals[-kept:], 1, protocol, network.stopped_by, network.total_seconds)
+    return LayerwiseTiming(network=network, layers_ms=layers, layerwise_total=layerwise_total)

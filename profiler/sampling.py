@@ -193,6 +193,8 @@ class _QueueSampler(Sampler):
 
     #: candidates shown to a scorer per requested sample.
     pool_factor = 4
+    #: consecutive already-seen samples after which a bucket's source counts as exhausted.
+    max_repeats = 500
 
     def __init__(self) -> None:
         self._issued: set[str] = set()
@@ -223,13 +225,17 @@ class _QueueSampler(Sampler):
     def _fill(self, bucket: BucketKey, want: int, done: AbstractSet[str]) -> None:
         queue = self._queues[bucket]
         source = self._sources[bucket]
+        repeats = 0
         while len(queue) < want and self._yielded[bucket] < self._caps[bucket]:
             sample = next(source, None)
-            if sample is None:
+            if sample is None or repeats >= self.max_repeats:
+                # A source that only repeats itself has covered its space (tiny groups, few distinct widths).
                 self._caps[bucket] = self._yielded[bucket]
                 break
             if sample.sample_key in self._issued or any(s.sample_key == sample.sample_key for s in queue):
-                continue  # the same configuration reached twice (e.g. a ratio that rounds to full width)
+                repeats += 1  # the same configuration reached twice (e.g. a ratio that rounds to full width)
+                continue
+            repeats = 0
             self._yielded[bucket] += 1
             if sample.sample_key in done:
                 self._skipped += 1
@@ -490,10 +496,14 @@ class StratifiedSampler(_QueueSampler):
             n = max(cfg.lhs_block, len(bases))
             ratios = latin_hypercube(rng, n, 2, cfg.min_ratio, cfg.max_ratio)
             order = rng.permutation(n) % len(bases)
+            produced = 0
             for (r_in, r_out), index in zip(ratios, order, strict=True):
                 scaled = scale_layer(bases[int(index)], float(r_in), float(r_out))
                 if scaled is not None:
+                    produced += 1
                     yield Sample.for_layer(scaled, self.device, family, origin="scaled")
+            if not produced:  # no base layer can be scaled validly: nothing more to offer
+                return
             block += 1
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from lpnet.arch.build import IR_LAYER_META
 from lpnet.arch.ir import NETWORK_INPUT, Layer, Network, Op
@@ -62,7 +63,7 @@ def network_input(network: Network, batch_size: int) -> torch.Tensor:
 
 def _prepare_network(
     network: Network, backend: Backend, batch_size: int, width_vector: Sequence[int] | None
-) -> tuple[Network, Runnable]:
+) -> tuple[fx.GraphModule, Runnable]:
     if width_vector is not None:
         from lpnet.arch.groups import apply_width_vector
 
@@ -70,7 +71,7 @@ def _prepare_network(
     from lpnet.arch.build import build_module
 
     module = build_module(network)
-    return network, backend.prepare(module, network_input(network, batch_size))
+    return module, backend.prepare(module, network_input(network, batch_size))
 
 
 def measure_network(
@@ -95,27 +96,24 @@ def measure_in_context(
     batch_size: int = 1,
     width_vector: Sequence[int] | None = None,
 ) -> InContextResult:
-    """Whole-network latency, then every layer timed inside real forwards of the same module."""
+    """Whole-network latency and every layer timed inside real forwards of the same module, interleaved."""
     if not backend.supports_layerwise:
         raise UnsupportedMeasurement(
             f"backend {backend.name!r} cannot time layers in context; use a torch backend",
             {"backend": backend.name},
         )
-    _, runnable = _prepare_network(network, backend, batch_size, width_vector)
+    module, runnable = _prepare_network(network, backend, batch_size, width_vector)
     try:
-        whole = measure_runnable(runnable, protocol)
-        layerwise = measure_layerwise(runnable, protocol)
+        timing = measure_layerwise(runnable, protocol)
     finally:
         runnable.close()
-    node_to_layer: dict[str, str] = getattr(getattr(runnable, "module", None), "meta", {}).get(
-        IR_LAYER_META, {}
-    )
+    node_to_layer: dict[str, str] = module.meta.get(IR_LAYER_META, {})
     layers: dict[str, float] = {}
-    for node, ms in layerwise.layers_ms.items():
+    for node, ms in timing.layers_ms.items():
         # Extra nodes of a multi-input add chain have no IR name of their own; they keep the node name.
         name = node_to_layer.get(node, node)
         layers[name] = layers.get(name, 0.0) + ms
-    return InContextResult(network=whole, layers_ms=layers, layerwise_total=layerwise.total)
+    return InContextResult(network=timing.network, layers_ms=layers, layerwise_total=timing.layerwise_total)
 
 
 def isolated_network(layer: Layer) -> tuple[Network, tuple[int, ...]]:

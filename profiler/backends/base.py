@@ -36,10 +36,6 @@ class Runnable(ABC):
     def synchronize(self) -> None:  # noqa: B027 - a no-op is right for synchronous backends
         """Block until every forward issued so far has finished (a no-op on synchronous backends)."""
 
-    def timed_run(self) -> float:
-        """Run one forward and return its time in milliseconds."""
-        return self.timed_runs(1)
-
     def timed_runs(self, number: int) -> float:
         """Run `number` forwards back to back; milliseconds per forward.
 
@@ -153,14 +149,6 @@ def _factory(name: str) -> BackendFactory:
         entry = getattr(importlib.import_module(module_name), attribute)
         _REGISTRY[name] = entry
     return entry
-
-
-def backend_class(name: str) -> type[Backend]:
-    """The class registered under `name`."""
-    factory = _factory(name)
-    if not isinstance(factory, type):
-        raise TypeError(f"backend {name!r} is registered with a factory, not a class")
-    return factory
 
 
 def available_backends() -> list[str]:

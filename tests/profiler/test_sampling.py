@@ -172,3 +172,19 @@ def test_unknown_family_is_reported(device: DeviceSpec) -> None:
 
     with pytest.raises(UnknownFamily, match="unknown torchvision model"):
         StratifiedSampler.for_families(["resnet_nonexistent"], device)
+
+
+def test_a_family_with_few_distinct_widths_runs_dry_instead_of_looping(device: DeviceSpec) -> None:
+    from torch import nn
+
+    from lpnet.arch.from_torch import network_from_module
+
+    narrow = network_from_module(
+        nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)),
+        (1, 3, 8, 8),
+        name="n",
+    )
+    sampler = StratifiedSampler({"n": narrow}, device, SamplingConfig(network_samples=1000, kinds=(NET,)))
+    samples = drain(sampler, ("n", NET))
+    widths = {s.width_vector for s in samples}
+    assert len(widths) == len(samples) <= 2  # a 2-channel group keeps 1 or 2 channels
