@@ -104,8 +104,12 @@ _cache_lock = threading.Lock()
 
 
 def channel_layout(network: Network) -> ChannelLayout:
-    """Groups and channel expressions of a network (cached by content hash)."""
-    key = network.content_hash
+    """Groups and channel expressions of a network (cached by content hash and layer names).
+
+    The expressions are keyed by layer name, so two networks computing the same thing under other
+    names must not share an entry.
+    """
+    key = network.content_hash + "|" + "\x1f".join(layer.name for layer in network.layers)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)

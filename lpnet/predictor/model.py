@@ -66,6 +66,7 @@ class LPNet(nn.Module):
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     interval_scale: torch.Tensor
+    layer_log_ms_bounds: torch.Tensor
 
     def __init__(self, config: LPNetConfig) -> None:
         super().__init__()
@@ -75,6 +76,12 @@ class LPNet(nn.Module):
         self.register_buffer("feature_std", torch.ones(len(NUMERIC_FEATURES)))
         # Multiplier on the ensemble's log-space spread so intervals reach their stated coverage.
         self.register_buffer("interval_scale", torch.tensor(2.0))
+        # Per-layer log-ms predictions are clamped to a margin around what training saw: far from
+        # its data an exponential output can otherwise explode by orders of magnitude.
+        self.register_buffer("layer_log_ms_bounds", torch.tensor([-30.0, 30.0]))
+
+    def bounded(self, layer_log_ms: torch.Tensor) -> torch.Tensor:
+        return layer_log_ms.clamp(float(self.layer_log_ms_bounds[0]), float(self.layer_log_ms_bounds[1]))
 
     @property
     def members(self) -> list[LayerLatencyMLP]:
@@ -87,7 +94,7 @@ class LPNet(nn.Module):
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
         x = self.normalise(features)
         ops_b = ops.expand(x.shape[:-1])
-        return torch.stack([torch.exp(m.layer_log_ms(x, ops_b)) for m in self.members])
+        return torch.stack([torch.exp(self.bounded(m.layer_log_ms(x, ops_b))) for m in self.members])
 
     def member_overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
         """Network overhead of every member for a layer list (L,) -> (K,)."""
@@ -144,9 +151,8 @@ class LPNet(nn.Module):
                         if len(rows)
                     ]
                 )  # (U, H)
-                layer_ms = torch.exp(
-                    member.head(torch.nn.functional.silu(pre, inplace=True)).squeeze(-1)
-                )  # (U,)
+                layer_log = member.head(torch.nn.functional.silu(pre, inplace=True)).squeeze(-1)  # (U,)
+                layer_ms = torch.exp(self.bounded(layer_log))
                 per_vector = layer_ms[triple_of].reshape(batch, num_layers).sum(-1)  # (B,)
                 overhead = member.overhead_ms(tn.ops).sum() + member.network_overhead
                 results.append(per_vector + overhead)

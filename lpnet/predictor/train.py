@@ -76,6 +76,12 @@ def fit_lpnet(
     model = LPNet(config)
     model.feature_mean.copy_(packed.features.mean(0))
     model.feature_std.copy_(packed.features.std(0).clamp_min(1e-3))
+    layer_targets = packed.layer_target_ms[~torch.isnan(packed.layer_target_ms)]
+    smallest = float(layer_targets.min()) if layer_targets.numel() else 1e-4
+    largest = float(packed.network_target_ms.max())
+    model.layer_log_ms_bounds.copy_(
+        torch.tensor([math.log(max(smallest, 1e-6)) - 2.0, math.log(largest) + 1.0])
+    )
     fit_part = packed.subset(fitting)
     total_steps = train.steps * config.members
     for k in range(config.members):

@@ -1,0 +1,152 @@
+"""Dataset helpers for the train mode: scikit-learn's digits, an ImageFolder tree, CIFAR-10 on disk.
+
+Nothing is downloaded: digits ship with scikit-learn, and the others read files the caller already has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from lpnet.gates.errors import DatasetUnavailable
+
+# Per-channel statistics of CIFAR-10's training set, the usual normalisation.
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataLoaders:
+    """Train and validation loaders with the input shape (C, H, W) and class count they imply."""
+
+    train: DataLoader
+    val: DataLoader
+    input_chw: tuple[int, int, int]
+    num_classes: int
+
+
+def digits_loaders(
+    batch_size: int = 64, image_size: int = 8, val_share: float = 0.2, seed: int = 0
+) -> DataLoaders:
+    """scikit-learn's 8x8 handwritten digits (1,797 images), optionally upsampled, stratified split.
+
+    Args:
+        batch_size: training batch size (validation uses 256).
+        image_size: side of the (bilinearly upsampled) images; 8 keeps them native.
+        val_share: share of images held out, stratified by class.
+        seed: split and shuffling seed.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    if image_size != 8:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=val_share, random_state=seed, stratify=digits.target
+    )
+    train_images = images[train_idx]
+    mean, std = train_images.mean(), train_images.std()
+    images = (images - mean) / std  # statistics of the training split only
+    train = TensorDataset(images[train_idx], labels[train_idx])
+    val = TensorDataset(images[val_idx], labels[val_idx])
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoaders(
+        train=DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator),
+        val=DataLoader(val, batch_size=256),
+        input_chw=(1, image_size, image_size),
+        num_classes=10,
+    )
+
+
+def image_folder_loaders(
+    root: str | Path,
+    image_size: int = 224,
+    batch_size: int = 32,
+    val_share: float = 0.1,
+    seed: int = 0,
+    workers: int = 0,
+) -> DataLoaders:
+    """An ImageFolder tree (`root/<class>/<image>`), resized and centre-cropped, split at random.
+
+    Raises:
+        DatasetUnavailable: the folder does not exist or holds no images.
+    """
+    from torchvision import datasets, transforms
+
+    path = Path(root)
+    if not path.is_dir():
+        raise DatasetUnavailable(f"image folder {str(path)!r} does not exist", {"root": str(path)})
+    transform = transforms.Compose(
+        [
+            transforms.Resize(int(image_size * 1.14)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+        ]
+    )
+    try:
+        dataset = datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DatasetUnavailable(f"no images under {str(path)!r}: {exc}", {"root": str(path)}) from exc
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    n_val = max(1, int(round(val_share * len(dataset))))
+    return DataLoaders(
+        train=DataLoader(
+            Subset(dataset, order[n_val:]),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            generator=generator,
+        ),
+        val=DataLoader(Subset(dataset, order[:n_val]), batch_size=batch_size, num_workers=workers),
+        input_chw=(3, image_size, image_size),
+        num_classes=len(dataset.classes),
+    )
+
+
+def cifar10_loaders(root: str | Path, batch_size: int = 128, workers: int = 0, seed: int = 0) -> DataLoaders:
+    """CIFAR-10 from a local copy (torchvision's `cifar-10-batches-py` under `root`); never downloads.
+
+    Raises:
+        DatasetUnavailable: the files are not there.
+    """
+    from torchvision import datasets, transforms
+
+    normalise = transforms.Normalize(_CIFAR_MEAN, _CIFAR_STD)
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    val_tf = transforms.Compose([transforms.ToTensor(), normalise])
+    try:
+        train = datasets.CIFAR10(str(root), train=True, download=False, transform=train_tf)
+        val = datasets.CIFAR10(str(root), train=False, download=False, transform=val_tf)
+    except RuntimeError as exc:  # torchvision raises RuntimeError("Dataset not found or corrupted...")
+        raise DatasetUnavailable(
+            f"CIFAR-10 is not under {str(root)!r} ({exc}); put the extracted 'cifar-10-batches-py' folder there",
+            {"root": str(root)},
+        ) from exc
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoaders(
+        train=DataLoader(
+            train, batch_size=batch_size, shuffle=True, num_workers=workers, generator=generator
+        ),
+        val=DataLoader(val, batch_size=256, num_workers=workers),
+        input_chw=(3, 32, 32),
+        num_classes=10,
+    )

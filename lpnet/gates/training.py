@@ -1,0 +1,349 @@
+"""The train mode: W-Gates trained jointly with the network on data, then physical pruning and fine-tuning.
+
+1. Joint training: the network's weights (SGD, the task loss) and the W-Gates (Adam) are trained
+   together; the gates read the current weights at every step, and the loss adds the
+   augmented-Lagrangian latency term on the gates' kept counts.
+2. Widths: the gates' expected kept counts are rounded onto the staircase under the budget
+   (verified by measurement when a `measure` callable is given); the highest-scoring filters stay.
+3. Physical pruning through torch-pruning, then fine-tuning of the smaller network.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpnet.arch.ir import Network
+from lpnet.gates.budget import AugmentedLagrangian, warmup_budget
+from lpnet.gates.planner import (
+    MeasureFn,
+    PlanMode,
+    PlanningProblem,
+    build_result,
+    verification_loop,
+)
+from lpnet.gates.result import PlanResult
+from lpnet.gates.wgates import GateSet, WGateConfig
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.pruning import PrunedModel, prune_module, top_k_indices
+
+logger = logging.getLogger(__name__)
+
+Batches = Iterable[Any]
+"""Anything yielding (inputs, targets) pairs, e.g. a DataLoader."""
+
+
+@dataclass(frozen=True)
+class TrainPruneConfig:
+    """Settings of the train mode.
+
+    Attributes:
+        gate_epochs: epochs of joint training of weights and gates.
+        finetune_epochs: epochs of fine-tuning after physical pruning.
+        learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed per phase.
+        weight_decay: SGD weight decay.
+        gate_learning_rate: Adam learning rate of the gates.
+        rho: augmented-Lagrangian penalty weight.
+        dual_rate: multiplier step per optimisation step, per unit of relative violation.
+        budget_warmup: share of the joint-training steps over which the constraint's budget moves
+            from the unpruned predicted latency down to `budget_ms` (see `warmup_budget`).
+        noise_anneal: share of the joint-training steps over which the gates' logistic noise decays
+            to zero (0 keeps it constant); the rest of the training sees the final, deterministic gates.
+        round_to: kept counts are multiples of this.
+        min_keep_ratio: no group keeps less than this share.
+        max_rounds: plan-and-measure rounds when measuring.
+        verify_margin: verified plans aim at measuring budget * (1 - margin).
+        max_batches: cap on batches per epoch (quick runs); None uses every batch.
+        gates: gate network settings; the task loss has a gradient everywhere, so the gates need less
+            exploration noise than in the data-free mode (strong noise acts like dropout and the
+            network learns to shut noisy channels for good).
+        seed: random seed.
+    """
+
+    gate_epochs: int = 5
+    finetune_epochs: int = 5
+    learning_rate: float = 0.05
+    weight_decay: float = 5e-4
+    gate_learning_rate: float = 0.002
+    rho: float = 20.0
+    dual_rate: float = 0.1
+    budget_warmup: float = 0.5
+    round_to: int = 8
+    min_keep_ratio: float = 0.05
+    noise_anneal: float = 0.8
+    max_rounds: int = 3
+    verify_margin: float = 0.03
+    max_batches: int | None = None
+    gates: WGateConfig = field(default_factory=lambda: WGateConfig(noise=0.3))
+    seed: int = 0
+
+
+@dataclass
+class TrainedPlan:
+    """The outcome of the train mode.
+
+    Attributes:
+        plan: the plan (mode "train"), kept indices included.
+        pruned: the pruned, fine-tuned module and its IR.
+        accuracy_before: validation accuracy of the module as given.
+        accuracy_gated: after joint training, with the deterministic gates applied.
+        accuracy_pruned: right after physical pruning (BatchNorm statistics recomputed), before
+            fine-tuning.
+        accuracy_after: after fine-tuning.
+        seconds: wall time of the whole run.
+    """
+
+    plan: PlanResult
+    pruned: PrunedModel
+    accuracy_before: float
+    accuracy_gated: float
+    accuracy_pruned: float
+    accuracy_after: float
+    seconds: float
+
+
+def evaluate_accuracy(module: nn.Module, batches: Batches, max_batches: int | None = None) -> float:
+    """Top-1 accuracy of `module` (eval mode) on (inputs, targets) batches."""
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for index, (inputs, targets) in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            correct += int((module(inputs).argmax(1) == targets).sum())
+            total += int(targets.numel())
+    module.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_epochs(
+    module: nn.Module,
+    batches: Batches,
+    epochs: int,
+    learning_rate: float,
+    weight_decay: float = 5e-4,
+    max_batches: int | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    extra_optimizer: torch.optim.Optimizer | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Train with SGD (momentum 0.9, cosine decay) on cross-entropy; returns the mean loss per epoch.
+
+    `extra_loss` is added to every step's loss (read after the forward), `extra_optimizer` steps
+    alongside SGD, and `after_step(step)` runs after each step.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    per_epoch = max_batches if max_batches is not None else _length(batches)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * max(per_epoch, 1)))
+    history: list[float] = []
+    step = 0
+    module.train()
+    for _ in range(epochs):
+        losses = []
+        for index, (inputs, targets) in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            loss = F.cross_entropy(module(inputs), targets)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            optimizer.zero_grad(set_to_none=True)
+            if extra_optimizer is not None:
+                extra_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if extra_optimizer is not None:
+                extra_optimizer.step()
+            schedule.step()
+            if after_step is not None:
+                after_step(step)
+            losses.append(float(loss.detach()))
+            step += 1
+        history.append(sum(losses) / max(len(losses), 1))
+    module.eval()
+    return history
+
+
+def recalibrate_batch_norm(module: nn.Module, batches: Batches, max_batches: int = 20) -> None:
+    """Recompute every BatchNorm's running statistics on data (weights untouched).
+
+    Running statistics gathered while gates switched channels on and off, or before channels were
+    removed, describe a network that no longer exists; a few forward passes fix them.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    was_training = module.training
+    module.train()
+    with torch.no_grad():
+        for index, (inputs, _targets) in enumerate(batches):
+            if index >= max_batches:
+                break
+            module(inputs)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    module.train(was_training)
+
+
+def _length(batches: Batches) -> int:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return 1
+
+
+def train_and_prune(
+    module: nn.Module,
+    network: Network,
+    predictor: LatencyPredictor,
+    budget_ms: float,
+    train_batches: Batches,
+    val_batches: Batches,
+    config: TrainPruneConfig | None = None,
+    measure: MeasureFn | None = None,
+) -> TrainedPlan:
+    """Train W-Gates with the network, prune it to the latency budget, fine-tune it.
+
+    Args:
+        module: the network to prune (left untouched; a copy is trained).
+        network: its IR.
+        predictor: LPNet for the target device.
+        budget_ms: latency budget (ms).
+        train_batches, val_batches: (inputs, targets) batches, e.g. DataLoaders.
+        config: training settings.
+        measure: measures a pruned network (ms); enables the verification loop.
+
+    Raises:
+        BudgetInfeasible: the budget is below the predicted latency at minimum widths.
+        NoPrunableGroups: nothing to prune.
+    """
+    config = config or TrainPruneConfig()
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    problem = PlanningProblem.build(network, predictor, config.round_to, config.min_keep_ratio)
+    min_ms = problem.check_feasible(budget_ms)
+    accuracy_before = evaluate_accuracy(module, val_batches)
+
+    model = copy.deepcopy(module)
+    gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
+    constraint = AugmentedLagrangian(budget_ms, rho=config.rho, dual_rate=config.dual_rate, equality=True)
+    gate_optimizer = torch.optim.Adam(gate_set.parameters(), lr=config.gate_learning_rate)
+    last_latency: list[float] = []
+    # Counts below the grid's minimum never become a plan; clamping keeps LPNet inside its domain.
+    floor = torch.as_tensor(problem.grid.min_widths, dtype=torch.float32)  # (G,)
+
+    def latency_term() -> torch.Tensor:
+        lat = problem.latency(torch.maximum(gate_set.kept_counts(), floor)[None])[0]
+        last_latency.append(float(lat.detach()))
+        return constraint.penalty(lat)
+
+    per_epoch = config.max_batches if config.max_batches is not None else _length(train_batches)
+    total_steps = config.gate_epochs * max(per_epoch, 1)
+    anneal_steps = config.noise_anneal * total_steps
+    warmup_steps = config.budget_warmup * total_steps
+    with torch.no_grad():
+        start_ms = float(problem.latency(problem.tn.full_widths[None])[0])
+    constraint.budget_ms = warmup_budget(start_ms, budget_ms, 0.0 if warmup_steps > 0 else 1.0)
+
+    def dual_step(step: int) -> None:
+        if last_latency:
+            constraint.update(last_latency[-1])
+        if warmup_steps > 0:
+            constraint.budget_ms = warmup_budget(start_ms, budget_ms, (step + 1) / warmup_steps)
+        if step % 20 == 0 and last_latency:
+            logger.debug(
+                "step %d: predicted %.3f ms (budget now %.3f ms), multiplier %.3f",
+                step,
+                last_latency[-1],
+                constraint.budget_ms,
+                constraint.multiplier,
+            )
+        if anneal_steps > 0:
+            # Decay the gate noise to zero so the network finishes training under the gates it keeps.
+            gate_set.noise_scale = config.gates.noise * max(0.0, 1.0 - (step + 1) / anneal_steps)
+
+    gate_set.train()
+    with gate_set.attached(model):
+        losses = train_epochs(
+            model,
+            train_batches,
+            config.gate_epochs,
+            config.learning_rate,
+            config.weight_decay,
+            config.max_batches,
+            extra_loss=latency_term,
+            extra_optimizer=gate_optimizer,
+            after_step=dual_step,
+        )
+        gate_set.eval()
+        recalibrate_batch_norm(model, train_batches, config.max_batches or 20)
+        accuracy_gated = evaluate_accuracy(model, val_batches)
+    logger.info(
+        "joint training: losses %s, last predicted %.3f ms (budget %.3f ms), gated accuracy %.4f",
+        [round(v, 4) for v in losses],
+        last_latency[-1] if last_latency else float("nan"),
+        budget_ms,
+        accuracy_gated,
+    )
+    with torch.no_grad():
+        scores = [s.detach() for s in gate_set.scores()]
+    target = gate_set.expected_counts(scores)
+    widths, rounds, met = verification_loop(
+        problem,
+        budget_ms,
+        budget_ms,
+        min_ms,
+        lambda internal: problem.fit(target, internal),
+        measure,
+        config.max_rounds,
+        config.verify_margin,
+    )
+    kept = [top_k_indices(s, k) for s, k in zip(scores, widths, strict=True)]
+    pruned = prune_module(model, network, widths, kept)
+    recalibrate_batch_norm(pruned.module, train_batches, config.max_batches or 20)
+    accuracy_pruned = evaluate_accuracy(pruned.module, val_batches)
+    if config.finetune_epochs > 0:
+        train_epochs(
+            pruned.module,
+            train_batches,
+            config.finetune_epochs,
+            config.learning_rate,
+            config.weight_decay,
+            config.max_batches,
+        )
+    accuracy_after = evaluate_accuracy(pruned.module, val_batches)
+    result = build_result(
+        problem,
+        PlanMode.TRAIN.value,
+        budget_ms,
+        config.round_to,
+        widths,
+        kept,
+        rounds,
+        met,
+        min_ms,
+        start,
+        scores,
+    )
+    return TrainedPlan(
+        plan=result,
+        pruned=pruned,
+        accuracy_before=accuracy_before,
+        accuracy_gated=accuracy_gated,
+        accuracy_pruned=accuracy_pruned,
+        accuracy_after=accuracy_after,
+        seconds=time.perf_counter() - start,
+    )

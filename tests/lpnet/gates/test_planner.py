@@ -1,0 +1,153 @@
+"""Plans: architecture-only on resnet18, weights mode on the tiny net, verification by measurement."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from lpnet.arch.groups import apply_width_vector, channel_layout
+from lpnet.arch.ir import Network
+from lpnet.gates.chart import layer_latency_chart
+from lpnet.gates.datafree import DataFreeConfig
+from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
+from lpnet.gates.planner import PlanMode, PlanOptions, plan
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.pruning import ir_state_dict, top_k_indices
+from tests.lpnet.gates.conftest import Measure, tiny_module
+
+QUICK_DATAFREE = DataFreeConfig(batch_size=4, synth_steps=10, gate_steps=40)
+
+
+def test_architecture_only_plan_for_resnet18_predicts_under_budget(
+    resnet18_small: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    unpruned = tiny_predictor.predict(resnet18_small).total_ms
+    budget = 0.6 * unpruned
+    started = time.perf_counter()
+    result = plan(resnet18_small, tiny_predictor, budget)
+    assert time.perf_counter() - started < 10
+    assert result.mode == "architecture-only"
+    assert result.predicted.total_ms <= budget
+    assert result.predicted.low_ms <= result.predicted.total_ms <= result.predicted.high_ms
+    assert result.unpruned_predicted.total_ms == pytest.approx(unpruned)
+    assert channel_layout(resnet18_small).validate(result.widths) == result.widths
+    assert all(w % 8 == 0 for w in result.widths)
+    assert result.pruned_network == apply_width_vector(resnet18_small, result.widths)
+    assert result.cost_after.flops < result.cost_before.flops
+    assert result.cost_after.params < result.cost_before.params
+    assert result.kept_indices is None and result.met_budget is None and len(result.rounds) == 1
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["widths"] == result.widths
+    assert data["groups"][0]["kept"] == result.widths[0]
+    assert {layer["name"] for layer in data["layers"]} == {layer.name for layer in resnet18_small.layers}
+    assert Network.from_dict(data["pruned_network"]).content_hash == result.pruned_network.content_hash
+
+
+def test_per_layer_chart_is_a_png(resnet18_small: Network, tiny_predictor: LatencyPredictor) -> None:
+    result = plan(resnet18_small, tiny_predictor, 0.7 * tiny_predictor.predict(resnet18_small).total_ms)
+    png = layer_latency_chart(result)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_weights_plan_keeps_the_highest_scoring_filters(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    weights = ir_state_dict(tiny_module(), tiny_net)
+    budget = 0.6 * tiny_predictor.predict(tiny_net).total_ms
+    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(datafree=QUICK_DATAFREE), weights=weights)
+    assert result.mode == "weights"
+    assert result.predicted.total_ms <= budget
+    for group in result.groups:
+        assert group.scores is not None and group.kept_indices is not None
+        assert len(group.kept_indices) == group.kept
+        assert group.kept_indices == top_k_indices(torch.tensor(group.scores), group.kept)
+
+
+def test_architecture_only_with_weights_keeps_the_largest_l1_filters(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    weights = ir_state_dict(tiny_module(), tiny_net)
+    weights["stem.0.weight"][5] *= 100.0  # one filter of the first group becomes by far the largest
+    budget = 0.5 * tiny_predictor.predict(tiny_net).total_ms
+    options = PlanOptions(mode=PlanMode.ARCHITECTURE_ONLY)
+    result = plan(tiny_net, tiny_predictor, budget, options, weights=weights)
+    assert result.groups[0].kept_indices is not None and 5 in result.groups[0].kept_indices
+    for group in result.groups:
+        assert group.kept_indices == top_k_indices(torch.tensor(group.scores), group.kept)
+
+
+def test_weights_that_do_not_fit_are_named(tiny_net: Network, tiny_predictor: LatencyPredictor) -> None:
+    weights = ir_state_dict(tiny_module(), tiny_net)
+    weights["blocks.1.conv1.weight"] = torch.zeros(64, 32, 5, 5)
+    with pytest.raises(WeightsMismatch) as info:
+        plan(tiny_net, tiny_predictor, 1.0, weights=weights)
+    assert info.value.tensor == "blocks.1.conv1.weight"
+    assert "[64, 32, 5, 5]" in info.value.message and "[64, 32, 3, 3]" in info.value.message
+    del weights["blocks.1.conv1.weight"]
+    with pytest.raises(WeightsMismatch, match="missing"):
+        plan(tiny_net, tiny_predictor, 1.0, weights=weights)
+
+
+def test_infeasible_budget_raises_with_the_minimum(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    with pytest.raises(BudgetInfeasible) as info:
+        plan(tiny_net, tiny_predictor, 1e-3)
+    floor_ms = info.value.min_achievable_ms
+    assert 1e-3 < floor_ms < tiny_predictor.predict(tiny_net).total_ms
+    result = plan(tiny_net, tiny_predictor, floor_ms * 1.001)
+    assert result.min_achievable_ms == pytest.approx(floor_ms)
+    assert result.predicted.total_ms <= floor_ms * 1.001
+
+
+def test_plan_rejects_the_train_mode_and_weightless_weights_mode(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    with pytest.raises(InvalidPlanOptions, match="train_and_prune"):
+        plan(tiny_net, tiny_predictor, 1.0, PlanOptions(mode=PlanMode.TRAIN))
+    with pytest.raises(InvalidPlanOptions, match="weights"):
+        plan(tiny_net, tiny_predictor, 1.0, PlanOptions(mode=PlanMode.WEIGHTS))
+
+
+def test_verified_plan_measures_at_or_under_budget(
+    tiny_net: Network, tiny_predictor: LatencyPredictor, measure: Measure
+) -> None:
+    budget = 0.7 * measure(tiny_net)
+    calls: list[Network] = []
+
+    def counting_measure(network: Network) -> float:
+        calls.append(network)
+        return measure(network)
+
+    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(max_rounds=4), measure=counting_measure)
+    assert result.verified and len(result.rounds) == len(calls) <= 4
+    assert result.met_budget is True
+    assert result.measured_ms is not None and result.measured_ms <= budget
+    assert [r.round for r in result.rounds] == list(range(1, len(calls) + 1))
+    assert result.rounds[0].internal_budget_ms == pytest.approx(budget)
+    assert all(r.measured_ms is not None for r in result.rounds)
+    [selected] = [r for r in result.rounds if r.selected]
+    assert selected.widths == result.widths and selected.measured_ms == result.measured_ms
+    assert apply_width_vector(tiny_net, result.widths).content_hash == result.pruned_network.content_hash
+    # A round over the aim makes the next one plan tighter; one far under the budget, looser.
+    options = PlanOptions()
+    aim = budget * (1 - options.verify_margin)
+    for before, after in zip(result.rounds, result.rounds[1:], strict=False):
+        assert before.measured_ms is not None
+        if before.measured_ms > aim:
+            assert after.internal_budget_ms < before.internal_budget_ms
+        elif before.measured_ms < budget * (1 - options.accept_band):
+            assert after.internal_budget_ms > before.internal_budget_ms
+
+
+def test_with_measurement_infeasibility_is_decided_by_the_device(
+    tiny_net: Network, tiny_predictor: LatencyPredictor, measure: Measure
+) -> None:
+    with pytest.raises(BudgetInfeasible) as info:
+        plan(tiny_net, tiny_predictor, 1e-3, measure=measure)
+    assert info.value.details["measured"] is True
+    assert info.value.min_achievable_ms > 1e-3
+    assert "measures" in info.value.message

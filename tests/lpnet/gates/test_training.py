@@ -1,0 +1,60 @@
+"""The train mode end to end on digits (a few batches), and the dataset helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpnet.arch.from_torch import network_from_module
+from lpnet.arch.groups import apply_width_vector
+from lpnet.gates.datasets import cifar10_loaders, digits_loaders, image_folder_loaders
+from lpnet.gates.errors import DatasetUnavailable
+from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
+from lpnet.gates.training import TrainPruneConfig, evaluate_accuracy, train_and_prune
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.pruning import check_channels
+
+
+def test_digits_loaders_split_and_upsample() -> None:
+    data = digits_loaders(batch_size=32, image_size=16)
+    inputs, targets = next(iter(data.train))
+    assert inputs.shape == (32, 1, 16, 16) and targets.dtype == torch.long
+    assert data.input_chw == (1, 16, 16) and data.num_classes == 10
+    assert len(data.train.dataset) + len(data.val.dataset) == 1797
+
+
+def test_missing_datasets_say_where_they_looked(tmp_path: Path) -> None:
+    with pytest.raises(DatasetUnavailable, match="cifar-10-batches-py"):
+        cifar10_loaders(tmp_path)
+    with pytest.raises(DatasetUnavailable, match="does not exist"):
+        image_folder_loaders(tmp_path / "nowhere")
+
+
+def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(
+    tiny_predictor: LatencyPredictor,
+) -> None:
+    torch.manual_seed(0)
+    data = digits_loaders(batch_size=64, image_size=8)
+    module = SmallResNet(SmallResNetConfig(in_channels=1, widths=(16, 32)))
+    network = network_from_module(module, (1, *data.input_chw), name="digits-resnet")
+    budget = 0.6 * tiny_predictor.predict(network).total_ms
+    config = TrainPruneConfig(gate_epochs=1, finetune_epochs=1, max_batches=4)
+    outcome = train_and_prune(module, network, tiny_predictor, budget, data.train, data.val, config)
+    result = outcome.plan
+    assert result.mode == "train" and result.predicted.total_ms <= budget
+    assert outcome.pruned.network == apply_width_vector(network, result.widths)
+    check_channels(outcome.pruned.module, outcome.pruned.network)
+    assert outcome.pruned.kept_indices == result.kept_indices
+    for value in (
+        outcome.accuracy_before,
+        outcome.accuracy_gated,
+        outcome.accuracy_pruned,
+        outcome.accuracy_after,
+    ):
+        assert 0.0 <= value <= 1.0
+    assert outcome.accuracy_after == pytest.approx(evaluate_accuracy(outcome.pruned.module, data.val))
+    assert sum(p.numel() for p in outcome.pruned.module.parameters()) < sum(
+        p.numel() for p in module.parameters()
+    )
