@@ -86,6 +86,26 @@ def load(cache: Path) -> tuple[list[NetworkSample], list[tuple[Layer, float]], d
     return samples, isolated, counts
 
 
+def repeat_noise(cache: Path) -> dict[str, Any]:
+    """How far apart two measurements of the same architecture landed: the floor under any predictor."""
+    _, measurements = read_jsonl(cache)
+    by_hash: dict[str, list[float]] = {}
+    loads = []
+    for m in measurements:
+        if m.status == "ok" and m.architecture is not None and m.median_ms is not None:
+            by_hash.setdefault(m.architecture.content_hash, []).append(m.median_ms)
+            if m.load_average_1m is not None:
+                loads.append(m.load_average_1m)
+    diffs = [abs(v[1] - v[0]) / min(v[0], v[1]) for v in by_hash.values() if len(v) > 1]
+    return {
+        "repeated_architectures": len(diffs),
+        "median_relative_difference": float(np.median(diffs)) if diffs else None,
+        "p90_relative_difference": float(np.percentile(diffs, 90)) if diffs else None,
+        "load_average_1m_median": float(np.median(loads)) if loads else None,
+        "load_average_1m_max": float(max(loads)) if loads else None,
+    }
+
+
 def speed(predictor: Any) -> dict[str, float]:
     torch.set_num_threads(1)
     net = network_from_torchvision("resnet50")
@@ -170,6 +190,7 @@ def main() -> None:
         "rows": rows,
         "lofo_lpnet_within_10pct_mean": float(np.mean([r["within_10pct"] for r in lofo])) if lofo else None,
         "speed": timing,
+        "measurement_repeatability": repeat_noise(args.cache),
         "targets": {
             "held_out_within_10pct": 0.99,
             "held_out_within_5pct": 0.90,

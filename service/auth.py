@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -192,3 +194,67 @@ def require_scope(key: ApiKey, allowed: Iterable[str]) -> None:
         f"API key {key.prefix} has scope {key.scope!r}; this needs {needed}",
         {"scope": key.scope, "allowed": sorted(scope.value for scope in allowed_scopes)},
     )
+
+
+def require_device_key(key: ApiKey, device: Device) -> None:
+    """Check that an agent key belongs to `device` (admin keys may submit for any device).
+
+    Raises:
+        PermissionDenied: An agent key of another device.
+    """
+    if key.scope == KeyScope.AGENT and key.device_id != device.id:
+        raise PermissionDenied(
+            f"API key {key.prefix} is the agent key of another device; it may only submit measurements "
+            f"for its own device, not {device.name!r}",
+            {"device": device.name},
+        )
+
+
+class KeyCache:
+    """Keys that authenticated recently, by hash, for `ttl_seconds` (thread-safe).
+
+    Checking a key costs a database query; with this cache a busy client costs one per `ttl_seconds`.
+    The price: a key revoked by another process (the CLI, another server) keeps working here for at
+    most `ttl_seconds`; revoking through this process's API clears the cache at once. Only successful
+    checks are cached, so a new key works at once and a wrong one is never remembered.
+
+    Args:
+        ttl_seconds: How long a key is trusted without asking the database; 0 turns the cache off.
+        clock: Seconds from an arbitrary start (tests pass a fake one).
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._entries: dict[str, tuple[float, ApiKey]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> ApiKey | None:
+        """The cached row of `key` if it was checked less than `ttl_seconds` ago."""
+        if self.ttl_seconds <= 0:
+            return None
+        digest = hash_api_key(key)
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if self._clock() - entry[0] >= self.ttl_seconds:
+                del self._entries[digest]
+                return None
+            return entry[1]
+
+    def put(self, key: str, row: ApiKey) -> None:
+        """Remember that `key` authenticated as `row` (a row detached from its session)."""
+        if self.ttl_seconds <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[hash_api_key(key)] = (self._clock(), row)
+
+    def clear(self) -> None:
+        """Forget every key (after a revocation)."""
+        with self._lock:
+            self._entries.clear()

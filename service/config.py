@@ -6,12 +6,38 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 DATABASE_FILENAME = "lpnet.db"
+
+
+class WorkerSettings(BaseModel):
+    """Background jobs (fits, plans): how workers claim and hold them (``LPNET_WORKER__<FIELD>``)."""
+
+    embedded: bool = Field(
+        default=True,
+        description="`lpnet serve` runs a worker thread; turn off when `lpnet worker` processes do the work.",
+    )
+    threads: int = Field(default=1, ge=1, le=64, description="Jobs an embedded worker runs at once.")
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job's lease; renewed while it runs, reclaimable once it lapses.",
+    )
+    poll_seconds: float = Field(default=1.0, gt=0, description="How often an idle worker looks for jobs.")
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Claims of one job before it is failed for good."
+    )
+
+
+class FitSettings(BaseModel):
+    """Predictor fits (``LPNET_FIT__<FIELD>``); unset fields keep lpnet's defaults."""
+
+    steps: int | None = Field(default=None, ge=1, description="Optimisation steps per ensemble member.")
+    members: int | None = Field(default=None, ge=1, le=32, description="Ensemble members (interval width).")
 
 
 class Settings(BaseSettings):
@@ -45,7 +71,35 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest request body the API accepts, in bytes.",
     )
+    max_onnx_bytes: int = Field(
+        default=128 * 1024 * 1024, gt=0, description="Largest ONNX file /v1/latency/onnx accepts, in bytes."
+    )
+    max_weights_bytes: int = Field(
+        default=240 * 1024 * 1024,
+        gt=0,
+        description="Largest safetensors file /v1/models accepts, in bytes.",
+    )
+    max_width_vectors: int = Field(
+        default=10_000, gt=0, description="Width vectors one /v1/latency/batch request may hold."
+    )
+    predictor_cache_size: int = Field(
+        default=16, ge=1, description="Loaded predictors kept in memory, per process."
+    )
+    architecture_cache_size: int = Field(
+        default=64, ge=1, description="Traced torchvision architectures kept in memory, per process."
+    )
+    auth_cache_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a checked API key is trusted without asking the database (0: always ask); "
+        "a key revoked elsewhere keeps working here that long.",
+    )
+    torch_threads: int = Field(
+        default=1, ge=1, le=256, description="torch intra-op threads of the server and workers."
+    )
     log_level: LogLevel = "INFO"
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    fit: FitSettings = Field(default_factory=FitSettings)
 
     @field_validator("data_dir")
     @classmethod

@@ -80,3 +80,10 @@ class SchemaOutOfDate(ServiceError):
 
     code = "schema_out_of_date"
     status_code = 503
+
+
+class PayloadTooLarge(ServiceError):
+    """An upload larger than the server accepts for it."""
+
+    code = "request_too_large"
+    status_code = 413

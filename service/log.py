@@ -41,7 +41,23 @@ def install_request_id_record_factory() -> None:
 
 
 class _LpnetHandler(logging.StreamHandler):
-    """Marker type so `configure_logging` does not add a second handler when called again."""
+    """Writes to whatever ``sys.stderr`` is at the time of each record.
+
+    Holding on to the stream of the moment would break once it is replaced and closed (pytest's
+    capture does that between tests, while worker threads keep logging). Its own type also lets
+    `configure_logging` tell that it was called before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
 
 
 def configure_logging(level: str) -> None:
@@ -53,6 +69,6 @@ def configure_logging(level: str) -> None:
     logging.getLogger("alembic.runtime.migration").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
     if any(isinstance(handler, _LpnetHandler) for handler in root.handlers):
         return
-    handler = _LpnetHandler(sys.stderr)
+    handler = _LpnetHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)

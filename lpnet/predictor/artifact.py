@@ -6,6 +6,7 @@ import json
 import struct
 from typing import Any
 
+import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -92,6 +93,8 @@ def load_predictor(data: bytes) -> LatencyPredictor:
     tensors = load_tensors(data)
     model = LPNet(config)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    # Artifacts written before per-layer bounds existed predict unbounded, as they did then.
+    state.setdefault("layer_log_ms_bounds", torch.tensor([-30.0, 30.0]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(

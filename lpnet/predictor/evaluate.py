@@ -32,6 +32,7 @@ class SplitResult:
     families: list[str]
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     intervals: tuple[np.ndarray, np.ndarray] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # baseline -> why it could not be fitted
 
     def metrics(self) -> dict[str, AccuracyMetrics]:
         out = {}
@@ -79,7 +80,12 @@ def evaluate_split(
     result.intervals = (np.array([p.low_ms for p in predictions]), np.array([p.high_ms for p in predictions]))
     for factory in baselines if baselines is not None else default_baselines():
         model = factory()
-        model.fit(train_samples)
+        try:
+            model.fit(train_samples)
+        except ValueError as exc:  # e.g. layer-level baselines on a profile without per-layer timings
+            logger.warning("baseline %s not fitted: %s", model.name, exc)
+            result.skipped[model.name] = str(exc)
+            continue
         result.predictions[model.name] = model.predict([s.network for s in test_samples])
     return result, predictor
 

@@ -63,5 +63,6 @@ def fit_with_report(
         "fit_seconds": round(time.perf_counter() - started, 1),
         "lpnet": next(r for r in rows if r["model"] == LPNET_NAME),
         "baselines": [r for r in rows if r["model"] != LPNET_NAME],
+        "baselines_not_fitted": result.skipped,
     }
     return FitReport(predictor, metrics, buffer.getvalue(), samples_fingerprint(samples))

@@ -27,6 +27,7 @@ from lpnet.errors import (
     UnknownModel,
     UnsupportedOperator,
 )
+from lpnet.predictor.artifact import ArtifactError
 from service.errors import ServiceError
 from service.log import request_id_var
 
@@ -42,6 +43,8 @@ LPNET_ERROR_STATUS: dict[type[LpnetError], int] = {
     UnsupportedOperator: 422,
     UnknownModel: 422,
     InvalidWidthVector: 422,
+    # A stored predictor this build cannot read: the state of the server, fixed by refitting.
+    ArtifactError: 409,
     LpnetError: 422,
 }
 
@@ -61,6 +64,7 @@ class ErrorResponse(BaseModel):
 
 
 _RESPONSE_DESCRIPTIONS = {
+    400: "A request body that cannot be parsed at all.",
     401: "Missing, unknown or revoked API key.",
     403: "The API key's scope does not allow this.",
     404: "Not found.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from service.commands import db, devices, keys, serve
+from service.commands import db, devices, fit, keys, predict, profile, serve, worker
 
 if TYPE_CHECKING:
     from service.commands._common import SubParsers
@@ -20,7 +20,11 @@ Registrar = Callable[["SubParsers"], None]
 # In the order `lpnet --help` lists them.
 COMMAND_GROUPS: tuple[Registrar, ...] = (
     serve.register,
+    worker.register,
     db.register,
     devices.register,
     keys.register,
+    profile.register,
+    fit.register,
+    predict.register,
 )

@@ -16,8 +16,8 @@ from service.commands._common import (
     print_table,
 )
 from service.config import Settings
-from service.devices import create_device, list_devices, local_device
-from service.schemas import DeviceCreate
+from service.devices import create_device, describe_devices, list_devices, local_device
+from service.schemas.devices import DeviceCreate, DeviceStatus
 
 if TYPE_CHECKING:
     from service.commands._common import SubParsers
@@ -96,19 +96,17 @@ def run_add(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _status_text(status: dict[str, object] | None) -> str | None:
-    if not status:
-        return None
-    parts = [str(status.get("phase", "working"))]
-    if status.get("percent") is not None:
-        parts.append(f"{status['percent']}%")
-    if status.get("eta") is not None:
-        parts.append(f"eta {status['eta']}")
+def _status_text(status: DeviceStatus) -> str:
+    parts: list[str] = [status.phase]
+    if status.percent is not None and status.phase in ("profiling", "fitting"):
+        parts.append(f"{status.percent:.0f}%")
+    if status.eta_seconds is not None:
+        parts.append(f"eta {status.eta_seconds:.0f} s")
     return " ".join(parts)
 
 
 def run_list(_args: argparse.Namespace, settings: Settings) -> int:
-    """Print the devices."""
+    """Print the devices with their status, measurements and predictor version."""
     with database_session(settings) as session:
         rows = [
             (
@@ -119,12 +117,28 @@ def run_list(_args: argparse.Namespace, settings: Settings) -> int:
                 device.dtype,
                 "local" if device.is_local else "remote",
                 device.hardware,
+                device.profiling.network.ok,
+                device.predictor.version if device.predictor is not None else None,
                 _status_text(device.status),
             )
-            for device in list_devices(session)
+            for device in describe_devices(session, list_devices(session))
         ]
     if not rows:
         info("no devices; add one with `lpnet device add NAME`")
         return 0
-    print_table(("NAME", "BACKEND", "THREADS", "BATCH", "DTYPE", "WHERE", "HARDWARE", "STATUS"), rows)
+    print_table(
+        (
+            "NAME",
+            "BACKEND",
+            "THREADS",
+            "BATCH",
+            "DTYPE",
+            "WHERE",
+            "HARDWARE",
+            "NETWORKS",
+            "PREDICTOR",
+            "STATUS",
+        ),
+        rows,
+    )
     return 0

@@ -29,8 +29,9 @@ def register(subparsers: SubParsers) -> None:
         "serve",
         help="run the HTTP API",
         description=(
-            "Run the HTTP API. An SQLite database is migrated to the newest schema first; a PostgreSQL "
-            "database must already be migrated with `lpnet db upgrade`."
+            "Run the HTTP API, and background jobs (fits, plans) in worker threads unless "
+            "LPNET_WORKER__EMBEDDED=false. An SQLite database is migrated to the newest schema first; a "
+            "PostgreSQL database must already be migrated with `lpnet db upgrade`."
         ),
     )
     parser.add_argument("--host", help="interface to listen on (default: LPNET_HOST or 127.0.0.1)")
@@ -59,6 +60,10 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     if upgraded_from is not None:
         info(f"migrated {display_url(settings.database_url)} from {upgraded_from} to the newest schema")
     info(f"serving on http://{settings.host}:{settings.port} (API docs at /docs)")
+    if settings.worker.embedded:
+        info(f"running background jobs in this process ({settings.worker.threads} worker thread(s))")
+    else:
+        info("not running background jobs here (LPNET_WORKER__EMBEDDED=false): start `lpnet worker`")
     uvicorn.run(
         create_app(settings),
         host=settings.host,

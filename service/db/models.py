@@ -221,13 +221,16 @@ class Predictor(Base):
     device_id: Mapped[int] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
-    # safetensors bytes; never a pickle, so artifacts load across library versions.
-    artifact: Mapped[bytes] = mapped_column(LargeBinary)
+    # safetensors bytes; never a pickle, so artifacts load across library versions. Deferred: listing
+    # predictors must not read megabytes of tensors.
+    artifact: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     feature_schema_version: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Hash of the training data and settings, to tell whether a refit would change anything.
     training_fingerprint: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Predicted-vs-measured scatter plot of the fit (PNG), shown at /v1/predictors/{id}/plot.png.
+    plot_png: Mapped[bytes | None] = mapped_column(LargeBinary, default=None, deferred=True)
 
     device: Mapped[Device] = relationship()
 
@@ -302,7 +305,8 @@ class ModelUpload(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(256))
     architecture: Mapped[dict[str, Any] | None] = mapped_column(default=None)
-    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    # Deferred: reading an upload's metadata must not read its (possibly 100 MB) weights.
+    weights: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     sha256: Mapped[str] = mapped_column(String(SHA256_HEX_LENGTH), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

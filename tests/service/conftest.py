@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -17,20 +18,16 @@ from sqlalchemy.orm import Session
 from service.config import get_settings
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_session_factory
+from tests.service.support import Api, TinyProfile, api_client, measure_tiny_profile
 
 
 @pytest.fixture(autouse=True)
 def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """Point the settings at a per-test data directory and forget cached settings around each test."""
     data_dir = tmp_path / "lpnet-data"
-    for name in (
-        "LPNET_DATABASE_URL",
-        "LPNET_HOST",
-        "LPNET_PORT",
-        "LPNET_MAX_REQUEST_BYTES",
-        "LPNET_LOG_LEVEL",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("LPNET_") and not name.startswith("LPNET_TEST_"):
+            monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LPNET_DATA_DIR", str(data_dir))
     get_settings.cache_clear()
     yield data_dir
@@ -112,3 +109,24 @@ def serve_in_thread(app: FastAPI, timeout_s: float = 10.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout_s)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_profile() -> TinyProfile:
+    """Real measurements of the tiny network's width variants and a predictor fitted on them."""
+    return measure_tiny_profile()
+
+
+@pytest.fixture
+def api(migrated_url: str) -> Iterator[Api]:
+    """A test client on a fresh migrated database (each backend in turn) with keys and one device."""
+    with api_client(migrated_url) as harness:
+        yield harness
+
+
+@pytest.fixture
+def api_with_predictor(api: Api, tiny_profile: TinyProfile) -> Api:
+    """`api` whose device has the tiny measurements and a predictor fitted on them."""
+    api.store_measurements(api.device_id, tiny_profile.measurements)
+    api.extra["predictor_id"] = api.store_predictor(api.device_id, tiny_profile.fitted)
+    return api

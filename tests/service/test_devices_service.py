@@ -6,9 +6,16 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from service.devices import create_device, get_device, list_devices, local_device
+from service.devices import (
+    create_device,
+    describe_device,
+    get_device,
+    list_devices,
+    local_device,
+    resolve_device,
+)
 from service.errors import Conflict, NotFound
-from service.schemas import DeviceCreate, DeviceRead
+from service.schemas.devices import DeviceCreate
 
 
 def test_create_get_and_list(session: Session) -> None:
@@ -17,8 +24,15 @@ def test_create_get_and_list(session: Session) -> None:
     session.commit()
     assert get_device(session, "pi4").id == created.id
     assert [device.name for device in list_devices(session)] == ["laptop", "pi4"]
-    read = DeviceRead.model_validate(created)
+    read = describe_device(session, created)
     assert (read.threads, read.backend, read.dtype, read.is_local) == (4, "torch-cpu", "float32", False)
+    assert read.status.phase == "registered" and read.predictor is None
+    assert read.profiling.network.ok == 0
+    assert resolve_device(session, created.id).name == "pi4"
+    assert resolve_device(session, str(created.id)).name == "pi4"
+    assert resolve_device(session, "pi4").id == created.id
+    with pytest.raises(NotFound, match="no device with id 999"):
+        resolve_device(session, 999)
 
 
 def test_duplicate_names_and_missing_devices(session: Session) -> None:
@@ -38,6 +52,7 @@ def test_duplicate_names_and_missing_devices(session: Session) -> None:
         ("threads", 0, "threads"),
         ("batch_size", 10**6, "batch_size"),
         ("name", "has space", "name"),
+        ("name", "123", "all digits"),
     ],
 )
 def test_device_create_rejects_invalid_specs(field: str, value: object, message: str) -> None:

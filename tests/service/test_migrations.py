@@ -122,3 +122,45 @@ def test_a_schema_from_a_newer_lpnet_is_reported(sqlite_url: str) -> None:
         migrate.require_current_schema(sqlite_url)
     with pytest.raises(SchemaOutOfDate, match="newer lpnet"):
         migrate.ensure_schema(sqlite_url)
+
+
+def predictor_columns(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return {column["name"] for column in inspect(engine).get_columns("predictor")}
+    finally:
+        engine.dispose()
+
+
+def test_revision_0002_adds_and_removes_the_plot_column_keeping_rows(db_url: str) -> None:
+    migrate.upgrade(db_url, "0001")
+    assert "plot_png" not in predictor_columns(db_url)
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO device (id, name, hardware, backend, threads, batch_size, dtype, environment, "
+                "is_local, created_at) VALUES (1, 'd', 'cpu', 'torch-cpu', 1, 1, 'float32', '{}', false, "
+                "CURRENT_TIMESTAMP)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO predictor (id, device_id, kind, version, artifact, feature_schema_version, metrics, "
+                "training_fingerprint, created_at) VALUES (1, 1, 'lpnet', 1, :artifact, 1, '{}', 'f', "
+                "CURRENT_TIMESTAMP)"
+            ),
+            {"artifact": b"tensors"},
+        )
+    migrate.upgrade(db_url, "0002")
+    assert "plot_png" in predictor_columns(db_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT artifact, plot_png FROM predictor")).one() == (
+            b"tensors",
+            None,
+        )
+    migrate.downgrade(db_url, "0001")
+    assert "plot_png" not in predictor_columns(db_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT artifact FROM predictor")).scalar_one() == b"tensors"
+    engine.dispose()

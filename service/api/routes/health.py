@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from service.api.deps import EngineDep
 from service.api.errors import error_responses
 from service.db.session import check_database
-from service.schemas import HealthStatus, ReadyStatus
+from service.schemas.common import HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"])
 

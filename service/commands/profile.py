@@ -1,0 +1,238 @@
+"""`lpnet profile`: measure a device with the profiler, into the database or to a server.
+
+Every measurement is committed (or, with --submit, journaled and posted) as soon as it finishes, so
+Ctrl-C loses at most the one in flight, and rerunning the same command skips what is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.commands._common import CommandError, database_session, display_url, info
+from service.config import Settings
+
+if TYPE_CHECKING:
+    from profiler.agent import AgentOptions
+    from profiler.runner import RunSummary
+    from service.commands._common import SubParsers
+
+API_KEY_ENV = "LPNET_API_KEY"
+KIND_NAMES = ("network", "in_context", "isolated")
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for a count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type for a comma-separated list."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+    return items
+
+
+def register(subparsers: SubParsers) -> None:
+    """Add the ``profile`` command."""
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure a device (resumable)",
+        description=(
+            "Measure networks and layers on this machine for a registered local device and store each "
+            "measurement in the database as it finishes; rerun the same command to resume. With --submit, "
+            "post the measurements to a server instead (the device is then the server's)."
+        ),
+    )
+    parser.add_argument("--device", required=True, help="device name (or id on the server with --submit)")
+    parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
+    parser.add_argument(
+        "--families", type=comma_list, help="comma-separated torchvision models (default: ten common ones)"
+    )
+    parser.add_argument(
+        "--kinds", type=comma_list, help=f"comma-separated kinds to measure (default: {','.join(KIND_NAMES)})"
+    )
+    parser.add_argument("--network-samples", type=non_negative_int, help="width vectors per family")
+    parser.add_argument("--in-context-samples", type=non_negative_int, help="in-context networks per family")
+    parser.add_argument("--isolated-samples", type=non_negative_int, help="isolated layers per family")
+    parser.add_argument("--image-size", type=int, default=224, help="input height and width (default: 224)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--quick", action="store_true", help="a loose timing protocol, for smoke runs only")
+    parser.add_argument("--retain-memory", action="store_true", help="keep freed memory in-process (mallopt)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    remote = parser.add_argument_group("posting to a server instead of the local database")
+    remote.add_argument("--submit", metavar="URL", help="base URL of an lpnet server")
+    remote.add_argument("--token", help=f"the device's agent key (default: ${API_KEY_ENV})")
+    remote.add_argument("--spool-dir", type=Path, help="undelivered batches (default: in LPNET_DATA_DIR)")
+    remote.add_argument("--backend", default="torch-cpu", help="backend measured with (default: torch-cpu)")
+    remote.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
+    remote.add_argument("--batch-size", type=int, default=1, help="batch size (default: 1)")
+    remote.add_argument("--dtype", default="float32", help="dtype (default: float32)")
+    remote.add_argument("--hardware", help="hardware name to record (default: this CPU's model)")
+    parser.set_defaults(handler=run_profile_command)
+
+
+def _options(
+    args: argparse.Namespace, backend: str, threads: int, batch_size: int, dtype: str
+) -> AgentOptions:
+    from profiler.agent import AgentOptions
+    from profiler.batch import MeasurementKind
+    from profiler.sampling import DEFAULT_FAMILIES
+
+    kinds = []
+    for name in args.kinds or KIND_NAMES:
+        try:
+            kinds.append(MeasurementKind(name))
+        except ValueError:
+            raise CommandError(f"unknown kind {name!r}; choose from {', '.join(KIND_NAMES)}", 2) from None
+    return AgentOptions(
+        families=list(args.families or DEFAULT_FAMILIES),
+        kinds=kinds,
+        backend=backend,
+        threads=threads,
+        batch_size=batch_size,
+        dtype=dtype,
+        hardware=args.hardware,
+        image_size=args.image_size,
+        budget_minutes=args.budget_minutes,
+        network_samples=args.network_samples,
+        in_context_samples=args.in_context_samples,
+        isolated_samples=args.isolated_samples,
+        seed=args.seed,
+        quick_protocol=args.quick,
+        retain_memory=args.retain_memory,
+        progress=not args.no_progress,
+    )
+
+
+def run_profile_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Profile into the database, or to a server with --submit."""
+    if args.submit:
+        return _profile_to_server(args, settings)
+    if args.token:
+        raise CommandError("--token is only used with --submit URL", 2)
+    return _profile_to_database(args, settings)
+
+
+def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
+    from profiler.agent import build_sampler
+    from profiler.environment import retain_freed_memory
+    from profiler.runner import make_run_context, run_profile
+    from service.db.models import RunStatus
+    from service.db.session import make_engine, make_session_factory
+    from service.devices import get_device
+    from service.profiling import DatabaseSink, ProgressReporter
+
+    with database_session(settings) as session:
+        device = get_device(session, args.device)
+        if not device.is_local:
+            raise CommandError(
+                f"device {device.name!r} is remote: measure it on its own machine with "
+                f"`lpnet profile --device {device.name} --submit URL` or `python -m profiler.agent`"
+            )
+        session.expunge(device)
+    if args.hardware and args.hardware != device.hardware:
+        raise CommandError(f"--hardware differs from device {device.name!r}'s ({device.hardware!r})", 2)
+    options = _options(args, device.backend, device.threads, device.batch_size, device.dtype)
+    options.hardware = device.hardware  # sample keys follow the registered spec exactly
+    if options.retain_memory:
+        retain_freed_memory()
+    spec = options.device()
+    backend = spec.create_backend()
+    sampler = build_sampler(options, spec)
+    protocol = options.protocol()
+    engine = make_engine(settings.database_url)
+    factory = make_session_factory(engine)
+    try:
+        sink = DatabaseSink(factory, device, make_run_context(spec, protocol, backend))
+        reporter = ProgressReporter(factory, device.id, options.budget_minutes, sampler.planned_total())
+        info(
+            f"profiling {device.name!r} into {display_url(settings.database_url)} (run {sink.run_id}); "
+            "Ctrl-C stops, rerunning resumes"
+        )
+        reporter.start()
+        summary: RunSummary | None = None
+        try:
+            summary = run_profile(
+                spec,
+                sampler,
+                sink,
+                protocol,
+                budget_minutes=options.budget_minutes,
+                progress=options.progress,
+                backend=backend,
+                on_measurement=reporter,
+            )
+        finally:
+            interrupted = summary is None or summary.interrupted
+            sink.close(
+                RunStatus.INTERRUPTED if interrupted else RunStatus.COMPLETED,
+                summary.to_dict() if summary is not None else None,
+            )
+            reporter.finish()
+    finally:
+        engine.dispose()
+    assert summary is not None  # run_profile returned, or the exception above propagated
+    summary.print_table()
+    return 130 if summary.interrupted else 0
+
+
+def _profile_to_server(args: argparse.Namespace, settings: Settings) -> int:
+    from profiler.runner import make_run_context, run_profile
+    from profiler.sinks import HttpSink
+
+    token = args.token or os.environ.get(API_KEY_ENV)
+    if not token:
+        raise CommandError(f"--submit needs the device's agent key: --token KEY or ${API_KEY_ENV}", 2)
+    options = _options(args, args.backend, args.threads, args.batch_size, args.dtype)
+    if options.retain_memory:
+        from profiler.environment import retain_freed_memory
+
+        retain_freed_memory()
+    from profiler.agent import build_sampler
+
+    spec = options.device()
+    backend = spec.create_backend()
+    protocol = options.protocol()
+    spool = args.spool_dir or settings.data_dir / "spool" / _safe(args.submit) / _safe(args.device)
+    sink = HttpSink(args.submit, args.device, token, make_run_context(spec, protocol, backend), spool)
+    info(f"profiling for device {args.device!r} on {args.submit}; undelivered batches wait in {spool}")
+    try:
+        summary = run_profile(
+            spec,
+            build_sampler(options, spec),
+            sink,
+            protocol,
+            budget_minutes=options.budget_minutes,
+            progress=options.progress,
+            backend=backend,
+        )
+    finally:
+        sink.close()
+    summary.print_table()
+    return 130 if summary.interrupted else 0
+
+
+def _safe(text: str) -> str:
+    """A string fit to be a directory name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:100] or "_"

@@ -1,0 +1,257 @@
+"""Workers: claim a job, keep its lease alive while its task runs, store the outcome.
+
+`lpnet serve` runs `WorkerPool` threads inside the server (the embedded default, fine with SQLite);
+for more machines, `lpnet worker` processes claim from a shared PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Collection
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lpnet.errors import LpnetError
+from service.db.models import JobStatus
+from service.devices import set_device_status
+from service.errors import ServiceError
+from service.jobs.queue import (
+    ClaimedJob,
+    claim_job,
+    complete_job,
+    fail_job,
+    record_progress,
+    renew_lease,
+)
+from service.jobs.tasks import TaskRegistry, default_registry
+
+logger = logging.getLogger(__name__)
+
+# Progress is written at most this often; a task may report on every step.
+PROGRESS_INTERVAL_S = 1.0
+
+
+class LeaseLost(Exception):
+    """The worker no longer holds the job's lease: stop, the job is someone else's now."""
+
+
+def worker_id() -> str:
+    """A name unique to this worker: host, process and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class JobContext:
+    """What a running task may do besides computing: report progress, notice a lost lease."""
+
+    def __init__(self, job: ClaimedJob, factory: sessionmaker[Session]) -> None:
+        self.job = job
+        self.factory = factory
+        self._lost = threading.Event()
+        self._last_progress = 0.0
+
+    @property
+    def lease_lost(self) -> bool:
+        """Whether the lease was lost (the result would be discarded)."""
+        return self._lost.is_set()
+
+    def mark_lease_lost(self) -> None:
+        self._lost.set()
+
+    def check(self) -> None:
+        """Raise `LeaseLost` if the job is no longer this worker's; call between steps of long work."""
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job.id} was reclaimed by another worker")
+
+    def progress(
+        self,
+        phase: str,
+        percent: float | None = None,
+        eta_seconds: float | None = None,
+        message: str | None = None,
+        *,
+        device_phase: str | None = None,
+        force: bool = False,
+    ) -> None:
+        """Record progress on the job (and as the device's status when `device_phase` is given).
+
+        Writes are rate-limited unless `force`; failures to write are logged, not raised.
+        """
+        self.check()
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        progress: dict[str, object] = {"phase": phase}
+        if percent is not None:
+            progress["percent"] = round(min(100.0, max(0.0, percent)), 1)
+        if eta_seconds is not None:
+            progress["eta_seconds"] = round(max(0.0, eta_seconds), 1)
+        if message:
+            progress["message"] = message
+        try:
+            if not record_progress(self.factory, self.job.id, self.job.owner, progress):
+                self.mark_lease_lost()
+        except SQLAlchemyError as exc:
+            logger.warning("job %d: could not record progress: %s", self.job.id, exc)
+        if device_phase is not None and self.job.device_id is not None:
+            set_device_status(
+                self.factory,
+                self.job.device_id,
+                device_phase,
+                percent=percent,
+                eta_seconds=eta_seconds,
+                message=message,
+                job_id=self.job.id,
+            )
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews a job's lease every third of its length until stopped, or until the lease is lost."""
+
+    def __init__(self, context: JobContext, lease_seconds: float) -> None:
+        super().__init__(name=f"lease-{context.job.id}", daemon=True)
+        self.context = context
+        self.lease_seconds = lease_seconds
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        job = self.context.job
+        while not self.stopped.wait(self.lease_seconds / 3):
+            try:
+                held = renew_lease(self.context.factory, job.id, job.owner, self.lease_seconds)
+            except SQLAlchemyError as exc:
+                # The database may be back before the lease runs out; keep trying.
+                logger.warning("job %d: lease renewal failed: %s", job.id, exc)
+                continue
+            if not held:
+                logger.warning("job %d: lease lost to another worker; stopping it", job.id)
+                self.context.mark_lease_lost()
+                return
+
+
+class Worker:
+    """Claims and runs jobs one at a time.
+
+    Args:
+        factory: Session factory of the job database.
+        registry: Task handlers by job kind; defaults to `default_registry()`.
+        owner: This worker's name in leases; defaults to host:pid:random.
+        lease_seconds: Lease length; renewed every third of it while a job runs.
+        poll_seconds: Sleep between polls when there is nothing to do.
+    """
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        registry: TaskRegistry | None = None,
+        *,
+        owner: str | None = None,
+        lease_seconds: float = 60.0,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.factory = factory
+        self.registry = registry or default_registry()
+        self.owner = owner or worker_id()
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+
+    @property
+    def kinds(self) -> Collection[str]:
+        return self.registry.kinds()
+
+    def run_once(self) -> ClaimedJob | None:
+        """Claim and run one job; return it, or None when nothing was claimable."""
+        job = claim_job(self.factory, self.owner, self.lease_seconds, self.kinds)
+        if job is None:
+            return None
+        self.execute(job)
+        return job
+
+    def execute(self, job: ClaimedJob) -> None:
+        """Run a claimed job's task and store its outcome (or its failure)."""
+        context = JobContext(job, self.factory)
+        keeper = _LeaseKeeper(context, self.lease_seconds)
+        keeper.start()
+        started = time.perf_counter()
+        try:
+            handler = self.registry.get(job.kind)
+            outcome = handler(job, context)
+            context.check()
+        except LeaseLost:
+            logger.warning("job %d abandoned: its lease was lost", job.id)
+            return
+        except (LpnetError, ServiceError) as exc:
+            # Domain errors say what is wrong with the request or the data: retrying changes nothing.
+            logger.info("job %d (%s) failed: %s", job.id, job.kind, exc.message)
+            self._failed(job, exc.message, retry=False)
+            return
+        except Exception as exc:
+            logger.exception("job %d (%s) attempt %d crashed", job.id, job.kind, job.attempt)
+            self._failed(job, f"{type(exc).__name__}: {exc}", retry=True)
+            return
+        finally:
+            keeper.stopped.set()
+        if complete_job(self.factory, job, outcome):
+            logger.info("job %d (%s) succeeded in %.1f s", job.id, job.kind, time.perf_counter() - started)
+
+    def _failed(self, job: ClaimedJob, message: str, *, retry: bool) -> None:
+        status = fail_job(self.factory, job, message, retry=retry)
+        if status is JobStatus.FAILED:
+            self.registry.report_failure(self.factory, job, message)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Claim and run jobs until `stop` is set; database outages are waited out."""
+        logger.info("worker %s started (kinds: %s)", self.owner, ", ".join(sorted(self.kinds)))
+        while not stop.is_set():
+            try:
+                job = self.run_once()
+            except SQLAlchemyError as exc:
+                logger.warning("worker %s: database error, retrying: %s", self.owner, exc)
+                job = None
+            if job is None:
+                stop.wait(self.poll_seconds)
+        logger.info("worker %s stopped", self.owner)
+
+
+class WorkerPool:
+    """Worker threads inside a process (the server's embedded workers)."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        threads: int = 1,
+        registry: TaskRegistry | None = None,
+        lease_seconds: float = 60.0,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.stop_event = threading.Event()
+        self.workers = [
+            Worker(factory, registry, lease_seconds=lease_seconds, poll_seconds=poll_seconds)
+            for _ in range(threads)
+        ]
+        self.threads = [
+            threading.Thread(
+                target=worker.run_forever, args=(self.stop_event,), name=f"worker-{i}", daemon=True
+            )
+            for i, worker in enumerate(self.workers)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the workers to stop and wait up to `timeout` for the current jobs.
+
+        A job still running then is left to its lease: another worker takes it over once it lapses.
+        """
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

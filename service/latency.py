@@ -1,0 +1,226 @@
+"""Latency queries: resolve the architecture, find the device's predictor, predict.
+
+Everything slow is cached in the process: loaded predictors by predictor id (loading deserialises
+safetensors), traced torchvision architectures by (name, input shape) (tracing takes 0.1-4 s),
+tensorised networks with their channel groups by content hash (torch-pruning's analysis takes up to
+a few seconds), and predictions by (predictor id, network hash), since a predictor never changes
+once stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from sqlalchemy.orm import Session
+
+from lpnet.arch.ir import Network
+from lpnet.errors import InvalidWidthVector
+from service.cache import LruCache
+from service.config import Settings
+from service.db.models import Device, Predictor
+from service.devices import resolve_device
+from service.errors import InvalidInput
+from service.predictors import current_predictor, load_predictor_artifact
+from service.schemas.architectures import TorchvisionArchitecture
+from service.schemas.common import PredictorRef
+from service.schemas.latency import BatchLatencyRead, LatencyRead, LayerLatency
+
+if TYPE_CHECKING:
+    from lpnet.predictor.features import TensorizedNetwork
+    from lpnet.predictor.predict import LatencyPredictor, Prediction
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_CACHE_SIZE = 1024
+
+
+class LatencyService:
+    """Predicts latencies with per-process caches; one instance per app (or per CLI command)."""
+
+    def __init__(
+        self,
+        predictor_cache_size: int = 16,
+        architecture_cache_size: int = 64,
+        max_width_vectors: int = 10_000,
+    ) -> None:
+        self.max_width_vectors = max_width_vectors
+        self.predictors: LruCache[int, LatencyPredictor] = LruCache(predictor_cache_size)
+        self.torchvision: LruCache[tuple[str, tuple[int, ...]], Network] = LruCache(architecture_cache_size)
+        self.tensorized: LruCache[str, TensorizedNetwork] = LruCache(architecture_cache_size)
+        self.predictions: LruCache[tuple[int, str], Prediction] = LruCache(PREDICTION_CACHE_SIZE)
+        # Serialised answers by (device id, device name, predictor id, network hash): a repeated query
+        # (the common case: the same model asked about again and again) costs no model building.
+        self.answers: LruCache[tuple[int, str, int, str], bytes] = LruCache(PREDICTION_CACHE_SIZE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LatencyService:
+        return cls(
+            predictor_cache_size=settings.predictor_cache_size,
+            architecture_cache_size=settings.architecture_cache_size,
+            max_width_vectors=settings.max_width_vectors,
+        )
+
+    # Architectures ------------------------------------------------------------------------------
+
+    def network(self, architecture: Network | TorchvisionArchitecture) -> Network:
+        """The IR of an architecture given as IR or as a torchvision name and input shape."""
+        if isinstance(architecture, Network):
+            return architecture
+        from lpnet.arch.from_torch import network_from_torchvision
+
+        key = (architecture.torchvision, tuple(architecture.input_shape))
+        return self.torchvision.get_or_compute(
+            key, lambda: network_from_torchvision(architecture.torchvision, architecture.input_shape)
+        )
+
+    def network_from_onnx(self, data: bytes, name: str | None) -> Network:
+        """The IR of an ONNX file (not cached: uploads rarely repeat)."""
+        from lpnet.arch.onnx_io import network_from_onnx
+
+        return network_from_onnx(data, name=name)
+
+    def tensorized_with_groups(self, network: Network) -> TensorizedNetwork:
+        """The network's tensor view with channel groups, for width vectors."""
+        from lpnet.predictor.features import tensorize
+
+        return self.tensorized.get_or_compute(network.content_hash, lambda: tensorize(network))
+
+    # Predictors ---------------------------------------------------------------------------------
+
+    def predictor(self, session: Session, predictor_id: int) -> LatencyPredictor:
+        """The loaded predictor `predictor_id` (deserialised once per process)."""
+        return self.predictors.get_or_compute(
+            predictor_id, lambda: load_predictor_artifact(session, predictor_id)
+        )
+
+    def prediction(self, session: Session, predictor: Predictor, network: Network) -> Prediction:
+        """`predictor`'s prediction for `network` (cached: predictors never change once stored)."""
+        model = self.predictor(session, predictor.id)
+        return self.predictions.get_or_compute(
+            (predictor.id, network.content_hash), lambda: model.predict(network)
+        )
+
+    # Queries ------------------------------------------------------------------------------------
+
+    def predict(
+        self, session: Session, device_ref: int | str, architecture: Network | TorchvisionArchitecture
+    ) -> LatencyRead:
+        """Latency of one architecture on a device.
+
+        Raises:
+            NotFound: Unknown device.
+            NoPredictor: The device has no predictor yet.
+            LpnetError: The architecture cannot be traced or predicted.
+        """
+        device = resolve_device(session, device_ref)
+        predictor = current_predictor(session, device)
+        return self.predict_network(session, device, predictor, self.network(architecture))
+
+    def predict_json(
+        self, session: Session, device_ref: int | str, architecture: Network | TorchvisionArchitecture
+    ) -> bytes:
+        """`predict` serialised as JSON (a `LatencyRead`), cached per device, predictor and network."""
+        device = resolve_device(session, device_ref)
+        predictor = current_predictor(session, device)
+        network = self.network(architecture)
+        key = (device.id, device.name, predictor.id, network.content_hash)
+        return self.answers.get_or_compute(
+            key, lambda: self.predict_network(session, device, predictor, network).model_dump_json().encode()
+        )
+
+    def predict_onnx(
+        self, session: Session, device_ref: int | str, data: bytes, name: str | None
+    ) -> LatencyRead:
+        """Latency of an uploaded ONNX model on a device."""
+        device = resolve_device(session, device_ref)
+        predictor = current_predictor(session, device)
+        return self.predict_network(session, device, predictor, self.network_from_onnx(data, name))
+
+    def predict_network(
+        self, session: Session, device: Device, predictor: Predictor, network: Network
+    ) -> LatencyRead:
+        prediction = self.prediction(session, predictor, network)
+        return LatencyRead(
+            device_id=device.id,
+            device=device.name,
+            predictor=PredictorRef(id=predictor.id, version=predictor.version),
+            network_name=network.name,
+            network_hash=network.content_hash,
+            total_ms=prediction.total_ms,
+            low_ms=prediction.low_ms,
+            high_ms=prediction.high_ms,
+            overhead_ms=prediction.overhead_ms,
+            per_layer=[LayerLatency(name=p.name, op=p.op, ms=p.ms) for p in prediction.per_layer],
+            warnings=list(prediction.warnings),
+        )
+
+    def predict_batch(
+        self,
+        session: Session,
+        device_ref: int | str,
+        architecture: Network | TorchvisionArchitecture,
+        widths: list[list[int]],
+    ) -> BatchLatencyRead:
+        """Latencies of many width vectors of one architecture on a device.
+
+        Raises:
+            InvalidInput: More width vectors than the server allows.
+            InvalidWidthVector: A vector does not fit the network's channel groups (the first one
+                that does not is named).
+        """
+        if len(widths) > self.max_width_vectors:
+            raise InvalidInput(
+                f"{len(widths)} width vectors in one request; at most {self.max_width_vectors} "
+                "(LPNET_MAX_WIDTH_VECTORS): split the request",
+                {"count": len(widths), "max": self.max_width_vectors},
+            )
+        device = resolve_device(session, device_ref)
+        predictor = current_predictor(session, device)
+        network = self.network(architecture)
+        tn = self.tensorized_with_groups(network)
+        batch = _validated_widths(network, tn, widths)
+        model = self.predictor(session, predictor.id)
+        result = model.predict_widths(tn, batch)
+        return BatchLatencyRead(
+            device_id=device.id,
+            device=device.name,
+            predictor=PredictorRef(id=predictor.id, version=predictor.version),
+            network_hash=network.content_hash,
+            group_channels=[int(c) for c in tn.full_widths.tolist()],
+            count=len(widths),
+            total_ms=result.total_ms.tolist(),
+            low_ms=result.low_ms.tolist(),
+            high_ms=result.high_ms.tolist(),
+        )
+
+
+def _validated_widths(network: Network, tn: TensorizedNetwork, widths: list[list[int]]) -> torch.Tensor:
+    """Width vectors as a (B, G) tensor, checked against the groups in one vectorised pass.
+
+    The error for a bad vector comes from `ChannelLayout.validate`, the one place that words it.
+    """
+    groups = tn.num_groups
+    lengths = {len(vector) for vector in widths}
+    if lengths != {groups}:
+        index = next(i for i, vector in enumerate(widths) if len(vector) != groups)
+        _raise_for(network, index, widths[index])
+    batch = torch.tensor(widths, dtype=torch.float64)  # (B, G); exact for any int a client sends
+    full = tn.full_widths.to(torch.float64)  # (G,)
+    divisors = tn.group_divisors.to(torch.float64)  # (G,)
+    bad = (batch < divisors) | (batch > full) | (torch.remainder(batch, divisors) != 0)  # (B, G)
+    if bool(bad.any()):
+        index = int(bad.any(dim=1).nonzero()[0, 0])
+        _raise_for(network, index, widths[index])
+    return batch.to(torch.float32)
+
+
+def _raise_for(network: Network, index: int, vector: list[int]) -> None:
+    from lpnet.arch.groups import channel_layout
+
+    try:
+        channel_layout(network).validate(vector)
+    except InvalidWidthVector as exc:
+        raise InvalidWidthVector(f"widths[{index}]: {exc.message}", {"index": index, **exc.details}) from exc
+    raise InvalidWidthVector(f"widths[{index}] does not fit the network's channel groups", {"index": index})

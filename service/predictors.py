@@ -1,0 +1,372 @@
+"""Predictors: fit one from a device's measurements, store it as a new version, load it back.
+
+Fitting takes seconds to minutes, so it runs outside any database transaction: the samples are read
+in one short session, the fit runs, and the predictor row is written in the transaction that marks
+the job succeeded (or, from the CLI, in one short transaction of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import FitSettings
+from service.db.base import utcnow
+from service.db.models import Device, Job, MeasurementStatus, NetworkMeasurement, Predictor
+from service.devices import describe_device, set_device_status
+from service.errors import Conflict, NotFound
+from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
+
+if TYPE_CHECKING:
+    from lpnet.predictor.predict import LatencyPredictor
+    from lpnet.predictor.samples import NetworkSample
+    from service.jobs.worker import JobContext
+    from service.schemas.predictors import PredictorRead
+
+logger = logging.getLogger(__name__)
+
+PREDICTOR_KIND = "lpnet"
+FIT_JOB = "fit"
+# Share of architectures a fit holds out to report its accuracy on.
+HELD_OUT_SHARE = 0.2
+
+ProgressFn = Callable[[int, int], None]
+
+
+class NoPredictor(Conflict):
+    """The device has no fitted predictor yet, so there is no number to give."""
+
+    code = "no_predictor"
+
+
+@dataclass(frozen=True)
+class FittedPredictor:
+    """What a fit produced, ready to be stored."""
+
+    artifact: bytes
+    metrics: dict[str, Any]
+    plot_png: bytes | None
+    fingerprint: str
+    feature_schema_version: int
+    samples: int
+    seconds: float
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None (JSON, and PostgreSQL, have neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return json_safe(value.to_dict())
+    return value
+
+
+def ok_network_count(session: Session, device_id: int) -> int:
+    """Successful whole-network measurements of the device: what a fit learns from."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(NetworkMeasurement)
+        .where(NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK)
+    )
+    return int(count or 0)
+
+
+def training_samples(session: Session, device_id: int) -> list[NetworkSample]:
+    """The device's successful network measurements as predictor training samples."""
+    from lpnet.arch.ir import Network
+    from lpnet.predictor.samples import NetworkSample
+
+    rows = session.execute(
+        select(
+            NetworkMeasurement.architecture,
+            NetworkMeasurement.median_ms,
+            NetworkMeasurement.per_layer,
+            NetworkMeasurement.family,
+        )
+        .where(NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK)
+        .order_by(NetworkMeasurement.id)
+    )
+    samples = []
+    for architecture, median_ms, per_layer, family in rows:
+        per_layer_ms = {str(t["layer"]): float(t["ms"]) for t in per_layer} if per_layer else None
+        samples.append(
+            NetworkSample(
+                network=Network.model_validate(architecture),
+                latency_ms=float(median_ms),
+                per_layer_ms=per_layer_ms,
+                family=family,
+            )
+        )
+    return samples
+
+
+def min_fit_networks() -> int:
+    """Measured networks a fit needs: enough to train on after holding a share out for evaluation."""
+    from lpnet.predictor.train import MIN_NETWORK_SAMPLES
+
+    return int(MIN_NETWORK_SAMPLES / (1 - HELD_OUT_SHARE)) + 1
+
+
+def check_enough_measurements(session: Session, device: Device) -> None:
+    """Refuse a fit that cannot succeed, saying how many more networks to measure.
+
+    Raises:
+        lpnet.predictor.train.NotEnoughMeasurements: Fewer measured networks than a fit needs.
+    """
+    from lpnet.predictor.train import NotEnoughMeasurements
+
+    have = ok_network_count(session, device.id)
+    need = min_fit_networks()
+    if have < need:
+        raise NotEnoughMeasurements(
+            f"device {device.name!r} has {have} measured network(s); a fit needs at least {need}: "
+            f"measure {need - have} more (lpnet profile, or a device agent)",
+            {"device": device.name, "have": have, "need": need, "missing": need - have},
+        )
+
+
+def fit_from_samples(
+    samples: list[NetworkSample], progress: ProgressFn | None = None, settings: FitSettings | None = None
+) -> FittedPredictor:
+    """Fit a predictor with its report (metrics, plot, fingerprint) and serialise it.
+
+    Raises:
+        NotEnoughMeasurements: Too few networks, counted after the held-out split.
+    """
+    from lpnet.predictor.artifact import dump_predictor
+    from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
+    from lpnet.predictor.model import LPNetConfig
+    from lpnet.predictor.report import fit_with_report
+    from lpnet.predictor.train import TrainConfig
+
+    settings = settings or FitSettings()
+    config = LPNetConfig(members=settings.members) if settings.members is not None else None
+    train = TrainConfig(steps=settings.steps) if settings.steps is not None else None
+    started = time.perf_counter()
+    report = fit_with_report(samples, config, train, progress=progress, test_share=HELD_OUT_SHARE)
+    metrics = json_safe(dict(report.metrics))
+    artifact = dump_predictor(
+        report.predictor, extra={"metrics": metrics, "training_fingerprint": report.fingerprint}
+    )
+    return FittedPredictor(
+        artifact=artifact,
+        metrics=metrics,
+        plot_png=report.scatter_png or None,
+        fingerprint=report.fingerprint,
+        feature_schema_version=FEATURE_SCHEMA_VERSION,
+        samples=len(samples),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def store_predictor(session: Session, device_id: int, fitted: FittedPredictor) -> Predictor:
+    """Add the fitted predictor as the device's next version (the caller commits).
+
+    The (device, version) unique constraint turns a concurrent fit of the same device into an
+    IntegrityError rather than two predictors with one version.
+    """
+    newest = session.scalar(select(func.max(Predictor.version)).where(Predictor.device_id == device_id))
+    predictor = Predictor(
+        device_id=device_id,
+        kind=PREDICTOR_KIND,
+        version=int(newest or 0) + 1,
+        artifact=fitted.artifact,
+        feature_schema_version=fitted.feature_schema_version,
+        metrics=fitted.metrics,
+        training_fingerprint=fitted.fingerprint,
+        plot_png=fitted.plot_png,
+    )
+    session.add(predictor)
+    session.flush()
+    device = session.get(Device, device_id)
+    if device is not None:
+        device.status = None  # the device is ready; its status is derived from the predictor now
+    return predictor
+
+
+def request_fit(
+    session: Session, device: Device, max_attempts: int, settings: FitSettings | None = None
+) -> Job:
+    """Queue a fit job for the device (the caller commits).
+
+    Raises:
+        NotEnoughMeasurements: The device has too few measured networks.
+        Conflict: A fit of this device is queued or running already.
+    """
+    check_enough_measurements(session, device)
+    running = active_job(session, FIT_JOB, device.id)
+    if running is not None:
+        raise Conflict(
+            f"a fit of device {device.name!r} is {running.status} already (job {running.id}); "
+            f"poll GET /v1/jobs/{running.id}",
+            {"job_id": running.id, "status": running.status},
+        )
+    fit_settings = (settings or FitSettings()).model_dump(mode="json")
+    job = enqueue(
+        session,
+        FIT_JOB,
+        {"device_id": device.id, "fit": fit_settings},
+        device_id=device.id,
+        max_attempts=max_attempts,
+    )
+    device.status = {
+        "phase": "fitting",
+        "percent": 0.0,
+        "message": "fit queued",
+        "job_id": job.id,
+        "updated_at": utcnow().isoformat(),
+    }
+    return job
+
+
+def run_fit_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
+    """The fit task: read the samples, fit, and store the predictor with the job's success."""
+    device_id = int(job.input["device_id"])
+    context.progress("loading", 0.0, message="reading measurements", device_phase="fitting", force=True)
+    with context.factory() as session:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise NotFound(f"device {device_id} was deleted before its fit ran", {"device_id": device_id})
+        check_enough_measurements(session, device)
+        samples = training_samples(session, device_id)
+    started = time.perf_counter()
+
+    def progress(step: int, total: int) -> None:
+        share = step / total if total else 0.0
+        elapsed = time.perf_counter() - started
+        eta = elapsed / share * (1 - share) if share > 0.02 else None
+        context.progress("fitting", 100.0 * share, eta, f"step {step} of {total}", device_phase="fitting")
+
+    fitted = fit_from_samples(samples, progress, FitSettings.model_validate(job.input.get("fit") or {}))
+    context.check()
+
+    def store(session: Session) -> dict[str, Any]:
+        predictor = store_predictor(session, device_id, fitted)
+        return {"predictor_id": predictor.id, "version": predictor.version}
+
+    result = {
+        "device_id": device_id,
+        "samples": fitted.samples,
+        "seconds": round(fitted.seconds, 2),
+        "metrics": fitted.metrics,
+        "training_fingerprint": fitted.fingerprint,
+    }
+    return TaskOutcome(result=result, store=store)
+
+
+def fit_failed(factory: sessionmaker[Session], job: ClaimedJob, error: str) -> None:
+    """Show a failed fit in its device's status."""
+    if job.device_id is not None:
+        set_device_status(factory, job.device_id, "failed", message=f"fit failed: {error}", job_id=job.id)
+
+
+def get_predictor(session: Session, predictor_id: int) -> Predictor:
+    """Return predictor `predictor_id`.
+
+    Raises:
+        NotFound: No such predictor.
+    """
+    predictor = session.get(Predictor, predictor_id)
+    if predictor is None:
+        raise NotFound(f"no predictor with id {predictor_id}", {"predictor_id": predictor_id})
+    return predictor
+
+
+def current_predictor(session: Session, device: Device) -> Predictor:
+    """The newest predictor of `device`.
+
+    Raises:
+        NoPredictor: The device has none yet; the details carry its status and profiling counts.
+    """
+    from service.devices import latest_predictor
+
+    predictor = latest_predictor(session, device)
+    if predictor is not None:
+        return predictor
+    described = describe_device(session, device)
+    raise NoPredictor(
+        f"device {device.name!r} has no fitted predictor yet ({described.status.phase}"
+        f"{': ' + described.status.message if described.status.message else ''}); "
+        "profile it, then fit one (POST /v1/devices/{id}/predictors or `lpnet fit`)",
+        {
+            "device": device.name,
+            "device_id": device.id,
+            "status": described.status.model_dump(mode="json"),
+            "profiling": described.profiling.model_dump(mode="json"),
+        },
+    )
+
+
+def describe_predictors(session: Session, predictors: list[Predictor]) -> list[PredictorRead]:
+    """Predictors as clients see them, with the URL of their plot when they have one."""
+    from service.schemas.predictors import PredictorRead
+
+    ids = [predictor.id for predictor in predictors]
+    with_plot = set(
+        session.scalars(select(Predictor.id).where(Predictor.id.in_(ids), Predictor.plot_png.is_not(None)))
+    )
+    names = {
+        row.id: row.name
+        for row in session.execute(
+            select(Device.id, Device.name).where(Device.id.in_({p.device_id for p in predictors}))
+        )
+    }
+    return [
+        PredictorRead(
+            id=predictor.id,
+            device_id=predictor.device_id,
+            device=names.get(predictor.device_id, ""),
+            version=predictor.version,
+            kind=predictor.kind,
+            feature_schema_version=predictor.feature_schema_version,
+            metrics=predictor.metrics,
+            training_fingerprint=predictor.training_fingerprint,
+            created_at=predictor.created_at,
+            plot_url=f"/v1/predictors/{predictor.id}/plot.png" if predictor.id in with_plot else None,
+        )
+        for predictor in predictors
+    ]
+
+
+def list_device_predictors(session: Session, device: Device) -> list[PredictorRead]:
+    """Every predictor version of `device`, newest first."""
+    rows = list(
+        session.scalars(
+            select(Predictor).where(Predictor.device_id == device.id).order_by(Predictor.version.desc())
+        )
+    )
+    return describe_predictors(session, rows)
+
+
+def predictor_plot(session: Session, predictor_id: int) -> bytes:
+    """The predicted-vs-measured PNG of a predictor.
+
+    Raises:
+        NotFound: No such predictor, or it has no plot.
+    """
+    get_predictor(session, predictor_id)
+    png = session.scalar(select(Predictor.plot_png).where(Predictor.id == predictor_id))
+    if not png:
+        raise NotFound(f"predictor {predictor_id} has no plot", {"predictor_id": predictor_id})
+    return png
+
+
+def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredictor:
+    """Deserialise a stored predictor (safetensors, never pickle)."""
+    from lpnet.predictor.artifact import load_predictor
+
+    artifact = session.scalar(select(Predictor.artifact).where(Predictor.id == predictor_id))
+    if artifact is None:
+        raise NotFound(f"no predictor with id {predictor_id}", {"predictor_id": predictor_id})
+    return load_predictor(artifact)

@@ -1,0 +1,41 @@
+"""Schemas shared by several resources: probes, device references, predictor references."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Names end up in URLs and on command lines, so keep them to characters that need no quoting.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+# Ids are 32-bit on every backend; a larger number cannot name a row.
+MAX_ID = 2**31 - 1
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+DeviceRef = Annotated[
+    Id | Annotated[str, Field(min_length=1, max_length=128)],
+    Field(description="The device's numeric id or its name.", examples=["laptop-1t", 3]),
+]
+
+
+class HealthStatus(BaseModel):
+    """Answer of ``/healthz``: the process is up."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ReadyStatus(BaseModel):
+    """Answer of ``/readyz``: the process is up and its database answers."""
+
+    status: Literal["ok"] = "ok"
+    database: str = Field(description="Backend of the database that answered (sqlite or postgresql).")
+
+
+class PredictorRef(BaseModel):
+    """Which fitted predictor answered."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    version: int

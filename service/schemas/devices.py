@@ -1,0 +1,130 @@
+"""Device schemas: registration, and what a device looks like with its profiling and predictor state."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.schemas.common import NAME_PATTERN
+
+DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "failed"]
+
+
+class DeviceCreate(BaseModel):
+    """What it takes to register a device.
+
+    Hardware, backend, threads, batch size and dtype are checked by the profiler's `DeviceSpec`, the
+    one place that knows which backends and dtypes exist.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=NAME_PATTERN,
+        description="Unique name; not all digits, since URLs accept a device's id or its name.",
+        examples=["laptop-1t"],
+    )
+    hardware: str = Field(min_length=1, max_length=200, description="e.g. the CPU model")
+    backend: str = Field(default="torch-cpu", max_length=64)
+    threads: int = 1
+    batch_size: int = 1
+    dtype: str = Field(default="float32", max_length=16)
+    environment: dict[str, Any] = Field(default_factory=dict)
+    is_local: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_number(cls, value: str) -> str:
+        if value.isdigit():
+            raise ValueError("a device name cannot be all digits (it would read as a device id)")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_device_spec(self) -> DeviceCreate:
+        # Imported here: the profiler package pulls in torch, which the rest of the CLI does not need.
+        from profiler.device import DeviceSpec
+
+        # InvalidDeviceSpec is a ValueError, so pydantic reports it as a validation error.
+        DeviceSpec(
+            hardware=self.hardware,
+            backend=self.backend,
+            threads=self.threads,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+        )
+        return self
+
+
+class DeviceStatus(BaseModel):
+    """Where a device stands: registered, being profiled or fitted (with progress), ready."""
+
+    phase: DevicePhase
+    percent: float | None = Field(default=None, ge=0, le=100, description="Progress of the phase.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    message: str | None = None
+    job_id: int | None = Field(default=None, description="The job doing the work, if any.")
+    updated_at: datetime | None = None
+
+
+class StatusCounts(BaseModel):
+    """Measurements by outcome."""
+
+    ok: int = 0
+    failed: int = 0
+
+
+class ProfilingCounts(BaseModel):
+    """How much has been measured on a device."""
+
+    network: StatusCounts = Field(default_factory=StatusCounts, description="Whole networks.")
+    isolated: StatusCounts = Field(default_factory=StatusCounts, description="Layers timed alone.")
+    in_network: StatusCounts = Field(
+        default_factory=StatusCounts, description="Layers timed inside a network forward."
+    )
+    last_measured_at: datetime | None = None
+
+
+class PredictorSummary(BaseModel):
+    """A fitted predictor, without its artifact."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    device_id: int
+    version: int
+    kind: str
+    feature_schema_version: int
+    metrics: dict[str, Any]
+    training_fingerprint: str
+    created_at: datetime
+
+
+class DeviceRead(BaseModel):
+    """A registered device, its profiling counts, its current predictor and its status."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    hardware: str
+    backend: str
+    threads: int
+    batch_size: int
+    dtype: str
+    environment: dict[str, Any]
+    is_local: bool
+    created_at: datetime
+    status: DeviceStatus
+    profiling: ProfilingCounts
+    predictor: PredictorSummary | None = Field(description="The newest predictor version, if any.")
+
+
+class DeviceCreated(DeviceRead):
+    """A device just registered, with the API key its agent submits measurements with."""
+
+    agent_key: str = Field(description="Shown once: only its hash is stored.")
+    agent_key_prefix: str

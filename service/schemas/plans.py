@@ -1,0 +1,60 @@
+"""Pruning plans under a latency budget."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.db.models import JobStatus
+from service.schemas.architectures import Architecture
+from service.schemas.common import MAX_ID, DeviceRef
+
+PlanMode = Literal["architecture", "weights", "train"]
+
+
+class PlanOptions(BaseModel):
+    """How to plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: PlanMode = Field(
+        default="architecture",
+        description="architecture: widths only; weights: also which filters to keep (needs model_id); "
+        "train: W-Gates trained with the network.",
+    )
+    round_to: int = Field(default=8, ge=1, le=256, description="Kept channels are multiples of this.")
+    verify: bool = Field(
+        default=False, description="Measure the pruned network on the device and re-plan until it fits."
+    )
+    model_id: int | None = Field(
+        default=None, ge=1, le=MAX_ID, description="Uploaded weights (POST /v1/models)."
+    )
+    min_keep_ratio: float = Field(default=0.05, gt=0, le=1, description="Least share of a group kept.")
+
+
+class PlanCreate(BaseModel):
+    """Plan per-layer pruning ratios so the network meets `budget_ms` on the device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: DeviceRef
+    architecture: Architecture
+    budget_ms: float = Field(gt=0, allow_inf_nan=False, description="Latency budget in milliseconds.")
+    options: PlanOptions = Field(default_factory=PlanOptions)
+
+
+class PlanRead(BaseModel):
+    """A plan job: its status, then its result or error."""
+
+    id: int
+    status: JobStatus
+    device_id: int | None
+    budget_ms: float
+    options: dict[str, Any]
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(description="The plan (widths, per-layer ratios, latencies).")
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None

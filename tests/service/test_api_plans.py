@@ -1,0 +1,171 @@
+"""Plans (and the weights they may use): checks at request time, the job, the result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from safetensors.torch import save
+
+from lpnet.arch.groups import channel_layout
+from lpnet.predictor.artifact import load_predictor
+from service.jobs.worker import Worker
+from tests.service.support import Api, TinyNet, TinyProfile, api_client
+from tests.service.test_health_api import assert_error_shape
+
+
+def full_ms(profile: TinyProfile) -> float:
+    return load_predictor(profile.fitted.artifact).predict(profile.network).total_ms
+
+
+def plan_request(profile: TinyProfile, budget_ms: float, **options: Any) -> dict[str, Any]:
+    return {
+        "device": "tiny-cpu",
+        "architecture": profile.network.model_dump(mode="json"),
+        "budget_ms": budget_ms,
+        "options": options,
+    }
+
+
+def run_plan(api: Api, request: dict[str, Any]) -> dict[str, Any]:
+    accepted = api.post("/v1/plans", key="reader", json=request)
+    assert accepted.status_code == 202, accepted.text
+    plan_id = accepted.json()["job_id"]
+    assert accepted.json()["status_url"] == f"/v1/plans/{plan_id}"
+    queued = api.get(f"/v1/plans/{plan_id}", key="reader").json()
+    assert queued["status"] == "queued" and queued["result"] is None
+    Worker(api.factory).run_once()
+    plan: dict[str, Any] = api.get(f"/v1/plans/{plan_id}", key="reader").json()
+    return plan
+
+
+def test_architecture_plan_meets_the_budget(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
+    budget = 0.6 * full_ms(tiny_profile)
+    plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, round_to=8))
+    assert plan["status"] == "succeeded", plan["error"]
+    assert plan["budget_ms"] == budget and plan["options"]["mode"] == "architecture"
+    result = plan["result"]
+    assert result["mode"] == "architecture-only"
+    assert result["predicted"]["total_ms"] <= budget
+    assert result["predictor_id"] == api_with_predictor.extra["predictor_id"]
+    layout = channel_layout(tiny_profile.network)
+    assert len(result["widths"]) == len(layout.groups)
+    assert all(w % 8 == 0 and w <= g.channels for w, g in zip(result["widths"], layout.groups, strict=True))
+    assert result["pruned_network"]["layers"]
+    assert result["verified"] is False
+
+
+def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profile: TinyProfile) -> None:
+    with api_client(sqlite_migrated_url) as api:
+        api.store_measurements(api.device_id, tiny_profile.measurements)
+        api.store_predictor(api.device_id, tiny_profile.fitted)
+        weights = save({k: v.contiguous() for k, v in TinyNet().state_dict().items()})
+        architecture = tiny_profile.network.model_dump_json()
+        upload = api.post(
+            "/v1/models",
+            files={"file": ("tiny.safetensors", weights)},
+            data={"name": "tiny", "architecture": architecture},
+        )
+        assert upload.status_code == 201, upload.text
+        model = upload.json()
+        assert model["size_bytes"] == len(weights) and len(model["sha256"]) == 64
+        assert api.get(f"/v1/models/{model['id']}", key="reader").json() == model
+
+        budget = 0.6 * full_ms(tiny_profile)
+        plan = run_plan(api, plan_request(tiny_profile, budget, mode="weights", model_id=model["id"]))
+        assert plan["status"] == "succeeded", plan["error"]
+        groups = plan["result"]["groups"]
+        assert all(len(g["kept_indices"]) == g["kept"] for g in groups)
+
+
+def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
+    budget = 0.8 * full_ms(tiny_profile)
+    plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, verify=True))
+    assert plan["status"] == "succeeded", plan["error"]
+    assert plan["result"]["verified"] is True and plan["result"]["measured_ms"] > 0
+    assert plan["result"]["rounds"][0]["measured_ms"] > 0
+
+
+@pytest.mark.parametrize("budget", [0, -1.5])
+def test_non_positive_budgets_are_422(
+    api_with_predictor: Api, tiny_profile: TinyProfile, budget: float
+) -> None:
+    response = api_with_predictor.post("/v1/plans", key="reader", json=plan_request(tiny_profile, budget))
+    assert "budget_ms" in str(assert_error_shape(response, 422, "validation_error")["message"])
+
+
+def test_unreachable_budgets_are_422_naming_the_least_latency(
+    api_with_predictor: Api, tiny_profile: TinyProfile
+) -> None:
+    response = api_with_predictor.post("/v1/plans", key="reader", json=plan_request(tiny_profile, 1e-6))
+    error = assert_error_shape(response, 422, "budget_infeasible")
+    least = error["details"]["min_achievable_ms"]  # type: ignore[index]
+    assert least > 1e-6 and f"{least:.4g}" in str(error["message"])
+    assert api_with_predictor.get("/v1/jobs", key="reader").json() == []
+
+
+def test_unknown_device_and_missing_predictor(api: Api, tiny_profile: TinyProfile) -> None:
+    request = plan_request(tiny_profile, 1.0)
+    assert_error_shape(
+        api.post("/v1/plans", key="reader", json={**request, "device": "nope"}), 404, "not_found"
+    )
+    assert_error_shape(api.post("/v1/plans", key="reader", json=request), 409, "no_predictor")
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "words"),
+    [
+        ({"mode": "train"}, "invalid_plan_options", "dataset"),
+        ({"mode": "weights"}, "invalid_plan_options", "model_id"),
+        ({"model_id": 1}, "invalid_plan_options", "weights mode"),
+        ({"mode": "weights", "model_id": 77}, "not_found", "no uploaded model"),
+        ({"round_to": 0}, "validation_error", "round_to"),
+        ({"mode": "magic"}, "validation_error", "mode"),
+    ],
+)
+def test_bad_options_are_refused(
+    api_with_predictor: Api, tiny_profile: TinyProfile, options: dict[str, Any], code: str, words: str
+) -> None:
+    response = api_with_predictor.post(
+        "/v1/plans", key="reader", json=plan_request(tiny_profile, 1.0, **options)
+    )
+    error = assert_error_shape(response, 404 if code == "not_found" else 422, code)
+    assert words in str(error["message"])
+
+
+def test_verify_needs_a_local_device(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
+    api = api_with_predictor
+    device_id, _ = api.add_device("remote-cpu", local=False)
+    api.store_predictor(device_id, tiny_profile.fitted)
+    request = {**plan_request(tiny_profile, 1.0, verify=True), "device": "remote-cpu"}
+    assert "remote" in str(
+        assert_error_shape(api.post("/v1/plans", key="reader", json=request), 422, "invalid_input")["message"]
+    )
+
+
+def test_unknown_plan_is_404(api: Api) -> None:
+    assert_error_shape(api.get("/v1/plans/12345", key="reader"), 404, "not_found")
+
+
+def test_model_uploads_take_safetensors_only(migrated_url: str) -> None:
+    with api_client(migrated_url, max_weights_bytes=4096) as api:
+        pickled = api.post(
+            "/v1/models", files={"file": ("w.pt", b"\x80\x04\x95not safetensors")}, data={"name": "w"}
+        )
+        assert "safetensors" in str(assert_error_shape(pickled, 422, "invalid_input")["message"])
+        big = save({"w": TinyNet().down.weight.detach().contiguous()})
+        too_big = api.post("/v1/models", files={"file": ("w.safetensors", big)}, data={"name": "w"})
+        assert_error_shape(too_big, 413, "request_too_large")
+        small = save({"w": TinyNet().fc.bias.detach().contiguous()})
+        bad_arch = api.post(
+            "/v1/models", files={"file": ("w.safetensors", small)}, data={"name": "w", "architecture": "{}"}
+        )
+        assert_error_shape(bad_arch, 422, "invalid_input")
+        ok = api.post("/v1/models", files={"file": ("w.safetensors", small)}, data={"name": "w"})
+        assert ok.status_code == 201 and ok.json()["architecture"] is None
+        assert_error_shape(api.get("/v1/models/999", key="reader"), 404, "not_found")
+        assert_error_shape(
+            api.post("/v1/models", key="reader", files={"file": ("w", small)}, data={"name": "w"}),
+            403,
+            "permission_denied",
+        )

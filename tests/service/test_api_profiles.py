@@ -1,0 +1,226 @@
+"""Profile submission: validation, idempotent replays, skipped duplicates, per-device agent keys."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from profiler.batch import MAX_BATCH_ROWS
+from profiler.sinks import HttpSink
+from service.config import Settings, WorkerSettings
+from service.db.models import LayerMeasurement, NetworkMeasurement, ProfileBatch, ProfileRun
+from service.main import create_app
+from tests.service.support import Api, TinyProfile, api_client
+from tests.service.test_health_api import LiveServer, assert_error_shape
+
+
+def row_counts(api: Api) -> dict[str, int]:
+    with api.factory() as session:
+        return {
+            table.__tablename__: int(session.scalar(select(func.count()).select_from(table)) or 0)
+            for table in (NetworkMeasurement, LayerMeasurement, ProfileBatch, ProfileRun)
+        }
+
+
+def profiles_url(api: Api, device: int | str | None = None) -> str:
+    return f"/v1/devices/{api.device_id if device is None else device}/profiles"
+
+
+def test_a_batch_is_stored_with_its_counts(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-all-0001")
+    response = api.post(profiles_url(api), key="agent", json=batch)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    networks = len(batch["network_measurements"])
+    layers = len(batch["layer_measurements"])
+    timed_layers = sum(len(m["per_layer"] or []) for m in batch["network_measurements"])
+    assert body["received"] == {"network": networks, "layer": layers}
+    assert body["stored"] == {"network": networks, "layer": layers}
+    assert body["skipped"] == {"network": 0, "layer": 0}
+    assert body["in_network_layers"] == timed_layers > 0
+    assert body["device_id"] == api.device_id and body["idempotency_key"] == "batch-all-0001"
+    assert "Idempotency-Replayed" not in response.headers
+    counts = row_counts(api)
+    assert counts["network_measurement"] == networks
+    assert counts["layer_measurement"] == layers + timed_layers
+    assert counts["profile_batch"] == 1 and counts["profile_run"] == 1
+
+    with api.factory() as session:
+        stored = session.scalars(
+            select(NetworkMeasurement).where(NetworkMeasurement.per_layer.is_not(None))
+        ).first()
+        assert stored is not None and stored.arch_hash and stored.median_ms and stored.median_ms > 0
+        run = session.get(ProfileRun, body["run_id"])
+        assert run is not None and run.source == "agent" and run.protocol["min_repetitions"] == 7
+
+
+def test_a_replay_stores_nothing_and_answers_the_first_response(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-replay-01", tiny_profile.network_measurements[:5])
+    first = api.post(
+        profiles_url(api), key="agent", json=batch, headers={"Idempotency-Key": "batch-replay-01"}
+    )
+    before = row_counts(api)
+    replay = api.post(profiles_url(api), key="agent", json=batch)
+    assert replay.status_code == first.status_code == 201
+    assert replay.json() == first.json()
+    assert replay.headers["Idempotency-Replayed"] == "true"
+    assert row_counts(api) == before
+    # Even a different body under the same key is a replay: the key, not the content, decides.
+    other = tiny_profile.batch_json("batch-replay-01", tiny_profile.network_measurements[5:8])
+    again = api.post(profiles_url(api), key="agent", json=other)
+    assert again.json() == first.json() and row_counts(api) == before
+
+
+def test_rows_the_device_has_are_skipped(api: Api, tiny_profile: TinyProfile) -> None:
+    rows = tiny_profile.network_measurements
+    api.post(profiles_url(api), key="agent", json=tiny_profile.batch_json("batch-skip-0001", rows[:4]))
+    response = api.post(
+        profiles_url(api), key="agent", json=tiny_profile.batch_json("batch-skip-0002", rows[:6])
+    )
+    assert response.json()["stored"]["network"] == 2
+    assert response.json()["skipped"]["network"] == 4
+    assert row_counts(api)["network_measurement"] == 6
+
+
+def test_concurrent_submissions_of_one_key_store_it_once(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-race-0001", tiny_profile.network_measurements[:10])
+    responses: list[Any] = []
+
+    def submit() -> None:
+        responses.append(api.post(profiles_url(api), key="agent", json=batch))
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["batch_id"] for r in responses}) == 1
+    assert sum("Idempotency-Replayed" in r.headers for r in responses) == 3
+    assert row_counts(api)["network_measurement"] == 10
+    assert row_counts(api)["profile_batch"] == 1
+
+
+def test_agent_keys_submit_only_for_their_device(api: Api, tiny_profile: TinyProfile) -> None:
+    other_id, other_key = api.add_device("other-cpu")
+    batch = tiny_profile.batch_json("batch-auth-0001", tiny_profile.network_measurements[:1])
+    assert_error_shape(
+        api.post(profiles_url(api, other_id), key="agent", json=batch), 403, "permission_denied"
+    )
+    assert_error_shape(api.post(profiles_url(api), key=other_key, json=batch), 403, "permission_denied")
+    assert_error_shape(api.post(profiles_url(api), key="reader", json=batch), 403, "permission_denied")
+    assert_error_shape(api.post(profiles_url(api), key=None, json=batch), 401, "unauthenticated")
+    assert api.post(profiles_url(api, other_id), key=other_key, json=batch).status_code == 201
+    assert api.post(profiles_url(api, "tiny-cpu"), key="admin", json=batch).status_code == 201
+
+
+def test_unknown_device_is_404(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-404-0001", tiny_profile.network_measurements[:1])
+    assert_error_shape(api.post(profiles_url(api, 4242), key="admin", json=batch), 404, "not_found")
+
+
+def _with_first_row(batch: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    rows = [dict(batch["network_measurements"][0], **changes), *batch["network_measurements"][1:]]
+    return {**batch, "network_measurements": rows}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"median_ms": -1.0, "p10_ms": -2.0}, "median_ms"),
+        ({"p90_ms": 1e-9}, "percentiles"),
+        ({"cv": -0.5}, "cv"),
+        ({"architecture": {"input_shape": [1, 3, 32, 32], "layers": [], "outputs": ["x"]}}, "layers"),
+        ({"kind": "isolated"}, "layer"),
+        ({"status": "failed"}, "error"),
+    ],
+)
+def test_invalid_rows_are_422(
+    api: Api, tiny_profile: TinyProfile, change: dict[str, Any], field: str
+) -> None:
+    batch = _with_first_row(
+        tiny_profile.batch_json("batch-bad-0001", tiny_profile.network_measurements[:2]), **change
+    )
+    error = assert_error_shape(api.post(profiles_url(api), key="agent", json=batch), 422, "validation_error")
+    assert field in str(error["message"])
+    assert row_counts(api)["network_measurement"] == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_latencies_are_422(api: Api, tiny_profile: TinyProfile, value: float) -> None:
+    batch = _with_first_row(
+        tiny_profile.batch_json("batch-nan-00001", tiny_profile.network_measurements[:1]), median_ms=value
+    )
+    # json.dumps writes NaN and Infinity literals, which the server's JSON parser reads as floats.
+    response = api.post(
+        profiles_url(api),
+        key="agent",
+        content=json.dumps(batch),
+        headers={"Content-Type": "application/json"},
+    )
+    error = assert_error_shape(response, 422, "validation_error")
+    assert "finite" in str(error["message"])
+
+
+def test_batches_over_the_row_cap_are_422(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-cap-00001", tiny_profile.network_measurements[:1])
+    row = batch["network_measurements"][0]
+    rows = [dict(row, sample_key=f"network-{i:040d}") for i in range(MAX_BATCH_ROWS + 1)]
+    error = assert_error_shape(
+        api.post(profiles_url(api), key="agent", json={**batch, "network_measurements": rows}),
+        422,
+        "validation_error",
+    )
+    assert f"1..{MAX_BATCH_ROWS}" in str(error["message"])
+
+
+def test_header_and_body_keys_must_agree(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-keys-0001", tiny_profile.network_measurements[:1])
+    response = api.post(
+        profiles_url(api), key="agent", json=batch, headers={"Idempotency-Key": "other-key-0001"}
+    )
+    assert_error_shape(response, 422, "invalid_input")
+
+
+def test_measurements_of_other_device_settings_are_refused(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = tiny_profile.batch_json("batch-spec-0001", tiny_profile.network_measurements[:1])
+    batch["device"] = dict(batch["device"], threads=2)
+    error = assert_error_shape(api.post(profiles_url(api), key="agent", json=batch), 422, "invalid_input")
+    assert "threads 2" in str(error["message"])
+    renamed = tiny_profile.batch_json("batch-spec-0002", tiny_profile.network_measurements[:1])
+    renamed["device"] = dict(renamed["device"], hardware="another name")
+    response = api.post(profiles_url(api), key="agent", json=renamed)
+    assert response.status_code == 201 and "another name" in response.json()["warnings"][0]
+
+
+def test_oversize_bodies_are_413(sqlite_migrated_url: str, tiny_profile: TinyProfile) -> None:
+    with api_client(sqlite_migrated_url, max_request_bytes=2048) as api:
+        batch = tiny_profile.batch_json("batch-big-00001", tiny_profile.network_measurements[:3])
+        response = api.post(profiles_url(api), key="agent", json=batch)
+        assert_error_shape(response, 413, "request_too_large")
+
+
+def test_the_profilers_http_sink_delivers_to_a_real_server(
+    migrated_url: str, tiny_profile: TinyProfile, live_server: LiveServer, tmp_path: Any
+) -> None:
+    with api_client(migrated_url) as api:
+        app = create_app(Settings(database_url=migrated_url, worker=WorkerSettings(embedded=False)))
+        with live_server(app) as base_url:
+            sink = HttpSink(
+                base_url, "tiny-cpu", api.keys.agent, tiny_profile.context, tmp_path / "spool", batch_size=10
+            )
+            for measurement in tiny_profile.measurements:
+                sink.write(measurement)
+            sink.close()
+            assert sink.posted_batches == -(-len(tiny_profile.measurements) // 10)
+            # A second sink over the same spool resends nothing.
+            again = HttpSink(base_url, "tiny-cpu", api.keys.agent, tiny_profile.context, tmp_path / "spool")
+            assert again.done_keys() >= {m.sample_key for m in tiny_profile.measurements}
+            again.close()
+        counts = row_counts(api)
+        assert counts["network_measurement"] == len(tiny_profile.network_measurements)
+        assert counts["profile_batch"] == sink.posted_batches

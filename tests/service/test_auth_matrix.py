@@ -1,0 +1,226 @@
+"""Every endpoint with every kind of key: missing/invalid/revoked 401, wrong scope or device 403, else 2xx."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from safetensors.torch import save
+
+from lpnet.arch.groups import channel_layout
+from lpnet.arch.onnx_io import export_onnx
+from service.auth import create_api_key, revoke_api_key
+from service.db.migrate import upgrade
+from service.db.models import KeyScope
+from service.jobs.worker import Worker
+from tests.conftest import fresh_postgres_database
+from tests.service.support import TINY_INPUT_SHAPE, Api, TinyNet, TinyProfile, api_client
+
+SCOPES = ("none", "invalid", "revoked", "reader", "agent", "other_agent", "admin")
+_counter = itertools.count()
+
+
+@dataclass
+class Matrix:
+    api: Api
+    profile: TinyProfile
+    keys: dict[str, str | None]
+    ids: dict[str, Any]
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def matrix(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_profile: TinyProfile
+) -> Iterator[Matrix]:
+    """One database per backend for the whole matrix, with a predictor, a plan, a model and keys."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{(tmp_path_factory.mktemp('matrix') / 'matrix.db').as_posix()}"
+        yield from _matrix(url, tiny_profile)
+    else:
+        with fresh_postgres_database() as url:
+            yield from _matrix(url, tiny_profile)
+
+
+def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
+    upgrade(url)
+    with api_client(url) as api:
+        api.store_measurements(api.device_id, profile.measurements)
+        predictor_id = api.store_predictor(api.device_id, profile.fitted)
+        other_id, other_agent = api.add_device("other-cpu")
+        with api.factory() as session:
+            revoked_key = create_api_key(session, scope=KeyScope.ADMIN.value)
+            revoke_api_key(session, revoked_key[0].prefix)
+            session.commit()
+        weights = save({k: v.contiguous() for k, v in TinyNet().state_dict().items()})
+        model_id = api.post(
+            "/v1/models", files={"file": ("w.safetensors", weights)}, data={"name": "tiny"}
+        ).json()["id"]
+        plan = api.post("/v1/plans", key="reader", json=_plan_body(profile)).json()
+        Worker(api.factory).run_once()
+        keys: dict[str, str | None] = {
+            "none": None,
+            "invalid": "lpn_" + "x" * 43,
+            "revoked": revoked_key[1],
+            "reader": api.keys.reader,
+            "agent": api.keys.agent,
+            "other_agent": other_agent,
+            "admin": api.keys.admin,
+        }
+        ids = {
+            "device": api.device_id,
+            "other_device": other_id,
+            "predictor": predictor_id,
+            "model": model_id,
+            "plan": plan["job_id"],
+            "onnx": export_onnx(TinyNet().eval(), TINY_INPUT_SHAPE),
+            "full_widths": channel_layout(profile.network).full_widths,
+        }
+        yield Matrix(api, profile, keys, ids)
+
+
+def _plan_body(profile: TinyProfile) -> dict[str, Any]:
+    return {"device": "tiny-cpu", "architecture": profile.network.model_dump(mode="json"), "budget_ms": 100.0}
+
+
+Request = Callable[[Matrix], tuple[str, str, dict[str, Any]]]
+
+
+def _throwaway_key(m: Matrix) -> str:
+    with m.api.factory() as session:
+        row, _ = create_api_key(session, scope=KeyScope.READER.value, name="throwaway")
+        session.commit()
+        return row.prefix
+
+
+def _batch(m: Matrix) -> dict[str, Any]:
+    return m.profile.batch_json(f"matrix-batch-{next(_counter):04d}", m.profile.network_measurements[:1])
+
+
+ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
+    "create device": (
+        lambda _m: ("POST", "/v1/devices", {"json": {"name": f"dev-{next(_counter)}", "hardware": "cpu"}}),
+        {"admin"},
+    ),
+    "list devices": (lambda _m: ("GET", "/v1/devices", {}), {"reader", "admin"}),
+    "show device": (lambda m: ("GET", f"/v1/devices/{m.ids['device']}", {}), {"reader", "admin"}),
+    "fit predictor": (lambda m: ("POST", f"/v1/devices/{m.ids['device']}/predictors", {}), {"admin"}),
+    "list predictors": (
+        lambda m: ("GET", f"/v1/devices/{m.ids['device']}/predictors", {}),
+        {"reader", "admin"},
+    ),
+    "submit profiles": (
+        lambda m: ("POST", f"/v1/devices/{m.ids['device']}/profiles", {"json": _batch(m)}),
+        {"agent", "admin"},
+    ),
+    "latency": (
+        lambda m: (
+            "POST",
+            "/v1/latency",
+            {"json": {"device": "tiny-cpu", "architecture": m.profile.network.model_dump(mode="json")}},
+        ),
+        {"reader", "admin"},
+    ),
+    "latency batch": (
+        lambda m: (
+            "POST",
+            "/v1/latency/batch",
+            {
+                "json": {
+                    "device": "tiny-cpu",
+                    "architecture": m.profile.network.model_dump(mode="json"),
+                    "widths": [m.ids["full_widths"]],
+                }
+            },
+        ),
+        {"reader", "admin"},
+    ),
+    "latency onnx": (
+        lambda m: (
+            "POST",
+            "/v1/latency/onnx",
+            {"files": {"file": ("t.onnx", m.ids["onnx"])}, "data": {"device": "tiny-cpu"}},
+        ),
+        {"reader", "admin"},
+    ),
+    "show predictor": (lambda m: ("GET", f"/v1/predictors/{m.ids['predictor']}", {}), {"reader", "admin"}),
+    "predictor plot": (
+        lambda m: ("GET", f"/v1/predictors/{m.ids['predictor']}/plot.png", {}),
+        {"reader", "admin"},
+    ),
+    "request plan": (lambda m: ("POST", "/v1/plans", {"json": _plan_body(m.profile)}), {"reader", "admin"}),
+    "show plan": (lambda m: ("GET", f"/v1/plans/{m.ids['plan']}", {}), {"reader", "admin"}),
+    "list jobs": (lambda _m: ("GET", "/v1/jobs", {}), {"reader", "admin"}),
+    "show job": (lambda m: ("GET", f"/v1/jobs/{m.ids['plan']}", {}), {"reader", "admin"}),
+    "upload model": (
+        lambda _m: (
+            "POST",
+            "/v1/models",
+            {
+                "files": {"file": ("b.safetensors", save({"b": TinyNet().fc.bias.detach().contiguous()}))},
+                "data": {"name": "b"},
+            },
+        ),
+        {"admin"},
+    ),
+    "show model": (lambda m: ("GET", f"/v1/models/{m.ids['model']}", {}), {"reader", "admin"}),
+    "create key": (lambda _m: ("POST", "/v1/keys", {"json": {"scope": "reader"}}), {"admin"}),
+    "list keys": (lambda _m: ("GET", "/v1/keys", {}), {"admin"}),
+    "revoke key": (lambda m: ("DELETE", f"/v1/keys/{_throwaway_key(m)}", {}), {"admin"}),
+}
+OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/metrics")
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS))
+def test_auth_matrix(matrix: Matrix, endpoint: str, scope: str) -> None:
+    build, allowed = ENDPOINTS[endpoint]
+    method, path, kwargs = build(matrix)
+    key = matrix.keys[scope]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = matrix.api.client.request(method, path, headers=headers, **kwargs)
+    if scope in ("none", "invalid", "revoked"):
+        expected = 401
+    elif scope in allowed:
+        expected = response.status_code if 200 <= response.status_code < 300 else -1
+    else:
+        expected = 403
+    assert response.status_code == expected, (
+        f"{method} {path} as {scope}: {response.status_code} {response.text[:300]}"
+    )
+    if expected == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_every_v1_route_is_in_the_matrix(matrix: Matrix) -> None:
+    routes = {
+        (method, route.path)  # type: ignore[attr-defined]
+        for route in matrix.api.app.routes
+        if getattr(route, "path", "").startswith("/v1")
+        for method in route.methods  # type: ignore[attr-defined]
+    }
+    covered = set()
+    for build, _ in ENDPOINTS.values():
+        method, path, _kwargs = build(matrix)
+        for route_method, template in routes:
+            pattern = (
+                "^"
+                + "/".join("[^/]+" if part.startswith("{") else part for part in template.split("/"))
+                + "$"
+            )
+            if route_method == method and re.match(pattern, path):
+                covered.add((route_method, template))
+    assert covered == routes
+
+
+@pytest.mark.parametrize("path", OPEN_PATHS)
+def test_probes_docs_and_metrics_need_no_key(matrix: Matrix, path: str) -> None:
+    assert matrix.api.client.get(path).status_code == 200
+
+
+def test_keys_may_also_come_in_x_api_key(matrix: Matrix) -> None:
+    response = matrix.api.client.get("/v1/devices", headers={"X-API-Key": str(matrix.keys["reader"])})
+    assert response.status_code == 200

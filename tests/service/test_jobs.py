@@ -1,0 +1,293 @@
+"""The job queue and workers on SQLite and PostgreSQL: leases, retries, failures, exclusive runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.base import utcnow
+from service.db.migrate import upgrade
+from service.db.models import Job, JobStatus, ModelUpload
+from service.db.session import make_engine, make_session_factory
+from service.jobs.queue import (
+    TaskOutcome,
+    claim_job,
+    complete_job,
+    enqueue,
+    fail_job,
+    renew_lease,
+)
+from service.jobs.tasks import Task, TaskRegistry, UnknownJobKind
+from service.jobs.worker import JobContext, Worker
+from tests.service.worker_child import child_registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def factory(migrated_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(migrated_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def add_job(
+    factory: sessionmaker[Session], kind: str = "test.record", max_attempts: int = 3, **job_input: object
+) -> int:
+    with factory() as session:
+        job = enqueue(session, kind, dict(job_input), max_attempts=max_attempts)
+        session.commit()
+        return job.id
+
+
+def read_job(factory: sessionmaker[Session], job_id: int) -> Job:
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def expire_lease(factory: sessionmaker[Session], job_id: int) -> None:
+    with factory() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+
+
+def test_claim_complete_and_nothing_left(factory: sessionmaker[Session]) -> None:
+    assert claim_job(factory, "w1", 30) is None
+    first, second = add_job(factory), add_job(factory)
+    job = claim_job(factory, "w1", 30)
+    assert job is not None and job.id == first and job.attempt == 1 and job.owner == "w1"
+    stored = read_job(factory, first)
+    assert stored.status == JobStatus.RUNNING and stored.lease_owner == "w1"
+    assert stored.lease_expires_at is not None and stored.lease_expires_at > utcnow()
+    # A held lease is not claimable; the next job is.
+    other = claim_job(factory, "w2", 30)
+    assert other is not None and other.id == second
+    assert claim_job(factory, "w3", 30) is None
+    assert complete_job(factory, job, TaskOutcome({"answer": 42}))
+    done = read_job(factory, first)
+    assert done.status == JobStatus.SUCCEEDED and done.result == {"answer": 42}
+    assert done.finished_at is not None and done.lease_expires_at is None
+
+
+def test_claims_filter_by_kind(factory: sessionmaker[Session]) -> None:
+    add_job(factory, kind="fit")
+    assert claim_job(factory, "w", 30, kinds=["plan"]) is None
+    assert claim_job(factory, "w", 30, kinds=["fit", "plan"]) is not None
+
+
+def test_a_lapsed_lease_is_reclaimed_and_the_old_owner_is_shut_out(factory: sessionmaker[Session]) -> None:
+    job_id = add_job(factory)
+    first = claim_job(factory, "w1", 30)
+    assert first is not None
+    assert claim_job(factory, "w2", 30) is None
+    expire_lease(factory, job_id)
+    second = claim_job(factory, "w2", 30)
+    assert second is not None and second.id == job_id and second.attempt == 2
+    # The first worker lost the job: it can neither renew, finish nor fail it.
+    assert not renew_lease(factory, job_id, "w1", 30)
+    assert not complete_job(factory, first, TaskOutcome({"from": "w1"}))
+    assert fail_job(factory, first, "late", retry=True) is None
+    assert renew_lease(factory, job_id, "w2", 30)
+    assert complete_job(factory, second, TaskOutcome({"from": "w2"}))
+    assert read_job(factory, job_id).result == {"from": "w2"}
+
+
+def test_attempts_are_bounded_then_the_job_fails_with_the_reason(factory: sessionmaker[Session]) -> None:
+    job_id = add_job(factory, max_attempts=2)
+    for owner in ("w1", "w2"):
+        assert claim_job(factory, owner, 30) is not None
+        expire_lease(factory, job_id)
+    assert claim_job(factory, "w3", 30) is None
+    job = read_job(factory, job_id)
+    assert job.status == JobStatus.FAILED and job.attempts == 2
+    assert job.error is not None and "stopped renewing its lease" in job.error and "w2" in job.error
+
+
+def test_failed_attempts_are_retried_until_none_are_left(factory: sessionmaker[Session]) -> None:
+    job_id = add_job(factory, max_attempts=2)
+    job = claim_job(factory, "w", 30)
+    assert job is not None and fail_job(factory, job, "RuntimeError: flaky", retry=True) == JobStatus.QUEUED
+    assert read_job(factory, job_id).error == "RuntimeError: flaky"
+    job = claim_job(factory, "w", 30)
+    assert job is not None and job.attempt == 2
+    assert fail_job(factory, job, "RuntimeError: flaky", retry=True) == JobStatus.FAILED
+    assert read_job(factory, job_id).status == JobStatus.FAILED
+
+
+def test_a_result_lands_with_its_rows_or_not_at_all(factory: sessionmaker[Session]) -> None:
+    job_id = add_job(factory)
+    job = claim_job(factory, "w", 30)
+    assert job is not None
+
+    def store_then_fail(session: Session) -> dict[str, object]:
+        session.add(ModelUpload(name="half", weights=b"x", sha256="0" * 64, size_bytes=1))
+        session.flush()
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        complete_job(factory, job, TaskOutcome({"partial": True}, store=store_then_fail))
+    stored = read_job(factory, job_id)
+    assert stored.status == JobStatus.RUNNING and stored.result is None
+    with factory() as session:
+        assert session.query(ModelUpload).count() == 0
+
+    def store(session: Session) -> dict[str, object]:
+        upload = ModelUpload(name="whole", weights=b"x", sha256="0" * 64, size_bytes=1)
+        session.add(upload)
+        session.flush()
+        return {"model_id": upload.id}
+
+    assert complete_job(factory, job, TaskOutcome({"done": True}, store=store))
+    result = read_job(factory, job_id).result
+    assert result is not None and result["done"] is True and result["model_id"] >= 1
+
+
+def test_workers_map_errors_to_retry_or_failure(factory: sessionmaker[Session]) -> None:
+    from lpnet.errors import InvalidArchitecture
+
+    calls: Counter[str] = Counter()
+
+    def flaky(job: object, context: JobContext) -> TaskOutcome:
+        calls["flaky"] += 1
+        context.progress("working", 50.0, force=True)
+        if calls["flaky"] == 1:
+            raise RuntimeError("transient")
+        return TaskOutcome({"ok": True})
+
+    def invalid(job: object, context: JobContext) -> TaskOutcome:
+        raise InvalidArchitecture("layer 'x' is broken")
+
+    failures: list[str] = []
+    registry = TaskRegistry(
+        [
+            Task("flaky", flaky),
+            Task("invalid", invalid, on_failure=lambda _f, _job, error: failures.append(error)),
+        ]
+    )
+    worker = Worker(factory, registry, lease_seconds=30)
+    flaky_id = add_job(factory, kind="flaky")
+    invalid_id = add_job(factory, kind="invalid")
+    while worker.run_once() is not None:
+        pass
+    flaky_job = read_job(factory, flaky_id)
+    assert flaky_job.status == JobStatus.SUCCEEDED and flaky_job.attempts == 2
+    assert flaky_job.progress == {"phase": "working", "percent": 50.0}
+    invalid_job = read_job(factory, invalid_id)
+    assert invalid_job.status == JobStatus.FAILED and invalid_job.attempts == 1  # no retry for domain errors
+    assert invalid_job.error == "layer 'x' is broken" and failures == ["layer 'x' is broken"]
+    with pytest.raises(UnknownJobKind):
+        registry.get("nope")
+
+
+def test_the_lease_is_renewed_while_a_job_runs(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    job_id = add_job(factory, kind="test.record", log=str(tmp_path / "log.txt"), seconds=1.2)
+    worker = Worker(factory, child_registry(), owner="keeper", lease_seconds=0.6)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    time.sleep(0.8)  # past the first lease: still held, so renewed
+    assert claim_job(factory, "thief", 0.6) is None
+    thread.join()
+    job = read_job(factory, job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.result == {"owner": "keeper"}
+
+
+def test_two_workers_never_run_the_same_job(migrated_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "runs.txt"
+    engines = [make_engine(migrated_url) for _ in range(2)]
+    factories = [make_session_factory(engine) for engine in engines]
+    job_ids = {add_job(factories[0], log=str(log), seconds=0.01) for _ in range(24)}
+    workers = [Worker(f, child_registry(), owner=f"w{i}", lease_seconds=30) for i, f in enumerate(factories)]
+
+    def drain(worker: Worker) -> None:
+        while worker.run_once() is not None:
+            pass
+
+    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = log.read_text().split()
+    starts = Counter(int(lines[i]) for i in range(0, len(lines), 3) if lines[i + 2] == "start")
+    assert set(starts) == job_ids and set(starts.values()) == {1}
+    ends = Counter(int(lines[i]) for i in range(0, len(lines), 3) if lines[i + 2] == "end")
+    assert ends == starts
+    assert {lines[i + 1] for i in range(0, len(lines), 3)} <= {"w0", "w1"}
+    with factories[0]() as session:
+        assert {job.status for job in session.query(Job)} == {JobStatus.SUCCEEDED}
+    for engine in engines:
+        engine.dispose()
+
+
+def _spawn_child(url: str, owner: str, lease: float) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.service.worker_child", url, owner, str(lease)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_workers_job_is_retried_after_its_lease_lapses(migrated_url: str) -> None:
+    engine = make_engine(migrated_url)
+    factory = make_session_factory(engine)
+    job_id = add_job(factory, kind="test.sleep", seconds=60)
+    child = _spawn_child(migrated_url, "doomed", lease=1.5)
+    try:
+        deadline = time.monotonic() + 60
+        while read_job(factory, job_id).lease_owner != "doomed":
+            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
+            assert time.monotonic() < deadline, "the child worker never claimed the job"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the child renews its lease meanwhile
+        assert read_job(factory, job_id).status == JobStatus.RUNNING
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    survivor = Worker(factory, child_registry(), owner="survivor", lease_seconds=30)
+    assert survivor.run_once() is None, "the dead worker's lease has not lapsed yet"
+    deadline = time.monotonic() + 10
+    while (claimed := survivor.run_once()) is None:
+        assert time.monotonic() < deadline, "the job was never reclaimed"
+        time.sleep(0.2)
+    assert claimed.id == job_id
+    job = read_job(factory, job_id)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 2
+    assert job.result == {"owner": "survivor", "attempt": 2}
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_skip_locked_claims_do_not_block_each_other(postgres_url: str) -> None:
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    first, second = add_job(factory), add_job(factory)
+    # A transaction holding the first job's row lock (as a claim in progress would) ...
+    with factory() as holder:
+        holder.query(Job).filter(Job.id == first).with_for_update().one()
+        # ... does not stop another worker from claiming the next job at once.
+        started = time.monotonic()
+        claimed = claim_job(factory, "w2", 30)
+        assert claimed is not None and claimed.id == second
+        assert time.monotonic() - started < 2
+    engine.dispose()
