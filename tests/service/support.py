@@ -13,7 +13,6 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
-from torch import nn
 
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.ir import Network
@@ -28,38 +27,20 @@ from service.db.session import make_engine, make_session_factory
 from service.main import create_app
 from service.predictors import FittedPredictor, store_predictor
 from service.profiles import measurement_rows
+from tests.networks import TinyResNet
 
 TINY_INPUT_SHAPE = (1, 3, 32, 32)
 # The spec every tiny measurement was taken with; a device registered with it accepts them.
 TINY_SPEC = DeviceSpec(hardware="test-cpu", backend="torch-cpu", threads=1, batch_size=1, dtype="float32")
 
 
-class TinyNet(nn.Module):
-    """conv-bn-relu stem, a residual block and a strided conv: three channel groups to prune."""
-
-    def __init__(self, width: int = 32, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # (N, W, 32, 32)
-        y = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(x + self.bn2(self.conv2(y)))
-        x = torch.relu(self.down(x))  # (N, 2W, 16, 16)
-        return self.fc(torch.flatten(self.pool(x), 1))  # (N, classes)
+def tiny_module() -> TinyResNet:
+    """The tiny residual net every service test measures, prunes and uploads."""
+    return TinyResNet(width=32)
 
 
 def tiny_network() -> Network:
-    return network_from_module(TinyNet(), TINY_INPUT_SHAPE, name="tiny", family="tiny")
+    return network_from_module(tiny_module(), TINY_INPUT_SHAPE, name="tiny", family="tiny")
 
 
 @dataclass(frozen=True)

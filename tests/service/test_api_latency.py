@@ -11,7 +11,7 @@ import torch
 from lpnet.arch.groups import apply_width_vector, channel_layout
 from lpnet.arch.onnx_io import export_onnx
 from service.latency import LatencyService
-from tests.service.support import TINY_INPUT_SHAPE, Api, TinyNet, TinyProfile, api_client
+from tests.service.support import TINY_INPUT_SHAPE, Api, TinyProfile, api_client, tiny_module
 from tests.service.test_health_api import assert_error_shape
 
 
@@ -200,7 +200,7 @@ def test_ten_thousand_width_vectors(api_with_predictor: Api, tiny_profile: TinyP
 
 def test_onnx_upload(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
     api = api_with_predictor
-    data = export_onnx(TinyNet().eval(), TINY_INPUT_SHAPE)
+    data = export_onnx(tiny_module().eval(), TINY_INPUT_SHAPE)
     response = api.post(
         "/v1/latency/onnx", key="reader", files={"file": ("tiny.onnx", data)}, data={"device": "tiny-cpu"}
     )
@@ -223,7 +223,7 @@ def test_onnx_uploads_are_size_capped(migrated_url: str, tiny_profile: TinyProfi
     with api_client(migrated_url, max_onnx_bytes=1000) as api:
         api.store_measurements(api.device_id, tiny_profile.network_measurements)
         api.store_predictor(api.device_id, tiny_profile.fitted)
-        data = export_onnx(TinyNet().eval(), TINY_INPUT_SHAPE)
+        data = export_onnx(tiny_module().eval(), TINY_INPUT_SHAPE)
         response = api.post(
             "/v1/latency/onnx", key="reader", files={"file": ("tiny.onnx", data)}, data={"device": "tiny-cpu"}
         )

@@ -10,7 +10,7 @@ from safetensors.torch import save
 from lpnet.arch.groups import channel_layout
 from lpnet.predictor.artifact import load_predictor
 from service.jobs.worker import Worker
-from tests.service.support import Api, TinyNet, TinyProfile, api_client
+from tests.service.support import Api, TinyProfile, api_client, tiny_module
 from tests.service.test_health_api import assert_error_shape
 
 
@@ -59,7 +59,7 @@ def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profil
     with api_client(sqlite_migrated_url) as api:
         api.store_measurements(api.device_id, tiny_profile.measurements)
         api.store_predictor(api.device_id, tiny_profile.fitted)
-        weights = save({k: v.contiguous() for k, v in TinyNet().state_dict().items()})
+        weights = save({k: v.contiguous() for k, v in tiny_module().state_dict().items()})
         architecture = tiny_profile.network.model_dump_json()
         upload = api.post(
             "/v1/models",
@@ -153,10 +153,10 @@ def test_model_uploads_take_safetensors_only(migrated_url: str) -> None:
             "/v1/models", files={"file": ("w.pt", b"\x80\x04\x95not safetensors")}, data={"name": "w"}
         )
         assert "safetensors" in str(assert_error_shape(pickled, 422, "invalid_input")["message"])
-        big = save({"w": TinyNet().down.weight.detach().contiguous()})
+        big = save({"w": tiny_module().down.weight.detach().contiguous()})
         too_big = api.post("/v1/models", files={"file": ("w.safetensors", big)}, data={"name": "w"})
         assert_error_shape(too_big, 413, "request_too_large")
-        small = save({"w": TinyNet().fc.bias.detach().contiguous()})
+        small = save({"w": tiny_module().fc.bias.detach().contiguous()})
         bad_arch = api.post(
             "/v1/models", files={"file": ("w.safetensors", small)}, data={"name": "w", "architecture": "{}"}
         )

@@ -18,7 +18,7 @@ from service.db.migrate import upgrade
 from service.db.models import KeyScope
 from service.jobs.worker import Worker
 from tests.conftest import fresh_postgres_database
-from tests.service.support import TINY_INPUT_SHAPE, Api, TinyNet, TinyProfile, api_client
+from tests.service.support import TINY_INPUT_SHAPE, Api, TinyProfile, api_client, tiny_module
 
 SCOPES = ("none", "invalid", "revoked", "reader", "agent", "other_agent", "admin")
 _counter = itertools.count()
@@ -55,7 +55,7 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             revoked_key = create_api_key(session, scope=KeyScope.ADMIN.value)
             revoke_api_key(session, revoked_key[0].prefix)
             session.commit()
-        weights = save({k: v.contiguous() for k, v in TinyNet().state_dict().items()})
+        weights = save({k: v.contiguous() for k, v in tiny_module().state_dict().items()})
         model_id = api.post(
             "/v1/models", files={"file": ("w.safetensors", weights)}, data={"name": "tiny"}
         ).json()["id"]
@@ -76,7 +76,7 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             "predictor": predictor_id,
             "model": model_id,
             "plan": plan["job_id"],
-            "onnx": export_onnx(TinyNet().eval(), TINY_INPUT_SHAPE),
+            "onnx": export_onnx(tiny_module().eval(), TINY_INPUT_SHAPE),
             "full_widths": channel_layout(profile.network).full_widths,
         }
         yield Matrix(api, profile, keys, ids)
@@ -160,7 +160,9 @@ ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
             "POST",
             "/v1/models",
             {
-                "files": {"file": ("b.safetensors", save({"b": TinyNet().fc.bias.detach().contiguous()}))},
+                "files": {
+                    "file": ("b.safetensors", save({"b": tiny_module().fc.bias.detach().contiguous()}))
+                },
                 "data": {"name": "b"},
             },
         ),

@@ -18,7 +18,7 @@ from service.db.session import make_engine, make_session_factory
 from service.main import create_app
 from service.predictors import request_fit
 from service.profiling import DatabaseSink, ProgressReporter
-from tests.service.support import TINY_INPUT_SHAPE, TINY_SPEC, Api, TinyNet, TinyProfile, api_client
+from tests.service.support import TINY_INPUT_SHAPE, TINY_SPEC, Api, TinyProfile, api_client, tiny_module
 from tests.service.test_cli_commands import run_cli
 from tests.service.test_health_api import LiveServer
 
@@ -177,7 +177,7 @@ def test_lpnet_fit_then_predict(
     assert all(layer.name in out for layer in tiny_profile.network.layers)
 
     onnx = tmp_path / "tiny.onnx"
-    onnx.write_bytes(export_onnx(TinyNet().eval(), TINY_INPUT_SHAPE))
+    onnx.write_bytes(export_onnx(tiny_module().eval(), TINY_INPUT_SHAPE))
     code, out, _ = run_cli(capsys, "predict", "--device", "tiny-cpu", "--onnx", str(onnx), "--top", "2")
     assert code == 0 and out.count("\n") == 5  # headline, table header, two layers, overhead
 
