@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=2000, help="at most this many networks per device")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--no-lofo", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS / "predictor_accuracy.json")
     args = parser.parse_args()
     families = args.families.split(",")
     started = time.perf_counter()
@@ -172,7 +173,7 @@ def main() -> None:
     rows = metrics_table(results)
     print(format_table(rows))
     for result in results:
-        scatter_plot(result, RESULTS / f"predictor_accuracy_{result.name.replace(' ', '_')}.png")
+        scatter_plot(result, args.output.with_name(f"{args.output.stem}_{result.name.replace(' ', '_')}.png"))
     timing = speed(predictor)
     print(json.dumps(timing, indent=2))
     lofo = [r for r in rows if r["split"].startswith("without") and r["model"] == "LPNet"]
@@ -200,8 +201,9 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "predictor_accuracy.json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"saved {RESULTS / 'predictor_accuracy.json'}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str))
+    print(f"saved {args.output}")
 
 
 class _LookupWithIsolated(LayerLookupSum):
