@@ -83,9 +83,10 @@ class LatencyService:
 
     def tensorized_with_groups(self, network: Network) -> TensorizedNetwork:
         """The network's tensor view with channel groups, for width vectors."""
+        from lpnet.arch.groups import layout_key
         from lpnet.predictor.features import tensorize
 
-        return self.tensorized.get_or_compute(network.content_hash, lambda: tensorize(network))
+        return self.tensorized.get_or_compute(layout_key(network), lambda: tensorize(network))
 
     # Predictors ---------------------------------------------------------------------------------
 

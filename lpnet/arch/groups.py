@@ -103,13 +103,18 @@ _cache: OrderedDict[str, ChannelLayout] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def channel_layout(network: Network) -> ChannelLayout:
-    """Groups and channel expressions of a network (cached by content hash and layer names).
+def layout_key(network: Network) -> str:
+    """Cache key of anything derived from a network's channel layout.
 
-    The expressions are keyed by layer name, so two networks computing the same thing under other
-    names must not share an entry.
+    The content hash ignores layer names and listing order, but channel expressions are keyed by
+    layer name and groups are numbered in listing order: both must be part of the key.
     """
-    key = network.content_hash + "|" + "\x1f".join(layer.name for layer in network.layers)
+    return network.content_hash + "|" + "\x1f".join(layer.name for layer in network.layers)
+
+
+def channel_layout(network: Network) -> ChannelLayout:
+    """Groups and channel expressions of a network (cached by `layout_key`)."""
+    key = layout_key(network)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)

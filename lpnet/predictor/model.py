@@ -153,7 +153,5 @@ class LPNet(nn.Module):
                 )  # (U, H)
                 layer_log = member.head(torch.nn.functional.silu(pre, inplace=True)).squeeze(-1)  # (U,)
                 layer_ms = torch.exp(self.bounded(layer_log))
-                per_vector = layer_ms[triple_of].reshape(batch, num_layers).sum(-1)  # (B,)
-                overhead = member.overhead_ms(tn.ops).sum() + member.network_overhead
-                results.append(per_vector + overhead)
-        return torch.stack(results)
+                results.append(layer_ms[triple_of].reshape(batch, num_layers).sum(-1))  # (B,)
+            return torch.stack(results) + self.member_overhead_ms(tn.ops)[:, None]

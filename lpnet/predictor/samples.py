@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from lpnet.arch.ir import Network
-from lpnet.predictor.features import TensorizedNetwork, tensorize
+from lpnet.predictor.features import tensorize
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,6 @@ class PackedSamples:
     layer_target_ms: torch.Tensor  # (N,) NaN where a layer was not timed
     network_target_ms: torch.Tensor  # (S,)
     num_networks: int
-    tensorized: list[TensorizedNetwork] = field(repr=False, default_factory=list)
 
     def subset(self, networks: Sequence[int]) -> PackedSamples:
         """The packed rows of the listed networks, renumbered 0..len-1 (repeats allowed: bootstrap)."""
@@ -55,16 +54,14 @@ class PackedSamples:
             layer_target_ms=self.layer_target_ms[take],
             network_target_ms=self.network_target_ms[index],
             num_networks=len(index),
-            tensorized=[self.tensorized[i] for i in index.tolist()] if self.tensorized else [],
         )
 
 
 def pack_samples(samples: Sequence[NetworkSample]) -> PackedSamples:
     """Tensorise every sample (without channel groups: each is a fixed network)."""
-    feats, ops, segs, layer_targets, tensorized = [], [], [], [], []
+    feats, ops, segs, layer_targets = [], [], [], []
     for s_index, sample in enumerate(samples):
         tn = tensorize(sample.network, with_groups=False)
-        tensorized.append(tn)
         feats.append(tn.layer_features(torch.zeros(1, 0))[0])
         ops.append(tn.ops)
         segs.append(torch.full((tn.num_layers,), s_index, dtype=torch.long))
@@ -79,7 +76,6 @@ def pack_samples(samples: Sequence[NetworkSample]) -> PackedSamples:
         layer_target_ms=torch.cat(layer_targets),
         network_target_ms=torch.tensor([s.latency_ms for s in samples], dtype=torch.float32),
         num_networks=len(samples),
-        tensorized=tensorized,
     )
 
 

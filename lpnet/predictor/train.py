@@ -45,20 +45,7 @@ class TrainConfig:
 ProgressCallback = Callable[[int, int], None]
 
 
-def fit_lpnet(
-    samples: Sequence[NetworkSample],
-    config: LPNetConfig | None = None,
-    train: TrainConfig | None = None,
-    progress: ProgressCallback | None = None,
-) -> LPNet:
-    """Fit an LPNet ensemble and calibrate its interval on held-out networks.
-
-    Raises:
-        NotEnoughMeasurements: with fewer than MIN_NETWORK_SAMPLES measured networks, saying how
-            many more are needed.
-    """
-    config = config or LPNetConfig()
-    train = train or TrainConfig()
+def _check_enough(samples: Sequence[NetworkSample]) -> None:
     if len(samples) < MIN_NETWORK_SAMPLES:
         missing = MIN_NETWORK_SAMPLES - len(samples)
         raise NotEnoughMeasurements(
@@ -66,7 +53,11 @@ def fit_lpnet(
             f"measure {missing} more (lpnet profile)",
             {"have": len(samples), "need": MIN_NETWORK_SAMPLES, "missing": missing},
         )
-    packed = pack_samples(samples)
+
+
+def _fit_packed(
+    packed: PackedSamples, config: LPNetConfig, train: TrainConfig, progress: ProgressCallback | None
+) -> LPNet:
     generator = torch.Generator().manual_seed(train.seed)
     order = torch.randperm(packed.num_networks, generator=generator).tolist()
     n_cal = max(3, int(round(train.calibration_share * packed.num_networks)))
@@ -179,9 +170,16 @@ def fit_predictor(
     train: TrainConfig | None = None,
     progress: ProgressCallback | None = None,
 ) -> LatencyPredictor:
-    """Fit LPNet and record its training domain (ops seen, feature ranges) for warnings."""
-    model = fit_lpnet(samples, config, train, progress)
+    """Fit an LPNet ensemble, calibrate its interval on held-out networks, and record its training
+    domain (ops seen, feature ranges) for extrapolation warnings.
+
+    Raises:
+        NotEnoughMeasurements: with fewer than MIN_NETWORK_SAMPLES measured networks, saying how
+            many more are needed.
+    """
+    _check_enough(samples)
     packed = pack_samples(samples)
+    model = _fit_packed(packed, config or LPNetConfig(), train or TrainConfig(), progress)
     domain = TrainingDomain(
         ops={OPS[i].value for i in packed.ops.unique().tolist()},
         feature_min=packed.features.min(0).values,

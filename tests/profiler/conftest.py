@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from lpnet.arch.from_torch import network_from_module
-from lpnet.arch.ir import Network
+from lpnet.arch.ir import Layer, Network, Op
 from profiler.device import DeviceSpec
 from profiler.protocol import TimingProtocol
 from tests.networks import TinyResNet
@@ -51,4 +51,18 @@ def fast_protocol() -> TimingProtocol:
         max_repetitions=100,
         target_precision=0.05,
         max_seconds=0.5,
+    )
+
+
+@pytest.fixture
+def unsplittable_concat() -> Layer:
+    """A concat whose five channels cannot be split over two inputs for isolated timing."""
+    return Layer(
+        name="cat",
+        op=Op.CONCAT,
+        inputs=["a", "b"],
+        in_channels=5,
+        out_channels=5,
+        in_hw=(4, 4),
+        out_hw=(4, 4),
     )

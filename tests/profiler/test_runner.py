@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lpnet.arch.ir import Layer, Network, Op
+from lpnet.arch.ir import Layer, Network
 from profiler.batch import Measurement, MeasurementKind
 from profiler.device import DeviceSpec
 from profiler.protocol import TimingProtocol
@@ -88,17 +88,12 @@ def test_an_interrupted_run_resumes_without_duplicates(
 
 
 def test_a_failing_configuration_is_recorded_and_the_run_goes_on(
-    tiny_network: Network, device: DeviceSpec, fast_protocol: TimingProtocol
+    tiny_network: Network,
+    device: DeviceSpec,
+    fast_protocol: TimingProtocol,
+    unsplittable_concat: Layer,
 ) -> None:
-    odd = Layer(
-        name="cat",
-        op=Op.CONCAT,
-        inputs=["a", "b"],
-        in_channels=5,
-        out_channels=5,
-        in_hw=(4, 4),
-        out_hw=(4, 4),
-    )
+    odd = unsplittable_concat
     samples = [
         Sample.for_layer(odd, device, family="x"),
         Sample.for_network(tiny_network, device, family="x"),

@@ -70,18 +70,9 @@ def test_isolated_layers_run_on_their_own(op: Op, fast_protocol: TimingProtocol)
 
 
 def test_a_failing_configuration_becomes_a_failed_row(
-    device: DeviceSpec, fast_protocol: TimingProtocol
+    device: DeviceSpec, fast_protocol: TimingProtocol, unsplittable_concat: Layer
 ) -> None:
-    # Five channels cannot be split over two inputs of an isolated concat.
-    odd = Layer(
-        name="cat",
-        op=Op.CONCAT,
-        inputs=["a", "b"],
-        in_channels=5,
-        out_channels=5,
-        in_hw=(4, 4),
-        out_hw=(4, 4),
-    )
+    odd = unsplittable_concat
     row = measure_sample(Sample.for_layer(odd, device), get_backend("torch-cpu"), fast_protocol)
     assert row.status == "failed"
     assert row.error is not None and "cannot be split evenly" in row.error
