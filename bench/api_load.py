@@ -250,6 +250,8 @@ def main() -> int:
             "LPNET_DATA_DIR": tmp,
             "LPNET_DATABASE_URL": f"sqlite:///{tmp}/bench.db",
             "LPNET_FIT__STEPS": "300",
+            # The bench registers its own device; no first-run profiling in the background.
+            "LPNET_FIRST_RUN__ENABLED": "false",
             "LPNET_LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
         }

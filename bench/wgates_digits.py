@@ -11,6 +11,11 @@ budgets that are shares of its measured latency:
   found by bisection; physical pruning; `--gate-epochs + --finetune-epochs` of fine-tuning, so every
   method gets the same number of epochs after the base model.
 
+Every timing is taken against the speed probe and reported at the speed the machine had when the
+seed started (profiler/verification.py; raw medians are saved beside them), so latencies measured
+minutes apart on a shared machine compare; `--no-speed-probe` uses raw medians throughout.
+A budget below what the narrowest network reaches (the share is of a latency that moves with the
+machine) is recorded as infeasible and skipped for every method.
 Every final network is measured again separately; accuracy is on the 360 held-out digits (one
 image is 0.28 %), so differences of a few tenths of a percent are noise: use `--seeds` to see the
 spread. The predictor is fitted here on measured width variants of the network.
@@ -27,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import statistics
 import sys
 import time
@@ -45,11 +49,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from lpnet.arch.from_torch import network_from_module  # noqa: E402
-from lpnet.arch.groups import apply_width_vector, channel_layout  # noqa: E402
+from lpnet.arch.groups import channel_layout  # noqa: E402
 from lpnet.arch.ir import Network  # noqa: E402
 from lpnet.gates.budget import width_grid  # noqa: E402
 from lpnet.gates.criteria import PruningCriterion, get_criterion, match_latency  # noqa: E402
 from lpnet.gates.datasets import digits_loaders  # noqa: E402
+from lpnet.gates.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig  # noqa: E402
 from lpnet.gates.training import (  # noqa: E402
     TrainPruneConfig,
@@ -59,12 +64,13 @@ from lpnet.gates.training import (  # noqa: E402
 )
 from lpnet.predictor.model import LPNetConfig  # noqa: E402
 from lpnet.predictor.predict import LatencyPredictor  # noqa: E402
-from lpnet.predictor.samples import NetworkSample  # noqa: E402
 from lpnet.predictor.train import TrainConfig, fit_predictor  # noqa: E402
 from lpnet.pruning import prune_module  # noqa: E402
 from profiler.backends.base import get_backend  # noqa: E402
+from profiler.environment import retain_freed_memory  # noqa: E402
 from profiler.protocol import TimingProtocol  # noqa: E402
-from profiler.tasks import measure_network  # noqa: E402
+from profiler.variants import measure_width_variants  # noqa: E402
+from profiler.verification import NetworkMeter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("uniform", "l1-global", "l1-layer", "taylor")
@@ -74,39 +80,12 @@ CHECK_PROTOCOL = TimingProtocol(
 VERIFY_MARGIN = 0.03
 
 
-def make_measure(protocol: TimingProtocol) -> Any:
-    backend = get_backend("torch-cpu", threads=1)
-
-    def measure(network: Network) -> float:
-        return measure_network(network, backend, protocol).median_ms
-
-    return measure
-
-
-def fit_digits_predictor(network: Network, variants: int, steps: int, seed: int) -> LatencyPredictor:
-    """LPNet fitted on measured width variants of the digits network (quick protocol).
-
-    Half the variants scale every group by a common share (+-30 %), half draw each group's width
-    independently: planners visit unbalanced width vectors, and a predictor that has only seen
-    balanced ones extrapolates there.
-    """
-    measure = make_measure(TimingProtocol.quick())
-    layout = channel_layout(network)
-    rng = random.Random(seed)
-    samples = []
-    for index in range(variants):
-        if index == 0:
-            widths = layout.full_widths
-        elif index % 2:
-            share = rng.uniform(0.1, 1.0)
-            widths = [
-                max(8, min(g.channels, 8 * round(rng.uniform(0.7, 1.3) * share * g.channels / 8)))
-                for g in layout.groups
-            ]
-        else:
-            widths = [8 * rng.randint(1, g.channels // 8) for g in layout.groups]
-        pruned = apply_width_vector(network, widths)
-        samples.append(NetworkSample(pruned, measure(pruned), family="digits-resnet"))
+def fit_digits_predictor(
+    network: Network, variants: int, steps: int, seed: int, meter: NetworkMeter
+) -> LatencyPredictor:
+    """LPNet fitted on measured width variants of the digits network (quick protocol)."""
+    quick = meter.with_protocol(TimingProtocol.quick())
+    samples = measure_width_variants(network, variants, lambda net: quick(net).ms, seed=seed)
     torch.manual_seed(seed)
     return fit_predictor(samples, LPNetConfig(), TrainConfig(steps=steps, seed=seed))
 
@@ -124,12 +103,23 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         f"[seed {seed}] base model: accuracy {base_accuracy:.4f} after {time.perf_counter() - started:.0f} s"
     )
 
+    backend = get_backend("torch-cpu", threads=1)
+    meter = (
+        NetworkMeter(backend, CHECK_PROTOCOL)
+        if args.no_speed_probe
+        else NetworkMeter.probed(backend, CHECK_PROTOCOL)
+    )
+    if meter.nominal_probe_ms is not None:
+        print(f"[seed {seed}] speed probe {meter.nominal_probe_ms:.3f} ms now: timings are at this speed")
+
+    def measure(net: Network) -> float:
+        return meter(net).ms
+
     started = time.perf_counter()
-    predictor = fit_digits_predictor(network, args.variants, args.fit_steps, seed)
+    predictor = fit_digits_predictor(network, args.variants, args.fit_steps, seed, meter)
     print(
         f"[seed {seed}] predictor from {args.variants} measured variants in {time.perf_counter() - started:.0f} s"
     )
-    measure = make_measure(CHECK_PROTOCOL)
     unpruned_ms = measure(network)
     grid = width_grid(channel_layout(network))
     rows: list[dict[str, Any]] = [
@@ -139,6 +129,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             "share": 1.0,
             "budget_ms": unpruned_ms,
             "measured_ms": unpruned_ms,
+            "nominal_probe_ms": meter.nominal_probe_ms,
             "accuracy": base_accuracy,
             "widths": grid.full_widths,
         }
@@ -150,29 +141,46 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     for share in args.budgets:
         budget = share * unpruned_ms
         started = time.perf_counter()
-        outcome = train_and_prune(
-            base,
-            network,
-            predictor,
-            budget,
-            data.train,
-            data.val,
-            TrainPruneConfig(
-                gate_epochs=args.gate_epochs,
-                finetune_epochs=args.finetune_epochs,
-                learning_rate=args.learning_rate,
-                verify_margin=VERIFY_MARGIN,
-                seed=seed,
-            ),
-            measure=measure,
-        )
+        try:
+            outcome = train_and_prune(
+                base,
+                network,
+                predictor,
+                budget,
+                data.train,
+                data.val,
+                TrainPruneConfig(
+                    gate_epochs=args.gate_epochs,
+                    finetune_epochs=args.finetune_epochs,
+                    learning_rate=args.learning_rate,
+                    verify_margin=VERIFY_MARGIN,
+                    seed=seed,
+                ),
+                measure=meter,
+            )
+        except BudgetInfeasible as exc:
+            # Nothing to compare at this budget: record why, and skip the baselines too.
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": "w-gates",
+                    "share": share,
+                    "budget_ms": budget,
+                    "infeasible": True,
+                    "min_achievable_ms": exc.min_achievable_ms,
+                }
+            )
+            print(f"  {share:.2f}    w-gates: {exc.message}", flush=True)
+            continue
+        final = meter(outcome.pruned.network)
         rows.append(
             {
                 "seed": seed,
                 "method": "w-gates",
                 "share": share,
                 "budget_ms": budget,
-                "measured_ms": measure(outcome.pruned.network),
+                "measured_ms": final.ms,
+                "measured_raw_ms": final.raw_ms,
                 "accuracy": outcome.accuracy_after,
                 "accuracy_gated": outcome.accuracy_gated,
                 "accuracy_pruned": outcome.accuracy_pruned,
@@ -195,13 +203,15 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             pruned = prune_module(base, network, selection.widths, selection.kept_indices)
             accuracy_pruned = evaluate_accuracy(pruned.module, data.val)
             train_epochs(pruned.module, data.train, epochs, learning_rate=args.learning_rate)
+            final = meter(pruned.network)
             rows.append(
                 {
                     "seed": seed,
                     "method": name,
                     "share": share,
                     "budget_ms": budget,
-                    "measured_ms": measure(pruned.network),
+                    "measured_ms": final.ms,
+                    "measured_raw_ms": final.raw_ms,
                     "accuracy": evaluate_accuracy(pruned.module, data.val),
                     "accuracy_pruned": accuracy_pruned,
                     "ratio": selection.ratio,
@@ -223,13 +233,22 @@ def _print_row(row: dict[str, Any]) -> None:
 
 
 def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Mean accuracy and measured latency per method and budget, and W-Gates' margin over the best baseline."""
+    """Mean accuracy and measured latency per method and budget, and W-Gates' margin over the best baseline.
+
+    A budget W-Gates found infeasible in some seed is compared over the other seeds only; one it found
+    infeasible in every seed has no comparison.
+    """
     summary: dict[str, Any] = {}
     shares = sorted({r["share"] for r in rows if r["method"] != "unpruned"})
     for share in shares:
-        per_method: dict[str, Any] = {}
+        at_share = [r for r in rows if r["share"] == share]
+        per_method: dict[str, Any] = {"infeasible_seeds": sum(bool(r.get("infeasible")) for r in at_share)}
+        summary[f"{share:.2f}"] = per_method
+        feasible = [r for r in at_share if not r.get("infeasible")]
+        if not any(r["method"] == "w-gates" for r in feasible):
+            continue
         for method in ["w-gates", *methods]:
-            subset = [r for r in rows if r["share"] == share and r["method"] == method]
+            subset = [r for r in feasible if r["method"] == method]
             accuracies = [r["accuracy"] for r in subset]
             per_method[method] = {
                 "accuracy_mean": statistics.mean(accuracies),
@@ -242,7 +261,6 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             "best_baseline": best,
             "accuracy": per_method["w-gates"]["accuracy_mean"] - per_method[best]["accuracy_mean"],
         }
-        summary[f"{share:.2f}"] = per_method
     return summary
 
 
@@ -257,7 +275,11 @@ def plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     }
     unpruned = [r for r in rows if r["method"] == "unpruned"]
     for method in ["w-gates", *methods]:
-        points = sorted((r["measured_ms"], r["accuracy"]) for r in rows if r["method"] == method)
+        points = sorted(
+            (r["measured_ms"], r["accuracy"])
+            for r in rows
+            if r["method"] == method and not r.get("infeasible")
+        )
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", label=method, color=colours.get(method))
     axes.scatter(
@@ -298,6 +320,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", help="shares of the unpruned measured latency")
     parser.add_argument("--variants", type=int, help="measured width variants for the predictor")
     parser.add_argument("--fit-steps", type=int)
+    parser.add_argument(
+        "--no-speed-probe", action="store_true", help="raw medians instead of the speed at the seed's start"
+    )
     parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     args = parser.parse_args()
     quick = args.quick
@@ -309,6 +334,7 @@ def main() -> None:
     args.fit_steps = args.fit_steps or (400 if quick else 1500)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    retain_freed_memory()  # the profiler's default allocator policy: timings independent of history
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         print(
@@ -324,11 +350,14 @@ def main() -> None:
     total = time.perf_counter() - started
     print("\nsummary (mean over seeds):")
     for share, per_method in summary.items():
-        margin = per_method["w-gates_minus_best_baseline"]
+        margin = per_method.get("w-gates_minus_best_baseline")
+        if margin is None:
+            print(f"  budget {share}: infeasible in every seed")
+            continue
         cells = ", ".join(
             f"{m} {v['accuracy_mean']:.4f}@{v['measured_ms_mean']:.3f}ms"
             for m, v in per_method.items()
-            if "accuracy_mean" in v
+            if isinstance(v, dict) and "accuracy_mean" in v
         )
         print(f"  budget {share}: {cells}; w-gates - {margin['best_baseline']} = {margin['accuracy']:+.4f}")
     print(f"bench took {total:.0f} s")

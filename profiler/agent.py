@@ -52,7 +52,8 @@ class AgentOptions:
     isolated_samples: int | None = None
     seed: int = 0
     quick_protocol: bool = False
-    retain_memory: bool = False
+    # Keep freed memory in-process (mallopt): latencies then stop depending on what ran before.
+    retain_memory: bool = True
     progress: bool = True
 
     def device(self) -> DeviceSpec:
@@ -126,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isolated-samples", type=int, help="per family")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="loose timing protocol (smoke runs only)")
-    parser.add_argument("--retain-memory", action="store_true", help="keep freed memory in-process (mallopt)")
+    parser.add_argument(
+        "--no-retain-memory",
+        dest="retain_memory",
+        action="store_false",
+        help="let glibc return freed memory to the kernel (by default it is kept, see profiler.environment)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     target = parser.add_argument_group("where measurements go (one of)")
     target.add_argument("--jsonl", type=Path, help="append to this JSONL file")

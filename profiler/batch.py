@@ -76,6 +76,11 @@ class Measurement(BaseModel):
     load_average_1m: float | None = Field(
         default=None, ge=0, allow_inf_nan=False
     )  # a busy machine times slow
+    # With a speed probe (profiler.speed): the median probe forward around the samples, and the
+    # median of sample / probe, the latency in probe forwards, which repeats better on a shared CPU.
+    probe_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    relative_latency: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    probe_version: int | None = Field(default=None, ge=1)
     measured_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     duration_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
@@ -91,6 +96,13 @@ class Measurement(BaseModel):
             return self
         if self.error:
             raise ValueError("an ok measurement cannot carry an error")
+        probed = (
+            self.probe_ms is not None,
+            self.relative_latency is not None,
+            self.probe_version is not None,
+        )
+        if any(probed) and not all(probed):
+            raise ValueError("probe_ms, relative_latency and probe_version come together or not at all")
         p10, median, p90 = self.p10_ms, self.median_ms, self.p90_ms
         if p10 is None or median is None or p90 is None:
             raise ValueError("an ok measurement needs p10_ms, median_ms and p90_ms")

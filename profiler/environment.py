@@ -167,7 +167,9 @@ def collect_environment(backend_settings: dict[str, Any] | None = None) -> Envir
         physical_cores=physical_cores(),
         affinity_cores=affinity,
         cpu_governor=governor.strip() if governor else None,
-        cpu_max_mhz=int(max_freq) / 1000 if max_freq and max_freq.strip().isdigit() else None,
+        cpu_max_mhz=int(max_freq) / 1000
+        if max_freq and max_freq.strip().isascii() and max_freq.strip().isdigit()
+        else None,
         memory_total_mb=_memory_total_mb(),
         load_average=load_average,
         os=platform.system(),

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 SampleFn = Callable[[int], float]
 """Runs `number` forwards and returns milliseconds per forward."""
+ProbeFn = Callable[[], float]
+"""Times the speed probe once (profiler.speed.SpeedProbe.run): milliseconds per probe forward."""
 
 
 class StopReason(StrEnum):
@@ -83,10 +85,18 @@ class TimingResult(BaseModel):
     cv: float
     repetitions: int
     number: int = Field(description="forwards per timed sample (>1 only for very short forwards)")
-    precision: float = Field(description="half-width of the median's confidence interval / median")
+    precision: float = Field(
+        description="half-width of the median's confidence interval / median (of the probe ratios when probed)"
+    )
     precision_reached: bool
     stopped_by: StopReason
     total_seconds: float
+    probe_ms: float | None = Field(
+        default=None, description="median speed-probe forward, timed around every sample (None: no probe)"
+    )
+    relative: float | None = Field(
+        default=None, description="median of per-sample latency / probe: the latency in probe forwards"
+    )
 
 
 @contextmanager
@@ -151,7 +161,9 @@ def summarize(
     )
 
 
-def measure(sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True) -> TimingResult:
+def measure(
+    sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True, probe: ProbeFn | None = None
+) -> TimingResult:
     """Time `sample` under `protocol` with the garbage collector paused.
 
     Args:
@@ -159,6 +171,9 @@ def measure(sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True) 
         protocol: warm-up, stopping rule and caps.
         calibrate: group forwards shorter than `min_sample_ms` into one sample, so the clock's own
             cost stays negligible. Off when each sample must be exactly one forward.
+        probe: when given, timed right before and right after every sample; the result adds the
+            median probe time and the median ratio of each sample to the mean of its two probes,
+            and the stopping rule then applies to those ratios, the quantity the caller is after.
     """
     start = time.perf_counter()
     deadline = start + protocol.max_seconds
@@ -166,6 +181,8 @@ def measure(sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True) 
         warm: list[float] = []
         while len(warm) < protocol.warmup_runs or sum(warm) < protocol.warmup_ms:
             warm.append(sample(1))
+            if probe is not None:
+                probe()
             # A warm-up that eats the time budget leaves no time to measure: stop at a quarter.
             if time.perf_counter() - start > protocol.max_seconds / 4:
                 break
@@ -176,19 +193,29 @@ def measure(sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True) 
                 number = max(1, math.ceil(protocol.min_sample_ms / fastest))
 
         samples: list[float] = []
+        probes: list[float] = []
+        ratios: list[float] = []
         elapsed_ms = 0.0
         next_check = protocol.min_repetitions
         stopped_by = StopReason.MAX_REPETITIONS
         while len(samples) < protocol.max_repetitions:
-            value = sample(number)
+            if probe is None:
+                value = sample(number)
+            else:
+                before = probe()
+                value = sample(number)
+                speed = (before + probe()) / 2
+                probes.append(speed)
+                ratios.append(value / speed if speed > 0 else math.inf)
             samples.append(value)
             elapsed_ms += value * number
             n = len(samples)
             if n >= next_check and elapsed_ms >= protocol.min_repeat_ms:
                 # Re-checking every sample costs a sort each; every ~5 % more samples is enough.
                 next_check = n + max(1, n // 20)
+                watched = ratios if probe is not None else samples
                 if (
-                    median_precision(np.sort(np.asarray(samples)), protocol.confidence)
+                    median_precision(np.sort(np.asarray(watched)), protocol.confidence)
                     <= protocol.target_precision
                 ):
                     stopped_by = StopReason.PRECISION
@@ -196,12 +223,28 @@ def measure(sample: SampleFn, protocol: TimingProtocol, calibrate: bool = True) 
             if n >= 3 and time.perf_counter() >= deadline:
                 stopped_by = StopReason.MAX_SECONDS
                 break
-    return summarize(samples, number, protocol, stopped_by, time.perf_counter() - start)
+    result = summarize(samples, number, protocol, stopped_by, time.perf_counter() - start)
+    if probe is None:
+        return result
+    # The stopping rule watched the ratios: their precision is the one this result reports.
+    precision = (
+        median_precision(np.sort(np.asarray(ratios)), protocol.confidence) if len(ratios) >= 3 else math.inf
+    )
+    return result.model_copy(
+        update={
+            "probe_ms": float(np.median(probes)),
+            "relative": float(np.median(ratios)),
+            "precision": precision,
+            "precision_reached": precision <= protocol.target_precision,
+        }
+    )
 
 
-def measure_runnable(runnable: Runnable, protocol: TimingProtocol) -> TimingResult:
-    """Time whole forwards of a prepared runnable."""
-    return measure(runnable.timed_runs, protocol)
+def measure_runnable(
+    runnable: Runnable, protocol: TimingProtocol, probe: ProbeFn | None = None
+) -> TimingResult:
+    """Time whole forwards of a prepared runnable, each sample between two probes when `probe` is given."""
+    return measure(runnable.timed_runs, protocol, probe=probe)
 
 
 class LayerwiseTiming(BaseModel):
@@ -214,7 +257,9 @@ class LayerwiseTiming(BaseModel):
     layerwise_total: TimingResult
 
 
-def measure_layerwise(runnable: Runnable, protocol: TimingProtocol) -> LayerwiseTiming:
+def measure_layerwise(
+    runnable: Runnable, protocol: TimingProtocol, probe: ProbeFn | None = None
+) -> LayerwiseTiming:
     """Alternate one plain forward with one node-by-node timed forward until the plain ones meet the protocol.
 
     Interleaving makes both see the same machine state: timed one after the other, a change in
@@ -233,7 +278,8 @@ def measure_layerwise(runnable: Runnable, protocol: TimingProtocol) -> Layerwise
             totals.append(sum(times.values()))
         return network_ms
 
-    network = measure(paired_forward, protocol, calibrate=False)
+    # A probe brackets each pair: the network's ratio is to the probe, the layers scale with it.
+    network = measure(paired_forward, protocol, calibrate=False, probe=probe)
     # Warm-up forwards are recorded too: keep the last ones, those paired with the timed samples.
     kept = network.repetitions
     layers = {name: float(np.median(values[-kept:])) for name, values in per_node.items()}

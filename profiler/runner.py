@@ -19,6 +19,7 @@ from profiler.environment import collect_environment
 from profiler.protocol import TimingProtocol
 from profiler.sampling import Sampler, Scorer
 from profiler.sinks import MeasurementSink
+from profiler.speed import SpeedProbe
 from profiler.tasks import measure_sample
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def run_profile(
     max_samples: int | None = None,
     scorer: Scorer | None = None,
     on_measurement: Callable[[Measurement], None] | None = None,
+    speed_probe: bool = True,
 ) -> RunSummary:
     """Measure samples until the sampler runs dry, the budget is spent or `max_samples` are done.
 
@@ -156,6 +158,8 @@ def run_profile(
         max_samples: stop after this many measurements.
         scorer: adaptive mode hook, passed to `sampler.next_batch`.
         on_measurement: called with every measurement after the sink has it.
+        speed_probe: time the speed probe (profiler.speed) around every sample of a network, so
+            rows also carry the latency relative to the machine's speed; CPU backends only.
     """
     protocol = protocol or TimingProtocol()
     backend = backend or device.create_backend()
@@ -172,6 +176,7 @@ def run_profile(
             )
         buckets = [b for b in buckets if b[1] is not MeasurementKind.IN_CONTEXT]
     _warn_if_busy(backend.threads)
+    probe = SpeedProbe().run if speed_probe and backend.runs_on_cpu else None
     planner = BudgetPlanner.from_minutes(buckets, budget_minutes)
     summary = RunSummary(device=device, budget_minutes=budget_minutes)
     done = set(sink.done_keys())
@@ -194,7 +199,7 @@ def run_profile(
             sample = batch[0]
             bar.set_postfix_str(f"{sample.kind.value} {sample.family or ''}", refresh=False)
             t0 = time.perf_counter()
-            measurement = measure_sample(sample, backend, protocol, device.batch_size)
+            measurement = measure_sample(sample, backend, protocol, device.batch_size, probe=probe)
             sink.write(measurement)
             seconds = time.perf_counter() - t0
             done.add(measurement.sample_key)

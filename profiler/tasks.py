@@ -21,8 +21,9 @@ from lpnet.arch.ir import NETWORK_INPUT, Layer, Network, Op
 from profiler.backends.base import Backend, Runnable
 from profiler.batch import MAX_ERROR_CHARS, LayerTime, Measurement, MeasurementKind
 from profiler.errors import UnsupportedMeasurement
-from profiler.protocol import TimingProtocol, TimingResult, measure_layerwise, measure_runnable
+from profiler.protocol import ProbeFn, TimingProtocol, TimingResult, measure_layerwise, measure_runnable
 from profiler.sampling import Sample
+from profiler.speed import PROBE_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +81,16 @@ def measure_network(
     protocol: TimingProtocol,
     batch_size: int = 1,
     width_vector: Sequence[int] | None = None,
+    probe: ProbeFn | None = None,
 ) -> TimingResult:
-    """Whole-network latency of an IR network, optionally pruned to `width_vector` first."""
+    """Whole-network latency of an IR network, optionally pruned to `width_vector` first.
+
+    With `probe` (profiler.speed), every sample is timed between two probe runs and the result adds
+    the latency relative to the probe.
+    """
     _, runnable = _prepare_network(network, backend, batch_size, width_vector)
     try:
-        return measure_runnable(runnable, protocol)
+        return measure_runnable(runnable, protocol, probe)
     finally:
         runnable.close()
 
@@ -95,6 +101,7 @@ def measure_in_context(
     protocol: TimingProtocol,
     batch_size: int = 1,
     width_vector: Sequence[int] | None = None,
+    probe: ProbeFn | None = None,
 ) -> InContextResult:
     """Whole-network latency and every layer timed inside real forwards of the same module, interleaved."""
     if not backend.supports_layerwise:
@@ -104,7 +111,7 @@ def measure_in_context(
         )
     module, runnable = _prepare_network(network, backend, batch_size, width_vector)
     try:
-        timing = measure_layerwise(runnable, protocol)
+        timing = measure_layerwise(runnable, protocol, probe)
     finally:
         runnable.close()
     node_to_layer: dict[str, str] = module.meta.get(IR_LAYER_META, {})
@@ -174,13 +181,25 @@ def _timing_fields(result: TimingResult) -> dict[str, object]:
         "repetitions": result.repetitions,
         "precision": result.precision,
         "precision_reached": result.precision_reached,
+        "probe_ms": result.probe_ms,
+        "relative_latency": result.relative,
+        "probe_version": PROBE_VERSION if result.probe_ms is not None else None,
     }
 
 
 def measure_sample(
-    sample: Sample, backend: Backend, protocol: TimingProtocol, batch_size: int = 1
+    sample: Sample,
+    backend: Backend,
+    protocol: TimingProtocol,
+    batch_size: int = 1,
+    probe: ProbeFn | None = None,
 ) -> Measurement:
-    """Measure one sample; a configuration that fails becomes a `failed` row with its error."""
+    """Measure one sample; a configuration that fails becomes a `failed` row with its error.
+
+    `probe` (profiler.speed) brackets the samples of network and in-context measurements (for the
+    latter, each pair of a plain and a layer-by-layer forward); isolated layers are too short for a
+    probe around each of them and go without.
+    """
     start = time.perf_counter()
     common: dict[str, object] = {
         "sample_key": sample.sample_key,
@@ -199,9 +218,11 @@ def measure_sample(
         else:
             assert sample.network is not None
             if sample.kind is MeasurementKind.NETWORK:
-                fields = _timing_fields(measure_network(sample.network, backend, protocol, batch_size))
+                fields = _timing_fields(
+                    measure_network(sample.network, backend, protocol, batch_size, probe=probe)
+                )
             else:
-                result = measure_in_context(sample.network, backend, protocol, batch_size)
+                result = measure_in_context(sample.network, backend, protocol, batch_size, probe=probe)
                 per_layer = [LayerTime(layer=name, ms=ms) for name, ms in result.layers_ms.items()]
                 layers_sum = sum(t.ms for t in per_layer)
                 fields = {

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.schemas.common import NAME_PATTERN, not_an_id
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 DATABASE_FILENAME = "lpnet.db"
+ADMIN_KEY_PATTERN = re.compile(r"lpn_[A-Za-z0-9_-]{32,}")
+MeasuredKind = Literal["network", "in_context", "isolated"]
+# What a fit learns from: whole networks, and the layers of some of them timed in context.
+FIRST_RUN_KINDS: tuple[MeasuredKind, ...] = ("network", "in_context")
 
 
 class WorkerSettings(BaseModel):
@@ -38,6 +46,81 @@ class FitSettings(BaseModel):
 
     steps: int | None = Field(default=None, ge=1, description="Optimisation steps per ensemble member.")
     members: int | None = Field(default=None, ge=1, le=32, description="Ensemble members (interval width).")
+
+
+class AgentSettings(BaseModel):
+    """Tasks for the agents of remote devices (``LPNET_AGENT__<FIELD>``)."""
+
+    lease_seconds: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="An agent's lease on a task; renewed by its heartbeats, requeued once it lapses.",
+    )
+    max_attempts: int = Field(default=3, ge=1, le=100, description="Leases of one task before it fails.")
+    verify_timeout_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        description="How long a plan with verify waits for the remote device's agent to measure a network.",
+    )
+    verify_protocol: Literal["default", "quick"] = Field(
+        default="default",
+        description="Timing protocol agents verify plans with; quick is for smoke runs and tests.",
+    )
+
+
+class FirstRunSettings(BaseModel):
+    """What `lpnet serve` does on a machine without a local device (``LPNET_FIRST_RUN__<FIELD>``).
+
+    It registers this machine's CPU as a device, profiles it within a time budget and fits its
+    predictor in a background job; a later start resumes that job, or does nothing once it is done.
+    """
+
+    enabled: bool = Field(default=True, description="Bootstrap the local device when `lpnet serve` starts.")
+    device_name: str = Field(
+        default="local-cpu",
+        min_length=1,
+        max_length=128,
+        pattern=NAME_PATTERN,
+        description="Name of the local device it registers (not all digits).",
+    )
+    budget_minutes: float = Field(
+        default=6.0, gt=0, le=24 * 60, description="Profiling time; fitting the predictor comes on top."
+    )
+    families: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2"],
+        min_length=1,
+        description="torchvision models profiled, comma-separated.",
+    )
+    image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width profiled.")
+    kinds: Annotated[list[MeasuredKind], NoDecode] = Field(
+        default_factory=lambda: list(FIRST_RUN_KINDS),
+        min_length=1,
+        description="What is measured, comma-separated: whole networks, and the layers of some in context, "
+        "are what a fit learns from.",
+    )
+    quick_protocol: bool = Field(
+        default=False, description="A loose timing protocol: for smoke runs and tests, not for real numbers."
+    )
+    fit: FitSettings = Field(
+        default_factory=FitSettings,
+        description="Fit settings of the first predictor; unset fields fall back to LPNET_FIT__*.",
+    )
+
+    @field_validator("device_name")
+    @classmethod
+    def _not_a_number(cls, value: str) -> str:
+        return not_an_id(value)
+
+    @field_validator("families", "kinds", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
 
 
 class Settings(BaseSettings):
@@ -100,12 +183,30 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     fit: FitSettings = Field(default_factory=FitSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    first_run: FirstRunSettings = Field(default_factory=FirstRunSettings)
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="An admin API key `lpnet serve` makes sure exists (e.g. shared with an agent container); "
+        "never printed.",
+    )
 
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
         # Resolved once so the derived SQLite URL does not change if the process changes directory.
         return value.expanduser().resolve()
+
+    @field_validator("admin_key")
+    @classmethod
+    def _well_formed_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # The format `service.auth.generate_api_key` produces: the marker, then url-safe random text.
+        if value is not None and ADMIN_KEY_PATTERN.fullmatch(value.get_secret_value()) is None:
+            raise ValueError(
+                "LPNET_ADMIN_KEY must look like the keys lpnet makes: 'lpn_' and at least 32 letters, digits, "
+                "'-' or '_' (e.g. the output of `lpnet keys create --scope admin` on another database)"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from service.db.models import (
     Predictor,
 )
 from service.errors import Conflict, NotFound
-from service.schemas.common import MAX_ID
+from service.schemas.common import MAX_ID, reads_as_id
 from service.schemas.devices import (
     DeviceCreate,
     DeviceCreated,
@@ -85,7 +85,7 @@ def resolve_device(session: Session, ref: int | str) -> Device:
     Raises:
         NotFound: No such device.
     """
-    if isinstance(ref, int) or ref.isdigit():
+    if isinstance(ref, int) or reads_as_id(ref):
         device = session.get(Device, int(ref)) if 1 <= int(ref) <= MAX_ID else None
         if device is None:
             raise NotFound(f"no device with id {ref}; see GET /v1/devices", {"device": ref})

@@ -16,10 +16,22 @@ from prometheus_fastapi_instrumentator import Instrumentator
 
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from service.api.routes import devices, health, jobs, keys, latency, models, plans, predictors, profiles
+from service.api.routes import (
+    agent,
+    devices,
+    health,
+    jobs,
+    keys,
+    latency,
+    models,
+    plans,
+    predictors,
+    profiles,
+)
 from service.auth import KeyCache
 from service.config import Settings, get_settings
 from service.db.session import make_engine, make_session_factory
+from service.jobs.tasks import serving_registry
 from service.jobs.worker import WorkerPool
 from service.latency import LatencyService
 from service.log import install_request_id_record_factory
@@ -41,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app: database engine, caches, error handlers, middleware, routes and metrics.
 
     While the app runs (its lifespan), embedded worker threads run background jobs unless
-    ``LPNET_WORKER__EMBEDDED=false``.
+    ``LPNET_WORKER__EMBEDDED=false``. With ``LPNET_FIRST_RUN__ENABLED`` (the default) its start-up
+    registers this machine as the local device and queues its first profile and fit
+    (`service.first_run.bootstrap`).
 
     Args:
         settings: Configuration; defaults to `get_settings()` (the environment).
@@ -61,10 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # times faster than two fighting over the cores, and requests already run in parallel.
         torch.set_num_threads(settings.torch_threads)
         pool: WorkerPool | None = None
+        if settings.first_run.enabled:
+            # Before the workers start: a bootstrap job left running by a killed server is requeued first.
+            from service.first_run.bootstrap import start_first_run
+
+            start_first_run(settings, session_factory)
         if settings.worker.embedded:
             pool = WorkerPool(
                 session_factory,
                 threads=settings.worker.threads,
+                registry=serving_registry(),
                 lease_seconds=settings.worker.lease_seconds,
                 poll_seconds=settings.worker.poll_seconds,
             )
@@ -103,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         models.router,
         keys.router,
+        agent.router,
+        agent.devices_router,
     ):
         app.include_router(router)
     _instrument(app)

@@ -20,7 +20,12 @@ from service.devices import resolve_device
 from service.errors import InvalidInput
 from service.jobs.queue import ClaimedJob, TaskOutcome, enqueue, get_job
 from service.latency import LatencyService
-from service.predictors import current_predictor, json_safe, load_predictor_artifact
+from service.predictors import (
+    current_predictor,
+    json_safe,
+    load_predictor_artifact,
+    predictor_nominal_probe_ms,
+)
 from service.schemas.plans import PlanCreate, PlanOptions, PlanRead
 from service.uploads import get_model_upload, load_weights
 
@@ -60,7 +65,7 @@ def check_plan_request(
         NotFound: Unknown device or model.
         NoPredictor: The device has no predictor yet.
         InvalidPlanOptions: A mode the API cannot run, or a mode without what it needs.
-        InvalidInput: verify on a device this server cannot measure; weights for another network.
+        InvalidInput: Weights for another network.
         BudgetInfeasible: The budget is below the predicted latency at minimum widths.
         NoPrunableGroups: Nothing in the network can be pruned.
     """
@@ -82,12 +87,6 @@ def check_plan_request(
         )
     if options.mode == "architecture" and options.model_id is not None:
         raise InvalidPlanOptions("options.model_id is only used by the weights mode; set mode to 'weights'")
-    if options.verify and not device.is_local:
-        raise InvalidInput(
-            f"verify measures the pruned network on the device, but {device.name!r} is a remote device this "
-            "server cannot run networks on; plan without verify and measure the result with its agent",
-            {"device": device.name},
-        )
     network = latency.network(spec.architecture)
     if options.model_id is not None:
         upload = get_model_upload(session, options.model_id)
@@ -153,12 +152,20 @@ def describe_plan(job: Job) -> PlanRead:
     )
 
 
-def local_measure(device: Device) -> MeasureFn:
-    """Measures a network on this machine with the device's backend settings (median ms)."""
-    from profiler.device import DeviceSpec
-    from profiler.protocol import TimingProtocol
-    from profiler.tasks import measure_network
+def local_measure(device: Device, nominal_probe_ms: float | None = None) -> MeasureFn:
+    """Measures a network on this machine with the device's backend settings.
 
+    With `nominal_probe_ms` (the speed the device's predictor was trained at, when its profile was
+    speed-probed) every sample is timed against the speed probe and the latency is judged at that
+    nominal speed, the raw median reported beside it; without one, the raw median is judged.
+    """
+    from profiler.device import DeviceSpec
+    from profiler.environment import retain_freed_memory
+    from profiler.protocol import TimingProtocol
+    from profiler.verification import NetworkMeter
+
+    # Profiles keep freed memory in-process (the profiler's default); measure under the same policy.
+    retain_freed_memory()
     spec = DeviceSpec(
         hardware=device.hardware,
         backend=device.backend,
@@ -167,12 +174,20 @@ def local_measure(device: Device) -> MeasureFn:
         dtype=device.dtype,
     )
     backend = spec.create_backend()
-    protocol = TimingProtocol()
+    if nominal_probe_ms is None:
+        return NetworkMeter(backend, TimingProtocol(), spec.batch_size)
+    return NetworkMeter.probed(backend, TimingProtocol(), spec.batch_size, nominal_probe_ms)
 
-    def measure(network: Network) -> float:
-        return measure_network(network, backend, protocol, spec.batch_size).median_ms
 
-    return measure
+def _verify_measure(device: Device, context: JobContext, nominal_probe_ms: float | None) -> MeasureFn:
+    """Measure on this machine for a local device; a remote device's agent measures through tasks."""
+    if device.is_local:
+        return local_measure(device, nominal_probe_ms)
+    from service.agent_tasks import remote_measure
+    from service.config import get_settings
+
+    # The worker's settings: how long it waits for the agent, and with which timing protocol.
+    return remote_measure(context, device, get_settings().agent, nominal_probe_ms)
 
 
 def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
@@ -184,10 +199,13 @@ def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
     network = Network.model_validate(job.input["architecture"])
     context.progress("loading", 0.0, message="loading the predictor", force=True)
     with context.factory() as session:
-        predictor = load_predictor_artifact(session, int(job.input["predictor_id"]))
+        predictor_id = int(job.input["predictor_id"])
+        predictor = load_predictor_artifact(session, predictor_id)
         weights = load_weights(session, options.model_id) if options.model_id is not None else None
         device = session.get(Device, job.device_id) if job.device_id is not None else None
-        measure = local_measure(device) if options.verify and device is not None else None
+        measure = None
+        if options.verify and device is not None:
+            measure = _verify_measure(device, context, predictor_nominal_probe_ms(session, predictor_id))
     context.progress("planning", 10.0, message=f"planning for {budget_ms:g} ms", force=True)
     started = time.perf_counter()
     result = plan(network, predictor, budget_ms, planner_options(options), weights=weights, measure=measure)

@@ -82,10 +82,28 @@ def ok_network_count(session: Session, device_id: int) -> int:
     return int(count or 0)
 
 
-def training_samples(session: Session, device_id: int) -> list[NetworkSample]:
+@dataclass(frozen=True)
+class TrainingSet:
+    """A device's training samples and what their latencies mean.
+
+    `labels` is "ms" for the measured milliseconds, or "probe" when every network row was timed
+    against the speed probe (profiler.speed): latencies are then at the device's nominal probe
+    speed, `nominal_probe_ms`, which takes out how fast the machine happened to run at each moment.
+    """
+
+    samples: list[NetworkSample]
+    labels: str
+    nominal_probe_ms: float | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": self.labels, "nominal_probe_ms": self.nominal_probe_ms}
+
+
+def training_samples(session: Session, device_id: int) -> TrainingSet:
     """The device's successful network measurements as predictor training samples."""
     from lpnet.arch.ir import Network
     from lpnet.predictor.samples import NetworkSample
+    from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal
 
     rows = session.execute(
         select(
@@ -93,22 +111,32 @@ def training_samples(session: Session, device_id: int) -> list[NetworkSample]:
             NetworkMeasurement.median_ms,
             NetworkMeasurement.per_layer,
             NetworkMeasurement.family,
+            NetworkMeasurement.probe_ms,
+            NetworkMeasurement.relative_latency,
+            NetworkMeasurement.probe_version,
         )
         .where(NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK)
         .order_by(NetworkMeasurement.id)
+    ).all()
+    probed = bool(rows) and all(
+        row.probe_version == PROBE_VERSION and row.probe_ms and row.relative_latency for row in rows
     )
+    nominal = nominal_probe_ms(rows) if probed else None
     samples = []
-    for architecture, median_ms, per_layer, family in rows:
+    for architecture, median_ms, per_layer, family, probe_ms, relative, _ in rows:
         per_layer_ms = {str(t["layer"]): float(t["ms"]) for t in per_layer} if per_layer else None
+        latency = float(median_ms)
+        if nominal is not None:
+            latency, per_layer_ms = scale_to_nominal(float(relative), float(probe_ms), per_layer_ms, nominal)
         samples.append(
             NetworkSample(
                 network=Network.model_validate(architecture),
-                latency_ms=float(median_ms),
+                latency_ms=latency,
                 per_layer_ms=per_layer_ms,
                 family=family,
             )
         )
-    return samples
+    return TrainingSet(samples, "probe" if probed else "ms", nominal)
 
 
 def min_fit_networks() -> int:
@@ -137,9 +165,13 @@ def check_enough_measurements(session: Session, device: Device) -> None:
 
 
 def fit_from_samples(
-    samples: list[NetworkSample], progress: ProgressFn | None = None, settings: FitSettings | None = None
+    samples: list[NetworkSample] | TrainingSet,
+    progress: ProgressFn | None = None,
+    settings: FitSettings | None = None,
 ) -> FittedPredictor:
     """Fit a predictor with its report (metrics, plot, fingerprint) and serialise it.
+
+    A `TrainingSet` adds what its latencies mean (`labels`, `nominal_probe_ms`) to the metrics.
 
     Raises:
         NotEnoughMeasurements: Too few networks, counted after the held-out split.
@@ -150,12 +182,17 @@ def fit_from_samples(
     from lpnet.predictor.report import fit_with_report
     from lpnet.predictor.train import TrainConfig
 
+    basis = (
+        samples.describe() if isinstance(samples, TrainingSet) else {"labels": "ms", "nominal_probe_ms": None}
+    )
+    if isinstance(samples, TrainingSet):
+        samples = samples.samples
     settings = settings or FitSettings()
     config = LPNetConfig(members=settings.members) if settings.members is not None else None
     train = TrainConfig(steps=settings.steps) if settings.steps is not None else None
     started = time.perf_counter()
     report = fit_with_report(samples, config, train, progress=progress, test_share=HELD_OUT_SHARE)
-    metrics = json_safe(dict(report.metrics))
+    metrics = json_safe({**report.metrics, **basis})
     artifact = dump_predictor(
         report.predictor, extra={"metrics": metrics, "training_fingerprint": report.fingerprint}
     )
@@ -295,10 +332,16 @@ def current_predictor(session: Session, device: Device) -> Predictor:
     if predictor is not None:
         return predictor
     described = describe_device(session, device)
+    status = described.status
+    if status.phase in ("profiling", "fitting"):
+        eta = f", about {status.eta_seconds:.0f} s left" if status.eta_seconds is not None else ""
+        percent = f" {status.percent:.0f} %" if status.percent is not None else ""
+        advice = f"it is {status.phase}{percent}{eta}; retry when it is ready (GET /v1/devices/{device.id})"
+    else:
+        advice = "profile it, then fit one (POST /v1/devices/{id}/predictors or `lpnet fit`)"
     raise NoPredictor(
-        f"device {device.name!r} has no fitted predictor yet ({described.status.phase}"
-        f"{': ' + described.status.message if described.status.message else ''}); "
-        "profile it, then fit one (POST /v1/devices/{id}/predictors or `lpnet fit`)",
+        f"device {device.name!r} has no fitted predictor yet ({status.phase}"
+        f"{': ' + status.message if status.message else ''}); {advice}",
         {
             "device": device.name,
             "device_id": device.id,
@@ -360,6 +403,16 @@ def predictor_plot(session: Session, predictor_id: int) -> bytes:
     if not png:
         raise NotFound(f"predictor {predictor_id} has no plot", {"predictor_id": predictor_id})
     return png
+
+
+def predictor_nominal_probe_ms(session: Session, predictor_id: int) -> float | None:
+    """The probe time a predictor's latencies are at, when it was fitted on probe labels (else None).
+
+    Verification measures at this speed, so measured and predicted latencies share one scale.
+    """
+    metrics = session.scalar(select(Predictor.metrics).where(Predictor.id == predictor_id)) or {}
+    nominal = metrics.get("nominal_probe_ms") if metrics.get("labels") == "probe" else None
+    return float(nominal) if isinstance(nominal, int | float) and nominal > 0 else None
 
 
 def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredictor:

@@ -103,6 +103,9 @@ def measurement_rows(
             width_vector=list(measurement.width_vector) if measurement.width_vector is not None else None,
             per_layer=per_layer,
             residual_ms=measurement.residual_ms if ok else None,
+            probe_ms=measurement.probe_ms,
+            relative_latency=measurement.relative_latency,
+            probe_version=measurement.probe_version,
             **stats,
         )
     ]

@@ -60,7 +60,7 @@ def _inference_noop_functions() -> set[Any]:
     return fns
 
 
-def torchvision_model(name: str) -> nn.Module:
+def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
     """Instantiate a torchvision classification model with random weights (nothing is downloaded)."""
     import torchvision
 
@@ -70,7 +70,7 @@ def torchvision_model(name: str) -> nn.Module:
             f"unknown torchvision model {name!r}; classification models are: {', '.join(sorted(available))}",
             {"model": name},
         )
-    kwargs: dict[str, Any] = {"weights": None}
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if name.startswith(("googlenet", "inception")):
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = False

@@ -52,6 +52,7 @@ from lpnet.gates.result import (
     GroupPlan,
     LatencyEstimate,
     LayerPlan,
+    MeasuredLatency,
     PlanResult,
     VerificationRound,
 )
@@ -62,8 +63,8 @@ from lpnet.pruning import group_l1_scores, module_with_weights, top_k_indices
 
 logger = logging.getLogger(__name__)
 
-MeasureFn = Callable[[Network], float]
-"""Measures a (pruned) network and returns its latency in ms."""
+MeasureFn = Callable[[Network], float | MeasuredLatency]
+"""Measures a (pruned) network: its median in ms, or a `MeasuredLatency` when speed-probed."""
 
 
 class PlanMode(StrEnum):
@@ -237,7 +238,7 @@ def plan(
             raise
         # The predictor's word against the device's: measure the narrowest network before refusing.
         min_ms = infeasible.min_achievable_ms
-        measured_min = measure(apply_width_vector(network, problem.grid.min_widths))
+        measured_min = MeasuredLatency.of(measure(apply_width_vector(network, problem.grid.min_widths))).ms
         if measured_min > budget_ms:
             raise BudgetInfeasible(
                 budget_ms, measured_min, infeasible.details.get("unpruned_ms"), True
@@ -353,14 +354,28 @@ def verification_loop(
         if any(r.widths == widths for r in rounds):
             break  # the same plan again: measuring it twice would not tell anything new
         predicted = problem.predicted_ms(widths)
-        measured = measure(apply_width_vector(problem.network, widths)) if measure is not None else None
+        if measure is None:
+            rounds.append(
+                VerificationRound(
+                    index + 1, internal, predicted, None, list(widths), time.perf_counter() - began
+                )
+            )
+            break
+        measurement = MeasuredLatency.of(measure(apply_width_vector(problem.network, widths)))
+        measured = measurement.ms
         rounds.append(
             VerificationRound(
-                index + 1, internal, predicted, measured, list(widths), time.perf_counter() - began
+                index + 1,
+                internal,
+                predicted,
+                measured,
+                list(widths),
+                time.perf_counter() - began,
+                measured_raw_ms=measurement.raw_ms,
+                probe_ms=measurement.probe_ms,
+                nominal_probe_ms=measurement.nominal_probe_ms,
             )
         )
-        if measured is None:
-            break
         logger.info(
             "round %d: internal budget %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms)",
             index + 1,

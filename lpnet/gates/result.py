@@ -70,10 +70,36 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class MeasuredLatency:
+    """One verification measurement of a network.
+
+    Attributes:
+        ms: the latency judged against the budget. With a speed probe it is the latency at the
+            nominal speed (the median network/probe ratio times `nominal_probe_ms`), which takes out
+            how fast a shared machine happened to run at that moment; without one, the raw median.
+        raw_ms: the median as timed, in milliseconds of that moment.
+        probe_ms: the speed probe's median during the measurement (None: not probed).
+        nominal_probe_ms: the probe time `ms` is scaled to (None: not probed).
+    """
+
+    ms: float
+    raw_ms: float
+    probe_ms: float | None = None
+    nominal_probe_ms: float | None = None
+
+    @classmethod
+    def of(cls, value: float | MeasuredLatency) -> MeasuredLatency:
+        """A measurement from what a measure callable returned (a plain float is a raw median)."""
+        return value if isinstance(value, MeasuredLatency) else cls(float(value), float(value))
+
+
+@dataclass(frozen=True)
 class VerificationRound:
     """One plan-and-measure round: the internal budget planned for, and what came out.
 
-    `selected` marks the round whose plan was returned.
+    `measured_ms` is judged against the budget (at the nominal speed when probed, see
+    `MeasuredLatency`); `measured_raw_ms` is the median as timed and `probe_ms` the speed probe's
+    median during it. `selected` marks the round whose plan was returned.
     """
 
     round: int
@@ -83,6 +109,9 @@ class VerificationRound:
     widths: list[int]
     seconds: float
     selected: bool = False
+    measured_raw_ms: float | None = None
+    probe_ms: float | None = None
+    nominal_probe_ms: float | None = None
 
 
 @dataclass

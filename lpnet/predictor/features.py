@@ -20,11 +20,25 @@ import numpy as np
 import torch
 
 from lpnet.arch.groups import channel_layout
-from lpnet.arch.ir import Layer, Network, Op
+from lpnet.arch.ir import ACTIVATIONS, ELEMENTWISE_BINARY, Layer, Network, Op
 
 FEATURE_SCHEMA_VERSION = 1
 OPS: tuple[Op, ...] = tuple(Op)
 OP_INDEX: dict[Op, int] = {op: i for i, op in enumerate(OPS)}
+# Operators that cost alike (per element, per window...). An op no training network had (relu6 when
+# mobilenet_v2 was left out) is predicted like the ops of its class that training saw, instead of
+# from an untrained embedding.
+OP_CLASSES: dict[str, frozenset[Op]] = {
+    "conv": frozenset({Op.CONV2D}),
+    "linear": frozenset({Op.LINEAR}),
+    "norm": frozenset({Op.BATCHNORM2D}),
+    "activation": ACTIVATIONS,
+    "pool": frozenset({Op.MAXPOOL2D, Op.AVGPOOL2D, Op.ADAPTIVE_AVGPOOL2D}),
+    "binary": ELEMENTWISE_BINARY,
+    "concat": frozenset({Op.CONCAT}),
+    "reshape": frozenset({Op.FLATTEN}),
+}
+OP_CLASS: dict[Op, str] = {op: name for name, members in OP_CLASSES.items() for op in members}
 NUMERIC_FEATURES: tuple[str, ...] = (
     "log_in_channels",
     "log_out_channels",

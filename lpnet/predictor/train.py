@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lpnet.arch.ir import Op
 from lpnet.errors import LpnetError
-from lpnet.predictor.features import OPS
+from lpnet.predictor.features import OP_CLASS, OP_INDEX, OPS
 from lpnet.predictor.model import LPNet, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
@@ -84,9 +85,27 @@ def _fit_packed(
                 progress(k * train.steps + step, total_steps)
 
         _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
+    _fill_unseen_ops(model, {OPS[i] for i in packed.ops.unique().tolist()})
     _calibrate_interval(model, packed.subset(calibration))
     model.eval()
     return model
+
+
+def _fill_unseen_ops(model: LPNet, seen: set[Op]) -> None:
+    """Give every op training never saw the mean embedding and overhead of the seen ops of its class.
+
+    Their own rows never received a gradient: left as initialised they would predict noise.
+    """
+    with torch.no_grad():
+        for op in OPS:
+            if op in seen:
+                continue
+            peers = [OP_INDEX[o] for o in OPS if o in seen and OP_CLASS[o] == OP_CLASS[op]]
+            if not peers:
+                continue
+            for member in model.members:
+                member.embed.weight[OP_INDEX[op]] = member.embed.weight[peers].mean(0)
+                member.node_overhead[OP_INDEX[op]] = member.node_overhead[peers].mean()
 
 
 def _fit_member(

@@ -62,6 +62,8 @@ class Backend(ABC):
     name: ClassVar[str]
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     supports_layerwise: ClassVar[bool] = False
+    # Runs on this machine's CPU, so the speed probe (profiler.speed) sees the speed it runs at.
+    runs_on_cpu: ClassVar[bool] = True
 
     def __init__(self, threads: int = 1, dtype: str = "float32") -> None:
         cpu_count = os.cpu_count() or 1

@@ -50,6 +50,7 @@ class TorchCudaBackend(Backend):
     name = "torch-cuda"
     dtypes = ("float32", "float16", "bfloat16")
     supports_layerwise = True
+    runs_on_cpu = False
 
     def __init__(self, threads: int = 1, dtype: str = "float32", device_index: int = 0) -> None:
         if not self.is_available():

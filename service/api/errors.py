@@ -18,6 +18,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lpnet.errors import (
@@ -28,6 +30,7 @@ from lpnet.errors import (
     UnsupportedOperator,
 )
 from lpnet.predictor.artifact import ArtifactError
+from service.db.session import describe_database_error
 from service.errors import ServiceError
 from service.log import request_id_var
 
@@ -191,10 +194,28 @@ async def _unhandled_exception_handler(request: Request, exc: Exception) -> JSON
     )
 
 
+# The database is down, restarting or out of connections: the client should retry, not report a bug.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+
+
+async def _database_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    reason = describe_database_error(exc)
+    logger.warning("database unavailable during %s %s: %s", request.method, request.url.path, reason)
+    return error_response(
+        503,
+        "database_unavailable",
+        f"the database is unreachable ({reason}); retry shortly",
+        {},
+        headers={"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that give every error response the one JSON shape."""
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_exception_handler)
     app.add_exception_handler(LpnetError, _lpnet_error_handler)
     app.add_exception_handler(ServiceError, _service_error_handler)
+    for database_error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(database_error, _database_unavailable_handler)
     app.add_exception_handler(Exception, _unhandled_exception_handler)

@@ -75,7 +75,12 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > self.max_bytes
+        ):
             code, message, details = self._too_large(int(declared))
             response = error_response(413, code, message, details, headers={"Connection": "close"})
             await response(scope, receive, send)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from service.commands import db, devices, fit, keys, predict, profile, serve, worker
+from service.commands import agent, db, devices, fit, keys, predict, profile, serve, train, worker
 
 if TYPE_CHECKING:
     from service.commands._common import SubParsers
@@ -25,6 +25,8 @@ COMMAND_GROUPS: tuple[Registrar, ...] = (
     devices.register,
     keys.register,
     profile.register,
+    agent.register,
     fit.register,
     predict.register,
+    train.register,
 )

@@ -77,3 +77,52 @@ def database_session(settings: Settings) -> Iterator[Session]:
             yield session
     finally:
         engine.dispose()
+
+
+# argparse types ---------------------------------------------------------------------------------
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for a count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type for a comma-separated list."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+    return items
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count of at least one."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def share(text: str) -> float:
+    """argparse type for a share in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
+    return value

@@ -11,7 +11,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.commands._common import CommandError, database_session, display_url, info
+from service.commands._common import (
+    CommandError,
+    comma_list,
+    database_session,
+    display_url,
+    info,
+    non_negative_int,
+    positive_float,
+)
 from service.config import Settings
 
 if TYPE_CHECKING:
@@ -21,36 +29,6 @@ if TYPE_CHECKING:
 
 API_KEY_ENV = "LPNET_API_KEY"
 KIND_NAMES = ("network", "in_context", "isolated")
-
-
-def positive_float(text: str) -> float:
-    """argparse type for a positive number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type for a count."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def comma_list(text: str) -> list[str]:
-    """argparse type for a comma-separated list."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
-    return items
 
 
 def register(subparsers: SubParsers) -> None:
@@ -78,7 +56,12 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="input height and width (default: 224)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a loose timing protocol, for smoke runs only")
-    parser.add_argument("--retain-memory", action="store_true", help="keep freed memory in-process (mallopt)")
+    parser.add_argument(
+        "--no-retain-memory",
+        dest="retain_memory",
+        action="store_false",
+        help="let glibc return freed memory to the kernel (by default it is kept, see profiler.environment)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     remote = parser.add_argument_group("posting to a server instead of the local database")
     remote.add_argument("--submit", metavar="URL", help="base URL of an lpnet server")

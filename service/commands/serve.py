@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from service.commands._common import display_url, info
@@ -31,7 +32,10 @@ def register(subparsers: SubParsers) -> None:
         description=(
             "Run the HTTP API, and background jobs (fits, plans) in worker threads unless "
             "LPNET_WORKER__EMBEDDED=false. An SQLite database is migrated to the newest schema first; a "
-            "PostgreSQL database must already be migrated with `lpnet db upgrade`."
+            "PostgreSQL database must already be migrated with `lpnet db upgrade`. On a database without "
+            "an admin key, one is created and printed once; on a machine without a local device, this CPU "
+            "is registered, profiled and fitted in the background (LPNET_FIRST_RUN__ENABLED=false turns "
+            "both off)."
         ),
     )
     parser.add_argument("--host", help="interface to listen on (default: LPNET_HOST or 127.0.0.1)")
@@ -64,6 +68,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         info(f"running background jobs in this process ({settings.worker.threads} worker thread(s))")
     else:
         info("not running background jobs here (LPNET_WORKER__EMBEDDED=false): start `lpnet worker`")
+    check_admin_keys_at_start(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -73,3 +78,23 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level=settings.log_level.lower(),
     )
     return 0
+
+
+def check_admin_keys_at_start(settings: Settings) -> None:
+    """Make LPNET_ADMIN_KEY an admin key, or create and print a first one on a database without any.
+
+    The created key goes to stdout once, framed, with curl lines to try; notes go to stderr.
+
+    Raises:
+        service.errors.Conflict: LPNET_ADMIN_KEY is stored with another scope.
+    """
+    from service.db.session import make_engine, make_session_factory, session_scope
+    from service.first_run.keys import check_admin_keys, print_admin_key_report
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            check = check_admin_keys(session, settings)
+    finally:
+        engine.dispose()
+    print_admin_key_report(check, settings, out=sys.stdout, notes=sys.stderr)

@@ -1,4 +1,5 @@
-"""ORM models of the service: devices, measurements, predictors, jobs, API keys and uploaded models.
+"""ORM models of the service: devices, measurements, predictors, jobs, API keys, uploaded models and
+the tasks of device agents.
 
 Enumerated string columns carry CHECK constraints built from the `StrEnum`s below, so the database
 rejects a value the code does not know, on SQLite and PostgreSQL alike.
@@ -206,6 +207,11 @@ class NetworkMeasurement(Base):
     per_layer: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True), default=None)
     # Whole-network latency minus the sum of per_layer: the overhead the DESIGN notes measure.
     residual_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    # With the speed probe (profiler.speed): its median time around the samples, and the latency
+    # as a median ratio to it, which repeats better than milliseconds on a shared CPU.
+    probe_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    relative_latency: Mapped[float | None] = mapped_column(Float, default=None)
+    probe_version: Mapped[int | None] = mapped_column(Integer, default=None)
     status: Mapped[str] = mapped_column(String(16), default=MeasurementStatus.OK)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -310,3 +316,63 @@ class ModelUpload(Base):
     sha256: Mapped[str] = mapped_column(String(SHA256_HEX_LENGTH), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TaskKind(StrEnum):
+    """What a device agent is asked to do."""
+
+    PROFILE_CAMPAIGN = "profile_campaign"  # measure samples of model families, optionally fit afterwards
+    VERIFY = "verify"  # measure one whole network for a plan job
+
+
+class TaskStatus(StrEnum):
+    """Life cycle of an agent task."""
+
+    QUEUED = "queued"
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AgentTask(Base):
+    """Work for the agent of a remote device, leased like a job: owner (agent id) + expiry.
+
+    A lapsed lease puts the task back in the queue on the next lease call, up to `max_attempts`
+    leases; then it fails with the reason. A verify task belongs to the plan job waiting for it.
+    """
+
+    __tablename__ = "agent_task"
+    __table_args__ = (
+        CheckConstraint(_one_of("kind", TaskKind), name="kind_valid"),
+        CheckConstraint(_one_of("status", TaskStatus), name="status_valid"),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        CheckConstraint("status <> 'leased' OR lease_owner IS NOT NULL", name="leased_has_owner"),
+        # Agents lease the oldest queued task of their device.
+        Index("ix_agent_task_device_id_status_created_at", "device_id", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=TaskStatus.QUEUED)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # sha256 of the agent's result as first accepted: a repeated completion must match it.
+    result_digest: Mapped[str | None] = mapped_column(String(SHA256_HEX_LENGTH), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The plan job a verify task measures for.
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("job.id", ondelete="SET NULL"), default=None, index=True
+    )
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default=text("3"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    device: Mapped[Device] = relationship()

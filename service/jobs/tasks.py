@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 FIT = "fit"
 PLAN = "plan"
+BOOTSTRAP = "bootstrap"
 
 TaskHandler = Callable[[ClaimedJob, "JobContext"], TaskOutcome]
 """Runs a job; raises an lpnet or service error for a permanent failure, anything else to retry."""
@@ -87,3 +88,16 @@ def default_registry() -> TaskRegistry:
             Task(PLAN, run_plan_job),
         ]
     )
+
+
+def serving_registry() -> TaskRegistry:
+    """The default tasks plus those that must run on the server's own machine (its embedded workers).
+
+    The first-run bootstrap profiles the machine it runs on, so an `lpnet worker` elsewhere never
+    claims it.
+    """
+    from service.first_run.bootstrap import bootstrap_failed, run_bootstrap_job
+
+    registry = default_registry()
+    registry.register(Task(BOOTSTRAP, run_bootstrap_job, on_failure=bootstrap_failed))
+    return registry

@@ -13,6 +13,26 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
+
+def reads_as_id(ref: str) -> bool:
+    """Whether a device reference is a numeric id: ASCII digits only.
+
+    Python's `isdigit` also accepts characters such as "²" that `int` cannot read, so those are names.
+    """
+    return ref.isascii() and ref.isdigit()
+
+
+def not_an_id(name: str) -> str:
+    """A device name, refused when it would read as an id (a pydantic validator's body).
+
+    Raises:
+        ValueError: the name is all ASCII digits.
+    """
+    if reads_as_id(name):
+        raise ValueError("a device name cannot be all digits (it would read as a device id)")
+    return name
+
+
 DeviceRef = Annotated[
     Id | Annotated[str, Field(min_length=1, max_length=128)],
     Field(description="The device's numeric id or its name.", examples=["laptop-1t", 3]),

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.schemas.common import NAME_PATTERN
+from service.schemas.common import NAME_PATTERN, not_an_id
 
 DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "failed"]
 
@@ -39,9 +39,7 @@ class DeviceCreate(BaseModel):
     @field_validator("name")
     @classmethod
     def _not_a_number(cls, value: str) -> str:
-        if value.isdigit():
-            raise ValueError("a device name cannot be all digits (it would read as a device id)")
-        return value
+        return not_an_id(value)
 
     @model_validator(mode="after")
     def _valid_device_spec(self) -> DeviceCreate:

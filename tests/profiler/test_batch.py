@@ -120,6 +120,9 @@ def test_batch_round_trips_through_json(tiny_network: Network, context: RunConte
         ({"error": "why"}, "cannot carry an error"),
         ({"architecture": None}, "needs its architecture"),
         ({"cv": -0.1}, "greater than or equal to 0"),
+        ({"probe_ms": 1.2}, "come together or not at all"),
+        ({"probe_ms": 1.2, "relative_latency": 0.8}, "come together or not at all"),
+        ({"probe_ms": 0.0, "relative_latency": 0.8, "probe_version": 1}, "greater than 0"),
     ],
 )
 def test_bad_rows_are_rejected(tiny_network: Network, overrides: dict[str, Any], fragment: str) -> None:

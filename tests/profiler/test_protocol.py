@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from lpnet.arch.ir import Network
 from profiler.backends import get_backend
 from profiler.protocol import StopReason, TimingProtocol, measure, measure_runnable, median_precision
+from profiler.speed import SpeedProbe
 
 
 def noisy_sleeper(base_ms: float, cv: float, seed: int = 0) -> Callable[[int], float]:
@@ -25,6 +26,49 @@ def noisy_sleeper(base_ms: float, cv: float, seed: int = 0) -> Callable[[int], f
         return (time.perf_counter() - start) * 1e3 / number
 
     return sample
+
+
+def test_a_probe_takes_out_the_machine_speed_the_milliseconds_carry() -> None:
+    """Every other sample runs on a machine half as fast: the network and the probe slow down together."""
+    calls = {"sample": 0, "probe": 0}
+
+    def slowdown(count: int) -> float:
+        return 2.0 if (count // 10) % 2 else 1.0  # speed changes every ten samples
+
+    def sample(number: int) -> float:
+        calls["sample"] += 1
+        return 3.0 * slowdown(calls["sample"])
+
+    def probe() -> float:
+        calls["probe"] += 1
+        return 0.5 * slowdown((calls["probe"] + 1) // 2 + 1)  # the sample it brackets
+
+    protocol = TimingProtocol(
+        warmup_runs=2, warmup_ms=0, min_repeat_ms=0, min_repetitions=40, target_precision=0.01, max_seconds=5
+    )
+    raw = measure(sample, protocol, calibrate=False)
+    calls.update(sample=0, probe=0)
+    probed = measure(sample, protocol, calibrate=False, probe=probe)
+    # The milliseconds straddle the two speeds and never settle; the ratio is 6 probe forwards throughout.
+    assert raw.probe_ms is None and raw.relative is None and not raw.precision_reached
+    assert probed.relative == pytest.approx(6.0)
+    assert probed.probe_ms is not None and 0.5 <= probed.probe_ms <= 1.0
+    assert probed.precision_reached and probed.stopped_by is StopReason.PRECISION
+    # Two probes per sample, one after every warm-up forward.
+    assert calls["probe"] == 2 * probed.repetitions + 2
+
+
+def test_the_speed_probe_brackets_real_network_samples(tiny_network: Network) -> None:
+    runnable = get_backend("torch-cpu").prepare(tiny_network)
+    protocol = TimingProtocol(min_repeat_ms=50, min_repetitions=10, max_seconds=2, target_precision=0.05)
+    probe = SpeedProbe()
+    result = measure_runnable(runnable, protocol, probe.run)
+    assert result.probe_ms is not None and result.probe_ms > 0
+    assert result.relative is not None
+    # The median ratio and the ratio of medians describe the same samples.
+    assert 0.5 < result.relative * result.probe_ms / result.median_ms < 2.0
+    with pytest.raises(ValueError, match="forwards must be at least 1"):
+        SpeedProbe(forwards=0)
 
 
 def test_real_network_statistics_are_ordered(tiny_network: Network) -> None:

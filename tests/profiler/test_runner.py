@@ -55,6 +55,26 @@ def test_a_run_measures_every_planned_sample_once(
     table = summary.format_table()
     assert "in_context" in table and "network" in table and "isolated" in table
     assert summary.to_dict()["per_kind"]["network"]["ok"] == 6  # type: ignore[index]
+    # On the CPU the speed probe brackets every network sample, in context too; isolated layers go without.
+    for m in sink.measurements:
+        assert (m.probe_version is not None) == (m.kind is not ISO), m
+        assert (m.relative_latency is not None) == (m.kind is not ISO), m
+
+
+def test_a_run_without_the_speed_probe_has_no_probe_fields(
+    tiny_network: Network, device: DeviceSpec, fast_protocol: TimingProtocol
+) -> None:
+    sink = MemorySink()
+    run_profile(
+        device,
+        sampler({"tiny": tiny_network}, device),
+        sink,
+        fast_protocol,
+        progress=False,
+        speed_probe=False,
+    )
+    assert sink.measurements
+    assert all(m.probe_ms is None and m.relative_latency is None for m in sink.measurements)
 
 
 def test_an_interrupted_run_resumes_without_duplicates(

@@ -9,6 +9,7 @@ from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
 from profiler.protocol import TimingProtocol
 from profiler.sampling import Sample
+from profiler.speed import PROBE_VERSION, SpeedProbe
 from profiler.tasks import (
     isolated_network,
     measure_in_context,
@@ -100,3 +101,33 @@ def test_sample_rows_carry_what_was_measured(
     assert row.architecture == tiny_network
     assert row.per_layer is not None and len(row.per_layer) == len(tiny_network.layers)
     assert row.duration_s > 0
+
+
+def test_network_rows_carry_the_speed_probe_and_isolated_layer_rows_do_not(
+    tiny_network: Network, device: DeviceSpec, fast_protocol: TimingProtocol
+) -> None:
+    probe = SpeedProbe()
+    backend = get_backend("torch-cpu")
+    network = measure_sample(
+        Sample.for_network(tiny_network, device, MeasurementKind.NETWORK),
+        backend,
+        fast_protocol,
+        probe=probe.run,
+    )
+    assert network.status == "ok", network.error
+    assert network.probe_version == PROBE_VERSION
+    assert network.probe_ms is not None and network.relative_latency is not None
+    assert (
+        network.median_ms is not None
+        and 0.5 < network.relative_latency * network.probe_ms / network.median_ms < 2
+    )
+    in_context = measure_sample(
+        Sample.for_network(tiny_network, device, MeasurementKind.IN_CONTEXT),
+        backend,
+        fast_protocol,
+        probe=probe.run,
+    )
+    assert in_context.status == "ok" and in_context.probe_version == PROBE_VERSION
+    layer = tiny_network.layers[0]
+    isolated = measure_sample(Sample.for_layer(layer, device), backend, fast_protocol, probe=probe.run)
+    assert isolated.status == "ok" and isolated.probe_ms is None and isolated.relative_latency is None

@@ -29,6 +29,9 @@ def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         if name.startswith("LPNET_") and not name.startswith("LPNET_TEST_"):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LPNET_DATA_DIR", str(data_dir))
+    # The first-run bootstrap (register, profile and fit this machine) is for `lpnet serve`; tests that
+    # want it turn it on themselves (tests/service/test_first_run.py).
+    monkeypatch.setenv("LPNET_FIRST_RUN__ENABLED", "false")
     get_settings.cache_clear()
     yield data_dir
     get_settings.cache_clear()

@@ -42,6 +42,10 @@ def test_unknown_device_is_404(api: Api) -> None:
     assert_error_shape(api.get("/v1/devices/9999", key="reader"), 404, "not_found")
     error = assert_error_shape(api.get("/v1/devices/nope", key="reader"), 404, "not_found")
     assert "nope" in str(error["message"])
+    # Characters Python calls digits that are not 0-9 ("²", "٣") are read as names, never as ids.
+    for ref in ("²", "٣", "1²"):
+        error = assert_error_shape(api.get(f"/v1/devices/{ref}", key="reader"), 404, "not_found")
+        assert ref in str(error["message"])
 
 
 def test_invalid_and_duplicate_registrations(api: Api) -> None:

@@ -83,7 +83,29 @@ def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_
     plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, verify=True))
     assert plan["status"] == "succeeded", plan["error"]
     assert plan["result"]["verified"] is True and plan["result"]["measured_ms"] > 0
-    assert plan["result"]["rounds"][0]["measured_ms"] > 0
+    # The tiny predictor was fitted on milliseconds: the raw medians are what is judged.
+    first = plan["result"]["rounds"][0]
+    assert first["measured_ms"] > 0 and first["measured_ms"] == first["measured_raw_ms"]
+    assert first["probe_ms"] is None and first["nominal_probe_ms"] is None
+
+
+def test_verified_plans_judge_at_the_speed_the_predictor_was_fitted_at(
+    api: Api, tiny_profile: TinyProfile
+) -> None:
+    from service.config import FitSettings
+    from service.predictors import fit_from_samples, training_samples
+
+    api.store_measurements(api.device_id, tiny_profile.measurements)
+    with api.factory() as session:
+        training = training_samples(session, api.device_id)
+    assert training.labels == "probe" and training.nominal_probe_ms is not None
+    api.store_predictor(api.device_id, fit_from_samples(training, settings=FitSettings(steps=200, members=3)))
+    budget = 0.8 * full_ms(tiny_profile)
+    plan = run_plan(api, plan_request(tiny_profile, budget, verify=True))
+    assert plan["status"] == "succeeded", plan["error"]
+    for round_ in plan["result"]["rounds"]:
+        assert round_["nominal_probe_ms"] == pytest.approx(training.nominal_probe_ms)
+        assert round_["probe_ms"] > 0 and round_["measured_raw_ms"] > 0 and round_["measured_ms"] > 0
 
 
 @pytest.mark.parametrize("budget", [0, -1.5])
@@ -133,14 +155,17 @@ def test_bad_options_are_refused(
     assert words in str(error["message"])
 
 
-def test_verify_needs_a_local_device(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
+def test_verify_on_a_remote_device_is_queued_for_its_agent(
+    api_with_predictor: Api, tiny_profile: TinyProfile
+) -> None:
     api = api_with_predictor
     device_id, _ = api.add_device("remote-cpu", local=False)
     api.store_predictor(device_id, tiny_profile.fitted)
-    request = {**plan_request(tiny_profile, 1.0, verify=True), "device": "remote-cpu"}
-    assert "remote" in str(
-        assert_error_shape(api.post("/v1/plans", key="reader", json=request), 422, "invalid_input")["message"]
-    )
+    request = {**plan_request(tiny_profile, 0.8 * full_ms(tiny_profile), verify=True), "device": "remote-cpu"}
+    accepted = api.post("/v1/plans", key="reader", json=request)
+    assert accepted.status_code == 202, accepted.text
+    plan = api.get(accepted.json()["status_url"], key="reader").json()
+    assert plan["status"] == "queued" and plan["device_id"] == device_id and plan["options"]["verify"] is True
 
 
 def test_unknown_plan_is_404(api: Api) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 from typing import Any
 
@@ -128,10 +129,77 @@ def _with_first_row(batch: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return {**batch, "network_measurements": rows}
 
 
+PROBE_FIELDS = ("probe_ms", "relative_latency", "probe_version")
+
+
+def _unprobed(batch: dict[str, Any], *keep: int) -> dict[str, Any]:
+    """`batch` with the speed-probe fields taken off every network row but those at `keep`."""
+    rows = [
+        row if index in keep else {**row, **dict.fromkeys(PROBE_FIELDS)}
+        for index, row in enumerate(batch["network_measurements"])
+    ]
+    return {**batch, "network_measurements": rows}
+
+
+def test_speed_probe_fields_are_stored_with_the_row(api: Api, tiny_profile: TinyProfile) -> None:
+    batch = _unprobed(tiny_profile.batch_json("batch-probe-0001", tiny_profile.network_measurements[:2]), 0)
+    first = batch["network_measurements"][0]
+    assert all(first[field] is not None for field in PROBE_FIELDS)  # run_profile probes CPU networks
+    response = api.post(profiles_url(api), key="agent", json=batch)
+    assert response.status_code == 201, response.text
+    with api.factory() as session:
+        rows = {r.sample_key: r for r in session.scalars(select(NetworkMeasurement))}
+    stored = rows[first["sample_key"]]
+    assert (stored.probe_ms, stored.relative_latency, stored.probe_version) == tuple(
+        first[f] for f in PROBE_FIELDS
+    )
+    other = next(r for key, r in rows.items() if key != first["sample_key"])
+    assert other.probe_ms is None and other.relative_latency is None and other.probe_version is None
+
+
+def test_a_fully_probed_device_trains_on_latencies_at_its_nominal_probe_speed(
+    api: Api, tiny_profile: TinyProfile
+) -> None:
+    from service.predictors import training_samples
+
+    batch = tiny_profile.batch_json("batch-probe-0002", tiny_profile.network_measurements)
+    assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201
+    rows = batch["network_measurements"]
+    nominal = statistics.median(row["probe_ms"] for row in rows)
+    with api.factory() as session:
+        training = training_samples(session, api.device_id)
+    assert training.labels == "probe" and training.nominal_probe_ms == pytest.approx(nominal)
+    assert [s.latency_ms for s in training.samples] == pytest.approx(
+        [r["relative_latency"] * nominal for r in rows]
+    )
+    layered = next(i for i, row in enumerate(rows) if row["per_layer"])
+    scale = nominal / rows[layered]["probe_ms"]
+    first_layer = rows[layered]["per_layer"][0]
+    assert training.samples[layered].per_layer_ms is not None
+    assert training.samples[layered].per_layer_ms[first_layer["layer"]] == pytest.approx(
+        first_layer["ms"] * scale
+    )
+
+
+def test_a_device_with_unprobed_rows_trains_on_milliseconds(api: Api, tiny_profile: TinyProfile) -> None:
+    from service.predictors import training_samples
+
+    probed = len(tiny_profile.network_measurements) - 1
+    batch = _unprobed(
+        tiny_profile.batch_json("batch-probe-0003", tiny_profile.network_measurements), *range(probed)
+    )
+    assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201
+    with api.factory() as session:
+        training = training_samples(session, api.device_id)
+    assert training.labels == "ms" and training.nominal_probe_ms is None
+    assert [s.latency_ms for s in training.samples] == [r["median_ms"] for r in batch["network_measurements"]]
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
         ({"median_ms": -1.0, "p10_ms": -2.0}, "median_ms"),
+        ({"probe_version": None}, "probe_version come together"),
         ({"p90_ms": 1e-9}, "percentiles"),
         ({"cv": -0.5}, "cv"),
         ({"architecture": {"input_shape": [1, 3, 32, 32], "layers": [], "outputs": ["x"]}}, "layers"),

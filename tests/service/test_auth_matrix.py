@@ -6,6 +6,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from safetensors.torch import save
 
 from lpnet.arch.groups import channel_layout
 from lpnet.arch.onnx_io import export_onnx
+from profiler.environment import collect_environment
 from service.auth import create_api_key, revoke_api_key
+from service.db.base import utcnow
 from service.db.migrate import upgrade
-from service.db.models import KeyScope
+from service.db.models import AgentTask, KeyScope, TaskKind, TaskStatus
 from service.jobs.worker import Worker
 from tests.conftest import fresh_postgres_database
 from tests.service.support import TINY_INPUT_SHAPE, Api, TinyProfile, api_client, tiny_module
@@ -78,6 +81,7 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             "plan": plan["job_id"],
             "onnx": export_onnx(tiny_module().eval(), TINY_INPUT_SHAPE),
             "full_widths": channel_layout(profile.network).full_widths,
+            "environment": collect_environment().model_dump(mode="json"),
         }
         yield Matrix(api, profile, keys, ids)
 
@@ -94,6 +98,33 @@ def _throwaway_key(m: Matrix) -> str:
         row, _ = create_api_key(session, scope=KeyScope.READER.value, name="throwaway")
         session.commit()
         return row.prefix
+
+
+def _agent_id() -> str:
+    return f"matrix-agent-{next(_counter)}"
+
+
+def _leased_task(m: Matrix) -> tuple[int, str]:
+    """A profile campaign of the matrix device, leased by a fresh agent id."""
+    agent_id = _agent_id()
+    with m.api.factory() as session:
+        task = AgentTask(
+            device_id=m.ids["device"],
+            kind=TaskKind.PROFILE_CAMPAIGN,
+            status=TaskStatus.LEASED,
+            payload={"families": ["resnet18"]},
+            lease_owner=agent_id,
+            lease_expires_at=utcnow() + timedelta(minutes=5),
+            attempts=1,
+        )
+        session.add(task)
+        session.commit()
+        return task.id, agent_id
+
+
+def _task_call(m: Matrix, action: str, body: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    task_id, agent_id = _leased_task(m)
+    return "POST", f"/v1/agent/tasks/{task_id}/{action}", {"json": {"agent_id": agent_id, **body}}
 
 
 def _batch(m: Matrix) -> dict[str, Any]:
@@ -172,6 +203,43 @@ ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
     "create key": (lambda _m: ("POST", "/v1/keys", {"json": {"scope": "reader"}}), {"admin"}),
     "list keys": (lambda _m: ("GET", "/v1/keys", {}), {"admin"}),
     "revoke key": (lambda m: ("DELETE", f"/v1/keys/{_throwaway_key(m)}", {}), {"admin"}),
+    "queue campaign": (
+        lambda m: (
+            "POST",
+            f"/v1/devices/{m.ids['device']}/campaigns",
+            {"json": {"families": ["resnet18"], "image_size": 32, "network_samples": 1}},
+        ),
+        {"admin"},
+    ),
+    "list tasks": (lambda m: ("GET", f"/v1/devices/{m.ids['device']}/tasks", {}), {"reader", "admin"}),
+    # Agent routes: the matrix device's agent key, or an admin key naming that device; another
+    # device's agent key is refused.
+    "agent hello": (
+        lambda m: (
+            "POST",
+            "/v1/agent/hello",
+            {"json": {"agent_id": _agent_id(), "device": "tiny-cpu", "environment": m.ids["environment"]}},
+        ),
+        {"agent", "admin"},
+    ),
+    "lease task": (
+        lambda _m: (
+            "POST",
+            "/v1/agent/tasks/lease",
+            {"json": {"agent_id": _agent_id(), "device": "tiny-cpu"}},
+        ),
+        {"agent", "admin"},
+    ),
+    "task heartbeat": (
+        lambda m: _task_call(m, "heartbeat", {"progress": {"measured": 1}}),
+        {"agent", "admin"},
+    ),
+    "complete task": (lambda m: _task_call(m, "complete", {"result": {"measured": 1}}), {"agent", "admin"}),
+    "fail task": (lambda m: _task_call(m, "fail", {"error": "no camera"}), {"agent", "admin"}),
+    "sample keys": (
+        lambda _m: ("GET", "/v1/agent/sample-keys", {"params": {"device": "tiny-cpu"}}),
+        {"agent", "admin"},
+    ),
 }
 OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/metrics")
 

@@ -122,6 +122,19 @@ def test_readyz_is_503_when_the_database_is_unreachable(live_server: LiveServer)
     assert error["details"] == {"backend": "postgresql"}
 
 
+def test_a_request_that_needs_the_unreachable_database_gets_503_not_500(live_server: LiveServer) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/lpnet"
+    app = create_app(Settings(database_url=url))
+    with live_server(app) as base_url:
+        # Checking the key reads the database.
+        response = httpx.get(
+            f"{base_url}/v1/devices", headers={"Authorization": "Bearer lpn_" + "x" * 43}, timeout=30
+        )
+    error = assert_error_shape(response, 503, "database_unavailable")
+    assert "retry" in str(error["message"])
+    assert response.headers["retry-after"] == "1"
+
+
 def test_healthz_and_readyz_with_test_client(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ok", "database": "sqlite"}

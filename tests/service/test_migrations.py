@@ -24,6 +24,7 @@ MODEL_TABLES = {
     "job",
     "api_key",
     "model_upload",
+    "agent_task",
 }
 
 

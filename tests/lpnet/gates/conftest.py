@@ -7,23 +7,21 @@ fitting), so plans for both stay inside what it was trained on.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from lpnet.arch.from_torch import network_from_module, network_from_torchvision
-from lpnet.arch.groups import apply_width_vector, channel_layout
 from lpnet.arch.ir import Network
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
-from lpnet.predictor.samples import NetworkSample
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.backends.base import get_backend
 from profiler.protocol import TimingProtocol
 from profiler.tasks import measure_network
+from profiler.variants import measure_width_variants
 
 TINY_CONFIG = SmallResNetConfig(in_channels=3, num_classes=10, widths=(32, 64, 128))
 TINY_INPUT = (1, 3, 32, 32)
@@ -72,29 +70,10 @@ def resnet18_small() -> Network:
     return network_from_torchvision("resnet18", RESNET18_INPUT)
 
 
-def width_variants(network: Network, count: int, measure: Measure, seed: int) -> list[NetworkSample]:
-    """The unpruned network and `count - 1` random grid width vectors of it, measured."""
-    layout = channel_layout(network)
-    rng = random.Random(seed)
-    samples = []
-    for index in range(count):
-        if index == 0:
-            widths = layout.full_widths
-        else:
-            share = rng.uniform(0.2, 1.0)  # spread the variants from heavily pruned to whole
-            widths = [
-                max(8, min(g.channels, 8 * round(rng.uniform(0.7, 1.3) * share * g.channels / 8)))
-                for g in layout.groups
-            ]
-        pruned = apply_width_vector(network, widths)
-        samples.append(NetworkSample(pruned, measure(pruned), family=network.family))
-    return samples
-
-
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_net: Network, resnet18_small: Network, measure: Measure) -> LatencyPredictor:
     """LPNet fitted on measured variants of the tiny network and of resnet18 at 64x64."""
-    samples = width_variants(tiny_net, TINY_VARIANTS, measure, seed=0)
-    samples += width_variants(resnet18_small, RESNET18_VARIANTS, measure, seed=1)
+    samples = measure_width_variants(tiny_net, TINY_VARIANTS, measure, seed=0)
+    samples += measure_width_variants(resnet18_small, RESNET18_VARIANTS, measure, seed=1)
     torch.manual_seed(0)
     return fit_predictor(samples, LPNetConfig(members=3), TrainConfig(steps=300))

@@ -14,6 +14,7 @@ from lpnet.gates.chart import layer_latency_chart
 from lpnet.gates.datafree import DataFreeConfig
 from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.planner import PlanMode, PlanOptions, plan
+from lpnet.gates.result import MeasuredLatency
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
@@ -82,13 +83,15 @@ def test_architecture_only_with_weights_keeps_the_largest_l1_filters(
 def test_weights_that_do_not_fit_are_named(tiny_net: Network, tiny_predictor: LatencyPredictor) -> None:
     weights = ir_state_dict(tiny_module(), tiny_net)
     weights["blocks.1.conv1.weight"] = torch.zeros(64, 32, 5, 5)
+    # A budget every plan meets (the unpruned prediction), whatever speed the predictor was fitted at.
+    budget = tiny_predictor.predict(tiny_net).total_ms
     with pytest.raises(WeightsMismatch) as info:
-        plan(tiny_net, tiny_predictor, 1.0, weights=weights)
+        plan(tiny_net, tiny_predictor, budget, weights=weights)
     assert info.value.tensor == "blocks.1.conv1.weight"
     assert "[64, 32, 5, 5]" in info.value.message and "[64, 32, 3, 3]" in info.value.message
     del weights["blocks.1.conv1.weight"]
     with pytest.raises(WeightsMismatch, match="missing"):
-        plan(tiny_net, tiny_predictor, 1.0, weights=weights)
+        plan(tiny_net, tiny_predictor, budget, weights=weights)
 
 
 def test_infeasible_budget_raises_with_the_minimum(
@@ -141,6 +144,40 @@ def test_verified_plan_measures_at_or_under_budget(
             assert after.internal_budget_ms < before.internal_budget_ms
         elif before.measured_ms < budget * (1 - options.accept_band):
             assert after.internal_budget_ms > before.internal_budget_ms
+
+
+def test_verification_judges_the_latency_at_nominal_speed_and_reports_the_raw_one(
+    tiny_net: Network, tiny_predictor: LatencyPredictor, measure: Measure
+) -> None:
+    # Every measurement happens while the machine runs at half its nominal speed: the raw medians
+    # are twice the latency at nominal speed, which is what the budget is judged against.
+    budget = 0.7 * measure(tiny_net)
+
+    def slow_moment(network: Network) -> MeasuredLatency:
+        ms = measure(network)
+        return MeasuredLatency(ms=ms, raw_ms=2 * ms, probe_ms=2.0, nominal_probe_ms=1.0)
+
+    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(max_rounds=4), measure=slow_moment)
+    assert result.met_budget is True
+    assert result.measured_ms is not None and result.measured_ms <= budget
+    for round_ in result.rounds:
+        assert round_.measured_ms is not None and round_.measured_raw_ms is not None
+        assert round_.measured_raw_ms == pytest.approx(2 * round_.measured_ms)
+        assert (round_.probe_ms, round_.nominal_probe_ms) == (2.0, 1.0)
+    payload = result.to_dict(include_network=False)["rounds"][0]
+    assert {"measured_ms", "measured_raw_ms", "probe_ms", "nominal_probe_ms"} <= set(payload)
+
+
+def test_a_plain_float_measurement_is_its_own_raw_median() -> None:
+    measured = MeasuredLatency.of(3.5)
+    assert (measured.ms, measured.raw_ms, measured.probe_ms, measured.nominal_probe_ms) == (
+        3.5,
+        3.5,
+        None,
+        None,
+    )
+    probed = MeasuredLatency(1.0, 2.0, 2.0, 1.0)
+    assert MeasuredLatency.of(probed) is probed
 
 
 def test_with_measurement_infeasibility_is_decided_by_the_device(

@@ -11,10 +11,14 @@ from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
 from lpnet.gates.datasets import cifar10_loaders, digits_loaders, image_folder_loaders
 from lpnet.gates.errors import DatasetUnavailable
+from lpnet.gates.planner import PlanningProblem
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
 from lpnet.gates.training import TrainPruneConfig, evaluate_accuracy, train_and_prune
-from lpnet.predictor.predict import LatencyPredictor
+from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.train import TrainConfig, fit_predictor
 from lpnet.pruning import check_channels
+from profiler.variants import measure_width_variants
+from tests.lpnet.gates.conftest import Measure
 
 
 def test_digits_loaders_split_and_upsample() -> None:
@@ -32,16 +36,22 @@ def test_missing_datasets_say_where_they_looked(tmp_path: Path) -> None:
         image_folder_loaders(tmp_path / "nowhere")
 
 
-def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(
-    tiny_predictor: LatencyPredictor,
-) -> None:
+def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(measure: Measure) -> None:
     torch.manual_seed(0)
-    data = digits_loaders(batch_size=64, image_size=8)
-    module = SmallResNet(SmallResNetConfig(in_channels=1, widths=(16, 32)))
+    data = digits_loaders(batch_size=64, image_size=16)
+    module = SmallResNet(SmallResNetConfig(in_channels=1, widths=(32, 64)))
     network = network_from_module(module, (1, *data.input_chw), name="digits-resnet")
-    budget = 0.6 * tiny_predictor.predict(network).total_ms
+    # As `lpnet train` does for a network outside the device's training domain: a predictor fitted
+    # on measured width variants of this very network, its full and smallest widths among them.
+    samples = measure_width_variants(network, 20, measure, seed=0)
+    predictor = fit_predictor(samples, LPNetConfig(members=3), TrainConfig(steps=300))
+    problem = PlanningProblem.build(network, predictor)
+    fastest = problem.predicted_ms(problem.grid.min_widths)
+    unpruned = problem.predicted_ms(problem.grid.full_widths)
+    assert fastest < unpruned, "the fitted predictor must see the smallest widths as faster"
+    budget = (fastest + unpruned) / 2
     config = TrainPruneConfig(gate_epochs=1, finetune_epochs=1, max_batches=4)
-    outcome = train_and_prune(module, network, tiny_predictor, budget, data.train, data.val, config)
+    outcome = train_and_prune(module, network, predictor, budget, data.train, data.val, config)
     result = outcome.plan
     assert result.mode == "train" and result.predicted.total_ms <= budget
     assert outcome.pruned.network == apply_width_vector(network, result.widths)
