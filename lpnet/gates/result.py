@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,6 +94,20 @@ class MeasuredLatency:
         """A measurement from what a measure callable returned (a plain float is a raw median)."""
         return value if isinstance(value, MeasuredLatency) else cls(float(value), float(value))
 
+    @classmethod
+    def median(cls, timings: Sequence[MeasuredLatency]) -> MeasuredLatency:
+        """One figure from repeated timings of the same network: the median of each field."""
+        if not timings:
+            raise ValueError("no timings to combine")
+        probes = [t.probe_ms for t in timings if t.probe_ms is not None]
+        nominal = timings[0].nominal_probe_ms
+        return cls(
+            ms=statistics.median(t.ms for t in timings),
+            raw_ms=statistics.median(t.raw_ms for t in timings),
+            probe_ms=statistics.median(probes) if len(probes) == len(timings) else None,
+            nominal_probe_ms=nominal if probes else None,
+        )
+
 
 @dataclass(frozen=True)
 class VerificationRound:
@@ -99,7 +115,9 @@ class VerificationRound:
 
     `measured_ms` is judged against the budget (at the nominal speed when probed, see
     `MeasuredLatency`); `measured_raw_ms` is the median as timed and `probe_ms` the speed probe's
-    median during it. `selected` marks the round whose plan was returned.
+    median during it. A plan that could end the loop is timed more than once: `timings_ms` holds
+    each timing's judged latency and the three figures above are medians over them.
+    `selected` marks the round whose plan was returned.
     """
 
     round: int
@@ -112,6 +130,7 @@ class VerificationRound:
     measured_raw_ms: float | None = None
     probe_ms: float | None = None
     nominal_probe_ms: float | None = None
+    timings_ms: list[float] = field(default_factory=list)
 
 
 @dataclass

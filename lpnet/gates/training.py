@@ -61,6 +61,7 @@ class TrainPruneConfig:
         min_keep_ratio: no group keeps less than this share.
         max_rounds: plan-and-measure rounds when measuring.
         verify_margin: verified plans aim at measuring budget * (1 - margin).
+        verify_timings: timings of a plan that could end verification (the median is judged).
         max_batches: cap on batches per epoch (quick runs); None uses every batch.
         gates: gate network settings; the task loss has a gradient everywhere, so the gates need less
             exploration noise than in the data-free mode (strong noise acts like dropout and the
@@ -80,7 +81,8 @@ class TrainPruneConfig:
     min_keep_ratio: float = 0.05
     noise_anneal: float = 0.8
     max_rounds: int = 3
-    verify_margin: float = 0.03
+    verify_margin: float = 0.04
+    verify_timings: int = 2
     max_batches: int | None = None
     gates: WGateConfig = field(default_factory=lambda: WGateConfig(noise=0.3))
     seed: int = 0
@@ -310,6 +312,7 @@ def train_and_prune(
         measure,
         config.max_rounds,
         config.verify_margin,
+        timings=config.verify_timings,
     )
     kept = [top_k_indices(s, k) for s, k in zip(scores, widths, strict=True)]
     pruned = prune_module(model, network, widths, kept)

@@ -100,6 +100,22 @@ def measure_tiny_profile() -> TinyProfile:
     return TinyProfile(network, context, list(sink.measurements), fitted)
 
 
+def feasible_budget(artifact: bytes, network: Network, share: float) -> float:
+    """A budget `share` of the way from the predicted latency at minimum widths to the unpruned one.
+
+    The tiny network's latency is mostly fixed overhead, so a plain share of the unpruned latency
+    can fall below what its narrowest widths reach, depending on how a fit came out.
+    """
+    from lpnet.arch.groups import apply_width_vector, channel_layout
+    from lpnet.gates.budget import width_grid
+    from lpnet.predictor.artifact import load_predictor
+
+    predictor = load_predictor(artifact)
+    narrowest = apply_width_vector(network, list(width_grid(channel_layout(network)).min_widths))
+    low, full = predictor.predict(narrowest).total_ms, predictor.predict(network).total_ms
+    return low + share * (full - low)
+
+
 @dataclass
 class Keys:
     admin: str

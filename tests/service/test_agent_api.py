@@ -22,7 +22,7 @@ from service.jobs.worker import Worker
 from service.main import create_app
 from tests.service.conftest import serve_in_thread
 from tests.service.support import Api, TinyProfile, api_client, tiny_network
-from tests.service.test_api_plans import full_ms
+from tests.service.test_api_plans import budget_at
 from tests.service.test_health_api import assert_error_shape
 
 CAMPAIGN = {
@@ -282,7 +282,7 @@ def test_a_verify_plan_without_an_agent_fails_after_the_timeout(
     request = {
         "device": "remote-cpu",
         "architecture": tiny_profile.network.model_dump(mode="json"),
-        "budget_ms": 0.8 * full_ms(tiny_profile),
+        "budget_ms": budget_at(tiny_profile, 0.6),
         "options": {"verify": True},
     }
     plan_id = api.post("/v1/plans", key="reader", json=request).json()["job_id"]

@@ -11,14 +11,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from lpnet.predictor.artifact import load_predictor
 from profiler.agent_loop import AgentError, AgentLoop, AgentLoopConfig
 from profiler.speed import PROBE_VERSION
 from service.config import FitSettings, get_settings
 from service.db.models import AgentTask, ApiKey, Device, TaskKind, TaskStatus
 from service.predictors import fit_from_samples, store_predictor, training_samples
 from service.profiles import measurement_rows
-from tests.service.support import TinyProfile
+from tests.service.support import TinyProfile, feasible_budget
 from tests.service.test_agent_campaigns import live_agent_server, running, start_agent, wait_until
 
 
@@ -52,11 +51,10 @@ def test_a_verified_plan_for_a_remote_device_completes_once_its_agent_measured_i
             fitted = fit_from_samples(training, settings=FitSettings(steps=200, members=3))
             store_predictor(session, server.device_id, fitted)
             session.commit()
-        full_ms = load_predictor(fitted.artifact).predict(tiny_profile.network).total_ms
         plan_request = {
             "device": server.device_name,
             "architecture": tiny_profile.network.model_dump(mode="json"),
-            "budget_ms": 0.8 * full_ms,
+            "budget_ms": feasible_budget(fitted.artifact, tiny_profile.network, 0.6),
             "options": {"verify": True},
         }
         with running(start_agent(server.url, server.agent_key, tmp_path / "agent")) as agent:

@@ -8,14 +8,13 @@ import pytest
 from safetensors.torch import save
 
 from lpnet.arch.groups import channel_layout
-from lpnet.predictor.artifact import load_predictor
 from service.jobs.worker import Worker
-from tests.service.support import Api, TinyProfile, api_client, tiny_module
+from tests.service.support import Api, TinyProfile, api_client, feasible_budget, tiny_module
 from tests.service.test_health_api import assert_error_shape
 
 
-def full_ms(profile: TinyProfile) -> float:
-    return load_predictor(profile.fitted.artifact).predict(profile.network).total_ms
+def budget_at(profile: TinyProfile, share: float) -> float:
+    return feasible_budget(profile.fitted.artifact, profile.network, share)
 
 
 def plan_request(profile: TinyProfile, budget_ms: float, **options: Any) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def run_plan(api: Api, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_architecture_plan_meets_the_budget(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
-    budget = 0.6 * full_ms(tiny_profile)
+    budget = budget_at(tiny_profile, 0.5)
     plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, round_to=8))
     assert plan["status"] == "succeeded", plan["error"]
     assert plan["budget_ms"] == budget and plan["options"]["mode"] == "architecture"
@@ -71,7 +70,7 @@ def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profil
         assert model["size_bytes"] == len(weights) and len(model["sha256"]) == 64
         assert api.get(f"/v1/models/{model['id']}", key="reader").json() == model
 
-        budget = 0.6 * full_ms(tiny_profile)
+        budget = budget_at(tiny_profile, 0.5)
         plan = run_plan(api, plan_request(tiny_profile, budget, mode="weights", model_id=model["id"]))
         assert plan["status"] == "succeeded", plan["error"]
         groups = plan["result"]["groups"]
@@ -79,7 +78,7 @@ def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profil
 
 
 def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
-    budget = 0.8 * full_ms(tiny_profile)
+    budget = budget_at(tiny_profile, 0.6)
     plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, verify=True))
     assert plan["status"] == "succeeded", plan["error"]
     assert plan["result"]["verified"] is True and plan["result"]["measured_ms"] > 0
@@ -100,7 +99,7 @@ def test_verified_plans_judge_at_the_speed_the_predictor_was_fitted_at(
         training = training_samples(session, api.device_id)
     assert training.labels == "probe" and training.nominal_probe_ms is not None
     api.store_predictor(api.device_id, fit_from_samples(training, settings=FitSettings(steps=200, members=3)))
-    budget = 0.8 * full_ms(tiny_profile)
+    budget = budget_at(tiny_profile, 0.6)
     plan = run_plan(api, plan_request(tiny_profile, budget, verify=True))
     assert plan["status"] == "succeeded", plan["error"]
     for round_ in plan["result"]["rounds"]:
@@ -161,7 +160,10 @@ def test_verify_on_a_remote_device_is_queued_for_its_agent(
     api = api_with_predictor
     device_id, _ = api.add_device("remote-cpu", local=False)
     api.store_predictor(device_id, tiny_profile.fitted)
-    request = {**plan_request(tiny_profile, 0.8 * full_ms(tiny_profile), verify=True), "device": "remote-cpu"}
+    request = {
+        **plan_request(tiny_profile, budget_at(tiny_profile, 0.6), verify=True),
+        "device": "remote-cpu",
+    }
     accepted = api.post("/v1/plans", key="reader", json=request)
     assert accepted.status_code == 202, accepted.text
     plan = api.get(accepted.json()["status_url"], key="reader").json()
