@@ -2,7 +2,7 @@
 
 For resnet18, resnet50 and mobilenet_v2 (torch on the CPU, 1 thread), budgets of 0.5 / 0.7 / 0.9 of the
 unpruned network's *measured* latency are planned twice: once without measurement (the predictor
-alone) and once with the verification loop (measure, re-plan; at most 3 rounds). Every plan is then
+alone) and once with the verification loop (measure, re-plan; at most `--max-rounds`, default 5). Every plan is then
 measured again, in the same process, as a separate timing (the figure judged). Reported: the share of plans at or under budget (target >= 95 %), measured / budget
 (target 0.90-1.00), plan time.
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--variants", type=int, help="measured width variants per model when fitting")
     parser.add_argument("--fit-steps", type=int, help="LPNet fitting steps per ensemble member")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--max-rounds", type=int, default=3)
+    parser.add_argument("--max-rounds", type=int, default=PlanOptions().max_rounds)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-predictor", type=Path, help="write the fitted predictor here")
     parser.add_argument(
@@ -258,16 +258,17 @@ def main() -> None:
         "summary": summary,
         "bench_seconds": total,
         "load_average_at_start": load,
+        "max_rounds": args.max_rounds,
         "nominal_probe_ms": nominal,
         "judged": "latency at the nominal probe speed" if nominal is not None else "raw median",
         "note": "measured in one process; between-process spread on this machine is 2-10 % (DESIGN.md)",
     }
     (RESULTS / f"plan_quality{suffix}.json").write_text(json.dumps(report, indent=2))
-    _plot(rows, RESULTS / f"plan_quality{suffix}.png", size)
+    _plot(rows, RESULTS / f"plan_quality{suffix}.png", size, args.max_rounds)
     print(f"wrote {RESULTS / f'plan_quality{suffix}.json'} and .png")
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, size: int) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, size: int, max_rounds: int) -> None:
     def ratio(model: str, share: float, verified: bool) -> float:
         for r in rows:
             if (r["model"], r["share"], r["verified"]) == (model, share, verified) and not r["infeasible"]:
@@ -285,7 +286,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, size: int) -> None:
     positions = range(len(labels))
     axes.bar([p - 0.2 for p in positions], predicted_only, width=0.4, label="predictor only", color="#9aa5b1")
     axes.bar(
-        [p + 0.2 for p in positions], verified, width=0.4, label="verified (<= 3 rounds)", color="#2f6db5"
+        [p + 0.2 for p in positions],
+        verified,
+        width=0.4,
+        label=f"verified (<= {max_rounds} rounds)",
+        color="#2f6db5",
     )
     axes.axhline(1.0, color="black", linewidth=1)
     axes.axhspan(0.9, 1.0, color="#cfe8cf", alpha=0.5, label="target 0.90-1.00")

@@ -4,7 +4,7 @@ A small ResNet (widths 64/128/256, 16x16 upsampled digits, 1 thread) is trained,
 budgets that are shares of its measured latency:
 
 - W-Gates (train mode): gates trained jointly with the network under LPNet's latency term for
-  `--gate-epochs`, widths rounded under the budget and verified by measurement (<= 3 rounds),
+  `--gate-epochs`, widths rounded under the budget and verified by measurement (<= 5 rounds),
   physical pruning, `--finetune-epochs` of fine-tuning.
 - Baselines (uniform width, L1 global, L1 per layer, Taylor global): the largest keep ratio whose
   *measured* latency is at or under the same aim (budget * (1 - verify_margin), as the verified W-Gates plans aim),

@@ -100,7 +100,7 @@ class PlanOptions:
     round_to: int = 8
     min_keep_ratio: float = 0.05
     safety_margin: float = 0.0
-    max_rounds: int = 3
+    max_rounds: int = 5
     verify_margin: float = 0.04
     verify_timings: int = 2
     accept_band: float = 0.10

@@ -80,7 +80,7 @@ class TrainPruneConfig:
     round_to: int = 8
     min_keep_ratio: float = 0.05
     noise_anneal: float = 0.8
-    max_rounds: int = 3
+    max_rounds: int = 5
     verify_margin: float = 0.04
     verify_timings: int = 2
     max_batches: int | None = None
