@@ -138,6 +138,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         f"[seed {seed}] unpruned: {unpruned_ms:.3f} ms measured, {predictor.predict(network).total_ms:.3f} predicted"
     )
     epochs = args.gate_epochs + args.finetune_epochs
+    val_images = sum(len(targets) for _, targets in data.val)
     for share in args.budgets:
         budget = share * unpruned_ms
         started = time.perf_counter()
@@ -182,6 +183,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 "measured_ms": final.ms,
                 "measured_raw_ms": final.raw_ms,
                 "accuracy": outcome.accuracy_after,
+                "val_images": val_images,
                 "accuracy_gated": outcome.accuracy_gated,
                 "accuracy_pruned": outcome.accuracy_pruned,
                 "widths": outcome.plan.widths,
@@ -213,6 +215,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     "measured_ms": final.ms,
                     "measured_raw_ms": final.raw_ms,
                     "accuracy": evaluate_accuracy(pruned.module, data.val),
+                    "val_images": val_images,
                     "accuracy_pruned": accuracy_pruned,
                     "ratio": selection.ratio,
                     "widths": selection.widths,
@@ -261,7 +264,43 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             "best_baseline": best,
             "accuracy": per_method["w-gates"]["accuracy_mean"] - per_method[best]["accuracy_mean"],
         }
+        per_method["w-gates_paired"] = paired_differences(feasible, methods)
     return summary
+
+
+def paired_differences(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """W-Gates minus each baseline, seed by seed (same split, same base model, same budget).
+
+    Returns per baseline: the seeds compared, the mean accuracy difference and its standard error,
+    wins / ties / losses in held-out images, and the mean measured-latency difference (ms).
+    """
+    by_seed = {(r["seed"], r["method"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows if r["method"] == "w-gates"})
+    paired: dict[str, Any] = {}
+    for method in methods:
+        pairs = [(by_seed[(s, "w-gates")], by_seed[(s, method)]) for s in seeds if (s, method) in by_seed]
+        if not pairs:
+            continue
+        accuracy = [w["accuracy"] - b["accuracy"] for w, b in pairs]
+        # Accuracies are shares of the same held-out split: the difference in images is exact.
+        images = [round(d * w["val_images"]) for d, (w, _) in zip(accuracy, pairs, strict=True)]
+        paired[method] = {
+            "seeds": len(pairs),
+            "accuracy_difference_mean": statistics.mean(accuracy),
+            "accuracy_difference_std_error": (
+                statistics.stdev(accuracy) / len(accuracy) ** 0.5 if len(accuracy) > 1 else None
+            ),
+            "images_won_tied_lost": [
+                sum(i > 0 for i in images),
+                sum(i == 0 for i in images),
+                sum(i < 0 for i in images),
+            ],
+            "image_difference_total": sum(images),
+            "measured_ms_difference_mean": statistics.mean(
+                w["measured_ms"] - b["measured_ms"] for w, b in pairs
+            ),
+        }
+    return paired
 
 
 def plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
@@ -360,6 +399,13 @@ def main() -> None:
             if isinstance(v, dict) and "accuracy_mean" in v
         )
         print(f"  budget {share}: {cells}; w-gates - {margin['best_baseline']} = {margin['accuracy']:+.4f}")
+        for method, pair in per_method["w-gates_paired"].items():
+            won, tied, lost = pair["images_won_tied_lost"]
+            print(
+                f"    w-gates - {method}, seed by seed: {pair['accuracy_difference_mean']:+.4f} "
+                f"({pair['image_difference_total']:+d} images over {pair['seeds']} seeds; seeds won/tied/lost "
+                f"{won}/{tied}/{lost}), latency {pair['measured_ms_difference_mean']:+.3f} ms"
+            )
     print(f"bench took {total:.0f} s")
     report = {
         "settings": vars(args),

@@ -22,14 +22,7 @@ from profiler.tasks import measure_network
 
 def measured_latency(result: TimingResult, nominal_probe_ms: float | None) -> MeasuredLatency:
     """A timing as a verification measurement: at `nominal_probe_ms` when it was probed, else raw."""
-    if nominal_probe_ms is None or result.relative is None or result.probe_ms is None:
-        return MeasuredLatency(result.median_ms, result.median_ms)
-    return MeasuredLatency(
-        ms=result.relative * nominal_probe_ms,
-        raw_ms=result.median_ms,
-        probe_ms=result.probe_ms,
-        nominal_probe_ms=nominal_probe_ms,
-    )
+    return MeasuredLatency.at_speed(result.median_ms, result.relative, result.probe_ms, nominal_probe_ms)
 
 
 @dataclass

@@ -797,9 +797,7 @@ def verify_measurement(result: dict[str, Any], nominal_probe_ms: float | None) -
     probe_ms, relative = result.get("probe_ms"), result.get("relative_latency")
     if probe_ms is None or relative is None or result.get("probe_version") != PROBE_VERSION:
         return MeasuredLatency(raw, raw)
-    if nominal_probe_ms is None:
-        return MeasuredLatency(raw, raw, float(probe_ms))
-    return MeasuredLatency(float(relative) * nominal_probe_ms, raw, float(probe_ms), nominal_probe_ms)
+    return MeasuredLatency.at_speed(raw, float(relative), float(probe_ms), nominal_probe_ms)
 
 
 def remote_measure(

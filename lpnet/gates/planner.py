@@ -367,33 +367,19 @@ def verification_loop(
         if any(r.widths == widths for r in rounds):
             break  # the same plan again: measuring it twice would not tell anything new
         predicted = problem.predicted_ms(widths)
-        if measure is None:
-            rounds.append(
-                VerificationRound(
-                    index + 1, internal, predicted, None, list(widths), time.perf_counter() - began
-                )
-            )
-            break
-        pruned = apply_width_vector(problem.network, widths)
-        series = [MeasuredLatency.of(measure(pruned))]
-        if series[0].ms <= budget_ms:
-            series += [MeasuredLatency.of(measure(pruned)) for _ in range(timings - 1)]
-        measurement = MeasuredLatency.median(series)
-        measured = measurement.ms
-        rounds.append(
-            VerificationRound(
-                index + 1,
-                internal,
-                predicted,
-                measured,
-                list(widths),
-                time.perf_counter() - began,
-                measured_raw_ms=measurement.raw_ms,
-                probe_ms=measurement.probe_ms,
-                nominal_probe_ms=measurement.nominal_probe_ms,
-                timings_ms=[t.ms for t in series],
-            )
+        series: list[MeasuredLatency] = []
+        if measure is not None:
+            pruned = apply_width_vector(problem.network, widths)
+            series.append(MeasuredLatency.of(measure(pruned)))
+            if series[0].ms <= budget_ms:
+                series += [MeasuredLatency.of(measure(pruned)) for _ in range(timings - 1)]
+        round_ = VerificationRound.timed(
+            index + 1, internal, predicted, widths, time.perf_counter() - began, series
         )
+        rounds.append(round_)
+        measured = round_.measured_ms
+        if measured is None:
+            break
         logger.info(
             "round %d: internal budget %.3f ms, predicted %.3f ms, measured %.3f ms (budget %.3f ms)",
             index + 1,

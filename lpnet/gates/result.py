@@ -95,6 +95,22 @@ class MeasuredLatency:
         return value if isinstance(value, MeasuredLatency) else cls(float(value), float(value))
 
     @classmethod
+    def at_speed(
+        cls,
+        raw_ms: float,
+        relative: float | None,
+        probe_ms: float | None,
+        nominal_probe_ms: float | None,
+    ) -> MeasuredLatency:
+        """A timing judged at `nominal_probe_ms` when it was probed (`relative` = median
+        network/probe ratio); the raw median when it was not, or when there is no nominal speed."""
+        if relative is None or probe_ms is None:
+            return cls(raw_ms, raw_ms)
+        if nominal_probe_ms is None:
+            return cls(raw_ms, raw_ms, probe_ms)
+        return cls(relative * nominal_probe_ms, raw_ms, probe_ms, nominal_probe_ms)
+
+    @classmethod
     def median(cls, timings: Sequence[MeasuredLatency]) -> MeasuredLatency:
         """One figure from repeated timings of the same network: the median of each field."""
         if not timings:
@@ -131,6 +147,33 @@ class VerificationRound:
     probe_ms: float | None = None
     nominal_probe_ms: float | None = None
     timings_ms: list[float] = field(default_factory=list)
+
+    @classmethod
+    def timed(
+        cls,
+        round_: int,
+        internal_budget_ms: float,
+        predicted_ms: float,
+        widths: Sequence[int],
+        seconds: float,
+        timings: Sequence[MeasuredLatency],
+    ) -> VerificationRound:
+        """A round judged on the median of its timings (none: an unverified round)."""
+        if not timings:
+            return cls(round_, internal_budget_ms, predicted_ms, None, list(widths), seconds)
+        median = MeasuredLatency.median(timings)
+        return cls(
+            round_,
+            internal_budget_ms,
+            predicted_ms,
+            median.ms,
+            list(widths),
+            seconds,
+            measured_raw_ms=median.raw_ms,
+            probe_ms=median.probe_ms,
+            nominal_probe_ms=median.nominal_probe_ms,
+            timings_ms=[t.ms for t in timings],
+        )
 
 
 @dataclass

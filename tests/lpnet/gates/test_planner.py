@@ -232,6 +232,16 @@ def test_repeated_timings_combine_field_by_field() -> None:
         MeasuredLatency.median([])
 
 
+def test_a_timing_is_judged_at_the_nominal_speed_only_when_probed_and_a_nominal_is_known() -> None:
+    def fields(m: MeasuredLatency) -> tuple[float, float, float | None, float | None]:
+        return (m.ms, m.raw_ms, m.probe_ms, m.nominal_probe_ms)
+
+    # 10 probe forwards long, judged where one probe forward takes 1.5 ms.
+    assert fields(MeasuredLatency.at_speed(20.0, 10.0, 2.0, 1.5)) == (15.0, 20.0, 2.0, 1.5)
+    assert fields(MeasuredLatency.at_speed(20.0, 10.0, 2.0, None)) == (20.0, 20.0, 2.0, None)
+    assert fields(MeasuredLatency.at_speed(20.0, None, None, 1.5)) == (20.0, 20.0, None, None)
+
+
 def test_a_plain_float_measurement_is_its_own_raw_median() -> None:
     measured = MeasuredLatency.of(3.5)
     assert (measured.ms, measured.raw_ms, measured.probe_ms, measured.nominal_probe_ms) == (
