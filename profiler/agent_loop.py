@@ -937,7 +937,7 @@ class AgentLoop:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The agent's flags (`lpnet agent` declares the same ones)."""
+    """The agent's flags, for `python -m profiler.agent_loop` and `lpnet agent` alike."""
     parser.add_argument("--server", help=f"the lpnet server's base URL (default: ${SERVER_ENV})")
     parser.add_argument(
         "--token", help=f"the device's agent key, or an admin key with --device (default: ${API_KEY_ENV})"
