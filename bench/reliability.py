@@ -188,15 +188,7 @@ class Api:
     def register_device(self, name: str, context: RunContext, *, local: bool = False) -> tuple[int, str]:
         """Register a device with the spec `context` was measured with; returns its id and agent key."""
         spec = context.device
-        body = {
-            "name": name,
-            "hardware": spec.hardware,
-            "backend": spec.backend,
-            "threads": spec.threads,
-            "batch_size": spec.batch_size,
-            "dtype": spec.dtype,
-            "is_local": local,
-        }
+        body = {"name": name, **spec.to_dict(), "is_local": local}
         with self.client() as client:
             response = client.post("/v1/devices", json=body)
         if response.status_code != 201:

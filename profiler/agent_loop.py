@@ -528,11 +528,7 @@ class AgentLoop:
         spec = local_device_spec(self.config.backend, self.config.threads)
         body = {
             "name": name,
-            "hardware": spec.hardware,
-            "backend": spec.backend,
-            "threads": spec.threads,
-            "batch_size": spec.batch_size,
-            "dtype": spec.dtype,
+            **spec.to_dict(),
             "environment": collect_environment({"threads": spec.threads}).model_dump(mode="json"),
             "is_local": False,
         }

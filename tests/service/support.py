@@ -160,15 +160,7 @@ class Api:
         """Register a device through the API; returns its id and agent key."""
         response = self.post(
             "/v1/devices",
-            json={
-                "name": name,
-                "hardware": spec.hardware,
-                "backend": spec.backend,
-                "threads": spec.threads,
-                "batch_size": spec.batch_size,
-                "dtype": spec.dtype,
-                "is_local": local,
-            },
+            json={"name": name, **spec.to_dict(), "is_local": local},
         )
         assert response.status_code == 201, response.text
         body = response.json()
