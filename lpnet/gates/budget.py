@@ -9,9 +9,11 @@ Two pieces:
 - `fit_widths_to_budget`: turns continuous kept counts into a valid width vector on a grid of
   multiples of `round_to` (and of each group's divisor) whose *predicted* latency is at or under
   the budget. Latency is a staircase in the channel count (flat within SIMD blocks, then a jump), so
-  rounding each count to the nearest multiple is not enough: after flooring, it greedily takes back
-  the steps that buy the most capacity per millisecond, free steps first, and stops before the
-  budget. It ends where one more step would cross the budget: on the low side of a step.
+  rounding each count to the nearest multiple is not enough: after flooring (and, when that is
+  still over budget, shrinking the whole target by one factor, which keeps the shape the gates
+  chose), it greedily takes back the steps that buy the most capacity per millisecond, free steps
+  first, and stops before the budget. It ends where one more step would cross the budget: on the
+  low side of a step.
 """
 
 from __future__ import annotations
@@ -210,12 +212,17 @@ def fit_widths_to_budget(
 ) -> list[int]:
     """A grid width vector near `target` whose predicted latency is at or under `budget_ms`.
 
-    Floors `target` onto the grid; while over budget, takes the step down that saves the most latency
-    per unit of capacity lost; then, while some step up still fits, takes the one that gains the most
-    capacity per millisecond (steps that cost nothing first). Callers check feasibility first.
+    Floors `target` onto the grid. When that is over budget, shrinks the target towards the minimum
+    widths by one common factor, the largest whose floored widths fit (`scale_to_budget`): the
+    target's shape is what the gates trained the network under, and a later verification round only
+    moves the budget. Should no factor fit (grid effects), takes the steps down that save the most
+    latency per unit of capacity lost. Then, while some step up still fits, takes the one that gains
+    the most capacity per millisecond (steps that cost nothing first). Callers check feasibility first.
     """
     widths = grid.floor(target)
     current = float(predicted_latency(latency, widths)[0])
+    if current > budget_ms:
+        widths, current = scale_to_budget(target, grid, latency, budget_ms)
     moves = 0
     while current > budget_ms and moves < MAX_ROUNDING_MOVES:
         moved = _best_move(widths, grid, latency, capacity, budget_ms, down=True)
@@ -232,6 +239,38 @@ def fit_widths_to_budget(
     if moves >= MAX_ROUNDING_MOVES:
         logger.warning("width rounding stopped after %d moves; the plan may keep capacity unused", moves)
     return widths
+
+
+# Shrink factors tried at once by `scale_to_budget` (one batched predictor call per pass).
+SCALE_CANDIDATES = 64
+
+
+def scale_to_budget(
+    target: Sequence[float], grid: WidthGrid, latency: LatencyFn, budget_ms: float
+) -> tuple[list[int], float]:
+    """The widths floor(min + f (target - min)) for the largest f in [0, 1] predicted at or under the budget.
+
+    Two batched passes: a coarse grid of factors, then a fine one just above the best coarse factor.
+    Returns the widths and their predicted latency (the minimum widths when even f = 0 is over).
+    """
+    low = torch.as_tensor(grid.min_widths, dtype=torch.float32)  # (G,)
+    goal = torch.maximum(torch.as_tensor([float(v) for v in target]), low)  # (G,)
+    best: tuple[list[int], float] = (grid.min_widths, float(predicted_latency(latency, grid.min_widths)[0]))
+    lo, hi = 0.0, 1.0
+    for _ in range(2):
+        factors = torch.linspace(lo, hi, SCALE_CANDIDATES)  # (S,)
+        scaled = low + factors[:, None] * (goal - low)  # (S, G)
+        candidates = [grid.floor(row.tolist()) for row in scaled]
+        lat = predicted_latency(latency, candidates)  # (S,)
+        fits = torch.nonzero(lat <= budget_ms).flatten()
+        if len(fits) == 0:
+            break
+        k = int(fits.max())
+        best = (candidates[k], float(lat[k]))
+        if k == SCALE_CANDIDATES - 1:
+            break
+        lo, hi = float(factors[k]), float(factors[k + 1])
+    return best
 
 
 def _best_move(

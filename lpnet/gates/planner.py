@@ -158,16 +158,50 @@ class PlanningProblem:
     def latency(self, widths: torch.Tensor) -> torch.Tensor:
         """Differentiable predicted latency (B,) of continuous width vectors (B, G), for optimisation.
 
-        LPNet is evaluated at the nearest grid widths, with a straight-through gradient: predictors
-        are fitted on measured networks whose widths are multiples of 8, and between those points
-        their staircase features can extrapolate wildly (orders of magnitude), while plans only ever
-        land on grid widths. The ensemble is summarised by the geometric mean of its members so one
-        diverging member cannot dominate the gradient; budgets are checked on the reported
-        prediction (the members' arithmetic mean), see `reported_latency`.
+        The value is LPNet's at the nearest grid widths: predictors are fitted on measured networks
+        whose widths are multiples of 8, between those points their staircase features can
+        extrapolate wildly (orders of magnitude), and plans only ever land on grid widths.
+
+        The gradient is the secant slope across one grid step each way (`grid_slopes`), not the
+        predictor's derivative at the grid point: latency is a staircase in each width, and its local
+        derivative says nothing of whether the next step costs a millisecond or nothing at all. With
+        the local derivative, W-Gates shut channels that cost no time (e.g. 24 -> 8 channels of an
+        early layer whose latency is flat there) and the final rounding handed them back untrained.
+
+        The ensemble is summarised by the geometric mean of its members so one diverging member
+        cannot dominate the optimisation; budgets are checked on the reported prediction (the
+        members' arithmetic mean), see `reported_latency`.
         """
-        snapped = widths + (self.snap(widths) - widths).detach()  # grid values forward, identity backward
-        members = self.predictor.latency(self.tn, snapped, members=True)  # (K, B)
-        return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
+        snapped = self.snap(widths)  # (B, G), no gradient
+        value = self._optimised_latency(snapped)  # (B,)
+        if not widths.requires_grad:
+            return value
+        linear = (widths * self.grid_slopes(snapped)).sum(-1)  # (B,): gradient = slopes
+        return value + linear - linear.detach()
+
+    def grid_slopes(self, snapped: torch.Tensor) -> torch.Tensor:
+        """Latency per channel (B, G) across one grid step down and one up from grid widths (B, G).
+
+        One-sided at the ends of a group's range; 0 for a group that cannot move. One batched
+        predictor call of 2G width vectors per row.
+        """
+        batch, groups = snapped.shape
+        eye = torch.eye(groups, dtype=snapped.dtype)  # (G, G)
+        up = torch.minimum(snapped[:, None, :] + eye * self._step, self._full)  # (B, G, G)
+        down = torch.maximum(snapped[:, None, :] - eye * self._step, self._low)  # (B, G, G)
+        # A step that leaves the grid (e.g. past a full width that is not a multiple of the step)
+        # is clamped, so the run is measured between the clamped ends.
+        run = torch.diagonal(up, dim1=1, dim2=2) - torch.diagonal(down, dim1=1, dim2=2)  # (B, G)
+        with torch.no_grad():
+            lat = self._optimised_latency(torch.cat([up, down], 1).reshape(-1, groups))
+        lat = lat.reshape(batch, 2 * groups)
+        rise = lat[:, :groups] - lat[:, groups:]  # (B, G)
+        return torch.where(run > 0, rise / run.clamp_min(1e-6), torch.zeros_like(rise))
+
+    def _optimised_latency(self, widths: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            members = self.predictor.latency(self.tn, widths, members=True)  # (K, B)
+            return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
 
     def reported_latency(self, widths: torch.Tensor) -> torch.Tensor:
         """The latency (B,) a plan reports (`predict(...).total_ms`, no gradient).
@@ -319,6 +353,28 @@ def optimise_widths(problem: PlanningProblem, budget_ms: float, options: PlanOpt
     with torch.no_grad():
         result = low + span * torch.sigmoid(theta)  # (G,)
     return [float(v) for v in result]
+
+
+def calibrated_budget(
+    problem: PlanningProblem, budget_ms: float, min_ms: float, measure: MeasureFn, margin: float
+) -> tuple[float, str]:
+    """The predicted latency to aim a long optimisation at so that its plan *measures* near the aim.
+
+    The train mode spends epochs training the network under the gates; a verification round that
+    then moves the widths far from them prunes channels the network relied on (or restores ones it
+    learnt without). One measurement first: the architecture-only plan for the budget is measured,
+    and the predictor's bias there, measured / predicted, scales the aim (budget * (1 - margin))
+    into predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
+    """
+    widths = problem.fit(optimise_widths(problem, budget_ms, PlanOptions()), budget_ms)
+    predicted = problem.predicted_ms(widths)
+    measured = MeasuredLatency.of(measure(apply_width_vector(problem.network, widths))).ms
+    internal = max(min_ms, predicted * budget_ms * (1.0 - margin) / measured)
+    note = (
+        f"a calibration plan predicted at {predicted:.3f} ms measured {measured:.3f} ms; the gates "
+        f"were trained for {internal:.3f} ms predicted"
+    )
+    return internal, note
 
 
 def verification_loop(

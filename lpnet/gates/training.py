@@ -2,16 +2,22 @@
 
 1. Joint training: the network's weights (SGD, the task loss) and the W-Gates (Adam) are trained
    together; the gates read the current weights at every step, and the loss adds the
-   augmented-Lagrangian latency term on the gates' kept counts.
+   augmented-Lagrangian latency term on the gates' kept counts and the capacity proxy's log barrier.
+   With a `measure` callable, the latency target is first calibrated by measuring one plan
+   (`calibrated_budget`), so the gates train for the widths verification will keep.
 2. Widths: the gates' expected kept counts are rounded onto the staircase under the budget
    (verified by measurement when a `measure` callable is given); the highest-scoring filters stay.
 3. Physical pruning through torch-pruning, then fine-tuning of the smaller network.
+
+One cosine learning-rate schedule spans steps 1 and 3, so the network is still learning when the
+gates settle and fine-tuning carries on from there.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +34,7 @@ from lpnet.gates.planner import (
     PlanMode,
     PlanningProblem,
     build_result,
+    calibrated_budget,
     verification_loop,
 )
 from lpnet.gates.result import PlanResult
@@ -48,11 +55,17 @@ class TrainPruneConfig:
     Attributes:
         gate_epochs: epochs of joint training of weights and gates.
         finetune_epochs: epochs of fine-tuning after physical pruning.
-        learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed per phase.
+        learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed over joint
+            training and fine-tuning as one schedule (`CosineSpan`).
         weight_decay: SGD weight decay.
         gate_learning_rate: Adam learning rate of the gates.
         rho: augmented-Lagrangian penalty weight.
         dual_rate: multiplier step per optimisation step, per unit of relative violation.
+        capacity_weight: weight of the capacity proxy (`lpnet.gates.capacity`, per layer) in the
+            joint loss. A few epochs of task loss cannot tell the gates what a bottleneck will
+            cost once the network has been fine-tuned; the proxy's log barrier can (halving a group
+            at 16 channels costs as much as at 256), so the latency term takes channels where they
+            are cheap rather than shutting one early group down to its minimum. 0 disables it.
         budget_warmup: share of the joint-training steps over which the constraint's budget moves
             from the unpruned predicted latency down to `budget_ms` (see `warmup_budget`).
         noise_anneal: share of the joint-training steps over which the gates' logistic noise decays
@@ -76,6 +89,7 @@ class TrainPruneConfig:
     gate_learning_rate: float = 0.002
     rho: float = 20.0
     dual_rate: float = 0.1
+    capacity_weight: float = 0.5
     budget_warmup: float = 0.5
     round_to: int = 8
     min_keep_ratio: float = 0.05
@@ -112,6 +126,30 @@ class TrainedPlan:
     seconds: float
 
 
+@dataclass(frozen=True)
+class CosineSpan:
+    """Epochs [start, start + epochs) of a cosine learning-rate schedule `total` epochs long.
+
+    The train mode runs joint training and fine-tuning as one schedule: the learning rate is still
+    high when the gates have settled, so the network adapts to the channels it lost, instead of
+    decaying to zero at the end of the joint phase and restarting for fine-tuning.
+    """
+
+    start: int
+    epochs: int
+    total: int
+
+    def factors(self, steps_per_epoch: int) -> Callable[[int], float]:
+        """Learning-rate factor of the k-th step of this span."""
+        offset = self.start * steps_per_epoch
+        length = max(1, self.total * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * min(offset + step, length) / length))
+
+        return factor
+
+
 def evaluate_accuracy(module: nn.Module, batches: Batches, max_batches: int | None = None) -> float:
     """Top-1 accuracy of `module` (eval mode) on (inputs, targets) batches."""
     was_training = module.training
@@ -137,16 +175,19 @@ def train_epochs(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     extra_optimizer: torch.optim.Optimizer | None = None,
     after_step: Callable[[int], None] | None = None,
+    schedule: CosineSpan | None = None,
 ) -> list[float]:
     """Train with SGD (momentum 0.9, cosine decay) on cross-entropy; returns the mean loss per epoch.
 
     `extra_loss` is added to every step's loss (read after the forward), `extra_optimizer` steps
-    alongside SGD, and `after_step(step)` runs after each step.
+    alongside SGD, and `after_step(step)` runs after each step. The learning rate decays over these
+    epochs, or over the part `schedule` names of a longer cosine schedule.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-    per_epoch = max_batches if max_batches is not None else _length(batches)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * max(per_epoch, 1)))
+    per_epoch = max(max_batches if max_batches is not None else _length(batches), 1)
+    span = schedule or CosineSpan(0, epochs, epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, span.factors(per_epoch))
     history: list[float] = []
     step = 0
     module.train()
@@ -165,7 +206,7 @@ def train_epochs(
             optimizer.step()
             if extra_optimizer is not None:
                 extra_optimizer.step()
-            schedule.step()
+            scheduler.step()
             if after_step is not None:
                 after_step(step)
             losses.append(float(loss.detach()))
@@ -238,33 +279,44 @@ def train_and_prune(
     problem = PlanningProblem.build(network, predictor, config.round_to, config.min_keep_ratio)
     min_ms = problem.check_feasible(budget_ms)
     accuracy_before = evaluate_accuracy(module, val_batches)
+    gate_budget, notes = budget_ms, []
+    if measure is not None:
+        gate_budget, note = calibrated_budget(problem, budget_ms, min_ms, measure, config.verify_margin)
+        notes.append(note)
 
     model = copy.deepcopy(module)
     gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
-    constraint = AugmentedLagrangian(budget_ms, rho=config.rho, dual_rate=config.dual_rate, equality=True)
+    constraint = AugmentedLagrangian(gate_budget, rho=config.rho, dual_rate=config.dual_rate, equality=True)
     gate_optimizer = torch.optim.Adam(gate_set.parameters(), lr=config.gate_learning_rate)
     last_latency: list[float] = []
     # Counts below the grid's minimum never become a plan; clamping keeps LPNet inside its domain.
     floor = torch.as_tensor(problem.grid.min_widths, dtype=torch.float32)  # (G,)
 
-    def latency_term() -> torch.Tensor:
-        lat = problem.latency(torch.maximum(gate_set.kept_counts(), floor)[None])[0]
-        last_latency.append(float(lat.detach()))
-        return constraint.penalty(lat)
+    capacity_scale = float(problem.capacity.mask.sum().clamp_min(1.0))
 
+    def latency_term() -> torch.Tensor:
+        counts = torch.maximum(gate_set.kept_counts(), floor)[None]  # (1, G)
+        lat = problem.latency(counts)[0]
+        last_latency.append(float(lat.detach()))
+        term = constraint.penalty(lat)
+        if config.capacity_weight > 0:
+            term = term - config.capacity_weight * problem.capacity(counts)[0] / capacity_scale
+        return term
+
+    total_epochs = config.gate_epochs + config.finetune_epochs
     per_epoch = config.max_batches if config.max_batches is not None else _length(train_batches)
     total_steps = config.gate_epochs * max(per_epoch, 1)
     anneal_steps = config.noise_anneal * total_steps
     warmup_steps = config.budget_warmup * total_steps
     with torch.no_grad():
         start_ms = float(problem.latency(problem.tn.full_widths[None])[0])
-    constraint.budget_ms = warmup_budget(start_ms, budget_ms, 0.0 if warmup_steps > 0 else 1.0)
+    constraint.budget_ms = warmup_budget(start_ms, gate_budget, 0.0 if warmup_steps > 0 else 1.0)
 
     def dual_step(step: int) -> None:
         if last_latency:
             constraint.update(last_latency[-1])
         if warmup_steps > 0:
-            constraint.budget_ms = warmup_budget(start_ms, budget_ms, (step + 1) / warmup_steps)
+            constraint.budget_ms = warmup_budget(start_ms, gate_budget, (step + 1) / warmup_steps)
         if step % 20 == 0 and last_latency:
             logger.debug(
                 "step %d: predicted %.3f ms (budget now %.3f ms), multiplier %.3f",
@@ -289,6 +341,7 @@ def train_and_prune(
             extra_loss=latency_term,
             extra_optimizer=gate_optimizer,
             after_step=dual_step,
+            schedule=CosineSpan(0, config.gate_epochs, total_epochs),
         )
         gate_set.eval()
         recalibrate_batch_norm(model, train_batches, config.max_batches or 20)
@@ -297,7 +350,7 @@ def train_and_prune(
         "joint training: losses %s, last predicted %.3f ms (budget %.3f ms), gated accuracy %.4f",
         [round(v, 4) for v in losses],
         last_latency[-1] if last_latency else float("nan"),
-        budget_ms,
+        gate_budget,
         accuracy_gated,
     )
     with torch.no_grad():
@@ -306,7 +359,7 @@ def train_and_prune(
     widths, rounds, met = verification_loop(
         problem,
         budget_ms,
-        budget_ms,
+        gate_budget,
         min_ms,
         lambda internal: problem.fit(target, internal),
         measure,
@@ -326,6 +379,7 @@ def train_and_prune(
             config.learning_rate,
             config.weight_decay,
             config.max_batches,
+            schedule=CosineSpan(config.gate_epochs, config.finetune_epochs, total_epochs),
         )
     accuracy_after = evaluate_accuracy(pruned.module, val_batches)
     result = build_result(
@@ -341,6 +395,7 @@ def train_and_prune(
         start,
         scores,
     )
+    result.warnings.extend(notes)
     return TrainedPlan(
         plan=result,
         pruned=pruned,

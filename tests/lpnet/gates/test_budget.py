@@ -12,6 +12,7 @@ from lpnet.gates.budget import (
     check_feasible,
     fit_widths_to_budget,
     predicted_latency,
+    scale_to_budget,
     width_grid,
 )
 from lpnet.gates.capacity import CapacityProxy
@@ -99,3 +100,29 @@ def test_infeasible_budget_names_the_minimum_achievable_latency(
     assert info.value.details["min_achievable_ms"] == pytest.approx(floor_ms)
     assert f"{floor_ms:.4g} ms" in info.value.message
     assert info.value.code == "budget_infeasible"
+
+
+def test_an_over_budget_target_shrinks_as_a_whole_towards_the_minimum(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    grid = width_grid(channel_layout(tiny_net))
+    tn = tensorize(tiny_net)
+
+    def latency(w: torch.Tensor) -> torch.Tensor:
+        return tiny_predictor.latency(tn, w)
+
+    # A lopsided target: the first half of the groups full, the rest at their minimum.
+    half = grid.num_groups // 2
+    target = [float(c) for c in grid.channels[:half]] + [float(m) for m in grid.min_widths[half:]]
+    target_ms = float(predicted_latency(latency, grid.floor(target))[0])
+    min_ms = float(predicted_latency(latency, grid.min_widths)[0])
+    assert min_ms < target_ms
+    budget = (min_ms + target_ms) / 2
+    widths, widths_ms = scale_to_budget(target, grid, latency, budget)
+    assert widths_ms == pytest.approx(float(predicted_latency(latency, widths)[0]))
+    assert widths_ms <= budget
+    # The shape holds: groups the target kept at their minimum stay there; the others shrink from
+    # the target's width but do not all collapse to the minimum.
+    assert widths[half:] == grid.min_widths[half:]
+    assert all(low <= w <= t for w, low, t in zip(widths, grid.min_widths, target, strict=True))
+    assert widths != grid.min_widths

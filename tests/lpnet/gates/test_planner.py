@@ -13,7 +13,7 @@ from lpnet.arch.ir import Network
 from lpnet.gates.chart import layer_latency_chart
 from lpnet.gates.datafree import DataFreeConfig
 from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
-from lpnet.gates.planner import PlanMode, PlanOptions, plan
+from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan
 from lpnet.gates.result import MeasuredLatency
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
@@ -45,6 +45,37 @@ def test_architecture_only_plan_for_resnet18_predicts_under_budget(
     assert data["groups"][0]["kept"] == result.widths[0]
     assert {layer["name"] for layer in data["layers"]} == {layer.name for layer in resnet18_small.layers}
     assert Network.from_dict(data["pruned_network"]).content_hash == result.pruned_network.content_hash
+
+
+def test_the_optimised_latency_steps_by_grid_secants(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(tiny_net, tiny_predictor)
+    grid = problem.grid
+    # Off-grid continuous widths between the minimum and the full widths.
+    continuous = [
+        low + 0.37 * (full - low) + 1.3 for low, full in zip(grid.min_widths, grid.full_widths, strict=True)
+    ]
+    widths = torch.tensor([continuous], requires_grad=True)
+    value = problem.latency(widths)
+    snapped = problem.snap(widths.detach())
+    # The value is the prediction at the nearest grid widths (members' geometric mean).
+    with torch.no_grad():
+        members = tiny_predictor.latency(problem.tn, snapped, members=True)
+    assert float(value.detach()[0]) == pytest.approx(
+        float(torch.exp(torch.log(members).mean(0))[0]), rel=1e-5
+    )
+    value.sum().backward()
+    assert widths.grad is not None
+    for g in range(grid.num_groups):
+        at = [int(v) for v in snapped[0].tolist()]
+        up = [*at[:g], grid.step_up(g, at[g]) or at[g], *at[g + 1 :]]
+        down = [*at[:g], grid.step_down(g, at[g]) or at[g], *at[g + 1 :]]
+        run = up[g] - down[g]
+        with torch.no_grad():
+            lat = problem.latency(torch.tensor([up, down], dtype=torch.float32))
+        expected = float(lat[0] - lat[1]) / run if run else 0.0
+        assert float(widths.grad[0, g]) == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 def test_per_layer_chart_is_a_png(resnet18_small: Network, tiny_predictor: LatencyPredictor) -> None:

@@ -13,7 +13,7 @@ from lpnet.gates.datasets import cifar10_loaders, digits_loaders, image_folder_l
 from lpnet.gates.errors import DatasetUnavailable
 from lpnet.gates.planner import PlanningProblem
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
-from lpnet.gates.training import TrainPruneConfig, evaluate_accuracy, train_and_prune
+from lpnet.gates.training import CosineSpan, TrainPruneConfig, evaluate_accuracy, train_and_prune
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from lpnet.pruning import check_channels
@@ -27,6 +27,18 @@ def test_digits_loaders_split_and_upsample() -> None:
     assert inputs.shape == (32, 1, 16, 16) and targets.dtype == torch.long
     assert data.input_chw == (1, 16, 16) and data.num_classes == 10
     assert len(data.train.dataset) + len(data.val.dataset) == 1797
+
+
+def test_joint_training_and_fine_tuning_share_one_cosine_schedule() -> None:
+    joint = CosineSpan(0, 3, 8).factors(steps_per_epoch=10)
+    tune = CosineSpan(3, 5, 8).factors(steps_per_epoch=10)
+    whole = CosineSpan(0, 8, 8).factors(steps_per_epoch=10)
+    assert joint(0) == 1.0
+    # Fine-tuning starts where joint training stopped, not back at the full learning rate.
+    assert tune(0) == whole(30) == joint(30)
+    assert 0.4 < tune(0) < 0.8
+    assert [tune(k) for k in range(50)] == [whole(30 + k) for k in range(50)]
+    assert tune(50) == 0.0 and tune(60) == 0.0  # past the end it stays at zero
 
 
 def test_missing_datasets_say_where_they_looked(tmp_path: Path) -> None:
