@@ -3,9 +3,10 @@
 A small ResNet (widths 64/128/256, 16x16 upsampled digits, 1 thread) is trained, then pruned to
 budgets that are shares of its measured latency:
 
-- W-Gates (train mode): gates trained jointly with the network under LPNet's latency term for
+- W-Gates (train mode): the latency target calibrated by measuring one architecture-only plan,
+  gates trained jointly with the network under LPNet's latency term and the capacity barrier for
   `--gate-epochs`, widths rounded under the budget and verified by measurement (<= 5 rounds),
-  physical pruning, `--finetune-epochs` of fine-tuning.
+  physical pruning, `--finetune-epochs` of fine-tuning on the same cosine schedule.
 - Baselines (uniform width, L1 global, L1 per layer, Taylor global): the largest keep ratio whose
   *measured* latency is at or under the same aim (budget * (1 - verify_margin), as the verified W-Gates plans aim),
   found by bisection; physical pruning; `--gate-epochs + --finetune-epochs` of fine-tuning, so every
@@ -29,6 +30,7 @@ Run: `.venv/bin/python bench/wgates_digits.py --quick` (writes bench/results/wga
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -88,6 +90,17 @@ def fit_digits_predictor(
     samples = measure_width_variants(network, variants, lambda net: quick(net).ms, seed=seed)
     torch.manual_seed(seed)
     return fit_predictor(samples, LPNetConfig(), TrainConfig(steps=steps, seed=seed))
+
+
+def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
+    """W-Gates' settings: the library's defaults with the bench's epochs and learning rate."""
+    return TrainPruneConfig(
+        gate_epochs=args.gate_epochs,
+        finetune_epochs=args.finetune_epochs,
+        learning_rate=args.learning_rate,
+        verify_margin=VERIFY_MARGIN,
+        seed=seed,
+    )
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
@@ -150,13 +163,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 budget,
                 data.train,
                 data.val,
-                TrainPruneConfig(
-                    gate_epochs=args.gate_epochs,
-                    finetune_epochs=args.finetune_epochs,
-                    learning_rate=args.learning_rate,
-                    verify_margin=VERIFY_MARGIN,
-                    seed=seed,
-                ),
+                train_config(args, seed),
                 measure=meter,
             )
         except BudgetInfeasible as exc:
@@ -188,6 +195,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 "accuracy_pruned": outcome.accuracy_pruned,
                 "widths": outcome.plan.widths,
                 "rounds": [r.measured_ms for r in outcome.plan.rounds],
+                "notes": outcome.plan.warnings,
                 "seconds": time.perf_counter() - started,
             }
         )
@@ -409,6 +417,7 @@ def main() -> None:
     print(f"bench took {total:.0f} s")
     report = {
         "settings": vars(args),
+        "train_config": dataclasses.asdict(train_config(args, seed=0)),
         "rows": rows,
         "summary": summary,
         "bench_seconds": total,

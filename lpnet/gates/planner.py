@@ -158,19 +158,26 @@ class PlanningProblem:
     def latency(self, widths: torch.Tensor) -> torch.Tensor:
         """Differentiable predicted latency (B,) of continuous width vectors (B, G), for optimisation.
 
-        The value is LPNet's at the nearest grid widths: predictors are fitted on measured networks
-        whose widths are multiples of 8, between those points their staircase features can
-        extrapolate wildly (orders of magnitude), and plans only ever land on grid widths.
+        LPNet is evaluated at the nearest grid widths, with a straight-through gradient: predictors
+        are fitted on measured networks whose widths are multiples of 8, and between those points
+        their staircase features can extrapolate wildly (orders of magnitude), while plans only ever
+        land on grid widths. The ensemble is summarised by the geometric mean of its members so one
+        diverging member cannot dominate the gradient; budgets are checked on the reported
+        prediction (the members' arithmetic mean), see `reported_latency`.
+        """
+        snapped = widths + (self.snap(widths) - widths).detach()  # grid values forward, identity backward
+        members = self.predictor.latency(self.tn, snapped, members=True)  # (K, B)
+        return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
 
-        The gradient is the secant slope across one grid step each way (`grid_slopes`), not the
-        predictor's derivative at the grid point: latency is a staircase in each width, and its local
-        derivative says nothing of whether the next step costs a millisecond or nothing at all. With
-        the local derivative, W-Gates shut channels that cost no time (e.g. 24 -> 8 channels of an
-        early layer whose latency is flat there) and the final rounding handed them back untrained.
+    def step_latency(self, widths: torch.Tensor) -> torch.Tensor:
+        """`latency`'s value with the secant slope across one grid step each way as its gradient.
 
-        The ensemble is summarised by the geometric mean of its members so one diverging member
-        cannot dominate the optimisation; budgets are checked on the reported prediction (the
-        members' arithmetic mean), see `reported_latency`.
+        Latency is a staircase in each width, and the predictor's derivative at a grid point says
+        nothing of whether the next step costs a millisecond or nothing at all. Gates that follow
+        it shut channels that cost no time (e.g. 24 -> 8 channels of an early layer whose latency is
+        flat there) and the final rounding hands them back untrained; the gate modes use this
+        instead. It costs 2G width vectors per row (`grid_slopes`), which the architecture-only
+        mode's hundreds of steps on a large network do not need.
         """
         snapped = self.snap(widths)  # (B, G), no gradient
         value = self._optimised_latency(snapped)  # (B,)
@@ -295,7 +302,7 @@ def plan(
         gate_set = GateSet(module, network, options.gates, min_kept=problem.grid.min_widths)
         inputs = synthesize_inputs(module, network, options.datafree)
         outcome = optimise_gates_datafree(
-            module, gate_set, problem.latency, first_budget, inputs, options.datafree
+            module, gate_set, problem.step_latency, first_budget, inputs, options.datafree
         )
         scores = outcome.scores
         gate_target = outcome.counts

@@ -296,7 +296,7 @@ def train_and_prune(
 
     def latency_term() -> torch.Tensor:
         counts = torch.maximum(gate_set.kept_counts(), floor)[None]  # (1, G)
-        lat = problem.latency(counts)[0]
+        lat = problem.step_latency(counts)[0]
         last_latency.append(float(lat.detach()))
         term = constraint.penalty(lat)
         if config.capacity_weight > 0:

@@ -47,9 +47,7 @@ def test_architecture_only_plan_for_resnet18_predicts_under_budget(
     assert Network.from_dict(data["pruned_network"]).content_hash == result.pruned_network.content_hash
 
 
-def test_the_optimised_latency_steps_by_grid_secants(
-    tiny_net: Network, tiny_predictor: LatencyPredictor
-) -> None:
+def test_the_gates_latency_steps_by_grid_secants(tiny_net: Network, tiny_predictor: LatencyPredictor) -> None:
     problem = PlanningProblem.build(tiny_net, tiny_predictor)
     grid = problem.grid
     # Off-grid continuous widths between the minimum and the full widths.
@@ -57,7 +55,7 @@ def test_the_optimised_latency_steps_by_grid_secants(
         low + 0.37 * (full - low) + 1.3 for low, full in zip(grid.min_widths, grid.full_widths, strict=True)
     ]
     widths = torch.tensor([continuous], requires_grad=True)
-    value = problem.latency(widths)
+    value = problem.step_latency(widths)
     snapped = problem.snap(widths.detach())
     # The value is the prediction at the nearest grid widths (members' geometric mean).
     with torch.no_grad():
