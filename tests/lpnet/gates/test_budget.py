@@ -9,6 +9,7 @@ from lpnet.arch.groups import channel_layout
 from lpnet.arch.ir import Network
 from lpnet.gates.budget import (
     AugmentedLagrangian,
+    LatencyFn,
     check_feasible,
     fit_widths_to_budget,
     predicted_latency,
@@ -57,17 +58,23 @@ def test_equality_form_pulls_latency_up_to_the_budget() -> None:
     assert constraint.multiplier == pytest.approx(-0.2)
 
 
+def latency_fn(network: Network, predictor: LatencyPredictor) -> LatencyFn:
+    """The predictor's latency of width vectors (B, G) of `network`."""
+    tn = tensorize(network)
+
+    def latency(w: torch.Tensor) -> torch.Tensor:
+        return predictor.latency(tn, w)
+
+    return latency
+
+
 def test_rounded_widths_fit_the_budget_and_no_single_step_up_does(
     tiny_net: Network, tiny_predictor: LatencyPredictor
 ) -> None:
     layout = channel_layout(tiny_net)
     grid = width_grid(layout)
-    tn = tensorize(tiny_net)
-
-    def latency(w: torch.Tensor) -> torch.Tensor:
-        return tiny_predictor.latency(tn, w)
-
-    capacity = CapacityProxy(tiny_net, tn)
+    latency = latency_fn(tiny_net, tiny_predictor)
+    capacity = CapacityProxy(tiny_net, tensorize(tiny_net))
     full_ms = float(predicted_latency(latency, grid.full_widths)[0])
     for share in (0.5, 0.7, 0.9):
         budget = share * full_ms
@@ -87,11 +94,7 @@ def test_infeasible_budget_names_the_minimum_achievable_latency(
     tiny_net: Network, tiny_predictor: LatencyPredictor
 ) -> None:
     grid = width_grid(channel_layout(tiny_net))
-    tn = tensorize(tiny_net)
-
-    def latency(w: torch.Tensor) -> torch.Tensor:
-        return tiny_predictor.latency(tn, w)
-
+    latency = latency_fn(tiny_net, tiny_predictor)
     floor_ms = float(predicted_latency(latency, grid.min_widths)[0])
     assert check_feasible(grid, latency, floor_ms * 1.01) == pytest.approx(floor_ms)
     with pytest.raises(BudgetInfeasible) as info:
@@ -106,11 +109,7 @@ def test_an_over_budget_target_shrinks_as_a_whole_towards_the_minimum(
     tiny_net: Network, tiny_predictor: LatencyPredictor
 ) -> None:
     grid = width_grid(channel_layout(tiny_net))
-    tn = tensorize(tiny_net)
-
-    def latency(w: torch.Tensor) -> torch.Tensor:
-        return tiny_predictor.latency(tn, w)
-
+    latency = latency_fn(tiny_net, tiny_predictor)
     # A lopsided target: the first half of the groups full, the rest at their minimum.
     half = grid.num_groups // 2
     target = [float(c) for c in grid.channels[:half]] + [float(m) for m in grid.min_widths[half:]]
