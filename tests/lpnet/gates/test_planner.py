@@ -154,8 +154,8 @@ def test_verified_plan_measures_at_or_under_budget(
         calls.append(network)
         return measure(network)
 
-    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(max_rounds=4), measure=counting_measure)
-    assert result.verified and 1 <= len(result.rounds) <= 4
+    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(), measure=counting_measure)
+    assert result.verified and 1 <= len(result.rounds) <= PlanOptions().max_rounds
     # Plans timed over the budget once; plans that could end the loop twice, judged on the median.
     assert sum(len(r.timings_ms) for r in result.rounds) == len(calls)
     for round_ in result.rounds:
@@ -192,7 +192,7 @@ def test_verification_judges_the_latency_at_nominal_speed_and_reports_the_raw_on
         ms = measure(network)
         return MeasuredLatency(ms=ms, raw_ms=2 * ms, probe_ms=2.0, nominal_probe_ms=1.0)
 
-    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(max_rounds=4), measure=slow_moment)
+    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(), measure=slow_moment)
     assert result.met_budget is True
     assert result.measured_ms is not None and result.measured_ms <= budget
     for round_ in result.rounds:
