@@ -53,3 +53,10 @@ class CapacityProxy:
 
     def __call__(self, widths: torch.Tensor) -> torch.Tensor:
         return ((self.log_macs(widths) - self.full) * self.mask).sum(-1)  # (B,)
+
+    def per_layer(self, widths: torch.Tensor) -> torch.Tensor:
+        """Capacity (B,) divided by the number of conv and linear layers.
+
+        The capacity of an L-layer network is O(L); per layer it is O(1), like a latency penalty.
+        """
+        return self(widths) / float(self.mask.sum().clamp_min(1.0))

@@ -166,8 +166,7 @@ class PlanningProblem:
         prediction (the members' arithmetic mean), see `reported_latency`.
         """
         snapped = widths + (self.snap(widths) - widths).detach()  # grid values forward, identity backward
-        members = self.predictor.latency(self.tn, snapped, members=True)  # (K, B)
-        return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
+        return self._geometric_latency(snapped)
 
     def step_latency(self, widths: torch.Tensor) -> torch.Tensor:
         """`latency`'s value with the secant slope across one grid step each way as its gradient.
@@ -180,7 +179,8 @@ class PlanningProblem:
         mode's hundreds of steps on a large network do not need.
         """
         snapped = self.snap(widths)  # (B, G), no gradient
-        value = self._optimised_latency(snapped)  # (B,)
+        with torch.no_grad():
+            value = self._geometric_latency(snapped)  # (B,)
         if not widths.requires_grad:
             return value
         linear = (widths * self.grid_slopes(snapped)).sum(-1)  # (B,): gradient = slopes
@@ -200,15 +200,14 @@ class PlanningProblem:
         # is clamped, so the run is measured between the clamped ends.
         run = torch.diagonal(up, dim1=1, dim2=2) - torch.diagonal(down, dim1=1, dim2=2)  # (B, G)
         with torch.no_grad():
-            lat = self._optimised_latency(torch.cat([up, down], 1).reshape(-1, groups))
+            lat = self._geometric_latency(torch.cat([up, down], 1).reshape(-1, groups))
         lat = lat.reshape(batch, 2 * groups)
         rise = lat[:, :groups] - lat[:, groups:]  # (B, G)
         return torch.where(run > 0, rise / run.clamp_min(1e-6), torch.zeros_like(rise))
 
-    def _optimised_latency(self, widths: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            members = self.predictor.latency(self.tn, widths, members=True)  # (K, B)
-            return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
+    def _geometric_latency(self, widths: torch.Tensor) -> torch.Tensor:
+        members = self.predictor.latency(self.tn, widths, members=True)  # (K, B)
+        return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
 
     def reported_latency(self, widths: torch.Tensor) -> torch.Tensor:
         """The latency (B,) a plan reports (`predict(...).total_ms`, no gradient).
@@ -347,12 +346,10 @@ def optimise_widths(problem: PlanningProblem, budget_ms: float, options: PlanOpt
     theta = torch.full_like(full, 3.0, requires_grad=True)  # start near full width
     optimizer = torch.optim.Adam([theta], lr=options.learning_rate)
     constraint = AugmentedLagrangian(budget_ms, rho=options.rho, dual_rate=options.dual_rate)
-    # Per-layer units: the capacity of an L-layer network is O(L); dividing keeps it O(1) like the penalty.
-    scale = float(problem.capacity.mask.sum().clamp_min(1.0))
     for _ in range(options.steps):
         widths = (low + span * torch.sigmoid(theta))[None]  # (1, G)
         lat = problem.latency(widths)[0]
-        loss = -problem.capacity(widths)[0] / scale + constraint.penalty(lat)
+        loss = -problem.capacity.per_layer(widths)[0] + constraint.penalty(lat)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -128,7 +128,7 @@ class TrainedPlan:
 
 @dataclass(frozen=True)
 class CosineSpan:
-    """Epochs [start, start + epochs) of a cosine learning-rate schedule `total` epochs long.
+    """The part of a cosine learning-rate schedule `total` epochs long that starts at epoch `start`.
 
     The train mode runs joint training and fine-tuning as one schedule: the learning rate is still
     high when the gates have settled, so the network adapts to the channels it lost, instead of
@@ -136,7 +136,6 @@ class CosineSpan:
     """
 
     start: int
-    epochs: int
     total: int
 
     def factors(self, steps_per_epoch: int) -> Callable[[int], float]:
@@ -186,7 +185,7 @@ def train_epochs(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
     per_epoch = max(max_batches if max_batches is not None else _length(batches), 1)
-    span = schedule or CosineSpan(0, epochs, epochs)
+    span = schedule or CosineSpan(0, epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, span.factors(per_epoch))
     history: list[float] = []
     step = 0
@@ -292,15 +291,13 @@ def train_and_prune(
     # Counts below the grid's minimum never become a plan; clamping keeps LPNet inside its domain.
     floor = torch.as_tensor(problem.grid.min_widths, dtype=torch.float32)  # (G,)
 
-    capacity_scale = float(problem.capacity.mask.sum().clamp_min(1.0))
-
     def latency_term() -> torch.Tensor:
         counts = torch.maximum(gate_set.kept_counts(), floor)[None]  # (1, G)
         lat = problem.step_latency(counts)[0]
         last_latency.append(float(lat.detach()))
         term = constraint.penalty(lat)
         if config.capacity_weight > 0:
-            term = term - config.capacity_weight * problem.capacity(counts)[0] / capacity_scale
+            term = term - config.capacity_weight * problem.capacity.per_layer(counts)[0]
         return term
 
     total_epochs = config.gate_epochs + config.finetune_epochs
@@ -341,7 +338,7 @@ def train_and_prune(
             extra_loss=latency_term,
             extra_optimizer=gate_optimizer,
             after_step=dual_step,
-            schedule=CosineSpan(0, config.gate_epochs, total_epochs),
+            schedule=CosineSpan(0, total_epochs),
         )
         gate_set.eval()
         recalibrate_batch_norm(model, train_batches, config.max_batches or 20)
@@ -379,7 +376,7 @@ def train_and_prune(
             config.learning_rate,
             config.weight_decay,
             config.max_batches,
-            schedule=CosineSpan(config.gate_epochs, config.finetune_epochs, total_epochs),
+            schedule=CosineSpan(config.gate_epochs, total_epochs),
         )
     accuracy_after = evaluate_accuracy(pruned.module, val_batches)
     result = build_result(

@@ -30,9 +30,9 @@ def test_digits_loaders_split_and_upsample() -> None:
 
 
 def test_joint_training_and_fine_tuning_share_one_cosine_schedule() -> None:
-    joint = CosineSpan(0, 3, 8).factors(steps_per_epoch=10)
-    tune = CosineSpan(3, 5, 8).factors(steps_per_epoch=10)
-    whole = CosineSpan(0, 8, 8).factors(steps_per_epoch=10)
+    joint = CosineSpan(0, 8).factors(steps_per_epoch=10)
+    tune = CosineSpan(3, 8).factors(steps_per_epoch=10)
+    whole = CosineSpan(0, 8).factors(steps_per_epoch=10)
     assert joint(0) == 1.0
     # Fine-tuning starts where joint training stopped, not back at the full learning rate.
     assert tune(0) == whole(30) == joint(30)
