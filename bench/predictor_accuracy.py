@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.samples import NetworkSample
 from lpnet.predictor.train import TrainConfig
 from profiler.batch import Measurement, MeasurementKind
+from profiler.coverage import OP_COVERAGE_FAMILY
 from profiler.device import local_device_spec
 from profiler.environment import collect_environment, retain_freed_memory
 from profiler.protocol import TimingProtocol
@@ -62,7 +64,9 @@ from profiler.speed import SpeedProbe, at_nominal_speed, nominal_probe_ms
 from profiler.tasks import measure_sample
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_FAMILIES = "resnet18,resnet34,resnet50,mobilenet_v2,efficientnet_b0,mobilenet_v3_large"
+DEFAULT_FAMILIES = (
+    f"resnet18,resnet34,resnet50,mobilenet_v2,efficientnet_b0,mobilenet_v3_large,{OP_COVERAGE_FAMILY}"
+)
 # The median of one architecture repeats within ~1 % in a process; a 2 % precision target and a
 # 4 s cap keep a sample to about a second, so a device profiles in well under an hour.
 PROTOCOL = TimingProtocol(min_repeat_ms=300, min_repetitions=10, target_precision=0.02, max_seconds=4)
@@ -154,6 +158,13 @@ def load(cache: Path, labels: str) -> Profile:
     return Profile(samples, first_ms, isolated, counts, timings)
 
 
+def split_held_out(samples: list[NetworkSample]) -> tuple[list[int], list[int]]:
+    """Held-out width configurations of the model families; op-coverage networks always train."""
+    train, test = held_out_split(samples)
+    coverage = [i for i in test if samples[i].group == OP_COVERAGE_FAMILY]
+    return sorted(train + coverage), [i for i in test if samples[i].group != OP_COVERAGE_FAMILY]
+
+
 def retime_held_out(cache: Path, families: list[str], extra: int) -> int:
     """Time every whole network of the held-out split `extra` more times, round after round.
 
@@ -176,7 +187,7 @@ def retime_held_out(cache: Path, families: list[str], extra: int) -> int:
         ):
             originals.setdefault(m.architecture.content_hash, m)
     candidates = list(originals.values())
-    _, test_index = held_out_split(
+    _, test_index = split_held_out(
         [NetworkSample(m.architecture, 1.0, None, m.family) for m in candidates if m.architecture]
     )
     held_out = [candidates[i] for i in test_index]
@@ -329,7 +340,7 @@ def main() -> None:
 
     baselines: list[Callable[[], NetworkLatencyModel]] = [LayerForestSum, FlopsLinear, lookup]
     fit_started = time.perf_counter()
-    train_index, test_index = held_out_split(samples)
+    train_index, test_index = split_held_out(samples)
     held_out, predictor = evaluate_split(
         "held-out widths", samples, train_index, test_index, config, train, baselines
     )
@@ -340,11 +351,14 @@ def main() -> None:
     )
     results: list[SplitResult] = [held_out, single]
     if not args.no_lofo:
-        results += leave_one_family_out(samples, config, train, baselines)
+        results += leave_one_family_out(
+            samples, config, train, baselines, always_trained=[OP_COVERAGE_FAMILY]
+        )
     rows = metrics_table(results)
     print(format_table(rows))
     for result in results:
-        scatter_plot(result, args.output.with_name(f"{args.output.stem}_{result.name.replace(' ', '_')}.png"))
+        slug = re.sub(r"[^A-Za-z0-9-]+", "_", result.name).strip("_")
+        scatter_plot(result, args.output.with_name(f"{args.output.stem}_{slug}.png"))
     timing = speed(predictor)
     print(json.dumps(timing, indent=2))
     lofo = [r for r in rows if r["split"].startswith("without") and r["model"] == "LPNet"]

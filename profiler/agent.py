@@ -110,7 +110,9 @@ def run_agent(options: AgentOptions, sink: MeasurementSink) -> RunSummary:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m profiler.agent", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--families", default=",".join(DEFAULT_FAMILIES), help="comma-separated torchvision names"
+        "--families",
+        default=",".join(DEFAULT_FAMILIES),
+        help="comma-separated torchvision names, or op_coverage (every IR operator)",
     )
     parser.add_argument(
         "--kinds", default=",".join(k.value for k in MeasurementKind), help="network,in_context,isolated"

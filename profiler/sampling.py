@@ -28,6 +28,7 @@ import numpy as np
 
 from lpnet.arch.ir import Layer, Network, Op
 from profiler.batch import NETWORK_KINDS, MeasurementKind
+from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
 from profiler.device import DeviceSpec
 from profiler.errors import UnknownFamily
 
@@ -45,6 +46,7 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
     "regnet_x_400mf",
     "regnet_y_400mf",
     "vgg11",
+    OP_COVERAGE_FAMILY,
 )
 # Layer ops worth timing on their own; flatten and concat only move memory around.
 ISOLATED_OPS = frozenset(
@@ -409,12 +411,19 @@ class StratifiedSampler(_QueueSampler):
         input_shape: Sequence[int] = (1, 3, 224, 224),
         skip_unsupported: bool = True,
     ) -> StratifiedSampler:
-        """Build each torchvision family's IR; unsupported families are skipped with a warning."""
+        """Build each family's IR; unsupported families are skipped with a warning.
+
+        A family is a torchvision classification model's name, or `op_coverage`
+        (profiler.coverage): a synthetic network with every IR operator.
+        """
         from lpnet.arch.from_torch import network_from_torchvision
         from lpnet.errors import LpnetError, UnknownModel
 
         networks: dict[str, Network] = {}
         for name in families:
+            if name == OP_COVERAGE_FAMILY:
+                networks[name] = op_coverage_network(input_shape)
+                continue
             try:
                 networks[name] = network_from_torchvision(name, input_shape)
             except UnknownModel as exc:

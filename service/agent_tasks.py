@@ -28,6 +28,7 @@ from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.errors import LpnetError
+from profiler.coverage import OP_COVERAGE_FAMILY
 from service.config import AgentSettings, Settings
 from service.db.base import utcnow
 from service.db.models import (
@@ -235,7 +236,7 @@ def device_sample_keys(session: Session, device_id: int) -> list[str]:
 
 
 def check_families(families: Sequence[str]) -> None:
-    """Refuse names that are not torchvision classification models.
+    """Refuse names that are neither torchvision classification models nor the op-coverage network.
 
     Raises:
         InvalidInput: Naming the unknown families and the known ones.
@@ -243,10 +244,11 @@ def check_families(families: Sequence[str]) -> None:
     import torchvision
 
     known = set(torchvision.models.list_models(module=torchvision.models))
-    unknown = [name for name in families if name not in known]
+    unknown = [name for name in families if name not in known and name != OP_COVERAGE_FAMILY]
     if unknown:
         raise InvalidInput(
-            f"unknown model families {unknown}; torchvision classification models are: {', '.join(sorted(known))}",
+            f"unknown model families {unknown}; families are {OP_COVERAGE_FAMILY} (every IR operator) or "
+            f"torchvision classification models: {', '.join(sorted(known))}",
             {"unknown": unknown},
         )
 

@@ -95,9 +95,14 @@ def leave_one_family_out(
     config: LPNetConfig | None = None,
     train_config: TrainConfig | None = None,
     baselines: Sequence[Callable[[], NetworkLatencyModel]] | None = None,
+    always_trained: Sequence[str] = (),
 ) -> list[SplitResult]:
-    """One split per family: train on every other family, test on it."""
-    families = sorted({s.group for s in samples})
+    """One split per family: train on every other family, test on it.
+
+    Families in `always_trained` (e.g. the op-coverage network every profile holds) are never left
+    out, and stay in every training set.
+    """
+    families = sorted({s.group for s in samples} - set(always_trained))
     results = []
     for family in families:
         test = [i for i, s in enumerate(samples) if s.group == family]

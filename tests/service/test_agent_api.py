@@ -106,6 +106,13 @@ def test_a_campaign_is_leased_renewed_completed_once(api: Api, environment: dict
     assert api.get("/v1/devices/tiny-cpu/tasks?status=queued", key="reader").json() == []
 
 
+def test_a_campaign_may_ask_for_the_op_coverage_family(api: Api) -> None:
+    queued = queue_campaign(api, families=["resnet18", "op_coverage"])
+    assert queued["payload"]["families"] == ["resnet18", "op_coverage"]
+    misspelt = api.post("/v1/devices/tiny-cpu/campaigns", json={**CAMPAIGN, "families": ["op_coverages"]})
+    assert "op_coverages" in str(assert_error_shape(misspelt, 422, "invalid_input")["message"])
+
+
 def test_hello_queues_one_first_campaign_when_asked(api: Api, environment: dict[str, Any]) -> None:
     body = {"agent_id": "a1", "environment": environment, "profile_minutes": 5}
     first = api.post("/v1/agent/hello", key="agent", json=body).json()

@@ -1,0 +1,48 @@
+"""The op-coverage family: every IR operator, prunable, sampled and timed like a torchvision family."""
+
+from __future__ import annotations
+
+from lpnet.arch.ir import Op
+from profiler.backends import get_backend
+from profiler.batch import MeasurementKind
+from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
+from profiler.device import DeviceSpec
+from profiler.protocol import TimingProtocol
+from profiler.sampling import SamplingConfig, StratifiedSampler
+from profiler.tasks import measure_sample
+
+
+def test_the_op_coverage_network_holds_every_operator_the_ir_knows() -> None:
+    network = op_coverage_network((1, 3, 64, 64))
+    assert {layer.op for layer in network.layers} == set(Op)
+    # Activations appear at more than one resolution or channel count once widths vary.
+    resolutions = {layer.in_hw for layer in network.layers if layer.op in (Op.RELU6, Op.SILU)}
+    assert len(resolutions) >= 2
+
+
+def test_its_width_variants_keep_every_operator_and_are_timed_in_context(
+    device: DeviceSpec, fast_protocol: TimingProtocol
+) -> None:
+    sampler = StratifiedSampler.for_families(
+        [OP_COVERAGE_FAMILY],
+        device,
+        SamplingConfig(network_samples=4, in_context_samples=4, isolated_samples=0, seed=3),
+        input_shape=(1, 3, 64, 64),
+    )
+    samples = []
+    while batch := sampler.next_batch(set(), size=4, bucket=(OP_COVERAGE_FAMILY, MeasurementKind.IN_CONTEXT)):
+        samples.extend(batch)
+    assert len({s.width_vector for s in samples}) >= 3
+    pruned = [s for s in samples if s.origin != "unpruned"]
+    assert pruned and all({layer.op for layer in s.network.layers} == set(Op) for s in pruned if s.network)
+
+    measurement = measure_sample(pruned[0], get_backend("torch-cpu", threads=1), fast_protocol)
+    assert measurement.status == "ok", measurement.error
+    assert measurement.family == OP_COVERAGE_FAMILY
+    timed_ops = {
+        layer.op
+        for layer in pruned[0].network.layers  # type: ignore[union-attr]
+        for t in measurement.per_layer or []
+        if t.layer == layer.name and t.ms > 0
+    }
+    assert {Op.SILU, Op.SIGMOID, Op.GELU, Op.TANH, Op.HARDSWISH, Op.HARDSIGMOID} <= timed_ops
