@@ -84,24 +84,39 @@ def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarra
     const = np.zeros((n_l, n_f))
     cin = np.zeros((n_l, n_f, n_k))
     cout = np.zeros((n_l, n_f, n_k))
-    kernel = np.array([lay.kernel[0] * lay.kernel[1] for lay in layers], dtype=float)
-    in_area = np.array([lay.in_hw[0] * lay.in_hw[1] for lay in layers], dtype=float)
-    out_area = np.array([lay.out_hw[0] * lay.out_hw[1] for lay in layers], dtype=float)
-    depthwise = np.array([lay.is_depthwise for lay in layers])
-    groups = np.array([1 if lay.is_depthwise else lay.groups for lay in layers], dtype=float)
-    ops = [lay.op for lay in layers]
-    conv = np.array([op is Op.CONV2D for op in ops])
-    linear = np.array([op is Op.LINEAR for op in ops])
-    batchnorm = np.array([op is Op.BATCHNORM2D for op in ops])
+    # One pass over the layers (attribute access dominates featurising a new network).
+    rows = np.array(
+        [
+            (
+                lay.kernel[0] * lay.kernel[1],
+                lay.in_hw[0] * lay.in_hw[1],
+                lay.out_hw[0] * lay.out_hw[1],
+                lay.is_depthwise,
+                lay.groups,
+                lay.stride[0],
+                lay.bias,
+                OP_INDEX[lay.op],
+            )
+            for lay in layers
+        ],
+        dtype=float,
+    ).reshape(n_l, 8)
+    kernel, in_area, out_area = rows[:, 0], rows[:, 1], rows[:, 2]
+    depthwise = rows[:, 3] > 0
+    groups = np.where(depthwise, 1.0, rows[:, 4])
+    op_index = rows[:, 7]
+    conv = op_index == OP_INDEX[Op.CONV2D]
+    linear = op_index == OP_INDEX[Op.LINEAR]
+    batchnorm = op_index == OP_INDEX[Op.BATCHNORM2D]
 
     cin[:, _F["log_in_channels"], 0] = 1.0
     cout[:, _F["log_out_channels"], 0] = 1.0
     const[:, _F["log_in_area"]] = np.log(in_area)
     const[:, _F["log_out_area"]] = np.log(out_area)
     const[:, _F["kernel_area"]] = kernel / 9.0
-    const[:, _F["stride"]] = [float(lay.stride[0]) for lay in layers]
+    const[:, _F["stride"]] = rows[:, 5]
     const[:, _F["depthwise"]] = depthwise
-    const[:, _F["bias"]] = [lay.bias for lay in layers]
+    const[:, _F["bias"]] = rows[:, 6]
     const[:, _F["batch"]] = math.log(batch)
     cin[depthwise, _F["log_groups"], 0] = 1.0
     const[:, _F["log_groups"]] = np.where(depthwise, 0.0, np.log(groups))

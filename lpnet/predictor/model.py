@@ -93,8 +93,27 @@ class LPNet(nn.Module):
     def member_layer_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
         x = self.normalise(features)
+        if self.config.depth == 1:
+            return torch.exp(self.bounded(self._stacked_layer_log_ms(x, ops)))
         ops_b = ops.expand(x.shape[:-1])
         return torch.stack([torch.exp(self.bounded(m.layer_log_ms(x, ops_b))) for m in self.members])
+
+    def _stacked_layer_log_ms(self, x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+        """`layer_log_ms` of every one-hidden-layer member at once: x (B, L, F) normalised -> (K, B, L).
+
+        The same arithmetic as the members one by one, as a few batched products instead of five
+        small forwards each: what keeps one prediction of a new network within a couple of ms.
+        """
+        members = self.members
+        n_feat = x.shape[-1]
+        weight = torch.stack([m.first.weight for m in members])  # (K, H, F + E)
+        embedded = torch.stack([m.embed(ops) for m in members])  # (K, L, E)
+        per_layer = torch.einsum("kle,khe->klh", embedded, weight[:, :, n_feat:])  # (K, L, H)
+        per_layer = per_layer + torch.stack([m.first.bias for m in members])[:, None, :]
+        hidden = torch.einsum("blf,khf->kblh", x, weight[:, :, :n_feat]) + per_layer[:, None]  # (K, B, L, H)
+        head = torch.stack([m.head.weight[0] for m in members])  # (K, H)
+        bias = torch.stack([m.head.bias[0] for m in members])  # (K,)
+        return torch.einsum("kblh,kh->kbl", torch.nn.functional.silu(hidden), head) + bias[:, None, None]
 
     def member_overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
         """Network overhead of every member for a layer list (L,) -> (K,)."""

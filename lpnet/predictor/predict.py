@@ -10,6 +10,7 @@ from lpnet.arch.ir import Network
 from lpnet.predictor.features import NUMERIC_FEATURES, OPS, TensorizedNetwork, tensorize
 from lpnet.predictor.model import LPNet
 
+_OP_NAMES: tuple[str, ...] = tuple(op.value for op in OPS)
 # How far (in units of the training range) a feature may stray before a result is flagged.
 _RANGE_MARGIN = 0.1
 
@@ -101,7 +102,7 @@ class LatencyPredictor:
             total, low, high = self._interval(totals[:, None])
         mean_layer = layer_ms.mean(0).tolist()
         per_layer = [
-            LayerPrediction(name, OPS[op].value, ms)
+            LayerPrediction(name, _OP_NAMES[op], ms)
             for name, op, ms in zip(tn.layer_names, tn.ops.tolist(), mean_layer, strict=True)
         ]
         return Prediction(
