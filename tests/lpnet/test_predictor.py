@@ -67,17 +67,30 @@ def measured() -> list[NetworkSample]:
     """In-context measurements against the speed probe, at the median probe speed of the set.
 
     This machine's own speed moves by tens of percent within a minute; the probe takes that out of
-    the labels, as a profile with the probe does.
+    the labels, as a profile with the probe does. Every variant is timed in two rounds a few seconds
+    apart and keeps the faster one relative to the probe: another process can only slow a timing
+    down, and one burst during a round once left both models at 14 % MAPE, unable to rank.
     """
     torch.set_num_threads(1)
     backend = get_backend("torch-cpu", threads=1)
     protocol = TimingProtocol.quick()
     probe = SpeedProbe()
+    variants = [
+        (base, widths)
+        for seed, base in enumerate([_plain(), _separable()])
+        for widths in _variants(base, VARIANTS_PER_FAMILY, seed)
+    ]
+    rounds = [
+        [
+            measure_in_context(base, backend, protocol, width_vector=widths, probe=probe.run)
+            for base, widths in variants
+        ]
+        for _ in range(2)
+    ]
     timed = []
-    for seed, base in enumerate([_plain(), _separable()]):
-        for widths in _variants(base, VARIANTS_PER_FAMILY, seed):
-            result = measure_in_context(base, backend, protocol, width_vector=widths, probe=probe.run)
-            timed.append((base, widths, result))
+    for (base, widths), *results in zip(variants, *rounds, strict=True):
+        assert all(r.network.relative is not None for r in results)
+        timed.append((base, widths, min(results, key=lambda r: r.network.relative or 0.0)))
     nominal = float(np.median([r.network.probe_ms for _, _, r in timed]))
     samples = []
     for base, widths, result in timed:
