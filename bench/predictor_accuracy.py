@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lpnet.arch.from_torch import network_from_torchvision
-from lpnet.arch.ir import Layer
+from lpnet.arch.ir import Layer, Network
 from lpnet.predictor.baselines import FlopsLinear, LayerForestSum, LayerLookupSum, NetworkLatencyModel
 from lpnet.predictor.evaluate import (
     SplitResult,
@@ -177,7 +177,7 @@ def retime_held_out(cache: Path, families: list[str], extra: int) -> int:
     retain_freed_memory()
     device = local_device_spec(threads=1)
     _, measurements = read_jsonl(cache)
-    originals: dict[str, Measurement] = {}
+    originals: dict[str, tuple[Network, Measurement]] = {}
     for m in measurements:
         if (
             m.kind is MeasurementKind.NETWORK
@@ -185,11 +185,9 @@ def retime_held_out(cache: Path, families: list[str], extra: int) -> int:
             and m.architecture is not None
             and m.family in families
         ):
-            originals.setdefault(m.architecture.content_hash, m)
+            originals.setdefault(m.architecture.content_hash, (m.architecture, m))
     candidates = list(originals.values())
-    _, test_index = split_held_out(
-        [NetworkSample(m.architecture, 1.0, None, m.family) for m in candidates if m.architecture]
-    )
+    _, test_index = split_held_out([NetworkSample(arch, 1.0, None, m.family) for arch, m in candidates])
     held_out = [candidates[i] for i in test_index]
     backend = device.create_backend()
     probe = SpeedProbe().run
@@ -198,10 +196,9 @@ def retime_held_out(cache: Path, families: list[str], extra: int) -> int:
     try:
         done = sink.done_keys()
         for replicate in range(1, extra + 1):
-            for m in held_out:
-                assert m.architecture is not None
+            for arch, m in held_out:
                 sample = Sample.for_network(
-                    m.architecture, device, family=m.family, width_vector=m.width_vector, replicate=replicate
+                    arch, device, family=m.family, width_vector=m.width_vector, replicate=replicate
                 )
                 if sample.sample_key in done:
                     continue
@@ -225,12 +222,12 @@ def repeat_noise(timings: dict[tuple[str, str], list[float]]) -> dict[str, Any]:
     """
     repeated = [v for v in timings.values() if len(v) > 1]
     diffs = [abs(v[1] - v[0]) / min(v[0], v[1]) for v in repeated]
-    errors = [
-        abs(t - statistics.median(v[:i] + v[i + 1 :])) / statistics.median(v[:i] + v[i + 1 :])
-        for v in repeated
-        if len(v) >= 3
-        for i, t in enumerate(v)
-    ]
+    errors = []
+    for v in repeated:
+        if len(v) >= 3:
+            for i, t in enumerate(v):
+                others = statistics.median(v[:i] + v[i + 1 :])
+                errors.append(abs(t - others) / others)
     return {
         "repeated_architectures": len(diffs),
         "median_relative_difference": float(np.median(diffs)) if diffs else None,

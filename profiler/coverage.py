@@ -8,8 +8,9 @@ every operator measured costs at several resolutions and, through the sampler's 
 several channel counts, whatever families a profile covers; nn-Meter measures kernels
 independently of models for the same reason.
 
-The network is small (about 2 ms on one core at 224x224) and prunable like any family: its
-channel groups come from torch-pruning's dependency graph, so the sampler varies them.
+The network is small (about 10 ms on one core of a 2-core AMD EPYC at 224x224, against 18 ms for
+mobilenet_v2) and prunable like any family: its channel groups come from torch-pruning's dependency
+graph, so the sampler varies them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _conv_bn(
 
 
 class OpCoverageNet(nn.Module):
-    """Every IR operator at least twice, at more than one resolution.
+    """Every IR operator at least once; relu6 and silu at two resolutions.
 
     stem (conv, BN, relu) -> maxpool -> an inverted-residual block (relu6, depthwise silu, add) ->
     squeeze-and-excitation (adaptive pooling, gelu, sigmoid, mul) -> two branches (tanh; avgpool and
@@ -66,9 +67,8 @@ class OpCoverageNet(nn.Module):
 
 
 def op_coverage_network(input_shape: Sequence[int] = (1, 3, 224, 224)) -> Network:
-    """The op-coverage network's IR for an (N, C, H, W) input, random weights."""
+    """The op-coverage network's IR for an (N, C, H, W) input (shapes only: the IR holds no weights)."""
     from lpnet.arch.from_torch import network_from_module
 
-    torch.manual_seed(0)
     module = OpCoverageNet(in_channels=int(input_shape[1])).eval()
     return network_from_module(module, input_shape, name=OP_COVERAGE_FAMILY, family=OP_COVERAGE_FAMILY)
