@@ -8,18 +8,22 @@ budgets that are shares of its measured latency:
   `--gate-epochs`, widths rounded under the budget and verified by measurement (<= 5 rounds),
   physical pruning, `--finetune-epochs` of fine-tuning on the same cosine schedule.
 - Baselines (uniform width, L1 global, L1 per layer, Taylor global): the largest keep ratio whose
-  *measured* latency is at or under the same aim (budget * (1 - verify_margin), as the verified W-Gates plans aim),
-  found by bisection; physical pruning; `--gate-epochs + --finetune-epochs` of fine-tuning, so every
-  method gets the same number of epochs after the base model.
+  measured latency is at or under the *W-Gates network's* at the same budget, found by bisection with
+  every candidate timed right beside the W-Gates network (paired timings, so the machine's drift
+  between them cancels); physical pruning; `--gate-epochs + --finetune-epochs` of fine-tuning, so
+  every method gets the same number of epochs after the base model.
 
 Every timing is taken against the speed probe and reported at the speed the machine had when the
 seed started (profiler/verification.py; raw medians are saved beside them), so latencies measured
 minutes apart on a shared machine compare; `--no-speed-probe` uses raw medians throughout.
 A budget below what the narrowest network reaches (the share is of a latency that moves with the
 machine) is recorded as infeasible and skipped for every method.
-Every final network is measured again separately; accuracy is on the 360 held-out digits (one
-image is 0.28 %), so differences of a few tenths of a percent are noise: use `--seeds` to see the
-spread. The predictor is fitted here on measured width variants of the network.
+Every final network is measured again separately. Accuracy is on the held-out digits (`--val-share`
+of the 1,797; 360 at the default 0.2, one image is 0.28 %), so differences of a few tenths of a
+percent are noise: use `--seeds` to see the spread. Plain digits are too easy to tell methods apart
+(every one scores 99-100 %); `--distortion` rotates, shears, shifts and adds noise to every image
+(a fixed draw per seed, `lpnet.gates.datasets.distort_digits`), which leaves room below 100 %.
+The predictor is fitted here on measured width variants of the network.
 
 Timings on this machine (2 cores, 1 thread): `--quick` about 2-4 minutes; the default (15 base
 epochs, 4 budgets, 5 methods, 3 + 5 epochs each) about 20-30 minutes per seed.
@@ -37,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +97,20 @@ def fit_digits_predictor(
     return fit_predictor(samples, LPNetConfig(), TrainConfig(steps=steps, seed=seed))
 
 
+def relative_to(meter: NetworkMeter, reference: Network) -> Callable[[Network], float]:
+    """Latency of a network as a share of `reference`'s, the two timed one right after the other.
+
+    Paired timings cancel the machine's drift between them, which on a shared 2-core machine moves
+    a single timing by several per cent over minutes: matching a baseline to W-Gates' latency
+    measured earlier would compare the two at different speeds.
+    """
+
+    def share(net: Network) -> float:
+        return meter(net).ms / meter(reference).ms
+
+    return share
+
+
 def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
     """W-Gates' settings: the library's defaults with the bench's epochs and learning rate."""
     return TrainPruneConfig(
@@ -105,7 +124,13 @@ def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
 
 def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
-    data = digits_loaders(batch_size=64, image_size=args.image_size, seed=seed)
+    data = digits_loaders(
+        batch_size=64,
+        image_size=args.image_size,
+        val_share=args.val_share,
+        seed=seed,
+        distortion=args.distortion,
+    )
     config = SmallResNetConfig(in_channels=1, num_classes=10, widths=tuple(args.widths))
     base = SmallResNet(config)
     network = network_from_module(base, (1, *data.input_chw), name="digits-resnet", family="digits-resnet")
@@ -135,6 +160,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     )
     unpruned_ms = measure(network)
     grid = width_grid(channel_layout(network))
+    val_images = sum(len(targets) for _, targets in data.val)
     rows: list[dict[str, Any]] = [
         {
             "seed": seed,
@@ -144,6 +170,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             "measured_ms": unpruned_ms,
             "nominal_probe_ms": meter.nominal_probe_ms,
             "accuracy": base_accuracy,
+            "val_images": val_images,
             "widths": grid.full_widths,
         }
     ]
@@ -151,7 +178,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         f"[seed {seed}] unpruned: {unpruned_ms:.3f} ms measured, {predictor.predict(network).total_ms:.3f} predicted"
     )
     epochs = args.gate_epochs + args.finetune_epochs
-    val_images = sum(len(targets) for _, targets in data.val)
     for share in args.budgets:
         budget = share * unpruned_ms
         started = time.perf_counter()
@@ -207,8 +233,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 if name == "taylor"
                 else get_criterion(name)
             )
-            selection, _ = match_latency(
-                criterion, base, network, grid, measure, budget * (1 - VERIFY_MARGIN), iterations=8
+            # Matched to the W-Gates network's measured latency, each candidate timed right beside it.
+            selection, relative = match_latency(
+                criterion, base, network, grid, relative_to(meter, outcome.pruned.network), 1.0, iterations=8
             )
             pruned = prune_module(base, network, selection.widths, selection.kept_indices)
             accuracy_pruned = evaluate_accuracy(pruned.module, data.val)
@@ -225,6 +252,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     "accuracy": evaluate_accuracy(pruned.module, data.val),
                     "val_images": val_images,
                     "accuracy_pruned": accuracy_pruned,
+                    "latency_vs_wgates": relative,
                     "ratio": selection.ratio,
                     "widths": selection.widths,
                     "seconds": time.perf_counter() - started,
@@ -338,7 +366,7 @@ def plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
         label="unpruned",
     )
     axes.set_xlabel("measured latency (ms, torch CPU, 1 thread)")
-    axes.set_ylabel("validation accuracy (360 digits)")
+    axes.set_ylabel(f"validation accuracy ({rows[0]['val_images']} digits)")
     axes.set_title("Digits SmallResNet: accuracy vs measured latency")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -356,8 +384,22 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer epochs, budgets and variants")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="pool the rows of earlier result files (e.g. seeds run on separate cores) into one report",
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument(
+        "--distortion",
+        type=float,
+        default=0.0,
+        help="strength in [0, 1] of the fixed random distortion of every digit (0: plain digits)",
+    )
+    parser.add_argument("--val-share", type=float, default=0.2, help="share of the digits held out")
     parser.add_argument("--base-epochs", type=int)
     parser.add_argument("--gate-epochs", type=int)
     parser.add_argument("--finetune-epochs", type=int)
@@ -391,10 +433,39 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ("_quick" if quick else "")
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
-        rows += run_seed(args, seed)
+    if args.combine:
+        # Seeds run as separate processes (one per core): pool their rows into one report.
+        for path in args.combine:
+            rows += json.loads(Path(path).read_text())["rows"]
+    else:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            rows += run_seed(args, seed)
+            write_report(rows, args, time.perf_counter() - started, load, suffix)
+    write_report(rows, args, time.perf_counter() - started, load, suffix, show=True)
+
+
+def write_report(
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    seconds: float,
+    load: float,
+    suffix: str,
+    show: bool = False,
+) -> None:
+    """Summarise the rows so far and write the JSON and PNG (after every seed, so none is lost)."""
     summary = summarise(rows, args.methods)
-    total = time.perf_counter() - started
+    report = {
+        "settings": vars(args),
+        "train_config": dataclasses.asdict(train_config(args, seed=0)),
+        "rows": rows,
+        "summary": summary,
+        "bench_seconds": seconds,
+        "load_average_at_start": load,
+    }
+    (RESULTS / f"wgates_digits{suffix}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, args.methods, RESULTS / f"wgates_digits{suffix}.png")
+    if not show:
+        return
     print("\nsummary (mean over seeds):")
     for share, per_method in summary.items():
         margin = per_method.get("w-gates_minus_best_baseline")
@@ -409,22 +480,14 @@ def main() -> None:
         print(f"  budget {share}: {cells}; w-gates - {margin['best_baseline']} = {margin['accuracy']:+.4f}")
         for method, pair in per_method["w-gates_paired"].items():
             won, tied, lost = pair["images_won_tied_lost"]
+            error = pair["accuracy_difference_std_error"]
             print(
-                f"    w-gates - {method}, seed by seed: {pair['accuracy_difference_mean']:+.4f} "
+                f"    w-gates - {method}, seed by seed: {pair['accuracy_difference_mean']:+.4f}"
+                f"{f' (standard error {error:.4f})' if error is not None else ''} "
                 f"({pair['image_difference_total']:+d} images over {pair['seeds']} seeds; seeds won/tied/lost "
                 f"{won}/{tied}/{lost}), latency {pair['measured_ms_difference_mean']:+.3f} ms"
             )
-    print(f"bench took {total:.0f} s")
-    report = {
-        "settings": vars(args),
-        "train_config": dataclasses.asdict(train_config(args, seed=0)),
-        "rows": rows,
-        "summary": summary,
-        "bench_seconds": total,
-        "load_average_at_start": load,
-    }
-    (RESULTS / f"wgates_digits{suffix}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.methods, RESULTS / f"wgates_digits{suffix}.png")
+    print(f"bench took {seconds:.0f} s")
     print(f"wrote {RESULTS / f'wgates_digits{suffix}.json'} and .png")
 
 

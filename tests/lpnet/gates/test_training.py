@@ -9,7 +9,7 @@ import torch
 
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
-from lpnet.gates.datasets import cifar10_loaders, digits_loaders, image_folder_loaders
+from lpnet.gates.datasets import cifar10_loaders, digits_loaders, distort_digits, image_folder_loaders
 from lpnet.gates.errors import DatasetUnavailable
 from lpnet.gates.planner import PlanningProblem
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
@@ -27,6 +27,34 @@ def test_digits_loaders_split_and_upsample() -> None:
     assert inputs.shape == (32, 1, 16, 16) and targets.dtype == torch.long
     assert data.input_chw == (1, 16, 16) and data.num_classes == 10
     assert len(data.train.dataset) + len(data.val.dataset) == 1797
+
+
+def test_distorted_digits_are_a_fixed_harder_draw_of_the_same_split() -> None:
+    plain = digits_loaders(image_size=16, seed=3)
+    distorted = digits_loaders(image_size=16, seed=3, distortion=1.0)
+    again = digits_loaders(image_size=16, seed=3, distortion=1.0)
+    other_seed = digits_loaders(image_size=16, seed=4, distortion=1.0)
+    plain_x, plain_y = plain.val.dataset.tensors  # type: ignore[attr-defined]
+    x, y = distorted.val.dataset.tensors  # type: ignore[attr-defined]
+    assert torch.equal(y, plain_y), "distortion changes images, not the split"
+    assert torch.equal(x, again.val.dataset.tensors[0])  # type: ignore[attr-defined]
+    assert not torch.equal(x, other_seed.val.dataset.tensors[0])  # type: ignore[attr-defined]
+    # Normalised to the training split's statistics either way, but most pixels have moved.
+    assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+    assert float((x - plain_x).abs().mean()) > 0.3
+
+
+def test_distort_digits_keeps_pixels_in_range_and_strength_zero_is_identity() -> None:
+    images = torch.rand(50, 1, 16, 16)
+    same = distort_digits(images, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, images, atol=1e-5)
+    warped = distort_digits(images, 1.0, torch.Generator().manual_seed(0))
+    assert warped.shape == images.shape and float(warped.min()) >= 0.0 and float(warped.max()) <= 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="distortion"):
+            digits_loaders(distortion=bad)
+    with pytest.raises(ValueError, match="val_share"):
+        digits_loaders(val_share=1.0)
 
 
 def test_joint_training_and_fine_tuning_share_one_cosine_schedule() -> None:
