@@ -73,11 +73,14 @@ def json_safe(value: Any) -> Any:
 
 
 def ok_network_count(session: Session, device_id: int) -> int:
-    """Successful whole-network measurements of the device: what a fit learns from."""
+    """Distinct architectures the device has timed successfully: the samples a fit learns from.
+
+    Repeated timings of one architecture count once (`training_samples` merges them).
+    """
     count = session.scalar(
-        select(func.count())
-        .select_from(NetworkMeasurement)
-        .where(NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK)
+        select(func.count(func.distinct(NetworkMeasurement.arch_hash))).where(
+            NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK
+        )
     )
     return int(count or 0)
 
@@ -89,20 +92,26 @@ class TrainingSet:
     `labels` is "ms" for the measured milliseconds, or "probe" when every network row was timed
     against the speed probe (profiler.speed): latencies are then at the device's nominal probe
     speed, `nominal_probe_ms`, which takes out how fast the machine happened to run at each moment.
+    `timings` counts the measurement rows behind the samples (one sample per architecture).
     """
 
     samples: list[NetworkSample]
     labels: str
     nominal_probe_ms: float | None
+    timings: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"labels": self.labels, "nominal_probe_ms": self.nominal_probe_ms}
+        return {"labels": self.labels, "nominal_probe_ms": self.nominal_probe_ms, "timings": self.timings}
 
 
 def training_samples(session: Session, device_id: int) -> TrainingSet:
-    """The device's successful network measurements as predictor training samples."""
+    """The device's successful network measurements as predictor training samples.
+
+    Repeated timings of one architecture become one sample labelled with their median
+    (`lpnet.predictor.samples.merge_replicates`), after scaling to the nominal probe speed.
+    """
     from lpnet.arch.ir import Network
-    from lpnet.predictor.samples import NetworkSample
+    from lpnet.predictor.samples import NetworkSample, merge_replicates
     from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal
 
     rows = session.execute(
@@ -136,7 +145,7 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
                 family=family,
             )
         )
-    return TrainingSet(samples, "probe" if probed else "ms", nominal)
+    return TrainingSet(merge_replicates(samples), "probe" if probed else "ms", nominal, len(samples))
 
 
 def min_fit_networks() -> int:

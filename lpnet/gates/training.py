@@ -33,8 +33,10 @@ from lpnet.gates.planner import (
     MeasureFn,
     PlanMode,
     PlanningProblem,
+    PlanOptions,
     build_result,
     calibrated_budget,
+    optimise_widths,
     verification_loop,
 )
 from lpnet.gates.result import PlanResult
@@ -48,11 +50,24 @@ Batches = Iterable[Any]
 """Anything yielding (inputs, targets) pairs, e.g. a DataLoader."""
 
 
+ALLOCATIONS = frozenset({"planned", "joint"})
+
+
 @dataclass(frozen=True)
 class TrainPruneConfig:
     """Settings of the train mode.
 
     Attributes:
+        allocation: how the kept count of each group is decided.
+            "planned" (default): by the architecture-only optimisation, gradient descent through
+            LPNet maximising the capacity proxy under the (calibrated) budget; during joint
+            training each group's open gates shrink from all to that count over `budget_warmup`,
+            the highest-scoring filters stay open, and the task loss trains the gate MLPs (through
+            `top_k_gates`) to score which filters earn their place.
+            "joint": the counts too are learnt in joint training, each gate open where its score is
+            positive, under LPNet's augmented-Lagrangian latency term and the capacity barrier.
+            On distorted digits the joint counts narrowed the residual groups and kept the inner
+            convolutions wide, and fine-tuned worse than the planned counts (see the README).
         gate_epochs: epochs of joint training of weights and gates.
         finetune_epochs: epochs of fine-tuning after physical pruning.
         learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed over joint
@@ -82,6 +97,7 @@ class TrainPruneConfig:
         seed: random seed.
     """
 
+    allocation: str = "planned"
     gate_epochs: int = 5
     finetune_epochs: int = 5
     learning_rate: float = 0.05
@@ -98,7 +114,7 @@ class TrainPruneConfig:
     verify_margin: float = 0.04
     verify_timings: int = 2
     max_batches: int | None = None
-    gates: WGateConfig = field(default_factory=lambda: WGateConfig(noise=0.3))
+    gates: WGateConfig = field(default_factory=lambda: WGateConfig(noise=0.3, magnitude_prior=1.0))
     seed: int = 0
 
 
@@ -283,8 +299,19 @@ def train_and_prune(
         gate_budget, note = calibrated_budget(problem, budget_ms, min_ms, measure, config.verify_margin)
         notes.append(note)
 
+    if config.allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {config.allocation!r}")
+    planned = config.allocation == "planned"
     model = copy.deepcopy(module)
     gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
+    full_counts = list(problem.grid.full_widths)
+    planned_counts = (
+        problem.fit(optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed)), gate_budget)
+        if planned
+        else full_counts
+    )
+    if planned:
+        gate_set.set_counts(full_counts)
     constraint = AugmentedLagrangian(gate_budget, rho=config.rho, dual_rate=config.dual_rate, equality=True)
     gate_optimizer = torch.optim.Adam(gate_set.parameters(), lr=config.gate_learning_rate)
     last_latency: list[float] = []
@@ -308,6 +335,15 @@ def train_and_prune(
     with torch.no_grad():
         start_ms = float(problem.latency(problem.tn.full_widths[None])[0])
     constraint.budget_ms = warmup_budget(start_ms, gate_budget, 0.0 if warmup_steps > 0 else 1.0)
+
+    def shrink_counts(step: int) -> None:
+        # The planned counts, reached over the warm-up: from all channels open to the plan.
+        done = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        gate_set.set_counts(
+            [round(f - (f - p) * done) for f, p in zip(full_counts, planned_counts, strict=True)]
+        )
+        if anneal_steps > 0:
+            gate_set.noise_scale = config.gates.noise * max(0.0, 1.0 - (step + 1) / anneal_steps)
 
     def dual_step(step: int) -> None:
         if last_latency:
@@ -335,9 +371,9 @@ def train_and_prune(
             config.learning_rate,
             config.weight_decay,
             config.max_batches,
-            extra_loss=latency_term,
+            extra_loss=None if planned else latency_term,
             extra_optimizer=gate_optimizer,
-            after_step=dual_step,
+            after_step=shrink_counts if planned else dual_step,
             schedule=CosineSpan(0, total_epochs),
         )
         gate_set.eval()
@@ -352,7 +388,7 @@ def train_and_prune(
     )
     with torch.no_grad():
         scores = [s.detach() for s in gate_set.scores()]
-    target = gate_set.expected_counts(scores)
+    target = [float(c) for c in planned_counts] if planned else gate_set.expected_counts(scores)
     widths, rounds, met = verification_loop(
         problem,
         budget_ms,

@@ -53,6 +53,10 @@ class WGateConfig:
             The output-matching loss is flat at the unpruned network (its gradient is zero there);
             only by seeing channels dropped at random does it learn which ones matter (the same reason
             hard-concrete and Gumbel gates sample). Evaluation mode is deterministic.
+        magnitude_prior: initial weight of a learnt term on each filter's log L2 norm (standardised
+            across its group) added to the MLP's score, so the gates start by ranking filters as
+            magnitude pruning does and training moves them from there; 0 leaves the score to the
+            MLP alone, whose random initialisation ranks filters at random.
     """
 
     hidden: int = 32
@@ -62,6 +66,7 @@ class WGateConfig:
     score_spread: float = 1.5
     temperature: float = 1.0
     noise: float = 1.0
+    magnitude_prior: float = 0.0
 
 
 class _BinarizeSTE(torch.autograd.Function):
@@ -84,6 +89,26 @@ def binarize(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Hard 0/1 gates from scores, with a sigmoid straight-through gradient."""
     out: torch.Tensor = _BinarizeSTE.apply(scores, temperature)
     return out
+
+
+def top_k_gates(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """Gates (C,) open on the `k` highest scores, with the gradient of sigmoid((score - t) / T).
+
+    t is the midpoint between the k-th and (k+1)-th scores, so a filter near the cut gets the
+    largest gradient: the task loss moves it in or out of the kept set, and the MLP learns from
+    the weights which filters earn their place. The count itself does not move.
+    """
+    k = max(0, min(k, scores.numel()))
+    if k == scores.numel():
+        soft = torch.sigmoid(scores / temperature)
+        return soft - soft.detach() + 1.0
+    ordered = torch.sort(scores.detach(), descending=True).values
+    threshold = 0.5 * (ordered[k - 1] + ordered[k]) if k > 0 else ordered[0] + 1.0
+    soft = torch.sigmoid((scores - threshold) / temperature)  # (C,)
+    hard = torch.zeros_like(scores)
+    if k > 0:
+        hard[torch.topk(scores.detach(), k).indices] = 1.0
+    return hard + soft - soft.detach()
 
 
 def filter_vectors(weights: Sequence[torch.Tensor], max_dim: int) -> torch.Tensor:
@@ -116,6 +141,9 @@ class WeightGate(nn.Module):
         self.spread = config.score_spread
         self.body = nn.Sequential(nn.Linear(in_dim, config.hidden), nn.ReLU())
         self.head = nn.Linear(config.hidden, 1)
+        self.magnitude = (
+            nn.Parameter(torch.tensor(float(config.magnitude_prior))) if config.magnitude_prior else None
+        )
         # Scale the head so the initial scores spread by about `init_spread` (the body's ReLU outputs
         # have a second moment of roughly half their fan-in-normalised input's).
         with torch.no_grad():
@@ -125,6 +153,9 @@ class WeightGate(nn.Module):
     def scores(self, filters: torch.Tensor) -> torch.Tensor:
         """Scores (C,) of filters (C, D)."""
         raw = self.head(self.body(filters)).squeeze(-1)  # (C,)
+        if self.magnitude is not None and raw.numel() > 1:
+            log_norm = filters.norm(dim=1).clamp_min(1e-8).log()  # (C,)
+            raw = raw + self.magnitude * (log_norm - log_norm.mean()) / log_norm.std().clamp_min(1e-6)
         if self.spread <= 0 or raw.numel() < 2:
             return raw
         # Keep the spread across a group's filters fixed: the group's count then moves smoothly
@@ -205,6 +236,9 @@ class GateSet(nn.Module):
         self._point_modules = [[modules[name] for name in names] for names in self.points]
         self.current: list[torch.Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Per group, how many gates are open when the counts are set from outside (`set_counts`);
+        # None lets each gate's score decide on its own.
+        self.fixed_counts: list[int] | None = None
 
     @property
     def num_groups(self) -> int:
@@ -220,18 +254,28 @@ class GateSet(nn.Module):
         """Per-group filter scores (C_g,)."""
         return [gate.scores(f) for gate, f in zip(self._gate_list(), self.filters(), strict=True)]
 
+    def set_counts(self, counts: Sequence[int] | None) -> None:
+        """Open exactly `counts[g]` gates of group g, the highest-scoring ones (None: scores decide)."""
+        if counts is not None and len(counts) != self.num_groups:
+            raise ValueError(f"{len(counts)} counts for {self.num_groups} channel groups")
+        self.fixed_counts = [int(c) for c in counts] if counts is not None else None
+
     def compute(self) -> list[torch.Tensor]:
         """Compute (and keep, for the hooks) the binary gates (C_g,) of every group.
 
         In training mode the scores get logistic noise. The `min_kept` highest-scoring filters of a
         group are always on (value 1, gradient unchanged): a group with no channel left would cut
-        the network in two and leave every gate before it without a gradient.
+        the network in two and leave every gate before it without a gradient. With `fixed_counts`
+        the top-k scores of each group are open (`top_k_gates`).
         """
         gates = []
         for g, scores in enumerate(self.scores()):
             if self.training and self.noise_scale > 0:
                 u = torch.rand_like(scores).clamp(1e-6, 1 - 1e-6)
                 scores = scores + self.noise_scale * (torch.log(u) - torch.log1p(-u))  # logistic noise
+            if self.fixed_counts is not None:
+                gates.append(top_k_gates(scores, self.fixed_counts[g], self.config.temperature))
+                continue
             gate = binarize(scores, self.config.temperature)  # (C,)
             floor = min(self.min_kept[g], gate.numel())
             if floor > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,3 +87,36 @@ def samples_fingerprint(samples: Sequence[NetworkSample]) -> str:
         for s in samples
     )
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def merge_replicates(samples: Sequence[NetworkSample]) -> list[NetworkSample]:
+    """One sample per architecture: repeated timings of one network become one median-labelled sample.
+
+    A profile may time the same architecture more than once (re-timing rounds, a campaign that ran
+    twice). As separate samples they would weigh that network more than the others, and a held-out
+    split could put one timing in training and another in the test set, so the test would grade the
+    predictor on a network it was fitted to. Latency is the median of the timings; each layer's
+    time is the median of the timings that have it. Samples keep the order of first appearance,
+    and the first family named.
+    """
+    groups: dict[str, list[NetworkSample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.network.content_hash, []).append(sample)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        per_layer: dict[str, list[float]] = {}
+        for sample in group:
+            for name, ms in (sample.per_layer_ms or {}).items():
+                per_layer.setdefault(name, []).append(ms)
+        merged.append(
+            NetworkSample(
+                network=group[0].network,
+                latency_ms=statistics.median(s.latency_ms for s in group),
+                per_layer_ms={k: statistics.median(v) for k, v in per_layer.items()} or None,
+                family=next((s.family for s in group if s.family), None),
+            )
+        )
+    return merged

@@ -64,7 +64,10 @@ def run_fit(args: argparse.Namespace, settings: Settings) -> int:
         device_id, name = device.id, device.name
         check_enough_measurements(session, device)
         samples = training_samples(session, device_id)
-    info(f"fitting {name!r} on {len(samples.samples)} measured networks ({samples.labels} labels)")
+    info(
+        f"fitting {name!r} on {len(samples.samples)} measured networks "
+        f"({samples.timings} timings, {samples.labels} labels)"
+    )
     engine = make_engine(settings.database_url)
     factory = make_session_factory(engine)
     bar = tqdm(total=100, unit="%", disable=args.no_progress, dynamic_ncols=True)

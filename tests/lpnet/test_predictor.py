@@ -18,7 +18,7 @@ from lpnet.predictor.features import tensorize
 from lpnet.predictor.metrics import accuracy_metrics
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
-from lpnet.predictor.samples import NetworkSample
+from lpnet.predictor.samples import NetworkSample, merge_replicates
 from lpnet.predictor.train import NotEnoughMeasurements, TrainConfig, fit_predictor
 from profiler.backends import get_backend
 from profiler.protocol import TimingProtocol
@@ -243,3 +243,25 @@ def test_an_unseen_activation_is_predicted_like_the_activations_training_saw(
     ]
     tanh_ms = next(layer.ms for layer in unseen.per_layer if layer.op == "tanh")
     assert 0.5 * min(seen_ms) < tanh_ms < 2.0 * max(seen_ms)
+
+
+def test_merge_replicates_labels_each_architecture_with_the_median_of_its_timings(
+    resnet18_ir: Network,
+) -> None:
+    full = channel_layout(resnet18_ir).full_widths
+    narrow = apply_width_vector(resnet18_ir, [max(1, w // 2) for w in full])
+    first, second = resnet18_ir.layers[0].name, resnet18_ir.layers[1].name
+    samples = [
+        NetworkSample(narrow, 4.0, {first: 1.0}, family=None),
+        NetworkSample(resnet18_ir, 10.0, None, family="resnet18"),
+        NetworkSample(narrow, 7.0, {first: 3.0, second: 2.0}, family="resnet18"),
+        NetworkSample(narrow, 5.0, None),
+    ]
+    merged = merge_replicates(samples)
+    assert [m.network.content_hash for m in merged] == [narrow.content_hash, resnet18_ir.content_hash]
+    assert merged[0].latency_ms == 5.0  # median of 4, 7 and 5
+    # Each layer's time is the median of the timings that measured it.
+    assert merged[0].per_layer_ms == {first: 2.0, second: 2.0}
+    assert merged[0].family == "resnet18"
+    assert merged[1] is samples[1]
+    assert merge_replicates(merged) == merged

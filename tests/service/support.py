@@ -56,6 +56,18 @@ class TinyProfile:
     def network_measurements(self) -> list[Measurement]:
         return [m for m in self.measurements if m.kind is not MeasurementKind.ISOLATED]
 
+    @property
+    def one_per_architecture(self) -> list[Measurement]:
+        """Whole-network rows with each architecture once: the in-context timing where there is one.
+
+        A fit merges repeated timings of one architecture into one sample, so with these rows
+        sample i is row i.
+        """
+        last = {m.architecture.content_hash: m for m in self.network_measurements if m.architecture}
+        return [
+            m for m in self.network_measurements if m.architecture and last[m.architecture.content_hash] is m
+        ]
+
     def batch(self, key: str, measurements: list[Measurement] | None = None) -> ProfileBatch:
         return ProfileBatch.build(
             key, self.context, list(self.measurements if measurements is None else measurements)

@@ -162,7 +162,7 @@ def test_a_fully_probed_device_trains_on_latencies_at_its_nominal_probe_speed(
 ) -> None:
     from service.predictors import training_samples
 
-    batch = tiny_profile.batch_json("batch-probe-0002", tiny_profile.network_measurements)
+    batch = tiny_profile.batch_json("batch-probe-0002", tiny_profile.one_per_architecture)
     assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201
     rows = batch["network_measurements"]
     nominal = statistics.median(row["probe_ms"] for row in rows)
@@ -184,15 +184,52 @@ def test_a_fully_probed_device_trains_on_latencies_at_its_nominal_probe_speed(
 def test_a_device_with_unprobed_rows_trains_on_milliseconds(api: Api, tiny_profile: TinyProfile) -> None:
     from service.predictors import training_samples
 
-    probed = len(tiny_profile.network_measurements) - 1
-    batch = _unprobed(
-        tiny_profile.batch_json("batch-probe-0003", tiny_profile.network_measurements), *range(probed)
-    )
+    rows = tiny_profile.one_per_architecture
+    batch = _unprobed(tiny_profile.batch_json("batch-probe-0003", rows), *range(len(rows) - 1))
     assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201
     with api.factory() as session:
         training = training_samples(session, api.device_id)
     assert training.labels == "ms" and training.nominal_probe_ms is None
     assert [s.latency_ms for s in training.samples] == [r["median_ms"] for r in batch["network_measurements"]]
+
+
+def test_repeated_timings_of_one_architecture_train_as_one_median_sample(
+    api: Api, tiny_profile: TinyProfile
+) -> None:
+    from service.predictors import ok_network_count, training_samples
+
+    batch = _unprobed(tiny_profile.batch_json("batch-repl-0001", tiny_profile.one_per_architecture))
+    assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201
+    rows = batch["network_measurements"]
+    index = next(i for i, row in enumerate(rows) if not row["per_layer"])
+    measured = tiny_profile.one_per_architecture[index]
+    assert measured.median_ms is not None and measured.p10_ms is not None and measured.p90_ms is not None
+    again = [
+        measured.model_copy(
+            update={
+                "sample_key": f"{measured.sample_key}-r{k}",
+                "median_ms": measured.median_ms * factor,
+                "p10_ms": measured.p10_ms * factor,
+                "p90_ms": measured.p90_ms * factor,
+                "mean_ms": None,
+            }
+        )
+        for k, factor in ((1, 1.5), (2, 4.0))
+    ]
+    replicates = _unprobed(tiny_profile.batch_json("batch-repl-0002", again))
+    assert api.post(profiles_url(api), key="agent", json=replicates).status_code == 201
+    with api.factory() as session:
+        training = training_samples(session, api.device_id)
+        architectures = ok_network_count(session, api.device_id)
+    # Three timings of one network (x1, x1.5, x4): one sample at their median, no duplicate.
+    assert architectures == len(rows) == len(training.samples)
+    assert training.timings == len(rows) + 2
+    latencies = [s.latency_ms for s in training.samples]
+    assert latencies[index] == pytest.approx(rows[index]["median_ms"] * 1.5)
+    others = [r["median_ms"] for i, r in enumerate(rows) if i != index]
+    assert latencies[:index] + latencies[index + 1 :] == others
+    hashes = [s.network.content_hash for s in training.samples]
+    assert len(set(hashes)) == len(hashes)
 
 
 @pytest.mark.parametrize(
