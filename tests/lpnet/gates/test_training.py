@@ -11,7 +11,7 @@ from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
 from lpnet.gates.datasets import cifar10_loaders, digits_loaders, distort_digits, image_folder_loaders
 from lpnet.gates.errors import DatasetUnavailable
-from lpnet.gates.planner import PlanningProblem
+from lpnet.gates.planner import PlanningProblem, PlanOptions, optimise_widths
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
 from lpnet.gates.training import CosineSpan, TrainPruneConfig, evaluate_accuracy, train_and_prune
 from lpnet.predictor.model import LPNetConfig
@@ -92,21 +92,30 @@ def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(measure: 
     unpruned = problem.predicted_ms(problem.grid.full_widths)
     assert fastest < unpruned, "the fitted predictor must see the smallest widths as faster"
     budget = (fastest + unpruned) / 2
-    config = TrainPruneConfig(gate_epochs=1, finetune_epochs=1, max_batches=4)
-    outcome = train_and_prune(module, network, predictor, budget, data.train, data.val, config)
-    result = outcome.plan
-    assert result.mode == "train" and result.predicted.total_ms <= budget
-    assert outcome.pruned.network == apply_width_vector(network, result.widths)
-    check_channels(outcome.pruned.module, outcome.pruned.network)
-    assert outcome.pruned.kept_indices == result.kept_indices
-    for value in (
-        outcome.accuracy_before,
-        outcome.accuracy_gated,
-        outcome.accuracy_pruned,
-        outcome.accuracy_after,
-    ):
-        assert 0.0 <= value <= 1.0
-    assert outcome.accuracy_after == pytest.approx(evaluate_accuracy(outcome.pruned.module, data.val))
-    assert sum(p.numel() for p in outcome.pruned.module.parameters()) < sum(
-        p.numel() for p in module.parameters()
-    )
+    for allocation in ("planned", "joint"):
+        config = TrainPruneConfig(allocation=allocation, gate_epochs=1, finetune_epochs=1, max_batches=4)
+        outcome = train_and_prune(module, network, predictor, budget, data.train, data.val, config)
+        result = outcome.plan
+        assert result.mode == "train" and result.predicted.total_ms <= budget
+        assert outcome.pruned.network == apply_width_vector(network, result.widths)
+        check_channels(outcome.pruned.module, outcome.pruned.network)
+        assert outcome.pruned.kept_indices == result.kept_indices
+        for value in (
+            outcome.accuracy_before,
+            outcome.accuracy_gated,
+            outcome.accuracy_pruned,
+            outcome.accuracy_after,
+        ):
+            assert 0.0 <= value <= 1.0
+        assert outcome.accuracy_after == pytest.approx(evaluate_accuracy(outcome.pruned.module, data.val))
+        assert sum(p.numel() for p in outcome.pruned.module.parameters()) < sum(
+            p.numel() for p in module.parameters()
+        )
+        if allocation == "planned":
+            # The counts are the architecture-only plan's for the same budget (no measuring here).
+            planned = problem.fit(optimise_widths(problem, budget, PlanOptions(seed=0)), budget)
+            assert result.widths == planned
+    with pytest.raises(ValueError, match="allocation"):
+        train_and_prune(
+            module, network, predictor, budget, data.train, data.val, TrainPruneConfig(allocation="x")
+        )

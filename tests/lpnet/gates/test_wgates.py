@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lpnet.arch.ir import Network, Op
-from lpnet.gates.wgates import GateSet, WGateConfig, binarize, filter_vectors, gate_points
+from lpnet.gates.wgates import (
+    GateSet,
+    WeightGate,
+    WGateConfig,
+    binarize,
+    filter_vectors,
+    gate_points,
+    top_k_gates,
+)
 from lpnet.pruning import prune_module
 from tests.lpnet.gates.conftest import tiny_module
 
@@ -75,3 +84,50 @@ def test_min_kept_filters_stay_open(tiny_net: Network) -> None:
     counts = [float(g.detach().sum()) for g in gate_set.compute()]
     assert counts == [8.0] * 6
     assert gate_set.expected_counts() == [8.0] * 6
+
+
+def test_top_k_gates_open_exactly_k_and_push_hardest_on_filters_near_the_cut() -> None:
+    scores = torch.tensor([3.0, -1.0, 0.5, 2.0, -4.0, 0.4], requires_grad=True)
+    gates = top_k_gates(scores, 3)
+    torch.testing.assert_close(gates, torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
+    gates.sum().backward()
+    assert scores.grad is not None
+    grad = scores.grad.tolist()
+    # The cut lies between 0.5 (kept) and 0.4 (dropped): those two filters get the largest slope.
+    assert sorted(range(6), key=lambda i: -grad[i])[:2] in ([2, 5], [5, 2])
+    assert min(grad) > 0
+    assert top_k_gates(scores.detach(), 6).tolist() == [1.0] * 6
+    assert top_k_gates(scores.detach(), 0).tolist() == [0.0] * 6
+
+
+def test_set_counts_fixes_how_many_gates_each_group_opens(tiny_net: Network) -> None:
+    module = tiny_module()
+    gate_set = GateSet(module, tiny_net, WGateConfig(noise=1.0))
+    counts = [max(1, len(s) // 3) for s in gate_set.scores()]
+    gate_set.set_counts(counts)
+    for mode in (gate_set.train, gate_set.eval):  # noisy scores or not, the counts hold
+        mode()
+        gates = gate_set.compute()
+        assert [int(g.sum()) for g in gates] == counts
+        assert gate_set.kept_counts().tolist() == counts
+    gate_set.eval()
+    scores = gate_set.scores()
+    for gate, score, k in zip(gate_set.compute(), scores, counts, strict=True):
+        assert set(torch.nonzero(gate).flatten().tolist()) == set(torch.topk(score, k).indices.tolist())
+    with pytest.raises(ValueError, match="counts for"):
+        gate_set.set_counts(counts[:-1])
+    gate_set.set_counts(None)
+    assert gate_set.fixed_counts is None
+
+
+def test_the_magnitude_prior_starts_gates_ranking_filters_by_their_norm() -> None:
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(12, 20), dim=1)
+    filters = directions * torch.linspace(0.1, 3.0, 12)[:, None]  # norms grow with the index
+    gate = WeightGate(20, WGateConfig(magnitude_prior=50.0, init_spread=0.1))
+    order = torch.argsort(gate.scores(filters)).tolist()
+    assert order == list(range(12))
+    plain = WeightGate(20, WGateConfig(magnitude_prior=0.0))
+    assert plain.magnitude is None
+    gate.scores(filters).sum().backward()  # the prior is learnt, not fixed
+    assert gate.magnitude is not None and gate.magnitude.grad is not None
