@@ -3,10 +3,12 @@
 A small ResNet (widths 64/128/256, 16x16 upsampled digits, 1 thread) is trained, then pruned to
 budgets that are shares of its measured latency:
 
-- W-Gates (train mode): the latency target calibrated by measuring one architecture-only plan,
-  gates trained jointly with the network under LPNet's latency term and the capacity barrier for
-  `--gate-epochs`, widths rounded under the budget and verified by measurement (<= 5 rounds),
-  physical pruning, `--finetune-epochs` of fine-tuning on the same cosine schedule.
+- W-Gates (train mode): the latency target calibrated by measuring one architecture-only plan;
+  the group counts planned through LPNet for it (`--allocation planned`, the default) or learnt
+  by the gates under LPNet's latency term and the capacity barrier (`--allocation joint`); gates
+  trained jointly with the network for `--gate-epochs`, widths rounded under the budget and
+  verified by measurement (<= 5 rounds), physical pruning, `--finetune-epochs` of fine-tuning on
+  the same cosine schedule.
 - Baselines (uniform width, L1 global, L1 per layer, Taylor global): the largest keep ratio whose
   measured latency is at or under the *W-Gates network's* at the same budget, found by bisection with
   every candidate timed right beside the W-Gates network (paired timings, so the machine's drift
@@ -64,6 +66,7 @@ from lpnet.gates.datasets import digits_loaders  # noqa: E402
 from lpnet.gates.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig  # noqa: E402
 from lpnet.gates.training import (  # noqa: E402
+    ALLOCATIONS,
     TrainPruneConfig,
     evaluate_accuracy,
     train_and_prune,
@@ -114,6 +117,7 @@ def relative_to(meter: NetworkMeter, reference: Network) -> Callable[[Network], 
 def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
     """W-Gates' settings: the library's defaults with the bench's epochs and learning rate."""
     return TrainPruneConfig(
+        allocation=args.allocation,
         gate_epochs=args.gate_epochs,
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.learning_rate,
@@ -400,6 +404,9 @@ def main() -> None:
         help="strength in [0, 1] of the fixed random distortion of every digit (0: plain digits)",
     )
     parser.add_argument("--val-share", type=float, default=0.2, help="share of the digits held out")
+    parser.add_argument(
+        "--allocation", choices=sorted(ALLOCATIONS), default="planned", help="W-Gates' group counts"
+    )
     parser.add_argument("--base-epochs", type=int)
     parser.add_argument("--gate-epochs", type=int)
     parser.add_argument("--finetune-epochs", type=int)

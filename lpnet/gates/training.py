@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,12 @@ class TrainPruneConfig:
             positive, under LPNet's augmented-Lagrangian latency term and the capacity barrier.
             On distorted digits the joint counts narrowed the residual groups and kept the inner
             convolutions wide, and fine-tuned worse than the planned counts (see the README).
+        max_skew: with the planned allocation, no group's keep ratio is more than this factor
+            above or below the uniform ratio LPNet predicts at the budget (None: no bound). LPNet
+            fitted on a few dozen variants of a small network can see adding channels to a group
+            as making it faster (a real effect of vector widths, or noise), and the plan then
+            squeezes another group into a bottleneck (a residual stream of 16 of 256 channels
+            feeding the classifier, in one digits run) that fine-tuning does not recover.
         gate_epochs: epochs of joint training of weights and gates.
         finetune_epochs: epochs of fine-tuning after physical pruning.
         learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed over joint
@@ -93,11 +99,13 @@ class TrainPruneConfig:
         max_batches: cap on batches per epoch (quick runs); None uses every batch.
         gates: gate network settings; the task loss has a gradient everywhere, so the gates need less
             exploration noise than in the data-free mode (strong noise acts like dropout and the
-            network learns to shut noisy channels for good).
+            network learns to shut noisy channels for good), and they start from the magnitude
+            prior (`WGateConfig.magnitude_prior`) rather than a random ranking of the filters.
         seed: random seed.
     """
 
     allocation: str = "planned"
+    max_skew: float | None = 2.0
     gate_epochs: int = 5
     finetune_epochs: int = 5
     learning_rate: float = 0.05
@@ -263,6 +271,43 @@ def _length(batches: Batches) -> int:
         return 1
 
 
+def uniform_ratio(problem: PlanningProblem, budget_ms: float, iterations: int = 30) -> float:
+    """The largest share r of every group's channels (at least its minimum) predicted within the budget."""
+    full, low = problem.grid.full_widths, problem.grid.min_widths
+
+    def widths(ratio: float) -> list[float]:
+        return [max(m, f * ratio) for f, m in zip(full, low, strict=True)]
+
+    lo, hi = 0.0, 1.0
+    if problem.predicted_ms(widths(1.0)) <= budget_ms:  # type: ignore[arg-type]
+        return 1.0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if problem.predicted_ms(widths(mid)) <= budget_ms:  # type: ignore[arg-type]
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def within_skew(
+    problem: PlanningProblem, target: Sequence[float], budget_ms: float, max_skew: float | None
+) -> list[float]:
+    """`target` widths with every group's keep ratio within a factor `max_skew` of the uniform ratio.
+
+    The uniform ratio is the one whose widths LPNet predicts at the budget (`uniform_ratio`). None
+    leaves the target as it is.
+    """
+    if max_skew is None:
+        return list(target)
+    ratio = uniform_ratio(problem, budget_ms)
+    full, low = problem.grid.full_widths, problem.grid.min_widths
+    return [
+        float(min(f, max(m, f * ratio / max_skew, min(t, f * ratio * max_skew))))
+        for t, f, m in zip(target, full, low, strict=True)
+    ]
+
+
 def train_and_prune(
     module: nn.Module,
     network: Network,
@@ -306,7 +351,15 @@ def train_and_prune(
     gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
     full_counts = list(problem.grid.full_widths)
     planned_counts = (
-        problem.fit(optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed)), gate_budget)
+        problem.fit(
+            within_skew(
+                problem,
+                optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed)),
+                gate_budget,
+                config.max_skew,
+            ),
+            gate_budget,
+        )
         if planned
         else full_counts
     )

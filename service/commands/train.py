@@ -92,6 +92,12 @@ def register(subparsers: SubParsers) -> None:
         "--verify", action="store_true", help="measure plans here and re-plan when over budget"
     )
     training = parser.add_argument_group("training")
+    training.add_argument(
+        "--allocation",
+        choices=("planned", "joint"),
+        default="planned",
+        help="group counts from the architecture-only plan (default) or learnt by the gates",
+    )
     training.add_argument("--gate-epochs", type=positive_int, default=5)
     training.add_argument("--finetune-epochs", type=non_negative_int, default=5)
     training.add_argument("--learning-rate", type=positive_float, default=0.05)
@@ -261,6 +267,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         + (f", {measured_unpruned:.3f} ms measured" if measured_unpruned is not None else "")
     )
     config = TrainPruneConfig(
+        allocation=args.allocation,
         gate_epochs=args.gate_epochs,
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.learning_rate,

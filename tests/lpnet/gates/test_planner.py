@@ -15,6 +15,7 @@ from lpnet.gates.datafree import DataFreeConfig
 from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan
 from lpnet.gates.result import MeasuredLatency
+from lpnet.gates.training import uniform_ratio, within_skew
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
@@ -293,3 +294,23 @@ def test_with_measurement_infeasibility_is_decided_by_the_device(
     assert info.value.details["measured"] is True
     assert info.value.min_achievable_ms > 1e-3
     assert "measures" in info.value.message
+
+
+def test_planned_counts_stay_within_a_factor_of_the_uniform_ratio(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(tiny_net, tiny_predictor)
+    full, low = problem.grid.full_widths, problem.grid.min_widths
+    budget = 0.5 * (problem.predicted_ms(low) + problem.predicted_ms(full))
+    ratio = uniform_ratio(problem, budget)
+    at = [max(m, f * ratio) for f, m in zip(full, low, strict=True)]
+    above = [max(m, f * min(1.0, ratio * 1.05)) for f, m in zip(full, low, strict=True)]
+    assert 0.0 < ratio < 1.0
+    assert problem.predicted_ms(at) <= budget < problem.predicted_ms(above)  # type: ignore[arg-type]
+    # A lopsided target: the first group at full width, every other at its minimum.
+    lopsided = [float(full[0])] + [float(m) for m in low[1:]]
+    bounded = within_skew(problem, lopsided, budget, max_skew=1.5)
+    for width, f, m in zip(bounded, full, low, strict=True):
+        assert max(m, f * ratio / 1.5) - 1e-6 <= width <= max(m, min(f, f * ratio * 1.5)) + 1e-6
+    assert bounded[0] < full[0] and bounded != lopsided
+    assert within_skew(problem, lopsided, budget, max_skew=None) == lopsided
