@@ -209,6 +209,7 @@ def fit_widths_to_budget(
     latency: LatencyFn,
     capacity: CapacityFn,
     budget_ms: float,
+    ceiling: Sequence[float] | None = None,
 ) -> list[int]:
     """A grid width vector near `target` whose predicted latency is at or under `budget_ms`.
 
@@ -217,7 +218,8 @@ def fit_widths_to_budget(
     target's shape is what the gates trained the network under, and a later verification round only
     moves the budget. Should no factor fit (grid effects), takes the steps down that save the most
     latency per unit of capacity lost. Then, while some step up still fits, takes the one that gains
-    the most capacity per millisecond (steps that cost nothing first). Callers check feasibility first.
+    the most capacity per millisecond (steps that cost nothing first), never above `ceiling[g]` for
+    group g when a ceiling is given. Callers check feasibility first.
     """
     widths = grid.floor(target)
     current = float(predicted_latency(latency, widths)[0])
@@ -231,7 +233,7 @@ def fit_widths_to_budget(
         widths, current = moved
         moves += 1
     while moves < MAX_ROUNDING_MOVES:
-        moved = _best_move(widths, grid, latency, capacity, budget_ms, down=False)
+        moved = _best_move(widths, grid, latency, capacity, budget_ms, down=False, ceiling=ceiling)
         if moved is None:
             break
         widths, current = moved
@@ -280,11 +282,12 @@ def _best_move(
     capacity: CapacityFn,
     budget_ms: float,
     down: bool,
+    ceiling: Sequence[float] | None = None,
 ) -> tuple[list[int], float] | None:
     candidates: list[list[int]] = []
     for g in range(grid.num_groups):
         nxt = grid.step_down(g, widths[g]) if down else grid.step_up(g, widths[g])
-        if nxt is not None:
+        if nxt is not None and (down or ceiling is None or nxt <= ceiling[g]):
             candidates.append([*widths[:g], nxt, *widths[g + 1 :]])
     if not candidates:
         return None

@@ -308,6 +308,18 @@ def within_skew(
     ]
 
 
+def skew_ceiling(problem: PlanningProblem, budget_ms: float, max_skew: float | None) -> list[float] | None:
+    """Per group, the most channels `within_skew` allows at this budget (None without a bound).
+
+    Rounding adds channels back where LPNet says they cost least, first where it says they cost
+    nothing; without this ceiling those steps undo the bound (a group back at full width).
+    """
+    if max_skew is None:
+        return None
+    ratio = uniform_ratio(problem, budget_ms)
+    return [min(float(f), f * ratio * max_skew) for f in problem.grid.full_widths]
+
+
 def train_and_prune(
     module: nn.Module,
     network: Network,
@@ -350,6 +362,8 @@ def train_and_prune(
     model = copy.deepcopy(module)
     gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
     full_counts = list(problem.grid.full_widths)
+    # The planned counts, and how far rounding may add channels back to a group (the skew band).
+    ceiling = skew_ceiling(problem, gate_budget, config.max_skew) if planned else None
     planned_counts = (
         problem.fit(
             within_skew(
@@ -359,6 +373,7 @@ def train_and_prune(
                 config.max_skew,
             ),
             gate_budget,
+            ceiling,
         )
         if planned
         else full_counts
@@ -447,7 +462,7 @@ def train_and_prune(
         budget_ms,
         gate_budget,
         min_ms,
-        lambda internal: problem.fit(target, internal),
+        lambda internal: problem.fit(target, internal, ceiling),
         measure,
         config.max_rounds,
         config.verify_margin,

@@ -15,7 +15,7 @@ from lpnet.gates.datafree import DataFreeConfig
 from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan
 from lpnet.gates.result import MeasuredLatency
-from lpnet.gates.training import uniform_ratio, within_skew
+from lpnet.gates.training import skew_ceiling, uniform_ratio, within_skew
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
@@ -314,3 +314,9 @@ def test_planned_counts_stay_within_a_factor_of_the_uniform_ratio(
         assert max(m, f * ratio / 1.5) - 1e-6 <= width <= max(m, min(f, f * ratio * 1.5)) + 1e-6
     assert bounded[0] < full[0] and bounded != lopsided
     assert within_skew(problem, lopsided, budget, max_skew=None) == lopsided
+    # Rounding adds channels back only up to the band's ceiling, and stays within the budget.
+    ceiling = skew_ceiling(problem, budget, max_skew=1.5)
+    assert ceiling is not None and skew_ceiling(problem, budget, max_skew=None) is None
+    fitted = problem.fit(bounded, budget, ceiling)
+    assert problem.predicted_ms(fitted) <= budget
+    assert all(w <= max(c, m) for w, c, m in zip(fitted, ceiling, low, strict=True))
