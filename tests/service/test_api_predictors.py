@@ -60,7 +60,10 @@ def test_fit_job_stores_a_new_version(fit_api: Api, tiny_profile: TinyProfile) -
 
 def test_too_few_measurements_are_422_saying_how_many_more(fit_api: Api, tiny_profile: TinyProfile) -> None:
     api = fit_api
-    api.store_measurements(api.device_id, tiny_profile.network_measurements[:5])
+    # Five distinct architectures, one of them timed twice: a fit counts architectures, not rows.
+    rows = tiny_profile.one_per_architecture[:5]
+    twice = rows[0].model_copy(update={"sample_key": f"{rows[0].sample_key}-again"})
+    api.store_measurements(api.device_id, [*rows, twice])
     error = assert_error_shape(
         api.post(f"/v1/devices/{api.device_id}/predictors"), 422, "not_enough_measurements"
     )
