@@ -290,34 +290,34 @@ def uniform_ratio(problem: PlanningProblem, budget_ms: float, iterations: int = 
     return lo
 
 
-def within_skew(
-    problem: PlanningProblem, target: Sequence[float], budget_ms: float, max_skew: float | None
-) -> list[float]:
-    """`target` widths with every group's keep ratio within a factor `max_skew` of the uniform ratio.
+@dataclass(frozen=True)
+class SkewBand:
+    """Per group, the fewest (`low`) and most (`high`) channels whose keep ratio is within a factor
+    of the uniform ratio LPNet predicts at a budget (`uniform_ratio`), never outside the grid.
 
-    The uniform ratio is the one whose widths LPNet predicts at the budget (`uniform_ratio`). None
-    leaves the target as it is.
+    The plan's target is clamped into the band, and rounding adds channels back only up to `high`:
+    rounding takes the steps LPNet says cost least first, those it says cost nothing first of all,
+    and without the ceiling would undo the bound (a group back at full width).
     """
-    if max_skew is None:
-        return list(target)
-    ratio = uniform_ratio(problem, budget_ms)
-    full, low = problem.grid.full_widths, problem.grid.min_widths
-    return [
-        float(min(f, max(m, f * ratio / max_skew, min(t, f * ratio * max_skew))))
-        for t, f, m in zip(target, full, low, strict=True)
-    ]
 
+    low: list[float]
+    high: list[float]
 
-def skew_ceiling(problem: PlanningProblem, budget_ms: float, max_skew: float | None) -> list[float] | None:
-    """Per group, the most channels `within_skew` allows at this budget (None without a bound).
+    @classmethod
+    def at(cls, problem: PlanningProblem, budget_ms: float, max_skew: float | None) -> SkewBand | None:
+        """The band at `budget_ms`, or None when `max_skew` is None (no bound)."""
+        if max_skew is None:
+            return None
+        ratio = uniform_ratio(problem, budget_ms)
+        full, low = problem.grid.full_widths, problem.grid.min_widths
+        return cls(
+            low=[float(min(f, max(m, f * ratio / max_skew))) for f, m in zip(full, low, strict=True)],
+            high=[float(min(f, f * ratio * max_skew)) for f in full],
+        )
 
-    Rounding adds channels back where LPNet says they cost least, first where it says they cost
-    nothing; without this ceiling those steps undo the bound (a group back at full width).
-    """
-    if max_skew is None:
-        return None
-    ratio = uniform_ratio(problem, budget_ms)
-    return [min(float(f), f * ratio * max_skew) for f in problem.grid.full_widths]
+    def clamp(self, target: Sequence[float]) -> list[float]:
+        """`target` moved into the band (where the band is empty, its lower edge wins)."""
+        return [max(lo, min(hi, t)) for t, lo, hi in zip(target, self.low, self.high, strict=True)]
 
 
 def train_and_prune(
@@ -363,22 +363,14 @@ def train_and_prune(
     gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
     full_counts = list(problem.grid.full_widths)
     # The planned counts, and how far rounding may add channels back to a group (the skew band).
-    ceiling = skew_ceiling(problem, gate_budget, config.max_skew) if planned else None
-    planned_counts = (
-        problem.fit(
-            within_skew(
-                problem,
-                optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed)),
-                gate_budget,
-                config.max_skew,
-            ),
-            gate_budget,
-            ceiling,
-        )
-        if planned
-        else full_counts
-    )
+    band = SkewBand.at(problem, gate_budget, config.max_skew) if planned else None
+    ceiling = band.high if band is not None else None
+    planned_counts = full_counts
     if planned:
+        target_widths = optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed))
+        planned_counts = problem.fit(
+            band.clamp(target_widths) if band else target_widths, gate_budget, ceiling
+        )
         gate_set.set_counts(full_counts)
     constraint = AugmentedLagrangian(gate_budget, rho=config.rho, dual_rate=config.dual_rate, equality=True)
     gate_optimizer = torch.optim.Adam(gate_set.parameters(), lr=config.gate_learning_rate)

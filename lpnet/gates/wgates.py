@@ -102,12 +102,11 @@ def top_k_gates(scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch
     if k == scores.numel():
         soft = torch.sigmoid(scores / temperature)
         return soft - soft.detach() + 1.0
-    ordered = torch.sort(scores.detach(), descending=True).values
+    ordered, order = torch.sort(scores.detach(), descending=True)
     threshold = 0.5 * (ordered[k - 1] + ordered[k]) if k > 0 else ordered[0] + 1.0
     soft = torch.sigmoid((scores - threshold) / temperature)  # (C,)
     hard = torch.zeros_like(scores)
-    if k > 0:
-        hard[torch.topk(scores.detach(), k).indices] = 1.0
+    hard[order[:k]] = 1.0
     return hard + soft - soft.detach()
 
 

@@ -15,7 +15,7 @@ from lpnet.gates.datafree import DataFreeConfig
 from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan
 from lpnet.gates.result import MeasuredLatency
-from lpnet.gates.training import skew_ceiling, uniform_ratio, within_skew
+from lpnet.gates.training import SkewBand, uniform_ratio
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
@@ -309,14 +309,16 @@ def test_planned_counts_stay_within_a_factor_of_the_uniform_ratio(
     assert problem.predicted_ms(at) <= budget < problem.predicted_ms(above)  # type: ignore[arg-type]
     # A lopsided target: the first group at full width, every other at its minimum.
     lopsided = [float(full[0])] + [float(m) for m in low[1:]]
-    bounded = within_skew(problem, lopsided, budget, max_skew=1.5)
+    band = SkewBand.at(problem, budget, max_skew=1.5)
+    assert band is not None
+    bounded = band.clamp(lopsided)
     for width, f, m in zip(bounded, full, low, strict=True):
         assert max(m, f * ratio / 1.5) - 1e-6 <= width <= max(m, min(f, f * ratio * 1.5)) + 1e-6
     assert bounded[0] < full[0] and bounded != lopsided
-    assert within_skew(problem, lopsided, budget, max_skew=None) == lopsided
+    assert SkewBand.at(problem, budget, max_skew=None) is None  # no bound: the target stays as it is
     # Rounding adds channels back only up to the band's ceiling, and stays within the budget.
-    ceiling = skew_ceiling(problem, budget, max_skew=1.5)
-    assert ceiling is not None and skew_ceiling(problem, budget, max_skew=None) is None
+    ceiling = band.high
+    assert ceiling == [min(f, f * ratio * 1.5) for f in full]
     fitted = problem.fit(bounded, budget, ceiling)
     assert problem.predicted_ms(fitted) <= budget
     assert all(w <= max(c, m) for w, c, m in zip(fitted, ceiling, low, strict=True))
