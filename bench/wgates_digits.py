@@ -118,6 +118,7 @@ def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
     """W-Gates' settings: the library's defaults with the bench's epochs and learning rate."""
     return TrainPruneConfig(
         allocation=args.allocation,
+        max_skew=args.max_skew,
         gate_epochs=args.gate_epochs,
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.learning_rate,
@@ -354,13 +355,23 @@ def plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     }
     unpruned = [r for r in rows if r["method"] == "unpruned"]
     for method in ["w-gates", *methods]:
-        points = sorted(
-            (r["measured_ms"], r["accuracy"])
-            for r in rows
-            if r["method"] == method and not r.get("infeasible")
+        points = [r for r in rows if r["method"] == method and not r.get("infeasible")]
+        if not points:
+            continue
+        colour = colours.get(method)
+        # Every seed's network faintly; the line joins the per-budget means (not seeds to each other),
+        # with the standard error of the mean accuracy as the bar.
+        axes.scatter(
+            [r["measured_ms"] for r in points], [r["accuracy"] for r in points], s=12, alpha=0.3, color=colour
         )
-        if points:
-            axes.plot(*zip(*points, strict=True), marker="o", label=method, color=colours.get(method))
+        means = []
+        for share in sorted({r["share"] for r in points}):
+            at = [r for r in points if r["share"] == share]
+            accuracy = [r["accuracy"] for r in at]
+            error = statistics.stdev(accuracy) / len(at) ** 0.5 if len(at) > 1 else 0.0
+            means.append((statistics.mean(r["measured_ms"] for r in at), statistics.mean(accuracy), error))
+        x, y, err = zip(*means, strict=True)
+        axes.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, color=colour)
     axes.scatter(
         [r["measured_ms"] for r in unpruned],
         [r["accuracy"] for r in unpruned],
@@ -371,7 +382,8 @@ def plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
     )
     axes.set_xlabel("measured latency (ms, torch CPU, 1 thread)")
     axes.set_ylabel(f"validation accuracy ({rows[0]['val_images']} digits)")
-    axes.set_title("Digits SmallResNet: accuracy vs measured latency")
+    seeds = len({r["seed"] for r in rows})
+    axes.set_title(f"Digits SmallResNet: accuracy vs measured latency ({seeds} seeds, mean +- s.e.)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -406,6 +418,12 @@ def main() -> None:
     parser.add_argument("--val-share", type=float, default=0.2, help="share of the digits held out")
     parser.add_argument(
         "--allocation", choices=sorted(ALLOCATIONS), default="planned", help="W-Gates' group counts"
+    )
+    parser.add_argument(
+        "--max-skew",
+        type=float,
+        default=TrainPruneConfig().max_skew,
+        help="planned counts within this factor of the uniform keep ratio (see TrainPruneConfig)",
     )
     parser.add_argument("--base-epochs", type=int)
     parser.add_argument("--gate-epochs", type=int)

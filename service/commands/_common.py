@@ -93,6 +93,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def at_least_one(text: str) -> float:
+    """argparse type for a factor of 1 or more."""
+    value = positive_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type for a count."""
     try:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.commands._common import (
     CommandError,
+    at_least_one,
     database_session,
     info,
     non_negative_int,
@@ -97,6 +98,11 @@ def register(subparsers: SubParsers) -> None:
         choices=("planned", "joint"),
         default="planned",
         help="group counts from the architecture-only plan (default) or learnt by the gates",
+    )
+    training.add_argument(
+        "--max-skew",
+        type=at_least_one,
+        help="planned keep ratios within this factor of the uniform one (default: the library's, 1.25)",
     )
     training.add_argument("--gate-epochs", type=positive_int, default=5)
     training.add_argument("--finetune-epochs", type=non_negative_int, default=5)
@@ -268,6 +274,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     )
     config = TrainPruneConfig(
         allocation=args.allocation,
+        **({} if args.max_skew is None else {"max_skew": args.max_skew}),
         gate_epochs=args.gate_epochs,
         finetune_epochs=args.finetune_epochs,
         learning_rate=args.learning_rate,

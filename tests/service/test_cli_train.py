@@ -143,6 +143,15 @@ def test_train_rejects_a_budget_share_above_one(tmp_path: Path) -> None:
     assert "share in (0, 1]" in result.stderr
 
 
+def test_train_rejects_a_skew_below_one(tmp_path: Path) -> None:
+    result = lpnet(
+        "train", "--fit-variants", "20", "--budget-ms", "1", "--max-skew", "0.5", "--output", str(tmp_path)
+    )
+    assert result.returncode == 2
+    assert "--max-skew: must be 1 or more, got 0.5" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_train_needs_enough_variants_to_fit_a_predictor(tmp_path: Path) -> None:
     result = lpnet("train", "--fit-variants", "5", "--budget-ms", "1", "--output", str(tmp_path))
     assert result.returncode == 2

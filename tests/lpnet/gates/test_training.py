@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,12 +10,20 @@ import torch
 
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
-from lpnet.gates.datasets import cifar10_loaders, digits_loaders, distort_digits, image_folder_loaders
+from lpnet.arch.ir import Network
+from lpnet.gates.datasets import (
+    DataLoaders,
+    cifar10_loaders,
+    digits_loaders,
+    distort_digits,
+    image_folder_loaders,
+)
 from lpnet.gates.errors import DatasetUnavailable
 from lpnet.gates.planner import PlanningProblem, PlanOptions, optimise_widths
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
-from lpnet.gates.training import CosineSpan, TrainPruneConfig, evaluate_accuracy, train_and_prune
+from lpnet.gates.training import CosineSpan, SkewBand, TrainPruneConfig, evaluate_accuracy, train_and_prune
 from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from lpnet.pruning import check_channels
 from profiler.variants import measure_width_variants
@@ -76,7 +85,17 @@ def test_missing_datasets_say_where_they_looked(tmp_path: Path) -> None:
         image_folder_loaders(tmp_path / "nowhere")
 
 
-def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(measure: Measure) -> None:
+@dataclass
+class DigitsCase:
+    module: SmallResNet
+    network: Network
+    predictor: LatencyPredictor
+    data: DataLoaders
+    budget: float
+
+
+@pytest.fixture(scope="module")
+def digits_case(measure: Measure) -> DigitsCase:
     torch.manual_seed(0)
     data = digits_loaders(batch_size=64, image_size=16)
     # Wide enough that the smallest widths time about 4x faster than the full ones on one thread
@@ -91,7 +110,18 @@ def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(measure: 
     fastest = problem.predicted_ms(problem.grid.min_widths)
     unpruned = problem.predicted_ms(problem.grid.full_widths)
     assert fastest < unpruned, "the fitted predictor must see the smallest widths as faster"
-    budget = (fastest + unpruned) / 2
+    return DigitsCase(module, network, predictor, data, (fastest + unpruned) / 2)
+
+
+def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(digits_case: DigitsCase) -> None:
+    module, network, predictor, data, budget = (
+        digits_case.module,
+        digits_case.network,
+        digits_case.predictor,
+        digits_case.data,
+        digits_case.budget,
+    )
+    problem = PlanningProblem.build(network, predictor)
     for allocation in ("planned", "joint"):
         config = TrainPruneConfig(allocation=allocation, gate_epochs=1, finetune_epochs=1, max_batches=4)
         outcome = train_and_prune(module, network, predictor, budget, data.train, data.val, config)
@@ -112,10 +142,59 @@ def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(measure: 
             p.numel() for p in module.parameters()
         )
         if allocation == "planned":
-            # The counts are the architecture-only plan's for the same budget (no measuring here).
-            planned = problem.fit(optimise_widths(problem, budget, PlanOptions(seed=0)), budget)
-            assert result.widths == planned
+            # The counts are the architecture-only plan's for the same budget (no measuring here),
+            # moved into the skew band around the uniform keep ratio.
+            band = SkewBand.at(problem, budget, config.max_skew)
+            assert band is not None
+            target = band.clamp(optimise_widths(problem, budget, PlanOptions(seed=0)))
+            assert result.widths == problem.fit(target, budget, band.high)
+            assert all(w <= hi for w, hi in zip(result.widths, band.high, strict=True))
     with pytest.raises(ValueError, match="allocation"):
         train_and_prune(
             module, network, predictor, budget, data.train, data.val, TrainPruneConfig(allocation="x")
         )
+    with pytest.raises(ValueError, match="max_skew must be at least 1"):
+        train_and_prune(
+            module, network, predictor, budget, data.train, data.val, TrainPruneConfig(max_skew=0.8)
+        )
+
+
+def test_verification_widens_the_skew_band_with_a_loosened_budget(digits_case: DigitsCase) -> None:
+    network, predictor, budget = digits_case.network, digits_case.predictor, digits_case.budget
+    problem = PlanningProblem.build(network, predictor)
+    timed: list[float] = []
+
+    def device(net: Network) -> float:
+        # Runs the calibration plan as LPNet predicts, every later plan 30 % faster: the trained
+        # plan measures far under the budget and verification loosens the internal budget.
+        ms = predictor.predict(net).total_ms * (1.0 if not timed else 0.7)
+        timed.append(ms)
+        return ms
+
+    config = TrainPruneConfig(gate_epochs=1, finetune_epochs=0, max_batches=2, max_rounds=4)
+    outcome = train_and_prune(
+        digits_case.module,
+        network,
+        predictor,
+        budget,
+        digits_case.data.train,
+        digits_case.data.val,
+        config,
+        device,
+    )
+    rounds = outcome.plan.rounds
+    gate_budget = rounds[0].internal_budget_ms
+    assert gate_budget == pytest.approx(budget * (1 - config.verify_margin), rel=1e-6)  # calibrated at 1.0
+    assert len(rounds) >= 2 and rounds[1].internal_budget_ms > gate_budget
+    # The plan the gates trained for stayed inside the band at the gate budget; the selected one,
+    # planned for a looser budget, goes past that band's ceiling in some group, within the budget.
+    fixed = SkewBand.at(problem, gate_budget, config.max_skew)
+    assert fixed is not None
+    assert all(
+        w <= max(hi, lo)
+        for w, hi, lo in zip(rounds[0].widths, fixed.high, problem.grid.min_widths, strict=True)
+    )
+    chosen = outcome.plan.widths
+    assert any(w > hi for w, hi in zip(chosen, fixed.high, strict=True)), (chosen, fixed.high)
+    measured = outcome.plan.measured_ms
+    assert measured is not None and measured <= budget and outcome.plan.met_budget
