@@ -210,11 +210,13 @@ def fit_widths_to_budget(
     capacity: CapacityFn,
     budget_ms: float,
     ceiling: Sequence[float] | None = None,
+    floor: Sequence[float] | None = None,
 ) -> list[int]:
     """A grid width vector near `target` whose predicted latency is at or under `budget_ms`.
 
     Floors `target` onto the grid. When that is over budget, shrinks the target towards the minimum
-    widths by one common factor, the largest whose floored widths fit (`scale_to_budget`): the
+    widths (towards `floor`, where given and above them) by one common factor, the largest whose
+    floored widths fit (`scale_to_budget`): the
     target's shape is what the gates trained the network under, and a later verification round only
     moves the budget. Should no factor fit (grid effects), takes the steps down that save the most
     latency per unit of capacity lost. Then, while some step up still fits, takes the one that gains
@@ -224,7 +226,7 @@ def fit_widths_to_budget(
     widths = grid.floor(target)
     current = float(predicted_latency(latency, widths)[0])
     if current > budget_ms:
-        widths, current = scale_to_budget(target, grid, latency, budget_ms)
+        widths, current = scale_to_budget(target, grid, latency, budget_ms, floor)
     moves = 0
     while current > budget_ms and moves < MAX_ROUNDING_MOVES:
         moved = _best_move(widths, grid, latency, capacity, budget_ms, down=True)
@@ -248,16 +250,24 @@ SCALE_CANDIDATES = 64
 
 
 def scale_to_budget(
-    target: Sequence[float], grid: WidthGrid, latency: LatencyFn, budget_ms: float
+    target: Sequence[float],
+    grid: WidthGrid,
+    latency: LatencyFn,
+    budget_ms: float,
+    floor: Sequence[float] | None = None,
 ) -> tuple[list[int], float]:
-    """The widths floor(min + f (target - min)) for the largest f in [0, 1] predicted at or under the budget.
+    """The widths floor(low + f (target - low)) for the largest f in [0, 1] predicted at or under the budget.
 
-    Two batched passes: a coarse grid of factors, then a fine one just above the best coarse factor.
-    Returns the widths and their predicted latency (the minimum widths when even f = 0 is over).
+    `low` is the grid's minimum widths, or `floor` where given and above them. Two batched passes: a
+    coarse grid of factors, then a fine one just above the best coarse factor. Returns the widths
+    and their predicted latency (the floored `low` when even f = 0 is over).
     """
     low = torch.as_tensor(grid.min_widths, dtype=torch.float32)  # (G,)
+    if floor is not None:
+        low = torch.maximum(low, torch.as_tensor([float(v) for v in floor]))
     goal = torch.maximum(torch.as_tensor([float(v) for v in target]), low)  # (G,)
-    best: tuple[list[int], float] = (grid.min_widths, float(predicted_latency(latency, grid.min_widths)[0]))
+    start = grid.floor(low.tolist())
+    best: tuple[list[int], float] = (start, float(predicted_latency(latency, start)[0]))
     lo, hi = 0.0, 1.0
     for _ in range(2):
         factors = torch.linspace(lo, hi, SCALE_CANDIDATES)  # (S,)

@@ -218,11 +218,15 @@ class PlanningProblem:
         return self.predictor.predict_widths(self.tn, widths).total_ms
 
     def fit(
-        self, target: Sequence[float], budget_ms: float, ceiling: Sequence[float] | None = None
+        self,
+        target: Sequence[float],
+        budget_ms: float,
+        ceiling: Sequence[float] | None = None,
+        floor: Sequence[float] | None = None,
     ) -> list[int]:
         """Grid widths near `target` predicted at or under `budget_ms` (see `fit_widths_to_budget`)."""
         return fit_widths_to_budget(
-            target, self.grid, self.reported_latency, self.capacity, budget_ms, ceiling
+            target, self.grid, self.reported_latency, self.capacity, budget_ms, ceiling, floor
         )
 
     def check_feasible(self, budget_ms: float) -> float:

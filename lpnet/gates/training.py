@@ -276,18 +276,24 @@ def _length(batches: Batches) -> int:
 
 
 def uniform_ratio(problem: PlanningProblem, budget_ms: float, iterations: int = 30) -> float:
-    """The largest share r of every group's channels (at least its minimum) predicted within the budget."""
+    """The largest share r of every group's channels (at least its minimum), floored onto the grid,
+    predicted within the budget.
+
+    Widths off the grid are outside what LPNet was fitted on (a fitted predictor put a tiny
+    network at 0.4 of its widths, unrounded, at 6.2 ms and the same widths floored at 1.2 ms), so
+    the search runs on grid widths; flooring is monotone in r, so bisection still applies.
+    """
     full, low = problem.grid.full_widths, problem.grid.min_widths
 
-    def widths(ratio: float) -> list[float]:
-        return [max(m, f * ratio) for f, m in zip(full, low, strict=True)]
+    def widths(ratio: float) -> list[int]:
+        return problem.grid.floor([max(m, f * ratio) for f, m in zip(full, low, strict=True)])
 
     lo, hi = 0.0, 1.0
-    if problem.predicted_ms(widths(1.0)) <= budget_ms:  # type: ignore[arg-type]
+    if problem.predicted_ms(widths(1.0)) <= budget_ms:
         return 1.0
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        if problem.predicted_ms(widths(mid)) <= budget_ms:  # type: ignore[arg-type]
+        if problem.predicted_ms(widths(mid)) <= budget_ms:
             lo = mid
         else:
             hi = mid
@@ -376,7 +382,10 @@ def train_and_prune(
     if planned:
         target_widths = optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed))
         planned_counts = problem.fit(
-            band.clamp(target_widths) if band else target_widths, gate_budget, band.high if band else None
+            band.clamp(target_widths) if band else target_widths,
+            gate_budget,
+            band.high if band else None,
+            band.low if band else None,
         )
         gate_set.set_counts(full_counts)
     constraint = AugmentedLagrangian(gate_budget, rho=config.rho, dual_rate=config.dual_rate, equality=True)
@@ -460,9 +469,15 @@ def train_and_prune(
     def solve(internal_ms: float) -> list[int]:
         # The band follows the budget being solved for: when a round measured well under the budget
         # and verification loosens it, every group may widen with the uniform ratio. A band fixed at
-        # the gate budget capped that, and plans measured at 0.81 of the budget stayed there.
+        # the gate budget capped that, and plans measured at 0.81 of the budget stayed there. The
+        # target moves into the band too, and an over-budget target shrinks towards the band's lower
+        # edge: shrinking it towards the grid's minimum and adding back the steps LPNet called
+        # cheapest left groups at half the uniform ratio beside groups near full width
+        # ([56, 56, 120, 72, 128, 240] at 0.80 on digits).
         moved = SkewBand.at(problem, internal_ms, config.max_skew) if planned else None
-        return problem.fit(target, internal_ms, moved.high if moved is not None else None)
+        if moved is None:
+            return problem.fit(target, internal_ms)
+        return problem.fit(moved.clamp(target), internal_ms, moved.high, moved.low)
 
     widths, rounds, met = verification_loop(
         problem,

@@ -10,6 +10,7 @@ from lpnet.arch.ir import Network
 from lpnet.gates.budget import (
     AugmentedLagrangian,
     LatencyFn,
+    WidthGrid,
     check_feasible,
     fit_widths_to_budget,
     predicted_latency,
@@ -125,3 +126,27 @@ def test_an_over_budget_target_shrinks_as_a_whole_towards_the_minimum(
     assert widths[half:] == grid.min_widths[half:]
     assert all(low <= w <= t for w, low, t in zip(widths, grid.min_widths, target, strict=True))
     assert widths != grid.min_widths
+
+
+def test_an_over_budget_target_shrinks_towards_a_floor_when_given() -> None:
+    # Latency proportional to the channel count (1 ms per 128), two groups of 64 on a grid of 8.
+    grid = WidthGrid(channels=(64, 64), step=(8, 8), minimum=(8, 8))
+
+    def latency(widths: torch.Tensor) -> torch.Tensor:
+        return widths.sum(-1) / 128.0
+
+    def capacity(widths: torch.Tensor) -> torch.Tensor:
+        return torch.log(widths).sum(-1)
+
+    budget = 96 / 128.0
+    # Towards the grid's minimum, one common factor takes both groups to 48.
+    assert scale_to_budget([64.0, 64.0], grid, latency, budget)[0] == [48, 48]
+    # Towards a floor of (56, 8), the first group keeps at least 56.
+    shrunk, shrunk_ms = scale_to_budget([64.0, 64.0], grid, latency, budget, floor=[56.0, 8.0])
+    assert shrunk == [56, 40] and shrunk_ms == pytest.approx(budget)
+    fitted = fit_widths_to_budget([64.0, 64.0], grid, latency, capacity, budget, floor=[56.0, 8.0])
+    assert fitted[0] >= 56 and sum(fitted) <= 96
+    # A floor over the budget by itself: the floor is where shrinking stops, and rounding steps
+    # down from there until the widths fit.
+    low = fit_widths_to_budget([64.0, 64.0], grid, latency, capacity, 0.5, floor=[64.0, 64.0])
+    assert sum(low) <= 64
