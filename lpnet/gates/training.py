@@ -330,6 +330,22 @@ class SkewBand:
         return [max(lo, min(hi, t)) for t, lo, hi in zip(target, self.low, self.high, strict=True)]
 
 
+def fit_within_skew(
+    problem: PlanningProblem, target: Sequence[float], budget_ms: float, max_skew: float | None
+) -> list[int]:
+    """Grid widths near `target` under `budget_ms`, inside the skew band at that budget (`SkewBand`).
+
+    The target is clamped into the band, rounding adds channels back only up to its upper edge, and
+    an over-budget target shrinks towards its lower edge: shrinking towards the grid's minimum and
+    adding back the steps LPNet called cheapest left groups at half the uniform ratio beside groups
+    near full width ([56, 56, 120, 72, 128, 240] at 0.80 on digits). No band: `PlanningProblem.fit`.
+    """
+    band = SkewBand.at(problem, budget_ms, max_skew)
+    if band is None:
+        return problem.fit(target, budget_ms)
+    return problem.fit(band.clamp(target), budget_ms, band.high, band.low)
+
+
 def train_and_prune(
     module: nn.Module,
     network: Network,
@@ -376,17 +392,10 @@ def train_and_prune(
     model = copy.deepcopy(module)
     gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
     full_counts = list(problem.grid.full_widths)
-    # The planned counts, and how far rounding may add channels back to a group (the skew band).
-    band = SkewBand.at(problem, gate_budget, config.max_skew) if planned else None
     planned_counts = full_counts
     if planned:
         target_widths = optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed))
-        planned_counts = problem.fit(
-            band.clamp(target_widths) if band else target_widths,
-            gate_budget,
-            band.high if band else None,
-            band.low if band else None,
-        )
+        planned_counts = fit_within_skew(problem, target_widths, gate_budget, config.max_skew)
         gate_set.set_counts(full_counts)
     constraint = AugmentedLagrangian(gate_budget, rho=config.rho, dual_rate=config.dual_rate, equality=True)
     gate_optimizer = torch.optim.Adam(gate_set.parameters(), lr=config.gate_learning_rate)
@@ -469,15 +478,10 @@ def train_and_prune(
     def solve(internal_ms: float) -> list[int]:
         # The band follows the budget being solved for: when a round measured well under the budget
         # and verification loosens it, every group may widen with the uniform ratio. A band fixed at
-        # the gate budget capped that, and plans measured at 0.81 of the budget stayed there. The
-        # target moves into the band too, and an over-budget target shrinks towards the band's lower
-        # edge: shrinking it towards the grid's minimum and adding back the steps LPNet called
-        # cheapest left groups at half the uniform ratio beside groups near full width
-        # ([56, 56, 120, 72, 128, 240] at 0.80 on digits).
-        moved = SkewBand.at(problem, internal_ms, config.max_skew) if planned else None
-        if moved is None:
-            return problem.fit(target, internal_ms)
-        return problem.fit(moved.clamp(target), internal_ms, moved.high, moved.low)
+        # the gate budget capped that, and plans measured at 0.81 of the budget stayed there.
+        if planned:
+            return fit_within_skew(problem, target, internal_ms, config.max_skew)
+        return problem.fit(target, internal_ms)
 
     widths, rounds, met = verification_loop(
         problem,
