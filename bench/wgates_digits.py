@@ -3,12 +3,11 @@
 A small ResNet (widths 64/128/256, 16x16 upsampled digits, 1 thread) is trained, then pruned to
 budgets that are shares of its measured latency:
 
-- W-Gates (train mode): the latency target calibrated by measuring one architecture-only plan;
-  the group counts planned through LPNet for it (`--allocation planned`, the default) or learnt
-  by the gates under LPNet's latency term and the capacity barrier (`--allocation joint`); gates
-  trained jointly with the network for `--gate-epochs`, widths rounded under the budget and
-  verified by measurement (<= 5 rounds), physical pruning, `--finetune-epochs` of fine-tuning on
-  the same cosine schedule.
+- W-Gates (train mode): the group counts planned through LPNet and verified by measurement
+  (<= 5 rounds) before training (`--allocation planned`, the default), or learnt by the gates under
+  LPNet's latency term and the capacity barrier and verified after it (`--allocation joint`); gates
+  trained jointly with the network for `--gate-epochs`, physical pruning, `--finetune-epochs` of
+  fine-tuning on the same cosine schedule.
 - Baselines (uniform width, L1 global, L1 per layer, Taylor global): the largest keep ratio whose
   measured latency is at or under the *W-Gates network's* at the same budget, found by bisection with
   every candidate timed right beside the W-Gates network (paired timings, so the machine's drift
@@ -225,6 +224,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 "accuracy_gated": outcome.accuracy_gated,
                 "accuracy_pruned": outcome.accuracy_pruned,
                 "widths": outcome.plan.widths,
+                "gated_counts": outcome.gated_counts,
                 "rounds": [r.measured_ms for r in outcome.plan.rounds],
                 "notes": outcome.plan.warnings,
                 "seconds": time.perf_counter() - started,

@@ -1,13 +1,19 @@
 """The train mode: W-Gates trained jointly with the network on data, then physical pruning and fine-tuning.
 
-1. Joint training: the network's weights (SGD, the task loss) and the W-Gates (Adam) are trained
-   together; the gates read the current weights at every step, and the loss adds the
-   augmented-Lagrangian latency term on the gates' kept counts and the capacity proxy's log barrier.
-   With a `measure` callable, the latency target is first calibrated by measuring one plan
-   (`calibrated_budget`), so the gates train for the widths verification will keep.
-2. Widths: the gates' expected kept counts are rounded onto the staircase under the budget
-   (verified by measurement when a `measure` callable is given); the highest-scoring filters stay.
-3. Physical pruning through torch-pruning, then fine-tuning of the smaller network.
+With the planned allocation (the default):
+
+1. Widths: the architecture-only plan under the budget, kept within the skew band around the
+   uniform keep ratio, and verified by measurement when a `measure` callable is given. A network's
+   latency does not depend on its weights, so the widths are settled before any training, and the
+   gates train for exactly the widths that are pruned.
+2. Joint training: the network's weights (SGD, the task loss) and the W-Gates (Adam) are trained
+   together, the gates reading the current weights at every step; each group's open gates shrink
+   from all of its channels to its planned width, the highest-scoring filters staying open.
+3. Physical pruning through torch-pruning (the highest-scoring filters stay), then fine-tuning.
+
+With the joint allocation, the counts too are learnt in step 2 under the augmented-Lagrangian
+latency term and the capacity proxy's log barrier (the target calibrated first by measuring one
+plan, `calibrated_budget`), and are then rounded onto the grid and verified after training.
 
 One cosine learning-rate schedule spans steps 1 and 3, so the network is still learning when the
 gates settle and fine-tuning carries on from there.
@@ -60,10 +66,11 @@ class TrainPruneConfig:
     Attributes:
         allocation: how the kept count of each group is decided.
             "planned" (default): by the architecture-only optimisation, gradient descent through
-            LPNet maximising the capacity proxy under the (calibrated) budget; during joint
-            training each group's open gates shrink from all to that count over `budget_warmup`,
-            the highest-scoring filters stay open, and the task loss trains the gate MLPs (through
-            `top_k_gates`) to score which filters earn their place.
+            LPNet maximising the capacity proxy under the budget (verified by measurement, when
+            measuring, before any training); during joint training each group's open gates shrink
+            from all to that count over `budget_warmup`, the highest-scoring filters stay open,
+            and the task loss trains the gate MLPs (through `top_k_gates`) to score which filters
+            earn their place.
             "joint": the counts too are learnt in joint training, each gate open where its score is
             positive, under LPNet's augmented-Lagrangian latency term and the capacity barrier.
             On distorted digits the joint counts narrowed the residual groups and kept the inner
@@ -77,7 +84,8 @@ class TrainPruneConfig:
             digits run) that fine-tuning does not recover. At 2 the plans on distorted digits were
             still lopsided (a group at 8 of 128 channels beside groups at full width) and lost to
             uniform widths at 0.60 and 0.80 of the latency; 1.25 keeps LPNet's say on where the
-            budget's last channels go without such bottlenecks (see the README's benchmarks).
+            budget's last channels go without such bottlenecks (see the README's benchmarks). The
+            same factor bounds each group's pruned share around the uniform one (`SkewBand`).
         gate_epochs: epochs of joint training of weights and gates.
         finetune_epochs: epochs of fine-tuning after physical pruning.
         learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed over joint
@@ -142,6 +150,9 @@ class TrainedPlan:
         accuracy_pruned: right after physical pruning (BatchNorm statistics recomputed), before
             fine-tuning.
         accuracy_after: after fine-tuning.
+        gated_counts: per group, the gates open at the end of joint training (deterministic). With
+            the planned allocation these are the pruned widths; with the joint allocation, rounding
+            and verification may move the widths from them.
         seconds: wall time of the whole run.
     """
 
@@ -151,6 +162,7 @@ class TrainedPlan:
     accuracy_gated: float
     accuracy_pruned: float
     accuracy_after: float
+    gated_counts: list[int]
     seconds: float
 
 
@@ -303,7 +315,13 @@ def uniform_ratio(problem: PlanningProblem, budget_ms: float, iterations: int = 
 @dataclass(frozen=True)
 class SkewBand:
     """Per group, the fewest (`low`) and most (`high`) channels whose keep ratio is within a factor
-    of the uniform ratio LPNet predicts at a budget (`uniform_ratio`), never outside the grid.
+    of the uniform ratio r LPNet predicts at a budget (`uniform_ratio`), and whose pruned share is
+    within the same factor of 1 - r, never outside the grid.
+
+    The second bound matters at mild pruning: at r = 0.85 a factor of 1.25 on the keep ratio alone
+    admits 0.68, more than twice the channels uniform widths remove, on LPNet's word about where
+    channels are cheap; with it the keep ratio stays within [0.81, 0.88]. Under r = 0.5 the first
+    bound is the tighter one.
 
     The plan's target is clamped into the band, and rounding adds channels back only up to `high`:
     rounding takes the steps LPNet says cost least first, those it says cost nothing first of all,
@@ -318,11 +336,17 @@ class SkewBand:
         """The band at `budget_ms`, or None when `max_skew` is None (no bound)."""
         if max_skew is None:
             return None
-        ratio = uniform_ratio(problem, budget_ms)
+        return cls.around(problem, uniform_ratio(problem, budget_ms), max_skew)
+
+    @classmethod
+    def around(cls, problem: PlanningProblem, ratio: float, max_skew: float) -> SkewBand:
+        """The band around a uniform keep ratio `ratio`."""
+        least = max(ratio / max_skew, 1.0 - (1.0 - ratio) * max_skew)
+        most = min(ratio * max_skew, 1.0 - (1.0 - ratio) / max_skew, 1.0)
         full, low = problem.grid.full_widths, problem.grid.min_widths
         return cls(
-            low=[float(min(f, max(m, f * ratio / max_skew))) for f, m in zip(full, low, strict=True)],
-            high=[float(min(f, f * ratio * max_skew)) for f in full],
+            low=[float(min(f, max(m, f * least))) for f, m in zip(full, low, strict=True)],
+            high=[float(f * most) for f in full],
         )
 
     def clamp(self, target: Sequence[float]) -> list[float]:
@@ -383,19 +407,37 @@ def train_and_prune(
     problem = PlanningProblem.build(network, predictor, config.round_to, config.min_keep_ratio)
     min_ms = problem.check_feasible(budget_ms)
     accuracy_before = evaluate_accuracy(module, val_batches)
-    gate_budget, notes = budget_ms, []
-    if measure is not None:
-        gate_budget, note = calibrated_budget(problem, budget_ms, min_ms, measure, config.verify_margin)
-        notes.append(note)
-
     planned = config.allocation == "planned"
-    model = copy.deepcopy(module)
-    gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
+    gate_budget, notes = budget_ms, []
     full_counts = list(problem.grid.full_widths)
     planned_counts = full_counts
     if planned:
-        target_widths = optimise_widths(problem, gate_budget, PlanOptions(seed=config.seed))
-        planned_counts = fit_within_skew(problem, target_widths, gate_budget, config.max_skew)
+        # Verified before training: re-planning after it would prune channels the network learnt
+        # to rely on, or restore ones it learnt without (in the digits benchmark, accuracy right
+        # after pruning fell up to 7 points below the gated network's when a round moved the widths).
+        def plan_widths(internal_ms: float) -> list[int]:
+            target = optimise_widths(problem, internal_ms, PlanOptions(seed=config.seed))
+            return fit_within_skew(problem, target, internal_ms, config.max_skew)
+
+        first_ms = budget_ms if measure is None else max(min_ms, budget_ms * (1.0 - config.verify_margin))
+        planned_counts, rounds, met = verification_loop(
+            problem,
+            budget_ms,
+            first_ms,
+            min_ms,
+            plan_widths,
+            measure,
+            config.max_rounds,
+            config.verify_margin,
+            timings=config.verify_timings,
+        )
+    elif measure is not None:
+        gate_budget, note = calibrated_budget(problem, budget_ms, min_ms, measure, config.verify_margin)
+        notes.append(note)
+
+    model = copy.deepcopy(module)
+    gate_set = GateSet(model, network, config.gates, track_weights=True, min_kept=problem.grid.min_widths)
+    if planned:
         gate_set.set_counts(full_counts)
     constraint = AugmentedLagrangian(gate_budget, rho=config.rho, dual_rate=config.dual_rate, equality=True)
     gate_optimizer = torch.optim.Adam(gate_set.parameters(), lr=config.gate_learning_rate)
@@ -464,6 +506,8 @@ def train_and_prune(
         gate_set.eval()
         recalibrate_batch_norm(model, train_batches, config.max_batches or 20)
         accuracy_gated = evaluate_accuracy(model, val_batches)
+        with torch.no_grad():
+            gated_counts = [int(g.sum()) for g in gate_set.compute()]
     logger.info(
         "joint training: losses %s, last predicted %.3f ms (budget %.3f ms), gated accuracy %.4f",
         [round(v, 4) for v in losses],
@@ -473,27 +517,20 @@ def train_and_prune(
     )
     with torch.no_grad():
         scores = [s.detach() for s in gate_set.scores()]
-    target = [float(c) for c in planned_counts] if planned else gate_set.expected_counts(scores)
-
-    def solve(internal_ms: float) -> list[int]:
-        # The band follows the budget being solved for: when a round measured well under the budget
-        # and verification loosens it, every group may widen with the uniform ratio. A band fixed at
-        # the gate budget capped that, and plans measured at 0.81 of the budget stayed there.
-        if planned:
-            return fit_within_skew(problem, target, internal_ms, config.max_skew)
-        return problem.fit(target, internal_ms)
-
-    widths, rounds, met = verification_loop(
-        problem,
-        budget_ms,
-        gate_budget,
-        min_ms,
-        solve,
-        measure,
-        config.max_rounds,
-        config.verify_margin,
-        timings=config.verify_timings,
-    )
+    widths = planned_counts
+    if not planned:
+        target = gate_set.expected_counts(scores)
+        widths, rounds, met = verification_loop(
+            problem,
+            budget_ms,
+            gate_budget,
+            min_ms,
+            lambda internal_ms: problem.fit(target, internal_ms),
+            measure,
+            config.max_rounds,
+            config.verify_margin,
+            timings=config.verify_timings,
+        )
     kept = [top_k_indices(s, k) for s, k in zip(scores, widths, strict=True)]
     pruned = prune_module(model, network, widths, kept)
     recalibrate_batch_norm(pruned.module, train_batches, config.max_batches or 20)
@@ -530,5 +567,6 @@ def train_and_prune(
         accuracy_gated=accuracy_gated,
         accuracy_pruned=accuracy_pruned,
         accuracy_after=accuracy_after,
+        gated_counts=gated_counts,
         seconds=time.perf_counter() - start,
     )

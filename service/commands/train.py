@@ -305,6 +305,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         "accuracy_gated": outcome.accuracy_gated,
         "accuracy_pruned": outcome.accuracy_pruned,
         "accuracy_after": outcome.accuracy_after,
+        "gated_counts": outcome.gated_counts,
         "seconds": outcome.seconds,
         "plan": outcome.plan.to_dict(include_network=False),
     }

@@ -81,6 +81,7 @@ def test_train_prunes_digits_to_a_verified_budget(tmp_path: Path) -> None:
     # The saved model is the plan: its channel counts are the widths, and it classifies digits.
     pruned = load_pruned((out / "pruned.safetensors").read_bytes())
     assert pruned.widths == plan["widths"]
+    assert report["gated_counts"] == plan["widths"], "verified before training, trained for these widths"
     check_channels(pruned.module, pruned.network)
     assert report["accuracy_before"] > 0.8
     assert report["accuracy_after"] > 0.5

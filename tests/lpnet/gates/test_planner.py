@@ -317,13 +317,16 @@ def test_planned_counts_stay_within_a_factor_of_the_uniform_ratio(
     band = SkewBand.at(problem, budget, max_skew=1.5)
     assert band is not None
     bounded = band.clamp(lopsided)
+    # Within a factor 1.5 of the uniform keep ratio, and of the uniform pruned share.
+    least = max(ratio / 1.5, 1.0 - (1.0 - ratio) * 1.5)
+    most = min(ratio * 1.5, 1.0 - (1.0 - ratio) / 1.5)
     for width, f, m in zip(bounded, full, low, strict=True):
-        assert max(m, f * ratio / 1.5) - 1e-6 <= width <= max(m, min(f, f * ratio * 1.5)) + 1e-6
+        assert max(m, f * least) - 1e-6 <= width <= max(m, min(f, f * most)) + 1e-6
     assert bounded[0] < full[0] and bounded != lopsided
     assert SkewBand.at(problem, budget, max_skew=None) is None  # no bound: the target stays as it is
     # Rounding adds channels back only up to the band's ceiling, and stays within the budget.
     ceiling = band.high
-    assert ceiling == [min(f, f * ratio * 1.5) for f in full]
+    assert ceiling == pytest.approx([min(f, f * most) for f in full], rel=1e-9)
     fitted = problem.fit(bounded, budget, ceiling)
     assert problem.predicted_ms(fitted) <= budget
     # The grid's floor allows 1e-6 of rounding error: a ceiling of 47.9999999 admits 48.
@@ -333,3 +336,22 @@ def test_planned_counts_stay_within_a_factor_of_the_uniform_ratio(
     assert exact is not None
     uniform = problem.fit(exact.clamp(lopsided), budget, exact.high)
     assert uniform == at
+
+
+def test_at_mild_pruning_the_band_bounds_the_pruned_share_too(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(tiny_net, tiny_predictor)
+    full, low = problem.grid.full_widths, problem.grid.min_widths
+    ratio = 0.85
+    band = SkewBand.around(problem, ratio, max_skew=1.25)
+    # A factor of 1.25 on the keep ratio alone would admit ratio / 1.25 (about 0.68 of a group);
+    # the pruned share may grow only to 1.25 times uniform's, and shrink to 1 / 1.25 of it.
+    for f, m, lo, hi in zip(full, low, band.low, band.high, strict=True):
+        assert lo == pytest.approx(max(m, f * (1.0 - (1.0 - ratio) * 1.25)), rel=1e-9)
+        assert hi == pytest.approx(f * (1.0 - (1.0 - ratio) / 1.25), rel=1e-9)
+        assert f * ratio / 1.25 < lo <= f * ratio <= hi < f
+    # A lopsided target (first group at full width, the rest at their minimum) is pulled to both edges.
+    lopsided = [float(full[0])] + [float(m) for m in low[1:]]
+    clamped = band.clamp(lopsided)
+    assert clamped[0] == band.high[0] and clamped[1:] == band.low[1:]
