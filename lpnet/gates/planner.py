@@ -372,9 +372,10 @@ def calibrated_budget(
 ) -> tuple[float, str]:
     """The predicted latency to aim a long optimisation at so that its plan *measures* near the aim.
 
-    The train mode spends epochs training the network under the gates; a verification round that
-    then moves the widths far from them prunes channels the network relied on (or restores ones it
-    learnt without). One measurement first: the architecture-only plan for the budget is measured,
+    The train mode's joint allocation learns its counts over epochs of training under the gates,
+    and can verify them only afterwards; a verification round that then moves the widths far from
+    them prunes channels the network relied on (or restores ones it learnt without). (The planned
+    allocation verifies its widths before training instead.) One measurement first: the architecture-only plan for the budget is measured,
     and the predictor's bias there, measured / predicted, scales the aim (budget * (1 - margin))
     into predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
     """
