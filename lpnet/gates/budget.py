@@ -216,9 +216,9 @@ def fit_widths_to_budget(
 
     Floors `target` onto the grid. When that is over budget, shrinks the target towards the minimum
     widths (towards `floor`, where given and above them) by one common factor, the largest whose
-    floored widths fit (`scale_to_budget`): the target's shape is what the gates trained the network
-    under, and a later verification round only moves the budget. Should no factor fit (grid effects), takes the steps down that save the most
-    latency per unit of capacity lost. Then, while some step up still fits, takes the one that gains
+    floored widths fit (`scale_to_budget`): the target's shape is what the gates trained the
+    network under, and a later verification round only moves the budget. Should no factor fit (grid
+    effects), takes the steps down that save the most latency per unit of capacity lost. Then, while some step up still fits, takes the one that gains
     the most capacity per millisecond (steps that cost nothing first), never above `ceiling[g]` for
     group g when a ceiling is given. Callers check feasibility first.
     """

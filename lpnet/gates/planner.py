@@ -375,9 +375,9 @@ def calibrated_budget(
     The train mode's joint allocation learns its counts over epochs of training under the gates,
     and can verify them only afterwards; a verification round that then moves the widths far from
     them prunes channels the network relied on (or restores ones it learnt without). (The planned
-    allocation verifies its widths before training instead.) One measurement first: the architecture-only plan for the budget is measured,
-    and the predictor's bias there, measured / predicted, scales the aim (budget * (1 - margin))
-    into predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
+    allocation verifies its widths before training instead.) One measurement first: the
+    architecture-only plan for the budget is measured, and the predictor's bias there, measured /
+    predicted, scales the aim (budget * (1 - margin)) into predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
     """
     widths = problem.fit(optimise_widths(problem, budget_ms, PlanOptions()), budget_ms)
     predicted = problem.predicted_ms(widths)

@@ -45,7 +45,7 @@ from lpnet.gates.planner import (
     optimise_widths,
     verification_loop,
 )
-from lpnet.gates.result import PlanResult
+from lpnet.gates.result import PlanResult, VerificationRound
 from lpnet.gates.wgates import GateSet, WGateConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import PrunedModel, prune_module, top_k_indices
@@ -409,6 +409,22 @@ def train_and_prune(
     accuracy_before = evaluate_accuracy(module, val_batches)
     planned = config.allocation == "planned"
     gate_budget, notes = budget_ms, []
+
+    def verify(
+        first_ms: float, solve: Callable[[float], list[int]]
+    ) -> tuple[list[int], list[VerificationRound], bool | None]:
+        return verification_loop(
+            problem,
+            budget_ms,
+            first_ms,
+            min_ms,
+            solve,
+            measure,
+            config.max_rounds,
+            config.verify_margin,
+            timings=config.verify_timings,
+        )
+
     full_counts = list(problem.grid.full_widths)
     planned_counts = full_counts
     if planned:
@@ -420,17 +436,7 @@ def train_and_prune(
             return fit_within_skew(problem, target, internal_ms, config.max_skew)
 
         first_ms = budget_ms if measure is None else max(min_ms, budget_ms * (1.0 - config.verify_margin))
-        planned_counts, rounds, met = verification_loop(
-            problem,
-            budget_ms,
-            first_ms,
-            min_ms,
-            plan_widths,
-            measure,
-            config.max_rounds,
-            config.verify_margin,
-            timings=config.verify_timings,
-        )
+        planned_counts, rounds, met = verify(first_ms, plan_widths)
     elif measure is not None:
         gate_budget, note = calibrated_budget(problem, budget_ms, min_ms, measure, config.verify_margin)
         notes.append(note)
@@ -520,17 +526,7 @@ def train_and_prune(
     widths = planned_counts
     if not planned:
         target = gate_set.expected_counts(scores)
-        widths, rounds, met = verification_loop(
-            problem,
-            budget_ms,
-            gate_budget,
-            min_ms,
-            lambda internal_ms: problem.fit(target, internal_ms),
-            measure,
-            config.max_rounds,
-            config.verify_margin,
-            timings=config.verify_timings,
-        )
+        widths, rounds, met = verify(gate_budget, lambda internal_ms: problem.fit(target, internal_ms))
     kept = [top_k_indices(s, k) for s, k in zip(scores, widths, strict=True)]
     pruned = prune_module(model, network, widths, kept)
     recalibrate_batch_norm(pruned.module, train_batches, config.max_batches or 20)
