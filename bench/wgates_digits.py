@@ -12,7 +12,9 @@ budgets that are shares of its measured latency:
   measured latency is at or under the *W-Gates network's* at the same budget, found by bisection with
   every candidate timed right beside the W-Gates network (paired timings, so the machine's drift
   between them cancels); physical pruning; `--gate-epochs + --finetune-epochs` of fine-tuning, so
-  every method gets the same number of epochs after the base model.
+  every method gets the same number of epochs after the base model. Every method at a budget
+  starts its training from the same order of batches (`same_batch_order`), so the order's noise
+  largely cancels in the paired differences.
 
 Every timing is taken against the speed probe and reported at the speed the machine had when the
 seed started (profiler/verification.py; raw medians are saved beside them), so latencies measured
@@ -55,6 +57,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from lpnet.arch.from_torch import network_from_module  # noqa: E402
 from lpnet.arch.groups import channel_layout  # noqa: E402
@@ -111,6 +114,22 @@ def relative_to(meter: NetworkMeter, reference: Network) -> Callable[[Network], 
         return meter(net).ms / meter(reference).ms
 
     return share
+
+
+def same_batch_order(batches: DataLoader[Any], seed: int, share: float) -> None:
+    """Restart the training batches' shuffling at a point fixed by (seed, budget).
+
+    Called before each method's training at a budget, so every method starts from the same order of
+    batches (common random numbers): one run's held-out score moves by about one point with the
+    order alone (`bench/finetune_noise.py`), and a paired difference between methods that drew
+    their own orders carries both methods' share of that. The baselines' epochs then see the same
+    orders throughout; W-Gates' joint epochs do too, its fine-tuning ones are shifted by the pass
+    that recomputes BatchNorm statistics after pruning.
+    """
+    generator = batches.generator
+    if generator is None:
+        raise ValueError("the training batches have no generator of their own to restart")
+    generator.manual_seed(1_000_003 * seed + round(share * 1_000))
 
 
 def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
@@ -185,6 +204,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     for share in args.budgets:
         budget = share * unpruned_ms
         started = time.perf_counter()
+        same_batch_order(data.train, seed, share)
         try:
             outcome = train_and_prune(
                 base,
@@ -244,6 +264,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             )
             pruned = prune_module(base, network, selection.widths, selection.kept_indices)
             accuracy_pruned = evaluate_accuracy(pruned.module, data.val)
+            same_batch_order(data.train, seed, share)
             train_epochs(pruned.module, data.train, epochs, learning_rate=args.learning_rate)
             final = meter(pruned.network)
             rows.append(
