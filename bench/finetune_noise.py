@@ -9,10 +9,10 @@ changes). Reported per method: the held-out accuracy of every run and its standa
 the differences between the two methods fine-tuned with the same order. From these spreads follows
 the number of seeds at which two standard errors of a mean difference shrink to a given margin
 (`seeds_for_margin`): what a benchmark on these 899 digits needs to tell two methods apart by that
-much, from fine-tuning noise alone. `wgates_digits` fine-tunes each method with its own order (the
-loader's generator moves on), so its paired differences carry both methods' spreads
-(`independent_order_difference_sd_images`); a bench giving every method the same order would carry
-the same-order spread.
+much, from fine-tuning noise alone. Paired differences between methods that each drew their own
+order carry both methods' spreads (`independent_order_difference_sd_images`; `wgates_digits` ran
+so until it gave every method the same starting order), those between methods on the same order
+carry the same-order spread.
 
 No timing is involved, so it can run beside other work.
 Run: `.venv/bin/python bench/finetune_noise.py` (writes bench/results/finetune_noise.json).
@@ -34,12 +34,10 @@ if __package__ in (None, ""):
 
 import torch
 
-from lpnet.arch.from_torch import network_from_module
+from bench.wgates_digits import restart_batch_order, train_base_model
 from lpnet.arch.groups import channel_layout
 from lpnet.gates.budget import width_grid
 from lpnet.gates.criteria import get_criterion
-from lpnet.gates.datasets import digits_loaders
-from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
 from lpnet.gates.training import evaluate_accuracy, train_epochs
 from lpnet.pruning import prune_module
 from profiler.environment import collect_environment
@@ -54,13 +52,9 @@ def seeds_for_margin(difference_sd: float, margin: float, z: float = 2.0) -> int
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    data = digits_loaders(
-        batch_size=64, image_size=16, val_share=args.val_share, seed=seed, distortion=args.distortion
+    data, base, network = train_base_model(
+        seed, 16, (64, 128, 256), args.val_share, args.distortion, args.base_epochs
     )
-    base = SmallResNet(SmallResNetConfig(in_channels=1, num_classes=10, widths=(64, 128, 256)))
-    network = network_from_module(base, (1, *data.input_chw), name="digits-resnet", family="digits-resnet")
-    train_epochs(base, data.train, args.base_epochs, learning_rate=0.05)
     images = sum(len(targets) for _, targets in data.val)
     base_correct = round(evaluate_accuracy(base, data.val) * images)
     grid = width_grid(channel_layout(network))
@@ -74,7 +68,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             pruned = prune_module(base, network, selection.widths, selection.kept_indices)
             # The same pruned weights every time; only the order of the batches changes.
             torch.manual_seed(1_000 + order)
-            data.train.generator.manual_seed(1_000 + order)  # type: ignore[union-attr]
+            restart_batch_order(data.train, 1_000 + order)
             train_epochs(pruned.module, data.train, args.epochs, learning_rate=args.learning_rate)
             runs[method].append(round(evaluate_accuracy(pruned.module, data.val) * images))
         print(

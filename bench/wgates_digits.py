@@ -13,7 +13,7 @@ budgets that are shares of its measured latency:
   every candidate timed right beside the W-Gates network (paired timings, so the machine's drift
   between them cancels); physical pruning; `--gate-epochs + --finetune-epochs` of fine-tuning, so
   every method gets the same number of epochs after the base model. Every method at a budget
-  starts its training from the same order of batches (`same_batch_order`), so the order's noise
+  starts its training from the same order of batches (`restart_batch_order`), so the order's noise
   largely cancels in the paired differences.
 
 Every timing is taken against the speed probe and reported at the speed the machine had when the
@@ -44,7 +44,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ from lpnet.arch.groups import channel_layout  # noqa: E402
 from lpnet.arch.ir import Network  # noqa: E402
 from lpnet.gates.budget import width_grid  # noqa: E402
 from lpnet.gates.criteria import PruningCriterion, get_criterion, match_latency  # noqa: E402
-from lpnet.gates.datasets import digits_loaders  # noqa: E402
+from lpnet.gates.datasets import DataLoaders, digits_loaders  # noqa: E402
 from lpnet.gates.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig  # noqa: E402
 from lpnet.gates.training import (  # noqa: E402
@@ -116,20 +116,34 @@ def relative_to(meter: NetworkMeter, reference: Network) -> Callable[[Network], 
     return share
 
 
-def same_batch_order(batches: DataLoader[Any], seed: int, share: float) -> None:
-    """Restart the training batches' shuffling at a point fixed by (seed, budget).
+def restart_batch_order(batches: DataLoader[Any], key: int) -> None:
+    """Restart the training batches' shuffling at the point `key` names.
 
-    Called before each method's training at a budget, so every method starts from the same order of
-    batches (common random numbers): one run's held-out score moves by about one point with the
-    order alone (`bench/finetune_noise.py`), and a paired difference between methods that drew
-    their own orders carries both methods' share of that. The baselines' epochs then see the same
-    orders throughout; W-Gates' joint epochs do too, its fine-tuning ones are shifted by the pass
-    that recomputes BatchNorm statistics after pruning.
+    `run_seed` restarts at one key per (seed, budget) before each method's training, so every method
+    at a budget starts from the same order of batches (common random numbers): one run's held-out
+    score moves by about one point with the order alone (`bench/finetune_noise.py`), and a paired
+    difference between methods that drew their own orders carries both methods' share of that. The
+    baselines' epochs then see the same orders throughout; W-Gates' joint epochs do too, its
+    fine-tuning ones are shifted by the pass that recomputes BatchNorm statistics after pruning.
     """
     generator = batches.generator
     if generator is None:
         raise ValueError("the training batches have no generator of their own to restart")
-    generator.manual_seed(1_000_003 * seed + round(share * 1_000))
+    generator.manual_seed(key)
+
+
+def train_base_model(
+    seed: int, image_size: int, widths: Sequence[int], val_share: float, distortion: float, epochs: int
+) -> tuple[DataLoaders, SmallResNet, Network]:
+    """The digits split of `seed`, and the SmallResNet trained on it (SGD at 0.05) with its IR."""
+    torch.manual_seed(seed)
+    data = digits_loaders(
+        batch_size=64, image_size=image_size, val_share=val_share, seed=seed, distortion=distortion
+    )
+    base = SmallResNet(SmallResNetConfig(in_channels=1, num_classes=10, widths=tuple(widths)))
+    network = network_from_module(base, (1, *data.input_chw), name="digits-resnet", family="digits-resnet")
+    train_epochs(base, data.train, epochs, learning_rate=0.05)
+    return data, base, network
 
 
 def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
@@ -146,19 +160,10 @@ def train_config(args: argparse.Namespace, seed: int) -> TrainPruneConfig:
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
-    torch.manual_seed(seed)
-    data = digits_loaders(
-        batch_size=64,
-        image_size=args.image_size,
-        val_share=args.val_share,
-        seed=seed,
-        distortion=args.distortion,
-    )
-    config = SmallResNetConfig(in_channels=1, num_classes=10, widths=tuple(args.widths))
-    base = SmallResNet(config)
-    network = network_from_module(base, (1, *data.input_chw), name="digits-resnet", family="digits-resnet")
     started = time.perf_counter()
-    train_epochs(base, data.train, args.base_epochs, learning_rate=0.05)
+    data, base, network = train_base_model(
+        seed, args.image_size, args.widths, args.val_share, args.distortion, args.base_epochs
+    )
     base_accuracy = evaluate_accuracy(base, data.val)
     print(
         f"[seed {seed}] base model: accuracy {base_accuracy:.4f} after {time.perf_counter() - started:.0f} s"
@@ -204,7 +209,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     for share in args.budgets:
         budget = share * unpruned_ms
         started = time.perf_counter()
-        same_batch_order(data.train, seed, share)
+        order = 1_000_003 * seed + round(share * 1_000)  # the same batch order for every method here
+        restart_batch_order(data.train, order)
         try:
             outcome = train_and_prune(
                 base,
@@ -264,7 +270,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             )
             pruned = prune_module(base, network, selection.widths, selection.kept_indices)
             accuracy_pruned = evaluate_accuracy(pruned.module, data.val)
-            same_batch_order(data.train, seed, share)
+            restart_batch_order(data.train, order)
             train_epochs(pruned.module, data.train, epochs, learning_rate=args.learning_rate)
             final = meter(pruned.network)
             rows.append(
