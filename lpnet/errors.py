@@ -55,3 +55,65 @@ class InvalidWidthVector(LpnetError):
     """A width vector that does not fit the network's channel groups."""
 
     code = "invalid_width_vector"
+
+
+class ExternalDataRefused(InvalidArchitecture):
+    """An ONNX file with a tensor that keeps its data in another file; an upload must hold all its data.
+
+    Following such a reference would read a file of the machine the model is read on.
+    """
+
+    code = "external_data_refused"
+
+    def __init__(self, tensor: str, where: str) -> None:
+        super().__init__(
+            f"the ONNX tensor {tensor!r} ({where}) keeps its data in an external file, which is refused: "
+            "save the model with every tensor inside the file "
+            "(onnx.save_model(model, path, save_as_external_data=False))",
+            {"tensor": tensor, "where": where},
+        )
+        self.tensor = tensor
+
+
+class OnnxLimitExceeded(InvalidArchitecture):
+    """An ONNX file larger than a limit of the reader (node count, tensor size, ...).
+
+    `found` is the value seen; for a count over several graphs, the total up to the graph that crossed
+    the limit.
+    """
+
+    code = "onnx_limit_exceeded"
+
+    def __init__(self, limit: str, found: int, maximum: int, subject: str) -> None:
+        super().__init__(
+            f"the ONNX model is too large: {subject} is {found}, above the limit of {maximum} ({limit})",
+            {"limit": limit, "found": found, "maximum": maximum},
+        )
+        self.limit = limit
+        self.found = found
+        self.maximum = maximum
+
+
+class UnsupportedOpset(InvalidArchitecture):
+    """An ONNX file importing an operator set (domain and version) the reader does not support."""
+
+    code = "unsupported_opset"
+
+    def __init__(self, domain: str, version: int | None, hint: str) -> None:
+        shown = domain or "ai.onnx"
+        found = f"{shown!r} version {version}" if version is not None else repr(shown)
+        super().__init__(
+            f"unsupported ONNX operator set {found}: {hint}", {"domain": domain, "version": version}
+        )
+        self.domain = domain
+        self.version = version
+
+
+class ArchitectureTooLarge(InvalidArchitecture):
+    """A network beyond one of the IR's cost bounds (parameters, multiply-accumulates, activation memory).
+
+    `details` names the bound, its limit and the network's value (or, when raised from a validation
+    error, lists the field errors).
+    """
+
+    code = "architecture_too_large"

@@ -3,6 +3,9 @@
 A `ProfileBatch` is what a device agent posts to `/v1/devices/{id}/profiles`: the device spec,
 environment and timing protocol once, then up to `MAX_BATCH_ROWS` measurements. The same
 `Measurement` rows are written to JSONL files and handed to database sinks.
+
+Every number of the format is finite: rows and batches are stored as JSON, which has no NaN or
+infinity, so a NaN or infinite float is refused where it stands (pydantic's ``allow_inf_nan=False``).
 """
 
 from __future__ import annotations
@@ -40,19 +43,21 @@ class MeasurementKind(StrEnum):
 NETWORK_KINDS = frozenset({MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT})
 
 
-class LayerTime(BaseModel):
+class WireModel(BaseModel):
+    """Base of the format's models: immutable, no unknown fields, finite numbers only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class LayerTime(WireModel):
     """Median time of one layer inside a real forward."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     layer: str = Field(min_length=1, max_length=200)
-    ms: float = Field(ge=0, allow_inf_nan=False)
+    ms: float = Field(ge=0)
 
 
-class Measurement(BaseModel):
+class Measurement(WireModel):
     """One timed configuration (or one that failed to run)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     sample_key: SampleKey
     kind: MeasurementKind
@@ -66,23 +71,21 @@ class Measurement(BaseModel):
     p10_ms: float | None = None
     p90_ms: float | None = None
     mean_ms: float | None = None
-    cv: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cv: float | None = Field(default=None, ge=0)
     repetitions: int | None = Field(default=None, ge=1)
-    precision: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    precision: float | None = Field(default=None, ge=0)
     precision_reached: bool | None = None
     per_layer: list[LayerTime] | None = Field(default=None, max_length=10_000)
-    layers_sum_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    residual_ms: float | None = Field(default=None, allow_inf_nan=False)
-    load_average_1m: float | None = Field(
-        default=None, ge=0, allow_inf_nan=False
-    )  # a busy machine times slow
+    layers_sum_ms: float | None = Field(default=None, ge=0)
+    residual_ms: float | None = None
+    load_average_1m: float | None = Field(default=None, ge=0)  # a busy machine times slow
     # With a speed probe (profiler.speed): the median probe forward around the samples, and the
     # median of sample / probe, the latency in probe forwards, which repeats better on a shared CPU.
-    probe_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    relative_latency: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    probe_ms: float | None = Field(default=None, gt=0)
+    relative_latency: float | None = Field(default=None, gt=0)
     probe_version: int | None = Field(default=None, ge=1)
     measured_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    duration_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    duration_s: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Measurement:
@@ -112,7 +115,7 @@ class Measurement(BaseModel):
             ("p90_ms", p90),
             ("mean_ms", self.mean_ms),
         ):
-            if value is not None and (not math.isfinite(value) or value <= 0):
+            if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be a positive finite number of milliseconds")
         if not p10 <= median <= p90:
             raise ValueError(f"percentiles out of order: p10_ms={p10}, median_ms={median}, p90_ms={p90}")
@@ -129,20 +132,16 @@ class Measurement(BaseModel):
         return self
 
 
-class RunContext(BaseModel):
+class RunContext(WireModel):
     """Everything a batch states once: the device, the machine and the timing protocol."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: DeviceSpec
     environment: Environment
     protocol: TimingProtocol
 
 
-class ProfileBatch(BaseModel):
+class ProfileBatch(WireModel):
     """Up to `MAX_BATCH_ROWS` measurements from one device, posted under one idempotency key."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[1] = 1
     idempotency_key: IdempotencyKey

@@ -3,6 +3,10 @@
 Everything here is read, never changed, except `retain_freed_memory`, which the caller opts into
 and which the fingerprint then records: the design notes show glibc returning memory to the
 kernel moves mobilenet_v2 by over 20 % between processes.
+
+A fingerprint holds finite numbers only: it is stored as JSON, which has no NaN or infinity (SQLite
+would keep a non-standard document, PostgreSQL refuses it). `collect_environment` records a value it
+reads as NaN or infinite as None; `Environment` refuses one it is given, naming where it was.
 """
 
 from __future__ import annotations
@@ -10,15 +14,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import platform
 import socket
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +49,67 @@ _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
 _allocator_retains_memory = False
 
 
-class Environment(BaseModel):
-    """Machine and software state at measurement time. Pure data; extra keys are kept."""
+def non_finite_path(value: object) -> str | None:
+    """Where the first NaN or infinite float inside nested mappings and sequences is, or None.
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    The path joins keys and list indices with dots (``"gpu.clocks.0"``); ``""`` is `value` itself.
+    """
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return path
+            continue
+        if isinstance(item, Mapping):
+            children = [(str(key), child) for key, child in item.items()]
+        elif isinstance(item, list | tuple):
+            children = [(str(index), child) for index, child in enumerate(item)]
+        else:
+            continue
+        # Reversed onto the stack, so the first child is looked at first.
+        stack.extend((f"{path}.{key}" if path else key, child) for key, child in reversed(children))
+    return None
+
+
+def require_finite(value: Any) -> Any:
+    """`value` unchanged if every float inside it is finite (the body of a pydantic validator).
+
+    Raises:
+        ValueError: Naming the path to a NaN or infinity; JSON cannot store one.
+    """
+    path = non_finite_path(value)
+    if path is not None:
+        where = f"{path} is not a finite number" if path else "not a finite number"
+        raise ValueError(f"{where}: NaN and infinity cannot be stored as JSON; send a number or null")
+    return value
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside nested dicts, lists and tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [finite_or_none(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+# Free-form JSON (backend settings, extra keys) that may hold only finite numbers.
+FiniteJson = Annotated[Any, AfterValidator(require_finite)]
+
+
+class Environment(BaseModel):
+    """Machine and software state at measurement time. Pure data; extra keys are kept.
+
+    Every number in it, extra keys and backend settings included, must be finite.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+
+    __pydantic_extra__: dict[str, FiniteJson] = Field(init=False)
 
     hostname: str = Field(max_length=255)
     cpu_model: str = Field(max_length=255)
@@ -67,7 +130,7 @@ class Environment(BaseModel):
     thread_env: dict[str, str] = Field(default_factory=dict)
     malloc_env: dict[str, str] = Field(default_factory=dict)
     allocator_retains_memory: bool = False
-    backend_settings: dict[str, Any] = Field(default_factory=dict)
+    backend_settings: dict[str, FiniteJson] = Field(default_factory=dict)
 
 
 def _read(path: Path) -> str | None:
@@ -146,13 +209,19 @@ def retain_freed_memory() -> bool:
 
 
 def collect_environment(backend_settings: dict[str, Any] | None = None) -> Environment:
-    """Read the fingerprint of this machine now (load average included)."""
+    """Read the fingerprint of this machine now (load average included).
+
+    A number read as NaN or infinity (in the load average or `backend_settings`) is recorded as None;
+    a load average with such a value is left out whole.
+    """
     import torch
 
     try:
         load = os.getloadavg()
         load_average: tuple[float, float, float] | None = (load[0], load[1], load[2])
     except OSError:
+        load_average = None
+    if load_average is not None and non_finite_path(load_average) is not None:
         load_average = None
     governor = _read(_GOVERNOR)
     max_freq = _read(_MAX_FREQ)
@@ -182,5 +251,5 @@ def collect_environment(backend_settings: dict[str, Any] | None = None) -> Envir
         thread_env={k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
         malloc_env={k: os.environ[k] for k in _MALLOC_ENV if k in os.environ},
         allocator_retains_memory=_allocator_retains_memory,
-        backend_settings=dict(backend_settings or {}),
+        backend_settings=finite_or_none(dict(backend_settings or {})),
     )

@@ -38,7 +38,7 @@ class StopReason(StrEnum):
 class TimingProtocol(BaseModel):
     """How long and how often to time; stored with every run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     warmup_runs: int = Field(default=5, ge=0, le=10_000)
     warmup_ms: float = Field(default=200.0, ge=0)

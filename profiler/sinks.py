@@ -358,6 +358,14 @@ class HttpSink:
             else:
                 if response.is_success:
                     return "stored"
+                if _key_already_used(response):
+                    # The key is a hash of the batch's sample keys: the server already holds an earlier
+                    # measurement of every one of them, and keeps that one.
+                    logger.info(
+                        "batch %s: its samples were stored by an earlier batch; the re-measured rows are dropped",
+                        batch.idempotency_key,
+                    )
+                    return "stored"
                 if response.status_code in FATAL_STATUS:
                     raise SinkError(
                         f"{self.endpoint} answered {response.status_code}: {response.text[:500]}; check the API key "
@@ -384,6 +392,17 @@ class HttpSink:
                 delay = retry_after if retry_after is not None else delay * (0.5 + random.random() / 2)
                 self._sleep(min(delay, self.max_backoff_seconds))
         return "unreachable"
+
+
+def _key_already_used(response: httpx.Response) -> bool:
+    """Whether the server refused the batch because its idempotency key came with another body."""
+    if response.status_code != 409:
+        return False
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        return False
+    return isinstance(error, dict) and error.get("code") == "idempotency_key_reused"
 
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:

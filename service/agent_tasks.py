@@ -9,7 +9,9 @@ were spent. An agent that restarts with the same agent id gets its own unexpired
 continues it. Completing is idempotent: the same agent sending the same result again changes nothing.
 
 A plan with ``verify`` on a remote device measures through these tasks: `remote_measure` queues a
-verify task per pruned network and waits, polling the database, until the device's agent measured it.
+verify task per pruned network and defers the plan job (no worker thread waits) until the device's
+agent measured it; completing or failing the task wakes the plan, which then plans again from the
+start and finds the measurements it has.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import hashlib
 import itertools
 import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,7 @@ from service.db.models import (
 )
 from service.devices import latest_predictor, resolve_device
 from service.errors import Conflict, InvalidInput, NotFound, PermissionDenied, ServiceError
-from service.jobs.queue import MAX_ERROR_CHARS, active_job
+from service.jobs.queue import MAX_ERROR_CHARS, Deferred, active_job, wake_job
 from service.schemas.agent import (
     AgentDeviceRead,
     AgentHello,
@@ -66,8 +68,13 @@ logger = logging.getLogger(__name__)
 
 OPEN_STATUSES = (TaskStatus.QUEUED, TaskStatus.LEASED)
 FINISHED_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-# How often a plan job waiting for a verify task looks at it.
-VERIFY_POLL_SECONDS = 0.25
+# A deferred plan looks at its open verify task again after a quarter of the time it has waited, within
+# these bounds: an agent's completion wakes it at once (`wake_plan`), so the recheck is for what nothing
+# announces (a task failed by a lapsed lease, the verify timeout), and each recheck plans again.
+VERIFY_RECHECK_MIN_SECONDS = 2.0
+VERIFY_RECHECK_MAX_SECONDS = 60.0
+# The progress phase of a plan deferred until its device's agent measured a network.
+WAITING_FOR_AGENT = "waiting_for_agent"
 
 
 class LeaseLost(Conflict):
@@ -614,6 +621,7 @@ def complete_task(
     if changed.rowcount != 1:  # type: ignore[attr-defined]
         _require_holder(task, agent_id, "complete")  # someone else moved it meanwhile
     logger.info("agent %s completed task %d (%s)", agent_id, task.id, task.kind)
+    wake_plan(session, task)
     if task.kind == TaskKind.PROFILE_CAMPAIGN:
         task.device.status = None  # its counts say what it has now
         if task.payload.get("fit_after"):
@@ -666,6 +674,8 @@ def fail_task(
     logger.warning(
         "agent %s failed task %d (%s): %s", agent_id, task.id, "requeued" if requeue else "final", error
     )
+    if not requeue:
+        wake_plan(session, task)
     if not requeue and task.kind == TaskKind.PROFILE_CAMPAIGN:
         _campaign_failed(session, task.device_id, task.id, error)
     return task
@@ -700,32 +710,47 @@ def verify_protocol(settings: AgentSettings) -> TimingProtocol:
     return TimingProtocol.quick() if settings.verify_protocol == "quick" else TimingProtocol()
 
 
-def ensure_verify_task(
+@dataclass(frozen=True)
+class VerifyTaskState:
+    """Where a verify task stands, read in one transaction."""
+
+    id: int
+    status: TaskStatus
+    result: dict[str, Any] | None
+    error: str | None
+    lease_owner: str | None
+    created_at: datetime
+
+
+def verify_task_for(
     factory: sessionmaker[Session],
     job_id: int,
     device_id: int,
     network: Network,
     protocol: TimingProtocol,
     max_attempts: int,
-) -> int:
-    """The id of the plan job's verify task for `network`: an open or succeeded one, else a new one.
+) -> VerifyTaskState:
+    """The plan job's verify task for `network` (by its content hash), queued now if it has none.
 
-    A retried plan job thus reuses what its earlier attempt asked for instead of measuring again.
+    Of the job's tasks for the network a succeeded one comes first (a resumed or retried plan reuses the
+    measurement), then an open one, then the newest failed or cancelled one: the plan fails on it
+    rather than asking again.
     """
     network_hash = network.content_hash
     with factory() as session:
-        existing = session.scalars(
-            select(AgentTask)
-            .where(
-                AgentTask.job_id == job_id,
-                AgentTask.kind == TaskKind.VERIFY,
-                AgentTask.status.in_([*OPEN_STATUSES, TaskStatus.SUCCEEDED]),
+        tasks = [
+            task
+            for task in session.scalars(
+                select(AgentTask)
+                .where(AgentTask.job_id == job_id, AgentTask.kind == TaskKind.VERIFY)
+                .order_by(AgentTask.id.desc())
             )
-            .order_by(AgentTask.id)
-        )
-        for task in existing:
-            if task.payload.get("network_hash") == network_hash:
-                return task.id
+            if task.payload.get("network_hash") == network_hash
+        ]
+        for wanted in ((TaskStatus.SUCCEEDED,), OPEN_STATUSES, FINISHED_STATUSES):
+            task = next((t for t in tasks if t.status in wanted), None)
+            if task is not None:
+                return _verify_state(task)
         task = AgentTask(
             device_id=device_id,
             kind=TaskKind.VERIFY,
@@ -739,51 +764,65 @@ def ensure_verify_task(
         )
         session.add(task)
         session.commit()
-        return task.id
+        logger.info("plan %d: queued verify task %d for network %s", job_id, task.id, network_hash[:12])
+        return _verify_state(task)
 
 
-def wait_for_verify(
-    context: JobContext, task_id: int, device_name: str, timeout_seconds: float, round_number: int
-) -> dict[str, Any]:
-    """Wait until the device's agent measured verify task `task_id`; its result (a `VerifyResult`).
+def _verify_state(task: AgentTask) -> VerifyTaskState:
+    return VerifyTaskState(
+        id=task.id,
+        status=TaskStatus(task.status),
+        result=dict(task.result) if task.result is not None else None,
+        error=task.error,
+        lease_owner=task.lease_owner,
+        created_at=task.created_at,
+    )
 
-    Raises:
-        AgentTaskFailed: The agent failed the task, or it was cancelled.
-        AgentTimeout: Nobody measured it within `timeout_seconds` (the task is cancelled).
-        service.jobs.worker.LeaseLost: The plan job itself was taken over by another worker.
+
+def cancel_verify_tasks(
+    factory: sessionmaker[Session], job_id: int, reason: str, keep: Collection[int] = ()
+) -> int:
+    """Cancel the plan job's open verify tasks, except those in `keep`, in a transaction of their own.
+
+    Returns:
+        How many were cancelled.
     """
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        context.check()
-        with context.factory() as session:
-            task = session.get(AgentTask, task_id)
-            if task is None:
-                raise AgentTaskFailed(f"verify task {task_id} was deleted while the plan waited for it")
-            status, result, error, owner = task.status, task.result, task.error, task.lease_owner
-        if status == TaskStatus.SUCCEEDED and result is not None:
-            return dict(result)
-        if status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
-            raise AgentTaskFailed(
-                f"the agent of device {device_name!r} did not measure the pruned network of round {round_number} "
-                f"(verify task {task_id} {status}): {error}",
-                {"task_id": task_id, "status": status},
+    now = utcnow()
+    with factory() as session:
+        result = session.execute(
+            update(AgentTask)
+            .where(
+                AgentTask.job_id == job_id,
+                AgentTask.kind == TaskKind.VERIFY,
+                AgentTask.status.in_(OPEN_STATUSES),
+                AgentTask.id.not_in(list(keep)),
             )
-        if time.monotonic() > deadline:
-            reason = f"the plan stopped waiting after {timeout_seconds:g} s"
-            if not cancel_task(context.factory, task_id, reason):
-                continue  # it finished at the last moment: read it again
-            holder = f"leased by agent {owner}" if status == TaskStatus.LEASED else "never leased by an agent"
-            raise AgentTimeout(
-                f"no agent of device {device_name!r} measured the pruned network within {timeout_seconds:g} s "
-                f"(verify task {task_id} was {holder}); start `lpnet agent` for the device, raise "
-                "LPNET_AGENT__VERIFY_TIMEOUT_SECONDS, or plan without verify",
-                {"task_id": task_id, "timeout_seconds": timeout_seconds},
+            .values(
+                status=TaskStatus.CANCELLED,
+                error=reason[:MAX_ERROR_CHARS],
+                lease_expires_at=None,
+                finished_at=now,
+                updated_at=now,
             )
-        context.progress(
-            "verifying",
-            message=f"round {round_number}: waiting for the agent of {device_name!r} (task {task_id}, {status})",
         )
-        time.sleep(VERIFY_POLL_SECONDS)
+        session.commit()
+    cancelled = int(result.rowcount)  # type: ignore[attr-defined]
+    if cancelled:
+        logger.info("plan %d: cancelled %d verify task(s): %s", job_id, cancelled, reason)
+    return cancelled
+
+
+def wake_plan(session: Session, task: AgentTask) -> None:
+    """Resume the deferred plan job that waits for verify task `task` at once (the caller commits)."""
+    if task.kind == TaskKind.VERIFY and task.job_id is not None and wake_job(session, task.job_id):
+        logger.info("task %d finished: plan %d resumes", task.id, task.job_id)
+
+
+def recheck_seconds(waited_seconds: float, timeout_seconds: float) -> float:
+    """When a plan that has waited `waited_seconds` for a verify task looks at it again: later the longer
+    it waited, and no later than the verify timeout."""
+    delay = min(max(VERIFY_RECHECK_MIN_SECONDS, waited_seconds / 4), VERIFY_RECHECK_MAX_SECONDS)
+    return min(delay, max(0.0, timeout_seconds - waited_seconds))
 
 
 def verify_measurement(result: dict[str, Any], nominal_probe_ms: float | None) -> MeasuredLatency:
@@ -807,25 +846,67 @@ def remote_measure(
 ) -> MeasureFn:
     """A `measure` for the planner that has the remote device's agent measure each network.
 
-    With `nominal_probe_ms` the agent's probed timings are judged at that speed (`verify_measurement`).
+    No worker thread waits for the agent: a network the agent has not measured yet gets a verify task
+    (one per job and network) and the plan job is deferred (`service.jobs.queue.Deferred`), showing
+    progress phase ``waiting_for_agent``. Resumed, the plan plans again from the start and this measure
+    answers at once for every network measured so far, up to the one still waiting. A replay that plans
+    another network than before (the planner need not repeat itself exactly) asks for that network, and
+    the tasks no longer needed are cancelled. A task still open `settings.verify_timeout_seconds` after it
+    was queued is cancelled and the plan fails. With `nominal_probe_ms` the agent's probed timings are
+    judged at that speed (`verify_measurement`).
+
+    Raises (from the returned function):
+        Deferred: The agent has not measured the network yet.
+        AgentTaskFailed: The agent failed the task, or it was cancelled.
+        AgentTimeout: Nobody measured it within the verify timeout.
     """
     protocol = verify_protocol(settings)
     rounds = itertools.count(1)
+    used: set[int] = set()
     device_id, device_name = device.id, device.name
+    timeout = settings.verify_timeout_seconds
 
     def measure(network: Network) -> MeasuredLatency:
+        context.check()
         round_number = next(rounds)
-        task_id = ensure_verify_task(
-            context.factory, context.job.id, device_id, network, protocol, settings.max_attempts
+        while True:
+            task = verify_task_for(
+                context.factory, context.job.id, device_id, network, protocol, settings.max_attempts
+            )
+            used.add(task.id)
+            if task.status == TaskStatus.SUCCEEDED and task.result is not None:
+                return verify_measurement(task.result, nominal_probe_ms)
+            if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+                raise AgentTaskFailed(
+                    f"the agent of device {device_name!r} did not measure the pruned network of round "
+                    f"{round_number} (verify task {task.id} {task.status}): {task.error}",
+                    {"task_id": task.id, "status": task.status},
+                )
+            waited = (utcnow() - task.created_at).total_seconds()
+            if waited < timeout:
+                break
+            reason = f"the plan stopped waiting after {timeout:g} s"
+            if cancel_task(context.factory, task.id, reason):
+                holder = (
+                    f"leased by agent {task.lease_owner}"
+                    if task.status == TaskStatus.LEASED
+                    else "never leased by an agent"
+                )
+                raise AgentTimeout(
+                    f"no agent of device {device_name!r} measured the pruned network within {timeout:g} s "
+                    f"(verify task {task.id} was {holder}); start `lpnet agent` for the device, raise "
+                    "LPNET_AGENT__VERIFY_TIMEOUT_SECONDS, or plan without verify",
+                    {"task_id": task.id, "timeout_seconds": timeout},
+                )
+            # It finished at the last moment: read it again.
+        cancel_verify_tasks(
+            context.factory, context.job.id, "the resumed plan measures another network instead", keep=used
         )
-        logger.info(
-            "plan %d round %d: verify task %d for device %s",
-            context.job.id,
-            round_number,
-            task_id,
-            device_name,
+        raise Deferred(
+            recheck_seconds(waited, timeout),
+            WAITING_FOR_AGENT,
+            f"round {round_number}: waiting for the agent of {device_name!r} to measure the pruned network "
+            f"(verify task {task.id}, {task.status}, queued {waited:.0f} s ago)",
         )
-        result = wait_for_verify(context, task_id, device_name, settings.verify_timeout_seconds, round_number)
-        return verify_measurement(result, nominal_probe_ms)
 
     return measure

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.config import admin_key_problem
 from service.db.base import utcnow
 from service.db.models import ApiKey, Device, KeyScope
 from service.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
@@ -173,6 +174,15 @@ def authenticate_api_key(session: Session, key: str, *, now: datetime | None = N
         raise Unauthenticated("unknown API key")
     if row.revoked_at is not None:
         raise Unauthenticated(f"API key {row.prefix} was revoked at {row.revoked_at.isoformat()}")
+    if row.scope == KeyScope.ADMIN:
+        # Older databases may hold a placeholder admin key that was configured before such keys
+        # were refused at start-up; anyone who read the public default could use it.
+        problem = admin_key_problem(key)
+        if problem is not None:
+            raise Unauthenticated(
+                f"admin key {row.prefix} {problem}; revoke it (`lpnet keys revoke {row.prefix}`) and create "
+                "a new one with `lpnet keys create --scope admin`"
+            )
     now = now or utcnow()
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
         row.last_used_at = now
@@ -214,9 +224,18 @@ class KeyCache:
     """Keys that authenticated recently, by hash, for `ttl_seconds` (thread-safe).
 
     Checking a key costs a database query; with this cache a busy client costs one per `ttl_seconds`.
-    The price: a key revoked by another process (the CLI, another server) keeps working here for at
-    most `ttl_seconds`; revoking through this process's API clears the cache at once. Only successful
-    checks are cached, so a new key works at once and a wrong one is never remembered.
+    The price: a key revoked by another process (`lpnet keys revoke`, another server) keeps working
+    here for at most `ttl_seconds`, since nothing tells this process about it; revoking through this
+    process's API clears the cache at once. Only successful checks are cached, so a new key works at
+    once and a wrong one is never remembered.
+
+    A check that read the key from the database before a `clear` must not put it back afterwards (the
+    key may be the one just revoked): the caller reads `generation` before its database check and
+    passes it to `put`, which drops the row if the cache was cleared since::
+
+        generation = cache.generation
+        row = authenticate_api_key(session, key)  # the database check
+        cache.put(key, row, generation)
 
     Args:
         ttl_seconds: How long a key is trusted without asking the database; 0 turns the cache off.
@@ -229,7 +248,14 @@ class KeyCache:
         self.ttl_seconds = ttl_seconds
         self._clock = clock
         self._entries: dict[str, tuple[float, ApiKey]] = {}
+        self._generation = 0
         self._lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        """How many times the cache was cleared; read it before checking a key in the database."""
+        with self._lock:
+            return self._generation
 
     def get(self, key: str) -> ApiKey | None:
         """The cached row of `key` if it was checked less than `ttl_seconds` ago."""
@@ -245,16 +271,26 @@ class KeyCache:
                 return None
             return entry[1]
 
-    def put(self, key: str, row: ApiKey) -> None:
-        """Remember that `key` authenticated as `row` (a row detached from its session)."""
+    def put(self, key: str, row: ApiKey, generation: int) -> None:
+        """Remember that `key` authenticated as `row` (a row detached from its session).
+
+        Args:
+            key: The raw key.
+            row: Its row, as the database check returned it.
+            generation: `generation` as read before that check; when the cache was cleared since, the
+                row may predate a revocation and is not kept.
+        """
         if self.ttl_seconds <= 0:
             return
         with self._lock:
+            if generation != self._generation:
+                return
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
             self._entries[hash_api_key(key)] = (self._clock(), row)
 
     def clear(self) -> None:
-        """Forget every key (after a revocation)."""
+        """Forget every key (after a revocation), and every check still under way."""
         with self._lock:
             self._entries.clear()
+            self._generation += 1

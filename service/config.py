@@ -16,7 +16,23 @@ from service.schemas.common import NAME_PATTERN, not_an_id
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 DATABASE_FILENAME = "lpnet.db"
-ADMIN_KEY_PATTERN = re.compile(r"lpn_[A-Za-z0-9_-]{32,}")
+# LPNET_ADMIN_KEY must be as strong as the keys `service.auth.generate_api_key` makes: 'lpn_' and 43
+# url-safe characters (256 random bits).
+ADMIN_KEY_RANDOM_CHARS = 43
+ADMIN_KEY_PATTERN = re.compile(rf"lpn_[A-Za-z0-9_-]{{{ADMIN_KEY_RANDOM_CHARS},}}")
+# A key written by hand rather than drawn at random is refused: one holding a placeholder word
+# (compared in lower case without '-' and '_', so 'Change_Me' counts), one with fewer distinct
+# characters after 'lpn_' than this (43 random characters have about 31; fewer than 20 happens to
+# one random key in 50 million), or one whose characters after 'lpn_' repeat a run of
+# ADMIN_KEY_REPEATED_RUN characters (one random key in 10^12).
+ADMIN_KEY_PLACEHOLDERS = ("changeme", "placeholder", "example")
+ADMIN_KEY_MIN_DISTINCT_CHARS = 20
+ADMIN_KEY_REPEATED_RUN = 8
+# What `generate_api_key` does, as a line to run anywhere.
+MAKE_A_KEY = (
+    "make one with `lpnet keys create --scope admin` (on another database) or "
+    "python3 -c \"import base64, os; print('lpn_' + base64.urlsafe_b64encode(os.urandom(32)).decode()[:43])\""
+)
 MeasuredKind = Literal["network", "in_context", "isolated"]
 # What a fit learns from: whole networks, and the layers of some of them timed in context.
 FIRST_RUN_KINDS: tuple[MeasuredKind, ...] = ("network", "in_context")
@@ -38,6 +54,35 @@ class WorkerSettings(BaseModel):
     poll_seconds: float = Field(default=1.0, gt=0, description="How often an idle worker looks for jobs.")
     max_attempts: int = Field(
         default=3, ge=1, le=100, description="Claims of one job before it is failed for good."
+    )
+    plan_timeout_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a plan may take from being queued to its result, verification rounds included; "
+        "then it fails as timed out.",
+    )
+    fit_timeout_seconds: float = Field(
+        default=7200.0,
+        gt=0,
+        description="Longest a fit (or a job of a kind without a timeout of its own) may take from being "
+        "queued to its result.",
+    )
+    first_run_timeout_seconds: float = Field(
+        default=7200.0,
+        gt=0,
+        description="Time the first-run bootstrap may take on top of its profiling budget "
+        "(LPNET_FIRST_RUN__BUDGET_MINUTES): the fit, and measuring what a fit lacks on a slow machine.",
+    )
+
+
+class QuotaSettings(BaseModel):
+    """Limits on the plans one reader key may request (``LPNET_QUOTA__<FIELD>``); admin keys are exempt."""
+
+    active_plans: int = Field(
+        default=4, ge=1, le=10_000, description="Plans of one reader key queued or running at once."
+    )
+    plans_per_hour: int = Field(
+        default=60, ge=1, le=1_000_000, description="Plans one reader key may request in any hour."
     )
 
 
@@ -149,10 +194,23 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(
-        # A ResNet-50 in safetensors is about 100 MB; room for that plus its architecture.
+        # Above the largest route limit: the weights upload, LPNET_MAX_WEIGHTS_BYTES and its form fields.
         default=256 * 1024 * 1024,
         gt=0,
-        description="Largest request body the API accepts, in bytes.",
+        description="Ceiling on every request body, in bytes; each route's own limit applies below it.",
+    )
+    max_json_bytes: int = Field(
+        # 10,000 width vectors of a 200-group network (densenet201) with its IR take about 7 MiB.
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON request body, in bytes, of the routes without a limit of their own.",
+    )
+    max_profile_batch_bytes: int = Field(
+        # A row holds its network's IR and per-layer times: about 50 KiB for resnet50 and 320 KiB for
+        # densenet201 (707 layers), so a sink's default batch of 50 such rows is about 16 MiB.
+        default=32 * 1024 * 1024,
+        gt=0,
+        description="Largest profile batch an agent may post to /v1/devices/{device}/profiles, in bytes.",
     )
     max_onnx_bytes: int = Field(
         default=128 * 1024 * 1024, gt=0, description="Largest ONNX file /v1/latency/onnx accepts, in bytes."
@@ -174,8 +232,9 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(
         default=10.0,
         ge=0,
-        description="How long a checked API key is trusted without asking the database (0: always ask); "
-        "a key revoked elsewhere keeps working here that long.",
+        description="How long a checked API key is trusted without asking the database (0: always ask). "
+        "A key revoked through this server's API stops working here at once; one revoked by `lpnet keys "
+        "revoke` or through another server keeps working here for up to this long.",
     )
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="torch intra-op threads of the server and workers."
@@ -185,6 +244,7 @@ class Settings(BaseSettings):
     fit: FitSettings = Field(default_factory=FitSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     first_run: FirstRunSettings = Field(default_factory=FirstRunSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
     admin_key: SecretStr | None = Field(
         default=None,
         description="An admin API key `lpnet serve` makes sure exists (e.g. shared with an agent container); "
@@ -199,13 +259,10 @@ class Settings(BaseSettings):
 
     @field_validator("admin_key")
     @classmethod
-    def _well_formed_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
-        # The format `service.auth.generate_api_key` produces: the marker, then url-safe random text.
-        if value is not None and ADMIN_KEY_PATTERN.fullmatch(value.get_secret_value()) is None:
-            raise ValueError(
-                "LPNET_ADMIN_KEY must look like the keys lpnet makes: 'lpn_' and at least 32 letters, digits, "
-                "'-' or '_' (e.g. the output of `lpnet keys create --scope admin` on another database)"
-            )
+    def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = None if value is None else admin_key_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(f"LPNET_ADMIN_KEY {problem}; {MAKE_A_KEY}")
         return value
 
     @field_validator("log_level", mode="before")
@@ -218,6 +275,38 @@ class Settings(BaseSettings):
         if not self.database_url.strip():
             self.database_url = sqlite_url_for(self.data_dir / DATABASE_FILENAME)
         return self
+
+
+def admin_key_problem(key: str) -> str | None:
+    """Why `key` cannot be an admin key set from outside (None when it can); never quotes the key.
+
+    It must have the form of the keys lpnet makes and look drawn at random: no placeholder word, at
+    least `ADMIN_KEY_MIN_DISTINCT_CHARS` distinct characters and no repeated run of
+    `ADMIN_KEY_REPEATED_RUN` characters after the 'lpn_' marker.
+    """
+    if ADMIN_KEY_PATTERN.fullmatch(key) is None:
+        return (
+            f"must look like the keys lpnet makes: 'lpn_' and at least {ADMIN_KEY_RANDOM_CHARS} letters, "
+            "digits, '-' or '_'"
+        )
+    random_part = key.removeprefix("lpn_")
+    folded = random_part.lower().replace("-", "").replace("_", "")
+    for word in ADMIN_KEY_PLACEHOLDERS:
+        if word in folded:
+            return f"is a placeholder (it contains {word!r}), not a secret"
+    distinct = len(set(random_part))
+    if distinct < ADMIN_KEY_MIN_DISTINCT_CHARS:
+        return (
+            f"is not random: it has {distinct} distinct characters after 'lpn_', and a random key has "
+            f"about 31 (at least {ADMIN_KEY_MIN_DISTINCT_CHARS} are required)"
+        )
+    runs = [
+        random_part[i : i + ADMIN_KEY_REPEATED_RUN]
+        for i in range(len(random_part) - ADMIN_KEY_REPEATED_RUN + 1)
+    ]
+    if len(set(runs)) < len(runs):
+        return f"is not random: it repeats a run of {ADMIN_KEY_REPEATED_RUN} characters"
+    return None
 
 
 def sqlite_url_for(path: Path) -> str:

@@ -51,6 +51,12 @@ class Conflict(ServiceError):
     status_code = 409
 
 
+class IdempotencyKeyReused(Conflict):
+    """An idempotency key sent again with a body other than the one first stored under it."""
+
+    code = "idempotency_key_reused"
+
+
 class Unauthenticated(ServiceError):
     """No API key, or a key that is unknown or revoked."""
 
@@ -87,3 +93,27 @@ class PayloadTooLarge(ServiceError):
 
     code = "request_too_large"
     status_code = 413
+
+
+class QuotaExceeded(ServiceError):
+    """An API key asked for more work than its quota allows; retry after the ``Retry-After`` seconds."""
+
+    code = "quota_exceeded"
+    status_code = 429
+
+    def __init__(self, message: str, details: dict[str, Any], retry_after_seconds: int) -> None:
+        super().__init__(
+            message,
+            {**details, "retry_after_seconds": retry_after_seconds},
+            headers={"Retry-After": str(retry_after_seconds)},
+        )
+
+
+class TooManyRequests(ServiceError):
+    """The server runs as much of some costly work at once as it allows; retry after ``Retry-After``.
+
+    Raise it with ``headers={"Retry-After": seconds}``.
+    """
+
+    code = "busy"
+    status_code = 429

@@ -1,31 +1,40 @@
 """Latency queries: resolve the architecture, find the device's predictor, predict.
 
 Everything slow is cached in the process: loaded predictors by predictor id (loading deserialises
-safetensors), traced torchvision architectures by (name, input shape) (tracing takes 0.1-4 s),
-tensorised networks with their channel groups by content hash (torch-pruning's analysis takes up to
-a few seconds), and predictions by (predictor id, network hash), since a predictor never changes
-once stored.
+safetensors), traced torchvision architectures by (name, input shape) (tracing on the meta device
+takes 0.1-4 s), tensorised networks with their channel groups by content hash (torch-pruning's
+analysis takes up to a few seconds), and predictions by (predictor id, network hash), since a
+predictor never changes once stored.
+
+Torchvision names are traced in a child process (`service.tracing`): torch.fx patches module calls
+for the whole process while it traces, which would break forward passes other threads of the server
+run meanwhile. A torchvision name that cannot be traced (unknown, unsupported, beyond the IR's
+bounds) fails the same way every time, so its error is cached like a network. At most
+`MAX_CONCURRENT_TRACES` traces run at once; a request that would start another is answered 429 with
+Retry-After.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from sqlalchemy.orm import Session
 
-from lpnet.arch.ir import Network
-from lpnet.errors import InvalidWidthVector
+from lpnet.arch.ir import MAX_CHANNELS, Network
+from lpnet.errors import InvalidWidthVector, LpnetError
 from service.cache import LruCache
 from service.config import Settings
 from service.db.models import Device, Predictor
 from service.devices import resolve_device
-from service.errors import InvalidInput
+from service.errors import InvalidInput, TooManyRequests
 from service.predictors import current_predictor, load_predictor_artifact
 from service.schemas.architectures import TorchvisionArchitecture
 from service.schemas.common import PredictorRef
 from service.schemas.latency import BatchLatencyRead, LatencyRead, LayerLatency
+from service.tracing import TraceProcess, shared_trace_process
 
 if TYPE_CHECKING:
     from lpnet.predictor.features import TensorizedNetwork
@@ -34,6 +43,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREDICTION_CACHE_SIZE = 1024
+# Traces are CPU-bound Python: more at once than the machine has cores only slows every one of them.
+MAX_CONCURRENT_TRACES = 2
+# A trace takes up to a few seconds: a client told the tracer is busy may retry that soon.
+TRACE_RETRY_SECONDS = 2
 
 
 class LatencyService:
@@ -44,10 +57,23 @@ class LatencyService:
         predictor_cache_size: int = 16,
         architecture_cache_size: int = 64,
         max_width_vectors: int = 10_000,
+        max_concurrent_traces: int = MAX_CONCURRENT_TRACES,
+        tracer: TraceProcess | None = None,
     ) -> None:
+        """Set up empty caches.
+
+        Args:
+            tracer: The child process torchvision names are traced in; the process's shared one by
+                default (started on the first trace).
+        """
         self.max_width_vectors = max_width_vectors
         self.predictors: LruCache[int, LatencyPredictor] = LruCache(predictor_cache_size)
-        self.torchvision: LruCache[tuple[str, tuple[int, ...]], Network] = LruCache(architecture_cache_size)
+        self.torchvision: LruCache[tuple[str, tuple[int, ...]], Network] = LruCache(
+            architecture_cache_size, remember_errors=(LpnetError,)
+        )
+        self.max_concurrent_traces = max_concurrent_traces
+        self.trace_slots = threading.BoundedSemaphore(max_concurrent_traces)
+        self.tracer = tracer or shared_trace_process()
         self.tensorized: LruCache[str, TensorizedNetwork] = LruCache(architecture_cache_size)
         self.predictions: LruCache[tuple[int, str], Prediction] = LruCache(PREDICTION_CACHE_SIZE)
         # Serialised answers by (device id, device name, predictor id, network hash): a repeated query
@@ -65,21 +91,42 @@ class LatencyService:
     # Architectures ------------------------------------------------------------------------------
 
     def network(self, architecture: Network | TorchvisionArchitecture) -> Network:
-        """The IR of an architecture given as IR or as a torchvision name and input shape."""
+        """The IR of an architecture given as IR or as a torchvision name and input shape.
+
+        Raises:
+            UnknownModel: No such torchvision model.
+            UnsupportedOperator: The model uses an operator the IR cannot represent.
+            ArchitectureTooLarge: The traced network is beyond one of the IR's bounds.
+            TooManyRequests: `max_concurrent_traces` traces are running already.
+            TracerUnavailable: The trace child died or overran its timeout (not cached).
+        """
         if isinstance(architecture, Network):
             return architecture
-        from lpnet.arch.from_torch import network_from_torchvision
-
         key = (architecture.torchvision, tuple(architecture.input_shape))
-        return self.torchvision.get_or_compute(
-            key, lambda: network_from_torchvision(architecture.torchvision, architecture.input_shape)
-        )
+        return self.torchvision.get_or_compute(key, lambda: self._trace(architecture))
 
-    def network_from_onnx(self, data: bytes, name: str | None) -> Network:
-        """The IR of an ONNX file (not cached: uploads rarely repeat)."""
+    def _trace(self, architecture: TorchvisionArchitecture) -> Network:
+        if not self.trace_slots.acquire(blocking=False):
+            raise TooManyRequests(
+                f"the server is tracing {self.max_concurrent_traces} models already; retry in "
+                f"{TRACE_RETRY_SECONDS} s",
+                {
+                    "model": architecture.torchvision,
+                    "max_concurrent_traces": self.max_concurrent_traces,
+                    "retry_after_seconds": TRACE_RETRY_SECONDS,
+                },
+                headers={"Retry-After": str(TRACE_RETRY_SECONDS)},
+            )
+        try:
+            return self.tracer.trace(architecture.torchvision, architecture.input_shape)
+        finally:
+            self.trace_slots.release()
+
+    def network_from_onnx(self, data: bytes, name: str | None, batch_size: int = 1) -> Network:
+        """The IR of an ONNX file (not cached: uploads rarely repeat); a symbolic batch is `batch_size`."""
         from lpnet.arch.onnx_io import network_from_onnx
 
-        return network_from_onnx(data, name=name)
+        return network_from_onnx(data, name=name, batch_size=batch_size)
 
     def tensorized_with_groups(self, network: Network) -> TensorizedNetwork:
         """The network's tensor view with channel groups, for width vectors."""
@@ -137,7 +184,9 @@ class LatencyService:
         """Latency of an uploaded ONNX model on a device."""
         device = resolve_device(session, device_ref)
         predictor = current_predictor(session, device)
-        return self.predict_network(session, device, predictor, self.network_from_onnx(data, name))
+        return self.predict_network(
+            session, device, predictor, self.network_from_onnx(data, name, device.batch_size)
+        )
 
     def predict_network(
         self, session: Session, device: Device, predictor: Predictor, network: Network
@@ -207,7 +256,11 @@ def _validated_widths(network: Network, tn: TensorizedNetwork, widths: list[list
     if lengths != {groups}:
         index = next(i for i, vector in enumerate(widths) if len(vector) != groups)
         _raise_for(network, index, widths[index])
-    batch = torch.tensor(widths, dtype=torch.float64)  # (B, G); exact for any int a client sends
+    try:
+        batch = torch.tensor(widths, dtype=torch.float64)  # (B, G); exact for any channel count
+    except OverflowError:  # an entry beyond any float, let alone any channel count
+        index = next(i for i, vector in enumerate(widths) if any(abs(v) > MAX_CHANNELS for v in vector))
+        _raise_for(network, index, widths[index])
     full = tn.full_widths.to(torch.float64)  # (G,)
     divisors = tn.group_divisors.to(torch.float64)  # (G,)
     bad = (batch < divisors) | (batch > full) | (torch.remainder(batch, divisors) != 0)  # (B, G)
@@ -217,7 +270,7 @@ def _validated_widths(network: Network, tn: TensorizedNetwork, widths: list[list
     return batch.to(torch.float32)
 
 
-def _raise_for(network: Network, index: int, vector: list[int]) -> None:
+def _raise_for(network: Network, index: int, vector: list[int]) -> NoReturn:
     from lpnet.arch.groups import channel_layout
 
     try:

@@ -9,13 +9,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_fastapi_instrumentator import Instrumentator
 
+from service.api.deps import scoped
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from service.api.json_body import document_json_bodies
+from service.api.middleware import BodyLimit, RequestGuardMiddleware, RequestIdMiddleware, RouteRules
 from service.api.routes import (
     agent,
     devices,
@@ -30,6 +33,7 @@ from service.api.routes import (
 )
 from service.auth import KeyCache
 from service.config import Settings, get_settings
+from service.db.models import KeyScope
 from service.db.session import make_engine, make_session_factory
 from service.jobs.tasks import serving_registry
 from service.jobs.worker import WorkerPool
@@ -40,6 +44,24 @@ logger = logging.getLogger(__name__)
 
 # Probes and the metrics endpoint itself would drown the request metrics.
 UNMEASURED_PATHS = ["/healthz", "/readyz", "/metrics"]
+
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    devices.router,
+    profiles.router,
+    latency.router,
+    predictors.router,
+    plans.router,
+    jobs.router,
+    models.router,
+    keys.router,
+    agent.router,
+    agent.devices_router,
+)
+
+# Room in an upload's body for the form's other fields next to the file: the largest is an
+# architecture IR as JSON (under 300 KiB for a 700-layer network), plus the multipart framing.
+FORM_FIELDS_ALLOWANCE = 1024 * 1024
 
 
 def _version() -> str:
@@ -69,11 +91,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # onnx and torchvision are imported before serving: a first import inside a request holds the
+        # interpreter for a second or more and stalls every other request meanwhile.
         import torch
+        import torchvision  # noqa: F401
+
+        import lpnet.arch.onnx_io  # noqa: F401
 
         # Predictions are many tiny tensor operations: one intra-op thread per request is several
         # times faster than two fighting over the cores, and requests already run in parallel.
         torch.set_num_threads(settings.torch_threads)
+        # The child process that traces torchvision names imports torch and torchvision: start it now.
+        app.state.latency.tracer.start()
         pool: WorkerPool | None = None
         if settings.first_run.enabled:
             # Before the workers start: a bootstrap job left running by a killed server is requeued first.
@@ -113,31 +142,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.worker_pool = None
 
     install_error_handlers(app)
-    for router in (
-        health.router,
-        devices.router,
-        profiles.router,
-        latency.router,
-        predictors.router,
-        plans.router,
-        jobs.router,
-        models.router,
-        keys.router,
-        agent.router,
-        agent.devices_router,
-    ):
+    for router in ROUTERS:
         app.include_router(router)
-    _instrument(app)
-    # The last middleware added runs first: request ids cover the 413 answers of the size limit too.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    instrumentator = _expose_metrics(app)
+    default_limit, body_limits = _body_limits(settings)
+    # Every API route: the app's own (/metrics) and those of the routers, as they were declared.
+    routes = [*app.router.routes, *(route for router in ROUTERS for route in router.routes)]
+    document_json_bodies(app, routes)
+    # The last middleware added runs first: request ids cover every answer, and the request metrics
+    # count the guard's 401 and 413 answers too.
+    app.add_middleware(RequestGuardMiddleware, rules=RouteRules(routes, body_limits, default_limit))
+    instrumentator.instrument(app)
     app.add_middleware(RequestIdMiddleware)
     return app
 
 
-def _instrument(app: FastAPI) -> None:
-    """Prometheus metrics at /metrics: request counts and latencies by route, and process metrics.
+def _body_limits(settings: Settings) -> tuple[BodyLimit, dict[Any, BodyLimit]]:
+    """The body limit of most routes, and those of the routes that take more, by endpoint function.
 
-    Each app has a registry of its own, so several apps in one process (tests) do not share series.
+    LPNET_MAX_REQUEST_BYTES caps them all.
+    """
+    ceiling = BodyLimit(settings.max_request_bytes, "LPNET_MAX_REQUEST_BYTES")
+
+    def capped(limit: BodyLimit) -> BodyLimit:
+        return limit if limit.max_bytes <= ceiling.max_bytes else ceiling
+
+    default = capped(BodyLimit(settings.max_json_bytes, "LPNET_MAX_JSON_BYTES"))
+    routes = {
+        profiles.submit_profiles: BodyLimit(
+            settings.max_profile_batch_bytes, "LPNET_MAX_PROFILE_BATCH_BYTES"
+        ),
+        latency.predict_latency_onnx: BodyLimit(
+            settings.max_onnx_bytes + FORM_FIELDS_ALLOWANCE, "LPNET_MAX_ONNX_BYTES", FORM_FIELDS_ALLOWANCE
+        ),
+        models.upload_model: BodyLimit(
+            settings.max_weights_bytes + FORM_FIELDS_ALLOWANCE,
+            "LPNET_MAX_WEIGHTS_BYTES",
+            FORM_FIELDS_ALLOWANCE,
+        ),
+    }
+    return default, {endpoint: capped(limit) for endpoint, limit in routes.items()}
+
+
+def _expose_metrics(app: FastAPI) -> Instrumentator:
+    """Serve Prometheus metrics at /metrics to admin keys; the caller adds the instrumentator's middleware.
+
+    Request counts and latencies by route, and process metrics. Each app has a registry of its own,
+    so several apps in one process (tests) do not share series.
     """
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -148,4 +199,6 @@ def _instrument(app: FastAPI) -> None:
         should_group_status_codes=False,
         registry=registry,
     )
-    instrumentator.instrument(app).expose(app, endpoint="/metrics", include_in_schema=False)
+    return instrumentator.expose(
+        app, endpoint="/metrics", include_in_schema=False, dependencies=[scoped(KeyScope.ADMIN)]
+    )

@@ -3,21 +3,31 @@
 What can be checked at once is checked when the plan is requested, so a client hears about an unknown
 device, a device without a predictor, an unreachable budget or missing weights with a 4xx rather than
 a failed job: the budget check is one predictor call with every group at its minimum width.
+
+Plans cost the server work, so a reader key has quotas (`QuotaSettings`: plans queued or running at
+once, plans per hour; 429 with ``Retry-After`` beyond them); admin keys are exempt. ``verify`` on a
+local device times networks on the server's own machine and needs an admin key; on a remote device
+its agent measures, and any key that may plan may ask for it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.arch.ir import Network
 from lpnet.gates.errors import InvalidPlanOptions
-from service.db.models import Device, Job, JobStatus
+from service.config import QuotaSettings, Settings
+from service.db.base import utcnow
+from service.db.models import ApiKey, Device, Job, JobStatus, KeyScope
 from service.devices import resolve_device
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PermissionDenied, QuotaExceeded, Unauthenticated
 from service.jobs.queue import ClaimedJob, TaskOutcome, enqueue, get_job
 from service.latency import LatencyService
 from service.predictors import (
@@ -32,6 +42,7 @@ from service.uploads import get_model_upload, load_weights
 if TYPE_CHECKING:
     from lpnet.gates.planner import MeasureFn
     from lpnet.gates.planner import PlanOptions as PlannerOptions
+    from lpnet.gates.result import MeasuredLatency
     from service.jobs.worker import JobContext
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,9 @@ logger = logging.getLogger(__name__)
 PLAN_JOB = "plan"
 # API mode names -> the planner's.
 PLANNER_MODES = {"architecture": "architecture-only", "weights": "weights", "train": "train"}
+# A key at its limit of plans at once is told to retry after this long: a plan takes seconds to minutes.
+ACTIVE_PLANS_RETRY_SECONDS = 30
+QUOTA_WINDOW = timedelta(hours=1)
 
 
 def planner_options(options: PlanOptions) -> PlannerOptions:
@@ -53,8 +67,26 @@ def planner_options(options: PlanOptions) -> PlannerOptions:
     )
 
 
+def check_verify_allowed(key: ApiKey, device: Device) -> None:
+    """Refuse ``verify`` on a local device to keys other than admin keys.
+
+    Verifying on a local device times networks on the server's own machine, which only an admin may
+    spend; a remote device's agent measures on the device itself.
+
+    Raises:
+        PermissionDenied: A non-admin key asking to verify on a local device.
+    """
+    if device.is_local and key.scope != KeyScope.ADMIN:
+        raise PermissionDenied(
+            f"verify on local device {device.name!r} measures on the server's own machine and needs an admin "
+            f"key; API key {key.prefix} has scope {key.scope!r}. Plan without verify, or verify on a remote "
+            "device (its agent measures)",
+            {"scope": key.scope, "needed": KeyScope.ADMIN.value, "option": "verify", "device": device.name},
+        )
+
+
 def check_plan_request(
-    session: Session, latency: LatencyService, spec: PlanCreate
+    session: Session, latency: LatencyService, spec: PlanCreate, key: ApiKey
 ) -> tuple[Device, int, Network]:
     """Everything about a plan request that can be checked without planning.
 
@@ -63,6 +95,7 @@ def check_plan_request(
 
     Raises:
         NotFound: Unknown device or model.
+        PermissionDenied: ``verify`` on a local device without an admin key.
         NoPredictor: The device has no predictor yet.
         InvalidPlanOptions: A mode the API cannot run, or a mode without what it needs.
         InvalidInput: Weights for another network.
@@ -75,6 +108,8 @@ def check_plan_request(
 
     options = spec.options
     device = resolve_device(session, spec.device)
+    if options.verify:
+        check_verify_allowed(key, device)
     predictor = current_predictor(session, device)
     if options.mode == "train":
         raise InvalidPlanOptions(
@@ -110,10 +145,87 @@ def check_plan_request(
     return device, predictor.id, network
 
 
-def request_plan(session: Session, latency: LatencyService, spec: PlanCreate, max_attempts: int) -> Job:
-    """Check a plan request and queue its job (the caller commits)."""
-    device, predictor_id, network = check_plan_request(session, latency, spec)
-    return enqueue(
+def check_plan_quota(session: Session, key: ApiKey, quota: QuotaSettings, *, counted: bool) -> None:
+    """Refuse a plan request beyond the key's quota; admin keys are exempt.
+
+    Args:
+        counted: Whether the request's own job is stored already (and so among the counted plans).
+
+    Raises:
+        QuotaExceeded: Too many of the key's plans are queued or running, or it requested too many in
+            the last hour; ``Retry-After`` says when to try again.
+    """
+    if key.scope == KeyScope.ADMIN:
+        return
+    new = 0 if counted else 1
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.key_id == key.id,
+            Job.kind == PLAN_JOB,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+    )
+    active = int(active or 0)
+    if active + new > quota.active_plans:
+        raise QuotaExceeded(
+            f"API key {key.prefix} has {active - 1 + new} plan(s) queued or running, and a reader key may "
+            f"have at most {quota.active_plans} at once (LPNET_QUOTA__ACTIVE_PLANS); wait for one to finish "
+            "(GET /v1/plans/{id})",
+            {"limit": "active_plans", "allowed": quota.active_plans, "count": active - 1 + new},
+            ACTIVE_PLANS_RETRY_SECONDS,
+        )
+    now = utcnow()
+    in_window = session.scalars(
+        select(Job.created_at)
+        .where(Job.key_id == key.id, Job.kind == PLAN_JOB, Job.created_at > now - QUOTA_WINDOW)
+        .order_by(Job.created_at)
+    ).all()
+    over = len(in_window) + new - quota.plans_per_hour
+    if over > 0:
+        # The request fits once `over` of the key's plans of the last hour have left the window.
+        frees_at = in_window[over - 1] + QUOTA_WINDOW
+        retry_after = max(1, math.ceil((frees_at - now).total_seconds()))
+        count = len(in_window) - 1 + new
+        raise QuotaExceeded(
+            f"API key {key.prefix} requested {count} plan(s) in the last hour, and a reader key may request "
+            f"at most {quota.plans_per_hour} an hour (LPNET_QUOTA__PLANS_PER_HOUR); retry in {retry_after} s",
+            {"limit": "plans_per_hour", "allowed": quota.plans_per_hour, "count": count},
+            retry_after,
+        )
+
+
+def _lock_key(session: Session, key: ApiKey) -> None:
+    """Serialise the key's plan requests until the caller commits, so two cannot both take the last slot.
+
+    PostgreSQL locks the key's row; on SQLite the job's insert that follows takes the database's write
+    lock, which holds until commit.
+
+    Raises:
+        Unauthenticated: The key was deleted meanwhile.
+    """
+    locked = session.scalar(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
+    if locked is None:
+        raise Unauthenticated(f"API key {key.prefix} no longer exists")
+
+
+def request_plan(
+    session: Session, latency: LatencyService, spec: PlanCreate, key: ApiKey, settings: Settings
+) -> Job:
+    """Check a plan request against the key's quota and queue its job (the caller commits).
+
+    Raises:
+        QuotaExceeded: The key is at its quota (checked before the costlier checks of the request,
+            and again, exactly, once its job is stored).
+        PermissionDenied, NotFound, NoPredictor, InvalidPlanOptions, InvalidInput, BudgetInfeasible,
+            NoPrunableGroups: See `check_plan_request`.
+    """
+    check_plan_quota(session, key, settings.quota, counted=False)
+    device, predictor_id, network = check_plan_request(session, latency, spec, key)
+    if key.scope != KeyScope.ADMIN:
+        _lock_key(session, key)
+    job = enqueue(
         session,
         PLAN_JOB,
         {
@@ -123,8 +235,12 @@ def request_plan(session: Session, latency: LatencyService, spec: PlanCreate, ma
             "architecture": network.model_dump(mode="json"),
         },
         device_id=device.id,
-        max_attempts=max_attempts,
+        max_attempts=settings.worker.max_attempts,
+        key_id=key.id,
+        timeout_seconds=settings.worker.plan_timeout_seconds,
     )
+    check_plan_quota(session, key, settings.quota, counted=True)
+    return job
 
 
 def get_plan(session: Session, plan_id: int) -> Job:
@@ -148,6 +264,7 @@ def describe_plan(job: Job) -> PlanRead:
         result=job.result,
         error=job.error,
         created_at=job.created_at,
+        deadline_at=job.deadline_at,
         finished_at=job.finished_at,
     )
 
@@ -182,7 +299,13 @@ def local_measure(device: Device, nominal_probe_ms: float | None = None) -> Meas
 def _verify_measure(device: Device, context: JobContext, nominal_probe_ms: float | None) -> MeasureFn:
     """Measure on this machine for a local device; a remote device's agent measures through tasks."""
     if device.is_local:
-        return local_measure(device, nominal_probe_ms)
+        meter = local_measure(device, nominal_probe_ms)
+
+        def measure(network: Network) -> float | MeasuredLatency:
+            context.check()  # stops at the deadline between timings
+            return meter(network)
+
+        return measure
     from service.agent_tasks import remote_measure
     from service.config import get_settings
 
@@ -191,13 +314,19 @@ def _verify_measure(device: Device, context: JobContext, nominal_probe_ms: float
 
 
 def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
-    """The plan task: load predictor, network and weights, plan, store the result."""
+    """The plan task: load predictor, network and weights, plan, store the result.
+
+    A plan verified on a remote device is deferred while the device's agent measures (see
+    `service.agent_tasks.remote_measure`); resumed, it plans again from the start with the
+    measurements it has, and its progress keeps saying what it waits for meanwhile.
+    """
     from lpnet.gates.planner import plan
 
     options = PlanOptions.model_validate(job.input.get("options", {}))
     budget_ms = float(job.input["budget_ms"])
     network = Network.model_validate(job.input["architecture"])
-    context.progress("loading", 0.0, message="loading the predictor", force=True)
+    if not job.resumed:
+        context.progress("loading", 0.0, message="loading the predictor", force=True)
     with context.factory() as session:
         predictor_id = int(job.input["predictor_id"])
         predictor = load_predictor_artifact(session, predictor_id)
@@ -206,7 +335,8 @@ def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
         measure = None
         if options.verify and device is not None:
             measure = _verify_measure(device, context, predictor_nominal_probe_ms(session, predictor_id))
-    context.progress("planning", 10.0, message=f"planning for {budget_ms:g} ms", force=True)
+    if not job.resumed:
+        context.progress("planning", 10.0, message=f"planning for {budget_ms:g} ms", force=True)
     started = time.perf_counter()
     result = plan(network, predictor, budget_ms, planner_options(options), weights=weights, measure=measure)
     context.check()
@@ -214,3 +344,10 @@ def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
     payload["predictor_id"] = int(job.input["predictor_id"])
     logger.info("plan %d done in %.1f s", job.id, time.perf_counter() - started)
     return TaskOutcome(result=payload)
+
+
+def plan_failed(factory: sessionmaker[Session], job: ClaimedJob, error: str) -> None:
+    """Cancel what a failed plan asked remote agents to measure and they have not measured yet."""
+    from service.agent_tasks import cancel_verify_tasks
+
+    cancel_verify_tasks(factory, job.id, f"plan {job.id} failed: {error}")

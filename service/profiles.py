@@ -2,13 +2,16 @@
 
 A batch is stored in one transaction together with its `profile_batch` row, whose unique
 (device, idempotency key) makes a retried POST a replay: it stores nothing and answers the response
-the first POST got. Rows whose sample key the device already has are skipped, so overlapping batches
-(an agent resending after a crash) do not duplicate measurements either.
+the first POST got. The row keeps the sha256 of the batch's canonical JSON, so the same key with
+another body is refused (409) rather than answered with a response that does not describe it. Rows
+whose sample key the device already has are skipped, so overlapping batches (an agent resending after
+a crash) do not duplicate measurements either.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from service.db.models import (
     RunSource,
     RunStatus,
 )
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict, IdempotencyKeyReused, InvalidInput
 from service.schemas.profiles import ProfileSubmissionRead, RowCounts
 
 logger = logging.getLogger(__name__)
@@ -137,6 +140,19 @@ def measurement_rows(
     return rows
 
 
+def batch_body_sha256(batch: ProfileBatchSchema) -> str:
+    """sha256 of the batch's canonical JSON: the fields the client sent, keys sorted, no whitespace.
+
+    Formatting, key order and the spelling of equal values (``1`` or ``1.0``, time zone notations) do
+    not change it; fields left out stay out, so defaults filled in now (a missing ``measured_at``) do
+    not make a retry of the same body look different.
+    """
+    canonical = json.dumps(
+        batch.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def existing_sample_keys(session: Session, device_id: int, keys: Iterable[str] | None = None) -> set[str]:
     """Sample keys the device already has (among `keys`, or all of them), failed ones included."""
     found: set[str] = set()
@@ -156,6 +172,23 @@ def _stored_batch(session: Session, device_id: int, key: str) -> ProfileBatch | 
     return session.scalars(
         select(ProfileBatch).where(ProfileBatch.device_id == device_id, ProfileBatch.idempotency_key == key)
     ).one_or_none()
+
+
+def _replay(stored: ProfileBatch, body_sha256: str) -> SubmissionOutcome:
+    """The first answer under the stored batch's key, if this body is the one stored under it.
+
+    A batch stored without a hash (before hashes were kept) replays whatever body comes.
+
+    Raises:
+        IdempotencyKeyReused: The key was used for another body.
+    """
+    if stored.body_sha256 is not None and stored.body_sha256 != body_sha256:
+        raise IdempotencyKeyReused(
+            f"idempotency key {stored.idempotency_key!r} was used on {stored.created_at.isoformat()} for "
+            f"another batch (batch {stored.id}); nothing was stored: send these measurements under a new key",
+            {"idempotency_key": stored.idempotency_key, "batch_id": stored.id},
+        )
+    return SubmissionOutcome(dict(stored.response), replayed=True)
 
 
 def _check_device_spec(device: Device, batch: ProfileBatchSchema) -> list[str]:
@@ -212,6 +245,9 @@ def submit_profile_batch(
 ) -> SubmissionOutcome:
     """Store a batch of measurements for `device`, once per idempotency key; commits.
 
+    The same key with the same body (see `batch_body_sha256`) is a replay: nothing is stored and the
+    first answer comes back.
+
     Args:
         session: A session with no pending changes; it is committed (or rolled back) here.
         device: The device the batch is for.
@@ -221,6 +257,7 @@ def submit_profile_batch(
     Raises:
         InvalidInput: The header and body keys differ, or the batch was measured with other device
             settings.
+        IdempotencyKeyReused: The key was used for another body before.
         Conflict: Concurrent batches kept colliding on the same sample keys.
     """
     if header_key is not None and header_key != batch.idempotency_key:
@@ -229,13 +266,14 @@ def submit_profile_batch(
             f"{batch.idempotency_key!r}; send the same key in both (or only in the body)"
         )
     device_id = device.id
+    body_sha256 = batch_body_sha256(batch)
     for attempt in range(INSERT_ATTEMPTS):
         stored = _stored_batch(session, device_id, batch.idempotency_key)
         if stored is not None:
-            return SubmissionOutcome(dict(stored.response), replayed=True)
+            return _replay(stored, body_sha256)
         warnings = _check_device_spec(device, batch)
         try:
-            response = _insert_batch(session, device, batch, warnings)
+            response = _insert_batch(session, device, batch, body_sha256, warnings)
             session.commit()
         except IntegrityError:
             # Another request stored this key (replay it) or some of these sample keys (re-read them).
@@ -247,7 +285,7 @@ def submit_profile_batch(
         return SubmissionOutcome(response, replayed=False)
     stored = _stored_batch(session, device_id, batch.idempotency_key)
     if stored is not None:
-        return SubmissionOutcome(dict(stored.response), replayed=True)
+        return _replay(stored, body_sha256)
     raise Conflict(
         f"batch {batch.idempotency_key} kept colliding with concurrent submissions of the same samples; "
         "retry it",
@@ -256,7 +294,7 @@ def submit_profile_batch(
 
 
 def _insert_batch(
-    session: Session, device: Device, batch: ProfileBatchSchema, warnings: Sequence[str]
+    session: Session, device: Device, batch: ProfileBatchSchema, body_sha256: str, warnings: Sequence[str]
 ) -> dict[str, Any]:
     measurements = batch.measurements
     existing = existing_sample_keys(session, device.id, [m.sample_key for m in measurements])
@@ -286,6 +324,7 @@ def _insert_batch(
         run_id=run.id,
         row_count=stored["network"] + stored["layer"],
         response={},
+        body_sha256=body_sha256,
     )
     session.add(record)
     session.flush()

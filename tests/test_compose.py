@@ -28,6 +28,8 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from lpnet.predictor.artifact import load_predictor
+from profiler.agent_loop import config_from_args
+from service.auth import generate_api_key
 from service.cli import build_parser
 from service.config import ADMIN_KEY_PATTERN, Settings
 from service.db.models import Job
@@ -40,10 +42,14 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 BIN = Path(sys.executable).parent
 LPNET_SERVICES = ("api", "worker", "agent")
+# What a user puts in .env: the one variable the compose file has no default for.
+ADMIN_KEY = generate_api_key().key
 
-# ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR and the $$ escape, as Compose reads them.
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR and the $$ escape, as
+# Compose reads them.
 VARIABLE = re.compile(
-    r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+    r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}"
+    r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
 )
 
 
@@ -73,6 +79,11 @@ def variables_in(text: str) -> list[tuple[str, str | None]]:
     return found
 
 
+def required_variables(text: str) -> set[str]:
+    """Variables used as ``${VAR:?error}``: Compose refuses to start while they are unset or empty."""
+    return {match.group("braced") for match in VARIABLE.finditer(text) if match.group("op") == ":?"}
+
+
 def env_example() -> dict[str, str]:
     values = {}
     for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
@@ -98,6 +109,8 @@ def interpolate(value: Any, variables: Mapping[str, str]) -> Any:
         given = variables.get(name)
         if match.group("op") == ":-":
             return given if given else match.group("default")
+        if match.group("op") == ":?" and not given:
+            raise KeyError(f"{name}: {match.group('default')}")
         if given is None:
             raise KeyError(f"{name} is unset and has no default")
         return given
@@ -106,8 +119,8 @@ def interpolate(value: Any, variables: Mapping[str, str]) -> Any:
 
 
 def resolved(variables: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The compose file with its variables resolved (their defaults unless given)."""
-    result: dict[str, Any] = interpolate(compose_file(), variables or {})
+    """The compose file with its variables resolved: `ADMIN_KEY` and the defaults, unless given."""
+    result: dict[str, Any] = interpolate(compose_file(), {"LPNET_ADMIN_KEY": ADMIN_KEY, **(variables or {})})
     return result
 
 
@@ -168,8 +181,24 @@ def test_the_commands_are_lpnet_commands_that_parse() -> None:
             parser.parse_args(line[1:])  # exits (SystemExit) on an unknown flag
     agent = parser.parse_args(command_of(services["agent"])[1:])
     assert agent.server == "http://api:8000" and agent.device == "container-cpu"
-    assert agent.token == services["api"]["environment"]["LPNET_ADMIN_KEY"]
-    assert agent.profile_minutes == 30
+    assert agent.token is None and agent.profile_minutes == 30
+    # The agent reads the admin key from its environment.
+    agent_env = {name: str(value) for name, value in services["agent"]["environment"].items()}
+    assert config_from_args(agent, environ=agent_env).token == ADMIN_KEY
+
+
+def test_the_admin_key_has_no_default_and_never_reaches_a_command_line() -> None:
+    assert required_variables(compose_text()) == {"LPNET_ADMIN_KEY"}
+    for unset in ({}, {"LPNET_ADMIN_KEY": ""}):
+        with pytest.raises(KeyError, match="LPNET_ADMIN_KEY: set LPNET_ADMIN_KEY in .env"):
+            interpolate(compose_file(), unset)
+    services = resolved()["services"]
+    for name in LPNET_SERVICES:
+        assert ADMIN_KEY not in " ".join(command_of(services[name])), f"{name}'s command line shows the key"
+    assert services["api"]["environment"]["LPNET_ADMIN_KEY"] == ADMIN_KEY
+    assert services["agent"]["environment"]["LPNET_API_KEY"] == ADMIN_KEY
+    assert "LPNET_ADMIN_KEY" not in services["worker"]["environment"]
+    assert "lpn_" not in compose_text() and env_example()["LPNET_ADMIN_KEY"] == ""
 
 
 def test_the_environment_wires_the_services_together(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +232,8 @@ def test_the_environment_wires_the_services_together(monkeypatch: pytest.MonkeyP
 
 
 def test_every_variable_has_a_default_listed_in_env_example() -> None:
-    used = variables_in(compose_text())
+    required = required_variables(compose_text())
+    used = [(name, default) for name, default in variables_in(compose_text()) if name not in required]
     assert used, "the compose file uses no variables?"
     without_default = sorted({name for name, default in used if default is None})
     assert without_default == [], f"variables without a ${{VAR:-default}}: {without_default}"
@@ -213,8 +243,11 @@ def test_every_variable_has_a_default_listed_in_env_example() -> None:
     differing = {name: values for name, values in defaults.items() if len(values) > 1}
     assert differing == {}, f"one variable, several defaults: {differing}"
     example = env_example()
-    assert set(example) == set(defaults), "the variables of .env.example and docker-compose.yml differ"
-    assert {name: values.pop() for name, values in defaults.items()} == example
+    assert set(example) == set(defaults) | required, (
+        "the variables of .env.example and docker-compose.yml differ"
+    )
+    # A required variable is listed empty: a copied .env without a value of its own stops Compose.
+    assert {name: values.pop() for name, values in defaults.items()} | dict.fromkeys(required, "") == example
 
 
 def test_named_volumes_are_declared_and_mounted() -> None:

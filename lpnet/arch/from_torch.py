@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.overrides import TorchFunctionMode
 
-from lpnet.arch.ir import NETWORK_INPUT, Layer, Network, Op
+from lpnet.arch.ir import NETWORK_INPUT, InputShape, Layer, Network, Op, architecture_error
 from lpnet.errors import InvalidArchitecture, UnknownModel, UnsupportedOperator
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SHAPE: tuple[int, int, int, int] = (1, 3, 224, 224)
+# torch.fx patches nn.Module.__call__ and friends for the whole process while it traces: a second
+# trace, or the shape propagation of one, running meanwhile sees the patches and fails. One trace
+# (with its shape propagation) at a time per process.
+_TRACE_LOCK = threading.Lock()
+
+
+class _TraceInput(BaseModel):
+    input_shape: InputShape
+
 
 _ACTIVATION_MODULES: dict[type[nn.Module], Op] = {
     nn.ReLU: Op.RELU,
@@ -60,8 +71,38 @@ def _inference_noop_functions() -> set[Any]:
     return fns
 
 
-def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
-    """Instantiate a torchvision classification model with random weights (nothing is downloaded)."""
+class _MetaParameters(TorchFunctionMode):
+    """Creates the tensors a module constructor allocates without naming a device on the meta device.
+
+    Only the factories layers allocate parameters and buffers with are redirected: a constructor
+    that computes its architecture with tensors (RegNet's block widths) still computes on the CPU,
+    which `torch.device("meta")` would not allow.
+    """
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full})
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def torchvision_model(name: str, num_classes: int = 1000, *, meta: bool = False) -> nn.Module:
+    """Instantiate a torchvision classification model with random weights (nothing is downloaded).
+
+    Args:
+        name: a classification model of `torchvision.models`.
+        num_classes: outputs of the classifier.
+        meta: create parameters and buffers on the meta device: shapes only, nothing allocated or
+            initialised, whatever the model's size.
+    """
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -74,12 +115,27 @@ def torchvision_model(name: str, num_classes: int = 1000) -> nn.Module:
     if name.startswith(("googlenet", "inception")):
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = False
-    return torchvision.models.get_model(name, **kwargs).eval()
+    if not meta:
+        return torchvision.models.get_model(name, **kwargs).eval()
+    with _MetaParameters():
+        model = torchvision.models.get_model(name, **kwargs)
+    # Buffers a constructor computed on the CPU (Swin's position tables) join the parameters.
+    return model.to("meta").eval()
 
 
 def network_from_torchvision(name: str, input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE) -> Network:
-    """Trace a torchvision model by name into the IR."""
-    module = torchvision_model(name)
+    """Trace a torchvision model by name into the IR.
+
+    The model is built and traced on the meta device, so nothing is allocated or computed at the
+    model's or the input's size; the IR's bounds (`lpnet.arch.ir.MAX_PARAMS`, `MAX_MACS`, ...) are
+    checked on the result.
+
+    Raises:
+        UnknownModel: no such torchvision classification model.
+        UnsupportedOperator: the model uses an operator the IR cannot represent.
+        ArchitectureTooLarge: the traced network is beyond one of the IR's cost bounds.
+    """
+    module = torchvision_model(name, meta=True)
     return network_from_module(module, input_shape, name=name, family=name)
 
 
@@ -91,16 +147,21 @@ def network_from_module(
 ) -> Network:
     """Trace any nn.Module with torch.fx and convert its graph to the IR.
 
+    Shapes are propagated with zeros on the device of the module's parameters: a module on the meta
+    device is traced without computing anything.
+
     Raises:
         UnsupportedOperator: naming the first operator the IR cannot represent and where it is.
+        InvalidArchitecture: the traced graph is not a valid network (ArchitectureTooLarge when it is
+            beyond one of the IR's cost bounds).
     """
     shape = _input_shape(input_shape)
     was_training = module.training
     module.eval()
     try:
-        graph_module = fx.symbolic_trace(module)
-        with torch.no_grad():
-            ShapeProp(graph_module).propagate(torch.zeros(shape))
+        with _TRACE_LOCK, torch.no_grad():
+            graph_module = fx.symbolic_trace(module)
+            ShapeProp(graph_module).propagate(torch.zeros(shape, device=_parameter_device(module)))
     except (UnsupportedOperator, InvalidArchitecture):
         raise
     except Exception as exc:  # tracing runs user code: report what failed, not a traceback
@@ -111,14 +172,24 @@ def network_from_module(
         module.train(was_training)
     converter = _FxConverter(graph_module)
     layers, outputs = converter.convert()
-    return Network(name=name, family=family, input_shape=shape, layers=layers, outputs=outputs)
+    try:
+        return Network(name=name, family=family, input_shape=shape, layers=layers, outputs=outputs)
+    except ValidationError as exc:
+        raise architecture_error(exc) from exc
+
+
+def _parameter_device(module: nn.Module) -> torch.device:
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
 
 
 def _input_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
-    values = tuple(int(v) for v in shape)
-    if len(values) != 4 or any(v <= 0 for v in values):
-        raise ValueError(f"input_shape must be four positive integers (N, C, H, W), got {list(shape)}")
-    return values[0], values[1], values[2], values[3]
+    """The shape checked against the IR's bounds before any tensor of it is made."""
+    try:
+        return _TraceInput(input_shape=tuple(shape)).input_shape
+    except ValidationError as exc:
+        raise architecture_error(exc) from exc
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:

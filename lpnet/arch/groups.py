@@ -211,8 +211,11 @@ def _torch_pruning_groups(network: Network) -> list[tuple[int, list[str]]]:
     """(channels, conv/linear layers whose outputs the group prunes) per prunable group.
 
     Layers that produce a network output are never pruned: their width is the model's interface.
+    The module is built and traced on the meta device: torch-pruning follows the autograd graph and
+    the shapes, never the values, so nothing is allocated or computed at the network's size.
     """
-    gm = build_module(network)
+    with torch.device("meta"):
+        gm = build_module(network)
     node_layer = gm.meta[IR_LAYER_META]
     module_layer: dict[int, str] = {}
     for node in gm.graph.nodes:
@@ -225,7 +228,8 @@ def _torch_pruning_groups(network: Network) -> list[tuple[int, list[str]]]:
         for node in gm.graph.nodes
         if node.op == "call_module" and node_layer[node.name] in output_layers
     ]
-    graph = tp.DependencyGraph().build_dependency(gm, example_inputs=torch.zeros(network.input_shape))
+    example = torch.zeros(network.input_shape, device="meta")
+    graph = tp.DependencyGraph().build_dependency(gm, example_inputs=example)
     result: list[tuple[int, list[str]]] = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         out_layers: list[str] = []

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections import Counter
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from lpnet.errors import InvalidArchitecture
+from lpnet.errors import ArchitectureTooLarge, InvalidArchitecture
 
 IR_VERSION = 1
 NETWORK_INPUT = "input"
@@ -50,10 +53,52 @@ ACTIVATIONS = frozenset(
 ELEMENTWISE_BINARY = frozenset({Op.ADD, Op.MUL})
 # Ops whose output channel count is a free parameter of the layer (what pruning changes).
 PARAMETRIC_OUT = frozenset({Op.CONV2D, Op.LINEAR})
+_CHANNEL_CHANGING = PARAMETRIC_OUT | {Op.CONCAT, Op.FLATTEN}
+_WINDOWED = frozenset({Op.CONV2D, Op.MAXPOOL2D, Op.AVGPOOL2D})
+_MULTI_INPUT = frozenset({Op.ADD, Op.MUL, Op.CONCAT})
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-Pair = tuple[PositiveInt, PositiveInt]
+# Bounds on what one network may describe. The service validates, analyses and runs the networks
+# clients send, so every dimension and every total is bounded. Each bound admits every torchvision
+# classification model the IR represents at 3x its standard input size, as measured with torchvision
+# 0.29 (efficientnet_b7 at 1800 px, regnet_y_128gf at 1152 px).
+MAX_LAYERS = 4096  # 4x efficientnet_v2_l's 1,018 IR layers; validating 4,096 takes about 50 ms
+MAX_LAYER_INPUTS = 128  # densenet201's widest concatenation takes 49 tensors
+MAX_BATCH = 1024  # images in the network's input
+MAX_SPATIAL = 8192  # feature map height and width; the largest model input above is 1800 px
+# Channels count flattened features (C*H*W) too: VGG's classifier takes 25,088, and a 512x21x21 map
+# (a 672 px input without global pooling) flattens to 225,792.
+MAX_CHANNELS = 2**18
+MAX_WINDOW = MAX_SPATIAL  # kernel, stride, padding, dilation: a pooling window may span a whole map
+BYTES_PER_ELEMENT = 4  # tensors are estimated as float32
+MAX_TENSOR_BYTES = 4 * 2**30  # one activation; the largest above is 0.62 GB (efficientnet_b7)
+# Activations alive at once in a forward pass that frees each tensor after its last consumer (as a
+# torch.fx module does); the most above is 1.24 GB (efficientnet_b7).
+MAX_ACTIVATION_BYTES = 16 * 2**30
+MAX_PARAMS = 2**30  # 4 GiB of float32 weights; the largest torchvision model, regnet_y_128gf, has 645 M
+MAX_MACS = 4 * 10**12  # regnet_y_128gf needs 3.37 T at 1152 px; minutes of one CPU's time per pass
+
+Channels = Annotated[int, Field(gt=0, le=MAX_CHANNELS)]
+Extent = Annotated[int, Field(gt=0, le=MAX_SPATIAL)]
+Window = Annotated[int, Field(gt=0, le=MAX_WINDOW)]
+Pair = tuple[Extent, Extent]
+WindowPair = tuple[Window, Window]
+PaddingPair = tuple[Annotated[int, Field(ge=0, le=MAX_WINDOW)], Annotated[int, Field(ge=0, le=MAX_WINDOW)]]
+
+
+def _check_input_tensor(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    _check_bound(
+        "bytes in its input tensor (float32)",
+        math.prod(shape) * BYTES_PER_ELEMENT,
+        MAX_TENSOR_BYTES,
+        "MAX_TENSOR_BYTES",
+    )
+    return shape
+
+
+InputShape = Annotated[
+    tuple[Annotated[int, Field(gt=0, le=MAX_BATCH)], Channels, Extent, Extent],  # (N, C, H, W)
+    AfterValidator(_check_input_tensor),
+]
 
 
 class Layer(BaseModel):
@@ -68,51 +113,55 @@ class Layer(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     op: Op
-    inputs: list[str] = Field(min_length=1)
-    in_channels: PositiveInt
-    out_channels: PositiveInt
+    inputs: list[str] = Field(min_length=1, max_length=MAX_LAYER_INPUTS)
+    in_channels: Channels
+    out_channels: Channels
     in_hw: Pair
     out_hw: Pair
-    kernel: Pair = (1, 1)
-    stride: Pair = (1, 1)
-    padding: tuple[NonNegativeInt, NonNegativeInt] = (0, 0)
-    dilation: Pair = (1, 1)
-    groups: PositiveInt = 1
+    kernel: WindowPair = (1, 1)
+    stride: WindowPair = (1, 1)
+    padding: PaddingPair = (0, 0)
+    dilation: WindowPair = (1, 1)
+    groups: Channels = 1
     bias: bool = False
     ceil_mode: bool = False
 
     @model_validator(mode="after")
     def _check_op_fields(self) -> Layer:
-        where = f"layer {self.name!r} ({self.op.value})"
-        if self.op is Op.CONV2D:
+        op = self.op
+        if op is Op.CONV2D:
             if self.in_channels % self.groups or self.out_channels % self.groups:
                 raise ValueError(
-                    f"{where}: groups={self.groups} must divide in_channels={self.in_channels} "
+                    f"{self._where}: groups={self.groups} must divide in_channels={self.in_channels} "
                     f"and out_channels={self.out_channels}"
                 )
         elif self.groups != 1:
-            raise ValueError(f"{where}: groups is only meaningful for conv2d")
-        if self.op not in PARAMETRIC_OUT and self.op not in (Op.CONCAT, Op.FLATTEN):
-            if self.in_channels != self.out_channels:
-                raise ValueError(
-                    f"{where}: in_channels={self.in_channels} must equal out_channels={self.out_channels}"
-                )
-        if self.op is Op.FLATTEN and self.out_channels != self.in_channels * self.in_hw[0] * self.in_hw[1]:
-            raise ValueError(f"{where}: out_channels must be in_channels*H*W")
-        if self.op in (Op.CONV2D, Op.MAXPOOL2D, Op.AVGPOOL2D):
+            raise ValueError(f"{self._where}: groups is only meaningful for conv2d")
+        if op not in _CHANNEL_CHANGING and self.in_channels != self.out_channels:
+            raise ValueError(
+                f"{self._where}: in_channels={self.in_channels} must equal out_channels={self.out_channels}"
+            )
+        if op is Op.FLATTEN and self.out_channels != self.in_channels * self.in_hw[0] * self.in_hw[1]:
+            raise ValueError(f"{self._where}: out_channels must be in_channels*H*W")
+        if op in _WINDOWED:
             expected = conv_output_hw(
                 self.in_hw, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode
             )
             if expected != self.out_hw:
                 raise ValueError(
-                    f"{where}: out_hw={self.out_hw} but the kernel, stride and padding "
+                    f"{self._where}: out_hw={self.out_hw} but the kernel, stride and padding "
                     f"give {expected} from in_hw={self.in_hw}"
                 )
-        if self.op not in (Op.ADD, Op.MUL, Op.CONCAT) and len(self.inputs) != 1:
-            raise ValueError(f"{where}: takes exactly one input, got {len(self.inputs)}")
-        if self.op in (Op.ADD, Op.MUL, Op.CONCAT) and len(self.inputs) < 2:
-            raise ValueError(f"{where}: needs at least two inputs")
+        if op in _MULTI_INPUT:
+            if len(self.inputs) < 2:
+                raise ValueError(f"{self._where}: needs at least two inputs")
+        elif len(self.inputs) != 1:
+            raise ValueError(f"{self._where}: takes exactly one input, got {len(self.inputs)}")
         return self
+
+    @property
+    def _where(self) -> str:
+        return f"layer {self.name!r} ({self.op.value})"
 
     @property
     def is_depthwise(self) -> bool:
@@ -150,9 +199,9 @@ class Network(BaseModel):
     ir_version: int = IR_VERSION
     name: str | None = Field(default=None, max_length=200)
     family: str | None = Field(default=None, max_length=100)
-    input_shape: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt]
-    layers: list[Layer] = Field(min_length=1)
-    outputs: list[str] = Field(min_length=1)
+    input_shape: InputShape
+    layers: list[Layer] = Field(min_length=1, max_length=MAX_LAYERS)
+    outputs: list[str] = Field(min_length=1, max_length=MAX_LAYERS)
 
     @model_validator(mode="after")
     def _check_graph(self) -> Network:
@@ -161,10 +210,10 @@ class Network(BaseModel):
         produced: dict[str, tuple[int, tuple[int, int]]] = {
             NETWORK_INPUT: (self.input_shape[1], (self.input_shape[2], self.input_shape[3]))
         }
-        names = {layer.name for layer in self.layers}
+        names = Counter(layer.name for layer in self.layers)
         if len(names) != len(self.layers):
-            dup = sorted({n for n in names if sum(lay.name == n for lay in self.layers) > 1})
-            raise ValueError(f"layer names must be unique; repeated: {dup}")
+            dup = sorted(name for name, count in names.items() if count > 1)
+            raise ValueError(f"layer names must be unique; repeated: {dup[:10]}")
         if NETWORK_INPUT in names:
             raise ValueError(f"{NETWORK_INPUT!r} is reserved for the network input")
         for index, layer in enumerate(self.layers):
@@ -183,6 +232,7 @@ class Network(BaseModel):
         for out in self.outputs:
             if out not in names:
                 raise ValueError(f"output {out!r} is not a layer of this network")
+        _check_cost_bounds(self)
         return self
 
     # ---- lookups -------------------------------------------------------------------------------
@@ -214,21 +264,17 @@ class Network(BaseModel):
     @classmethod
     def from_json(cls, text: str | bytes) -> Network:
         """Parse and validate a JSON document; raises InvalidArchitecture naming the bad field."""
-        from pydantic import ValidationError
-
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            raise InvalidArchitecture.from_validation_error(exc) from exc
+            raise architecture_error(exc) from exc
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Network:
-        from pydantic import ValidationError
-
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise InvalidArchitecture.from_validation_error(exc) from exc
+            raise architecture_error(exc) from exc
 
     @cached_property
     def content_hash(self) -> str:
@@ -245,6 +291,66 @@ class Network(BaseModel):
             attrs = layer.model_dump(mode="json", exclude={"name", "inputs"})
             digests[layer.name] = _sha(json.dumps([attrs, input_digests], sort_keys=True))
         return _sha(json.dumps([digests[o] for o in self.outputs]))
+
+
+def architecture_error(exc: ValidationError) -> InvalidArchitecture:
+    """The lpnet error for a failed validation of a network: ArchitectureTooLarge when only cost bounds failed."""
+    too_large = all(error["type"] == ArchitectureTooLarge.code for error in exc.errors())
+    return (ArchitectureTooLarge if too_large else InvalidArchitecture).from_validation_error(exc)
+
+
+def activation_bytes(network: Network) -> tuple[int, int]:
+    """The largest activation tensor and the peak of live activations of a forward pass, in bytes.
+
+    Tensors are counted as float32; each lives from the layer that produces it to its last consumer
+    (the input from the start, the outputs to the end), as in a torch.fx module's forward.
+    """
+    batch = network.input_shape[0]
+    last_use: dict[str, int] = {}
+    for index, layer in enumerate(network.layers):
+        for ref in layer.inputs:
+            last_use[ref] = index
+    for name in network.outputs:
+        last_use[name] = len(network.layers)
+    freed_after = [0] * (len(network.layers) + 1)  # bytes released once layer i has run
+    live = largest = peak = math.prod(network.input_shape) * BYTES_PER_ELEMENT
+    freed_after[last_use[NETWORK_INPUT]] += live
+    for index, layer in enumerate(network.layers):
+        size = batch * layer.out_channels * layer.out_hw[0] * layer.out_hw[1] * BYTES_PER_ELEMENT
+        largest = max(largest, size)
+        live += size
+        peak = max(peak, live)
+        freed_after[last_use.get(layer.name, index)] += size
+        live -= freed_after[index]
+    return largest, peak
+
+
+def _check_cost_bounds(network: Network) -> None:
+    from lpnet.arch.counting import layer_cost  # counting builds on this module
+
+    batch = network.input_shape[0]
+    params = macs = 0
+    for layer in network.layers:
+        cost = layer_cost(layer, batch)
+        params += cost.params
+        macs += cost.macs
+    largest, peak = activation_bytes(network)
+    _check_bound("parameters", params, MAX_PARAMS, "MAX_PARAMS")
+    _check_bound("multiply-accumulates", macs, MAX_MACS, "MAX_MACS")
+    _check_bound("bytes in its largest activation (float32)", largest, MAX_TENSOR_BYTES, "MAX_TENSOR_BYTES")
+    _check_bound(
+        "bytes of activations alive at once (float32)", peak, MAX_ACTIVATION_BYTES, "MAX_ACTIVATION_BYTES"
+    )
+
+
+def _check_bound(what: str, value: int, limit: int, bound: str) -> None:
+    if value > limit:
+        raise PydanticCustomError(
+            ArchitectureTooLarge.code,
+            f"the network has {value:,} {what}; at most {limit:,} ({bound}): "
+            "use a smaller input, batch or network",
+            {"bound": bound, "limit": limit, "value": value},
+        )
 
 
 def _sha(text: str) -> str:

@@ -18,6 +18,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import KeyCache, authenticate_api_key, require_scope
@@ -79,6 +80,38 @@ KeyCacheDep = Annotated[KeyCache, Depends(get_key_cache)]
 _bearer = HTTPBearer(auto_error=False, description="API key as `Authorization: Bearer lpn_...`")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key as `X-API-Key`")
 
+# Where `service.api.middleware.RequestGuardMiddleware` leaves the key it checked (``request.state``).
+API_KEY_STATE = "api_key"
+
+
+async def sent_api_key(request: Request) -> str | None:
+    """The raw key a request carries: ``Authorization: Bearer`` if given, else ``X-API-Key``.
+
+    Parsed by the same security schemes `get_current_key` declares, so both read a key alike.
+    """
+    bearer = await _bearer(request)
+    return bearer.credentials if bearer is not None else await _api_key_header(request)
+
+
+async def check_api_key(app: Starlette, raw: str | None) -> ApiKey:
+    """The active key row of `raw`, from the app's key cache or else the database (in the thread pool).
+
+    Raises:
+        Unauthenticated: No key was sent, or it is unknown or revoked.
+    """
+    if not raw:
+        raise Unauthenticated("missing API key; send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+    raw = raw.strip()
+    cache: KeyCache = app.state.key_cache
+    key = cache.get(raw)
+    if key is None:
+        # Read before the database check: a revocation clearing the cache meanwhile keeps the row out.
+        generation = cache.generation
+        factory: sessionmaker[Session] = app.state.session_factory
+        key = await run_in_threadpool(_authenticate, factory, raw)
+        cache.put(raw, key, generation)
+    return key
+
 
 async def get_current_key(
     request: Request,
@@ -87,20 +120,17 @@ async def get_current_key(
 ) -> ApiKey:
     """The active API key the request was made with.
 
+    The app's `RequestGuardMiddleware` checks the key of every route that needs one before the body
+    is read and leaves it in ``request.state``; a route the middleware does not know (one added to
+    the app after `service.main.create_app` built it) has its key checked here.
+
     Raises:
         Unauthenticated: No key was sent, or it is unknown or revoked.
     """
-    raw = bearer.credentials if bearer is not None else header_key
-    if not raw:
-        raise Unauthenticated("missing API key; send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    raw = raw.strip()
-    cache: KeyCache = request.app.state.key_cache
-    key = cache.get(raw)
-    if key is None:
-        factory: sessionmaker[Session] = request.app.state.session_factory
-        key = await run_in_threadpool(_authenticate, factory, raw)
-        cache.put(raw, key)
-    return key
+    checked: ApiKey | None = getattr(request.state, API_KEY_STATE, None)
+    if checked is not None:
+        return checked
+    return await check_api_key(request.app, bearer.credentials if bearer is not None else header_key)
 
 
 def _authenticate(factory: sessionmaker[Session], raw: str) -> ApiKey:
@@ -134,6 +164,7 @@ AgentKey = Annotated[ApiKey, scoped(KeyScope.AGENT)]
 ReaderKey = Annotated[ApiKey, scoped(KeyScope.READER)]
 
 __all__ = [
+    "API_KEY_STATE",
     "AdminKey",
     "AgentKey",
     "CurrentKey",
@@ -144,10 +175,12 @@ __all__ = [
     "SessionDep",
     "SessionFactoryDep",
     "SettingsDep",
+    "check_api_key",
     "get_current_key",
     "get_engine",
     "get_latency_service",
     "get_session",
     "get_session_factory",
     "scoped",
+    "sent_api_key",
 ]

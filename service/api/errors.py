@@ -23,11 +23,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lpnet.errors import (
+    ExternalDataRefused,
     InvalidArchitecture,
     InvalidWidthVector,
     LpnetError,
+    OnnxLimitExceeded,
     UnknownModel,
     UnsupportedOperator,
+    UnsupportedOpset,
 )
 from lpnet.predictor.artifact import ArtifactError
 from service.db.session import describe_database_error
@@ -46,6 +49,9 @@ LPNET_ERROR_STATUS: dict[type[LpnetError], int] = {
     UnsupportedOperator: 422,
     UnknownModel: 422,
     InvalidWidthVector: 422,
+    ExternalDataRefused: 422,
+    OnnxLimitExceeded: 422,
+    UnsupportedOpset: 422,
     # A stored predictor this build cannot read: the state of the server, fixed by refitting.
     ArtifactError: 409,
     LpnetError: 422,
@@ -74,7 +80,8 @@ _RESPONSE_DESCRIPTIONS = {
     409: "Conflicts with the current state.",
     413: "Request body too large.",
     422: "Invalid input.",
-    503: "A dependency (the database) is unavailable.",
+    429: "Too many requests, or the server is busy: retry after the Retry-After seconds.",
+    503: "A dependency (the database, or the process that traces models) is unavailable.",
 }
 
 

@@ -1,4 +1,9 @@
-"""Reading multipart uploads with a size cap of their own (below the request body limit)."""
+"""Reading multipart uploads with a size cap of their own (below the route's body limit).
+
+Starlette's form parser streams a file part into a `tempfile.SpooledTemporaryFile` that moves to
+disk past 1 MiB, with the disk writes in the thread pool, while `RequestGuardMiddleware` counts the
+body against the route's limit; so an upload is never held whole in memory before the route runs.
+"""
 
 from __future__ import annotations
 

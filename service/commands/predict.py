@@ -44,8 +44,8 @@ def register(subparsers: SubParsers) -> None:
     parser.set_defaults(handler=run_predict)
 
 
-def load_network(args: argparse.Namespace) -> Network:
-    """The network named on the command line."""
+def load_network(args: argparse.Namespace, batch_size: int = 1) -> Network:
+    """The network named on the command line; an ONNX file's symbolic batch is `batch_size`."""
     from lpnet.arch.from_torch import network_from_torchvision
     from lpnet.arch.ir import Network
     from lpnet.arch.onnx_io import network_from_onnx
@@ -53,7 +53,7 @@ def load_network(args: argparse.Namespace) -> Network:
     if args.json is not None:
         return Network.from_json(args.json.read_bytes())
     if args.onnx is not None:
-        return network_from_onnx(args.onnx.read_bytes(), name=args.onnx.stem)
+        return network_from_onnx(args.onnx.read_bytes(), name=args.onnx.stem, batch_size=batch_size)
     if not args.model:
         raise CommandError("name a torchvision model, or give --json FILE or --onnx FILE", 2)
     return network_from_torchvision(args.model, args.input_shape)
@@ -67,13 +67,13 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     from service.latency import LatencyService
 
     torch.set_num_threads(settings.torch_threads)
-    network = load_network(args)
     service = LatencyService.from_settings(settings)
     with database_session(settings) as session:
         from service.predictors import current_predictor
 
         device = get_device(session, args.device)
         predictor = current_predictor(session, device)
+        network = load_network(args, device.batch_size)
         read = service.predict_network(session, device, predictor, network)
     print(
         f"{read.network_name or read.network_hash[:12]} on {read.device}: {read.total_ms:.3f} ms "

@@ -147,6 +147,9 @@ class ProfileBatch(Base):
     row_count: Mapped[int] = mapped_column(Integer)
     # The response the first submission got; a replay answers with it unchanged.
     response: Mapped[dict[str, Any]] = mapped_column()
+    # sha256 of the batch's canonical JSON: the same key with another body is refused, not replayed.
+    # NULL on batches stored before the hash was kept: their key replays whatever body comes.
+    body_sha256: Mapped[str | None] = mapped_column(String(SHA256_HEX_LENGTH), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -242,7 +245,12 @@ class Predictor(Base):
 
 
 class Job(Base):
-    """Background work (profile, fit, plan, ...) leased by workers, retried up to `max_attempts`."""
+    """Background work (profile, fit, plan, ...) leased by workers, retried up to `max_attempts`.
+
+    A running job without a lease owner is deferred: it waits for something outside the service (a
+    device's agent) and is claimed again once `not_before` has passed. `deadline_at` bounds the job from
+    being queued to its end; `key_id` is the API key that requested it (for per-key quotas).
+    """
 
     __tablename__ = "job"
     __table_args__ = (
@@ -266,6 +274,11 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default=text("3"))
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_key.id", ondelete="SET NULL"), default=None, index=True
+    )
+    deadline_at: Mapped[datetime | None] = mapped_column(default=None)
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

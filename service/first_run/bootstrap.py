@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -43,7 +43,7 @@ from service.db.session import describe_database_error
 from service.devices import create_device, latest_predictor, local_device, set_device_status
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError
 from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
-from service.jobs.tasks import BOOTSTRAP
+from service.jobs.tasks import BOOTSTRAP, job_timeout_seconds
 from service.predictors import (
     FIT_JOB,
     check_enough_measurements,
@@ -179,12 +179,14 @@ def _start(settings: Settings, factory: sessionmaker[Session]) -> int | None:
                 session.commit()
                 return None
             spec = bootstrap_input(settings, device.id)
+            job_input = spec.model_dump(mode="json")
             job = enqueue(
                 session,
                 BOOTSTRAP_JOB,
-                spec.model_dump(mode="json"),
+                job_input,
                 device_id=device.id,
                 max_attempts=settings.worker.max_attempts,
+                timeout_seconds=job_timeout_seconds(BOOTSTRAP_JOB, job_input, settings.worker),
             )
             device.status = _queued_status(job.id, spec, resumed=_has_measurements(session, device.id))
             logger.info(
@@ -194,7 +196,7 @@ def _start(settings: Settings, factory: sessionmaker[Session]) -> int | None:
                 job.id,
             )
         elif job.status == JobStatus.RUNNING and lease_holder_gone(job.lease_owner):
-            _requeue(session, job)
+            _requeue(session, job, settings)
             device.status = _queued_status(job.id, BootstrapInput.model_validate(job.input), resumed=True)
             logger.info(
                 "first run: resuming job %d for device %r (the server running it stopped)",
@@ -277,9 +279,13 @@ def lease_holder_gone(owner: str | None) -> bool:
     return False
 
 
-def _requeue(session: Session, job: Job) -> None:
-    """Put a job whose worker is gone back in the queue (the caller commits)."""
+def _requeue(session: Session, job: Job, settings: Settings) -> None:
+    """Put a job whose worker is gone back in the queue, with a new deadline (the caller commits).
+
+    The deadline counts from now: the time the server was down is not the job's.
+    """
     now = utcnow()
+    timeout = job_timeout_seconds(BOOTSTRAP_JOB, job.input, settings.worker)
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_owner == job.lease_owner)
@@ -288,6 +294,7 @@ def _requeue(session: Session, job: Job) -> None:
             lease_owner=None,
             lease_expires_at=None,
             error=f"the server running attempt {job.attempts} ({job.lease_owner}) stopped; resumed",
+            deadline_at=now + timedelta(seconds=timeout),
             updated_at=now,
         )
     )

@@ -7,6 +7,12 @@ a job whose lease lapsed (its worker died) can be claimed again, up to ``max_att
 which it is failed with the reason. Every state change is conditional on the lease owner, so a worker
 that lost its lease cannot overwrite what the new owner does, and a result is written in the same
 statement as the status that makes it visible.
+
+A task that waits for something outside the service (a remote device's agent measuring a network)
+raises `Deferred`: its job stays running but gives up its lease and its worker, and is claimed again,
+without spending an attempt, once ``not_before`` has passed; it then runs from the start. Every job
+has a deadline (``deadline_at``, from its kind's timeout when it is queued): a running job past it is
+stopped by its worker (`service.jobs.worker`), a queued or deferred one is failed by `sweep_expired`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.base import utcnow
@@ -35,7 +41,13 @@ MAX_ERROR_CHARS = 4000
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    """A snapshot of a job a worker holds the lease of."""
+    """A snapshot of a job a worker holds the lease of.
+
+    Attributes:
+        deadline_at: When the job must have ended (None for a job queued without one).
+        timeout_seconds: The timeout the deadline was set from (deadline minus the time it was queued).
+        resumed: The job was deferred before: this run starts it again from the beginning.
+    """
 
     id: int
     kind: str
@@ -44,6 +56,25 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     owner: str
+    deadline_at: datetime | None = None
+    timeout_seconds: float | None = None
+    resumed: bool = False
+
+
+class Deferred(Exception):
+    """Raised by a task whose job must wait for something outside the service before it can go on.
+
+    The worker keeps the job running but releases it (no lease, no worker thread, no attempt spent)
+    until `retry_after_seconds` have passed; then a worker claims it and runs its task from the start,
+    so the task must find what it already has (e.g. measurements stored meanwhile) and get that far at
+    once. `phase` and `message` are the job's progress while it waits.
+    """
+
+    def __init__(self, retry_after_seconds: float, phase: str, message: str) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = max(0.0, retry_after_seconds)
+        self.phase = phase
+        self.message = message
 
 
 @dataclass
@@ -67,12 +98,41 @@ def enqueue(
     *,
     device_id: int | None = None,
     max_attempts: int = 3,
+    key_id: int | None = None,
+    timeout_seconds: float | None = None,
 ) -> Job:
-    """Add a queued job (the caller commits)."""
-    job = Job(kind=kind, input=job_input, device_id=device_id, max_attempts=max_attempts)
+    """Add a queued job (the caller commits).
+
+    Args:
+        key_id: The API key that asked for the job, if one did.
+        timeout_seconds: How long the job may take from now to its end; by default the timeout the
+            worker settings give its kind (`service.jobs.tasks.job_timeout_seconds`).
+    """
+    if timeout_seconds is None:
+        from service.config import get_settings
+        from service.jobs.tasks import job_timeout_seconds
+
+        timeout_seconds = job_timeout_seconds(kind, job_input, get_settings().worker)
+    now = utcnow()
+    job = Job(
+        kind=kind,
+        input=job_input,
+        device_id=device_id,
+        max_attempts=max_attempts,
+        key_id=key_id,
+        created_at=now,
+        updated_at=now,
+        deadline_at=now + timedelta(seconds=timeout_seconds),
+    )
     session.add(job)
     session.flush()
     return job
+
+
+def timeout_message(timeout_seconds: float | None, circumstance: str = "") -> str:
+    """The error of a job that ran out of time: ``timed out after 3600 s`` and what it was doing."""
+    text = f"timed out after {round(timeout_seconds or 0.0, 1):g} s"
+    return f"{text} {circumstance}" if circumstance else text
 
 
 def get_job(session: Session, job_id: int, kind: str | None = None) -> Job:
@@ -102,13 +162,23 @@ def active_job(session: Session, kind: str, device_id: int) -> Job | None:
     ).first()
 
 
+def _deferred() -> ColumnElement[bool]:
+    """A running job that gave up its lease to wait (`Deferred`)."""
+    return and_(Job.status == JobStatus.RUNNING, Job.lease_owner.is_(None))
+
+
 def _claimable(now: datetime, kinds: Collection[str] | None) -> ColumnElement[bool]:
-    condition = or_(
-        Job.status == JobStatus.QUEUED,
-        and_(
-            Job.status == JobStatus.RUNNING,
-            Job.lease_expires_at < now,
-            Job.attempts < Job.max_attempts,
+    ready = or_(Job.not_before.is_(None), Job.not_before <= now)
+    condition = and_(
+        or_(Job.deadline_at.is_(None), Job.deadline_at > now),
+        or_(
+            and_(Job.status == JobStatus.QUEUED, ready),
+            and_(_deferred(), ready),
+            and_(
+                Job.status == JobStatus.RUNNING,
+                Job.lease_expires_at < now,
+                Job.attempts < Job.max_attempts,
+            ),
         ),
     )
     if kinds is not None:
@@ -149,6 +219,84 @@ def fail_abandoned(session: Session, now: datetime | None = None) -> int:
     return failed
 
 
+def sweep_expired(
+    factory: sessionmaker[Session], now: datetime | None = None
+) -> list[tuple[ClaimedJob, str]]:
+    """Fail the jobs past their deadline that no worker is running: queued, deferred, or left behind by a
+    worker that stopped renewing its lease. A running job with a live lease is its worker's to stop.
+
+    Returns:
+        Each job failed (as its last claim saw it, for failure hooks) and its error.
+    """
+    now = now or utcnow()
+    unattended = or_(
+        Job.status == JobStatus.QUEUED,
+        _deferred(),
+        and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+    )
+    failed: list[tuple[ClaimedJob, str]] = []
+    with factory() as session:
+        expired = session.scalars(
+            select(Job).where(
+                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), Job.deadline_at < now, unattended
+            )
+        ).all()
+        for job in expired:
+            timeout = _timeout_seconds(job)
+            if job.status == JobStatus.QUEUED:
+                circumstance = (
+                    "before a worker could finish it" if job.attempts else "before a worker started it"
+                )
+            elif job.lease_owner is None:
+                phase = (job.progress or {}).get("phase", "deferred")
+                circumstance = f"while waiting ({phase})"
+            else:
+                circumstance = f"after its worker ({job.lease_owner}) stopped renewing its lease"
+            message = timeout_message(timeout, circumstance)
+            same_holder = (
+                Job.lease_owner.is_(None) if job.lease_owner is None else Job.lease_owner == job.lease_owner
+            )
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job.id, Job.status == job.status, same_holder, Job.deadline_at < now, unattended
+                )
+                .values(
+                    status=JobStatus.FAILED,
+                    error=message,
+                    finished_at=now,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                logger.warning("job %d (%s) failed: %s", job.id, job.kind, message)
+                failed.append((_snapshot(job, job.lease_owner or ""), message))
+        session.commit()
+    return failed
+
+
+def _timeout_seconds(job: Job) -> float | None:
+    if job.deadline_at is None:
+        return None
+    return (job.deadline_at - job.created_at).total_seconds()
+
+
+def _snapshot(job: Job, owner: str) -> ClaimedJob:
+    return ClaimedJob(
+        id=job.id,
+        kind=job.kind,
+        device_id=job.device_id,
+        input=dict(job.input),
+        attempt=job.attempts,
+        max_attempts=job.max_attempts,
+        owner=owner,
+        deadline_at=job.deadline_at,
+        timeout_seconds=_timeout_seconds(job),
+        resumed=job.not_before is not None,
+    )
+
+
 def claim_job(
     factory: sessionmaker[Session],
     owner: str,
@@ -158,8 +306,8 @@ def claim_job(
 ) -> ClaimedJob | None:
     """Take the lease of the oldest claimable job, or return None when there is none.
 
-    Claimable: queued, or running with a lapsed lease and attempts left. Abandoned jobs without
-    attempts left are failed on the way.
+    Claimable, unless past its deadline: queued or deferred with its ``not_before`` passed, or running
+    with a lapsed lease and attempts left. Abandoned jobs without attempts left are failed on the way.
     """
     now = now or utcnow()
     with factory() as session:
@@ -175,15 +323,7 @@ def claim_job(
         session.commit()
         job = session.get(Job, job_id)
         assert job is not None
-        claimed = ClaimedJob(
-            id=job.id,
-            kind=job.kind,
-            device_id=job.device_id,
-            input=dict(job.input),
-            attempt=job.attempts,
-            max_attempts=job.max_attempts,
-            owner=owner,
-        )
+        claimed = _snapshot(job, owner)
     logger.info("%s claimed job %d (%s), attempt %d", owner, claimed.id, claimed.kind, claimed.attempt)
     return claimed
 
@@ -193,7 +333,8 @@ def _lease_values(owner: str, lease_seconds: float, now: datetime) -> dict[str, 
         "status": JobStatus.RUNNING,
         "lease_owner": owner,
         "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        "attempts": Job.attempts + 1,
+        # Resuming a deferred job is not another attempt: waiting is not failing.
+        "attempts": case((_deferred(), Job.attempts), else_=Job.attempts + 1),
         "updated_at": now,
     }
 
@@ -260,6 +401,42 @@ def record_progress(
             update(Job).where(_owned(job_id, owner)).values(progress=progress, updated_at=utcnow())
         )
         session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def defer_job(factory: sessionmaker[Session], job: ClaimedJob, deferral: Deferred) -> bool:
+    """Release a running job until `deferral.retry_after_seconds` have passed (see `Deferred`).
+
+    Returns:
+        False when `job.owner` no longer held the lease.
+    """
+    now = utcnow()
+    with factory() as session:
+        result = session.execute(
+            update(Job)
+            .where(_owned(job.id, job.owner))
+            .values(
+                lease_owner=None,
+                lease_expires_at=None,
+                not_before=now + timedelta(seconds=deferral.retry_after_seconds),
+                progress={"phase": deferral.phase, "message": deferral.message},
+                updated_at=now,
+            )
+        )
+        session.commit()
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def wake_job(session: Session, job_id: int) -> bool:
+    """Make a deferred job claimable at once, e.g. when what it waits for arrived (the caller commits).
+
+    Returns:
+        Whether the job was deferred and now is due.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job).where(Job.id == job_id, _deferred(), Job.not_before > now).values(not_before=now)
+    )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 

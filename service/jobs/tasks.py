@@ -8,15 +8,16 @@ here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.jobs.queue import ClaimedJob, TaskOutcome
 
 if TYPE_CHECKING:
+    from service.config import WorkerSettings
     from service.jobs.worker import JobContext
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,31 @@ class TaskRegistry:
             logger.exception("job %d: the failure hook of %s raised", job.id, job.kind)
 
 
+def job_timeout_seconds(kind: str, job_input: Mapping[str, Any], settings: WorkerSettings) -> float:
+    """How long a job of `kind` may take from being queued to its end.
+
+    A first-run bootstrap gets its profiling budget (``budget_minutes`` of its input) on top of
+    ``first_run_timeout_seconds``; kinds without a timeout of their own get the fit's.
+    """
+    if kind == PLAN:
+        return settings.plan_timeout_seconds
+    if kind == BOOTSTRAP:
+        budget_minutes = job_input.get("budget_minutes")
+        profiling = float(budget_minutes) * 60 if isinstance(budget_minutes, int | float) else 0.0
+        return profiling + settings.first_run_timeout_seconds
+    return settings.fit_timeout_seconds
+
+
 def default_registry() -> TaskRegistry:
     """Every job kind the service runs."""
     # Imported here: the handlers pull in torch and the planner, which the queue itself does not need.
-    from service.plans import run_plan_job
+    from service.plans import plan_failed, run_plan_job
     from service.predictors import fit_failed, run_fit_job
 
     return TaskRegistry(
         [
             Task(FIT, run_fit_job, on_failure=fit_failed),
-            Task(PLAN, run_plan_job),
+            Task(PLAN, run_plan_job, on_failure=plan_failed),
         ]
     )
 

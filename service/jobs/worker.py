@@ -2,12 +2,19 @@
 
 `lpnet serve` runs `WorkerPool` threads inside the server (the embedded default, fine with SQLite);
 for more machines, `lpnet worker` processes claim from a shared PostgreSQL database.
+
+A job past its deadline is stopped cooperatively: `JobContext.check` (called by every progress report)
+raises `JobTimedOut` and the job fails without a retry. A task that never checks keeps its thread, but
+its lease keeper stops renewing the lease a lease length after the deadline, so the job is failed by
+the next sweep and whatever the task returns late is discarded. A crash (an error that is not a domain
+error) is stored as a generic message with an error id; the log line with the traceback has that id.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -18,16 +25,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.errors import LpnetError
+from service.db.base import utcnow
 from service.db.models import JobStatus
 from service.devices import set_device_status
 from service.errors import ServiceError
 from service.jobs.queue import (
     ClaimedJob,
+    Deferred,
     claim_job,
     complete_job,
+    defer_job,
     fail_job,
     record_progress,
     renew_lease,
+    sweep_expired,
+    timeout_message,
 )
 from service.jobs.tasks import TaskRegistry, default_registry
 
@@ -39,6 +51,15 @@ PROGRESS_INTERVAL_S = 1.0
 
 class LeaseLost(Exception):
     """The worker no longer holds the job's lease: stop, the job is someone else's now."""
+
+
+class JobTimedOut(Exception):
+    """The job ran past its deadline: stop; it fails without a retry."""
+
+
+def crash_message(error_id: str) -> str:
+    """What a job that crashed shows its users; the server log has the traceback under `error_id`."""
+    return f"internal error (id {error_id}); the server log has the details"
 
 
 def worker_id() -> str:
@@ -63,10 +84,23 @@ class JobContext:
     def mark_lease_lost(self) -> None:
         self._lost.set()
 
+    def seconds_past_deadline(self) -> float:
+        """How long ago the job's deadline passed (negative before it, -inf without a deadline)."""
+        if self.job.deadline_at is None:
+            return float("-inf")
+        return (utcnow() - self.job.deadline_at).total_seconds()
+
     def check(self) -> None:
-        """Raise `LeaseLost` if the job is no longer this worker's; call between steps of long work."""
+        """Stop the task if it should not go on; call between steps of long work.
+
+        Raises:
+            LeaseLost: The job is no longer this worker's.
+            JobTimedOut: The job is past its deadline.
+        """
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job.id} was reclaimed by another worker")
+        if self.seconds_past_deadline() >= 0:
+            raise JobTimedOut(timeout_message(self.job.timeout_seconds))
 
     def progress(
         self,
@@ -112,7 +146,8 @@ class JobContext:
 
 
 class _LeaseKeeper(threading.Thread):
-    """Renews a job's lease every third of its length until stopped, or until the lease is lost."""
+    """Renews a job's lease every third of its length until stopped, until the lease is lost, or until
+    the job ignored its deadline for a lease length (then the lease lapses and a sweep fails the job)."""
 
     def __init__(self, context: JobContext, lease_seconds: float) -> None:
         super().__init__(name=f"lease-{context.job.id}", daemon=True)
@@ -123,6 +158,15 @@ class _LeaseKeeper(threading.Thread):
     def run(self) -> None:
         job = self.context.job
         while not self.stopped.wait(self.lease_seconds / 3):
+            overdue = self.context.seconds_past_deadline()
+            if overdue > self.lease_seconds:
+                logger.error(
+                    "job %d (%s) is %.1f s past its deadline and still running; its lease is left to lapse",
+                    job.id,
+                    job.kind,
+                    overdue,
+                )
+                return
             try:
                 held = renew_lease(self.context.factory, job.id, job.owner, self.lease_seconds)
             except SQLAlchemyError as exc:
@@ -166,7 +210,10 @@ class Worker:
         return self.registry.kinds()
 
     def run_once(self) -> ClaimedJob | None:
-        """Claim and run one job; return it, or None when nothing was claimable."""
+        """Fail the jobs past their deadline, then claim and run one job; return it, or None when
+        nothing was claimable."""
+        for expired, message in sweep_expired(self.factory):
+            self.registry.report_failure(self.factory, expired, message)
         job = claim_job(self.factory, self.owner, self.lease_seconds, self.kinds)
         if job is None:
             return None
@@ -186,14 +233,35 @@ class Worker:
         except LeaseLost:
             logger.warning("job %d abandoned: its lease was lost", job.id)
             return
+        except JobTimedOut as exc:
+            logger.warning("job %d (%s) stopped: %s", job.id, job.kind, exc)
+            self._failed(job, str(exc), retry=False)
+            return
+        except Deferred as deferral:
+            keeper.stopped.set()  # the job gives its lease up: a renewal now would report it lost
+            if defer_job(self.factory, job, deferral):
+                logger.info(
+                    "job %d (%s) deferred for %.1f s: %s",
+                    job.id,
+                    job.kind,
+                    deferral.retry_after_seconds,
+                    deferral.message,
+                )
+            else:
+                logger.warning("job %d: its lease was lost before it could be deferred", job.id)
+            return
         except (LpnetError, ServiceError) as exc:
             # Domain errors say what is wrong with the request or the data: retrying changes nothing.
             logger.info("job %d (%s) failed: %s", job.id, job.kind, exc.message)
             self._failed(job, exc.message, retry=False)
             return
-        except Exception as exc:
-            logger.exception("job %d (%s) attempt %d crashed", job.id, job.kind, job.attempt)
-            self._failed(job, f"{type(exc).__name__}: {exc}", retry=True)
+        except Exception:
+            # The exception's text may hold paths, SQL or data: it goes to the log, an id to the job.
+            error_id = secrets.token_hex(4)
+            logger.exception(
+                "job %d (%s) attempt %d crashed (error id %s)", job.id, job.kind, job.attempt, error_id
+            )
+            self._failed(job, crash_message(error_id), retry=True)
             return
         finally:
             keeper.stopped.set()

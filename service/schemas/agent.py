@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from profiler.environment import Environment
+from profiler.environment import Environment, FiniteJson
 from service.db.models import TaskKind, TaskStatus
-from service.schemas.common import DeviceRef
+from service.schemas.common import DeviceRef, RequestModel
 
 AgentId = Annotated[
     str,
@@ -40,10 +40,8 @@ def _bounded_document(value: dict[str, Any] | None, what: str) -> dict[str, Any]
     return value
 
 
-class CampaignCreate(BaseModel):
+class CampaignCreate(RequestModel):
     """A profile campaign for a remote device's agent: which families to sample, and how much."""
-
-    model_config = ConfigDict(extra="forbid")
 
     families: list[FamilyName] = Field(
         default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2"],
@@ -73,10 +71,8 @@ class CampaignCreate(BaseModel):
         return value
 
 
-class AgentHello(BaseModel):
+class AgentHello(RequestModel):
     """An agent announcing itself: its id and the machine it runs on."""
-
-    model_config = ConfigDict(extra="forbid")
 
     agent_id: AgentId
     device: DeviceRef | None = Field(
@@ -145,24 +141,20 @@ class AgentHelloRead(BaseModel):
     campaign_queued: bool = Field(description="Whether this hello queued that campaign.")
 
 
-class TaskLeaseRequest(BaseModel):
+class TaskLeaseRequest(RequestModel):
     """Ask for the next task of the device (204 when there is none)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     agent_id: AgentId
     device: DeviceRef | None = Field(default=None, description="Needed with an admin key.")
     lease_seconds: LeaseSeconds | None = None
 
 
-class TaskHeartbeat(BaseModel):
+class TaskHeartbeat(RequestModel):
     """Keep a lease alive, and say how far the task got."""
-
-    model_config = ConfigDict(extra="forbid")
 
     agent_id: AgentId
     lease_seconds: LeaseSeconds | None = None
-    progress: dict[str, Any] | None = None
+    progress: dict[str, FiniteJson] | None = None
 
     @field_validator("progress")
     @classmethod
@@ -170,13 +162,11 @@ class TaskHeartbeat(BaseModel):
         return _bounded_document(value, "progress")
 
 
-class TaskComplete(BaseModel):
+class TaskComplete(RequestModel):
     """A finished task's result; sending the same result again changes nothing."""
 
-    model_config = ConfigDict(extra="forbid")
-
     agent_id: AgentId
-    result: dict[str, Any]
+    result: dict[str, FiniteJson]
 
     @field_validator("result")
     @classmethod
@@ -186,32 +176,24 @@ class TaskComplete(BaseModel):
         return checked
 
 
-class TaskFail(BaseModel):
+class TaskFail(RequestModel):
     """A task the agent could not do, and why."""
-
-    model_config = ConfigDict(extra="forbid")
 
     agent_id: AgentId
     error: str = Field(min_length=1, max_length=4000)
     retry: bool = Field(default=False, description="Put it back in the queue if attempts are left.")
 
 
-class VerifyResult(BaseModel):
+class VerifyResult(RequestModel):
     """What an agent measured for a verify task."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    measured_ms: float = Field(gt=0, allow_inf_nan=False, description="Median latency of the whole network.")
-    p10_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    p90_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    measured_ms: float = Field(gt=0, description="Median latency of the whole network.")
+    p10_ms: float | None = Field(default=None, gt=0)
+    p90_ms: float | None = Field(default=None, gt=0)
     repetitions: int | None = Field(default=None, ge=1)
     network_hash: str = Field(min_length=64, max_length=64, description="content_hash of what was measured.")
-    probe_ms: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, description="Speed probe's median around the samples."
-    )
-    relative_latency: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, description="Median of sample / probe."
-    )
+    probe_ms: float | None = Field(default=None, gt=0, description="Speed probe's median around the samples.")
+    relative_latency: float | None = Field(default=None, gt=0, description="Median of sample / probe.")
     probe_version: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
@@ -222,17 +204,13 @@ class VerifyResult(BaseModel):
         return self
 
 
-class CampaignResult(BaseModel):
+class CampaignResult(RequestModel):
     """What an agent reports at the end of a profile campaign (the measurements went as profile batches)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     measured: int = Field(ge=0, description="Samples measured for this campaign, over all its leases.")
     failed: int = Field(default=0, ge=0, description="Of those, configurations that failed to run.")
     skipped: int = Field(default=0, ge=0, description="Samples the device had already.")
-    seconds: float = Field(
-        default=0.0, ge=0, allow_inf_nan=False, description="Measuring time over all leases."
-    )
+    seconds: float = Field(default=0.0, ge=0, description="Measuring time over all leases.")
     rejected_batches: int = Field(default=0, ge=0, description="Batches the server refused.")
 
 

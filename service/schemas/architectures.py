@@ -5,25 +5,28 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from lpnet.arch.ir import Network
+from service.schemas.common import RequestModel
 
-# Tracing runs a real forward pass on zeros, so the input it may be asked for is bounded.
-MAX_TRACE_ELEMENTS = 32 * 3 * 224 * 224
+# Inputs a model may be named with: sides up to 3x efficientnet_b7's 600 px, and up to as many
+# elements as 32 images of 3x672x672 (3x the usual 224 px). The model is traced on the meta device,
+# so the trace costs no more at the largest input than at the smallest; the IR's bounds
+# (`lpnet.arch.ir`: parameters, multiply-accumulates, activation memory) apply to the traced network.
+MAX_TRACE_SIDE = 1800
+MAX_TRACE_ELEMENTS = 32 * 3 * 672 * 672
 
 
-class TorchvisionArchitecture(BaseModel):
+class TorchvisionArchitecture(RequestModel):
     """A torchvision classification model by name, traced into the IR by the service."""
-
-    model_config = ConfigDict(extra="forbid")
 
     torchvision: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$", examples=["resnet50"])
     input_shape: tuple[
         Annotated[int, Field(ge=1, le=64)],
         Annotated[int, Field(ge=1, le=16)],
-        Annotated[int, Field(ge=8, le=1024)],
-        Annotated[int, Field(ge=8, le=1024)],
+        Annotated[int, Field(ge=8, le=MAX_TRACE_SIDE)],
+        Annotated[int, Field(ge=8, le=MAX_TRACE_SIDE)],
     ] = Field(default=(1, 3, 224, 224), description="(N, C, H, W)")
 
     @model_validator(mode="after")
@@ -32,7 +35,7 @@ class TorchvisionArchitecture(BaseModel):
         if elements > MAX_TRACE_ELEMENTS:
             raise ValueError(
                 f"input_shape {list(self.input_shape)} has {elements} elements; at most "
-                f"{MAX_TRACE_ELEMENTS} (32x3x224x224) can be traced"
+                f"{MAX_TRACE_ELEMENTS} (32x3x672x672) can be traced"
             )
         return self
 

@@ -1,4 +1,4 @@
-"""Schemas shared by several resources: probes, device references, predictor references."""
+"""Schemas shared by several resources: the base of request bodies, probes, device and predictor references."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ DeviceRef = Annotated[
     Id | Annotated[str, Field(min_length=1, max_length=128)],
     Field(description="The device's numeric id or its name.", examples=["laptop-1t", 3]),
 ]
+
+
+class RequestModel(BaseModel):
+    """Base of request bodies: an unknown field is refused, and so is NaN or infinity in a float field.
+
+    Requests end up stored as JSON, which has no NaN or infinity; a float field of a subclass answers
+    422 naming the field instead (pydantic's ``allow_inf_nan=False``). Free-form JSON fields use
+    `profiler.environment.FiniteJson` for the same check at any depth.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class HealthStatus(BaseModel):

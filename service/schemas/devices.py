@@ -7,19 +7,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.schemas.common import NAME_PATTERN, not_an_id
+from profiler.environment import FiniteJson
+from service.schemas.common import NAME_PATTERN, RequestModel, not_an_id
 
 DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "failed"]
 
 
-class DeviceCreate(BaseModel):
+class DeviceCreate(RequestModel):
     """What it takes to register a device.
 
     Hardware, backend, threads, batch size and dtype are checked by the profiler's `DeviceSpec`, the
     one place that knows which backends and dtypes exist.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
         min_length=1,
@@ -33,7 +32,9 @@ class DeviceCreate(BaseModel):
     threads: int = 1
     batch_size: int = 1
     dtype: str = Field(default="float32", max_length=16)
-    environment: dict[str, Any] = Field(default_factory=dict)
+    environment: dict[str, FiniteJson] = Field(
+        default_factory=dict, description="The machine's fingerprint; numbers in it must be finite."
+    )
     is_local: bool = False
 
     @field_validator("name")

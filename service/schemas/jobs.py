@@ -19,13 +19,19 @@ class JobRead(BaseModel):
     kind: str
     status: JobStatus
     device_id: int | None
-    progress: dict[str, Any] | None = Field(description="phase, percent, eta_seconds while running.")
+    progress: dict[str, Any] | None = Field(
+        description="phase, percent, eta_seconds while running; phase waiting_for_agent while a plan waits "
+        "for a remote device's agent (no worker is busy with it meanwhile)."
+    )
     result: dict[str, Any] | None
     error: str | None
     attempts: int
     max_attempts: int
     created_at: datetime
     updated_at: datetime
+    deadline_at: datetime | None = Field(
+        description="The job fails as timed out if it has not finished by then."
+    )
     finished_at: datetime | None
 
 

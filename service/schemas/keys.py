@@ -7,13 +7,11 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.models import KeyScope
-from service.schemas.common import DeviceRef
+from service.schemas.common import DeviceRef, RequestModel
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestModel):
     """A key to create: its scope, a label and, for agent keys, the device it submits for."""
-
-    model_config = ConfigDict(extra="forbid")
 
     scope: KeyScope
     name: str | None = Field(default=None, max_length=128)

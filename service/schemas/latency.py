@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from lpnet.arch.ir import MAX_LAYERS
 from service.schemas.architectures import Architecture
-from service.schemas.common import DeviceRef, PredictorRef
+from service.schemas.common import DeviceRef, PredictorRef, RequestModel
 
 # A hard ceiling for the schema; the server's LPNET_MAX_WIDTH_VECTORS may be lower.
 WIDTH_VECTORS_CEILING = 100_000
+# A network has fewer channel groups than layers. The entries are checked against the groups by the
+# latency service, in one vectorised pass rather than one validator call per entry.
+WidthVector = Annotated[list[int], Field(max_length=MAX_LAYERS)]
 
 
-class LatencyRequest(BaseModel):
+class LatencyRequest(RequestModel):
     """Predict one architecture's latency on a device."""
-
-    model_config = ConfigDict(extra="forbid")
 
     device: DeviceRef
     architecture: Architecture
@@ -46,14 +50,12 @@ class LatencyRead(BaseModel):
     warnings: list[str] = Field(description="Non-empty when the prediction extrapolates.")
 
 
-class BatchLatencyRequest(BaseModel):
+class BatchLatencyRequest(RequestModel):
     """Predict many width vectors (kept channels per group) of one architecture."""
-
-    model_config = ConfigDict(extra="forbid")
 
     device: DeviceRef
     architecture: Architecture
-    widths: list[list[int]] = Field(
+    widths: list[WidthVector] = Field(
         min_length=1,
         max_length=WIDTH_VECTORS_CEILING,
         description="Width vectors, one entry per channel group (see `group_channels` in the answer).",

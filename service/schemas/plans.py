@@ -5,19 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from service.db.models import JobStatus
 from service.schemas.architectures import Architecture
-from service.schemas.common import MAX_ID, DeviceRef
+from service.schemas.common import MAX_ID, DeviceRef, RequestModel
 
 PlanMode = Literal["architecture", "weights", "train"]
 
 
-class PlanOptions(BaseModel):
+class PlanOptions(RequestModel):
     """How to plan."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: PlanMode = Field(
         default="architecture",
@@ -26,7 +24,11 @@ class PlanOptions(BaseModel):
     )
     round_to: int = Field(default=8, ge=1, le=256, description="Kept channels are multiples of this.")
     verify: bool = Field(
-        default=False, description="Measure the pruned network on the device and re-plan until it fits."
+        default=False,
+        description="Measure the pruned network on the device and re-plan until it fits. On a local device "
+        "the server's own machine measures, which needs an admin key; on a remote device its agent "
+        "measures (any key that may plan), and the plan shows status running with progress phase "
+        "waiting_for_agent while it waits.",
     )
     model_id: int | None = Field(
         default=None, ge=1, le=MAX_ID, description="Uploaded weights (POST /v1/models)."
@@ -34,27 +36,32 @@ class PlanOptions(BaseModel):
     min_keep_ratio: float = Field(default=0.05, gt=0, le=1, description="Least share of a group kept.")
 
 
-class PlanCreate(BaseModel):
+class PlanCreate(RequestModel):
     """Plan per-layer pruning ratios so the network meets `budget_ms` on the device."""
-
-    model_config = ConfigDict(extra="forbid")
 
     device: DeviceRef
     architecture: Architecture
-    budget_ms: float = Field(gt=0, allow_inf_nan=False, description="Latency budget in milliseconds.")
+    budget_ms: float = Field(gt=0, description="Latency budget in milliseconds.")
     options: PlanOptions = Field(default_factory=PlanOptions)
 
 
 class PlanRead(BaseModel):
-    """A plan job: its status, then its result or error."""
+    """A plan job: its status, then its result or error.
+
+    A plan verified on a remote device stays ``running`` while it waits for the device's agent, with
+    progress phase ``waiting_for_agent`` (no worker is busy with it meanwhile).
+    """
 
     id: int
     status: JobStatus
     device_id: int | None
     budget_ms: float
     options: dict[str, Any]
-    progress: dict[str, Any] | None
+    progress: dict[str, Any] | None = Field(description="phase, message (percent while computing).")
     result: dict[str, Any] | None = Field(description="The plan (widths, per-layer ratios, latencies).")
     error: str | None
     created_at: datetime
+    deadline_at: datetime | None = Field(
+        description="The plan fails as timed out if it has not finished by then (LPNET_WORKER__PLAN_TIMEOUT_SECONDS)."
+    )
     finished_at: datetime | None

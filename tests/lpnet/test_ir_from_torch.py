@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch import nn
 
 from lpnet.arch.build import build_module
 from lpnet.arch.counting import network_cost
-from lpnet.arch.from_torch import network_from_module, network_from_torchvision, torchvision_model
-from lpnet.arch.ir import Op
-from lpnet.errors import UnknownModel, UnsupportedOperator
+from lpnet.arch.from_torch import (
+    DEFAULT_INPUT_SHAPE,
+    network_from_module,
+    network_from_torchvision,
+    torchvision_model,
+)
+from lpnet.arch.ir import (
+    MAX_ACTIVATION_BYTES,
+    MAX_BATCH,
+    MAX_LAYER_INPUTS,
+    MAX_LAYERS,
+    MAX_MACS,
+    MAX_PARAMS,
+    MAX_SPATIAL,
+    MAX_TENSOR_BYTES,
+    Op,
+    activation_bytes,
+)
+from lpnet.errors import ArchitectureTooLarge, InvalidArchitecture, UnknownModel, UnsupportedOperator
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 
@@ -117,3 +136,56 @@ def test_depthwise_and_concat_networks_trace() -> None:
     mbv2 = network_from_torchvision("mobilenet_v2")
     assert any(layer.is_depthwise for layer in mbv2.layers)
     assert all(layer.op is not Op.CONCAT for layer in mbv2.layers)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "googlenet", "regnet_x_400mf"])
+def test_torchvision_models_are_traced_on_the_meta_device_into_the_same_ir(name: str) -> None:
+    meta = torchvision_model(name, meta=True)
+    assert all(p.is_meta for p in meta.parameters()), "nothing of the model is allocated"
+    traced_for_real = network_from_module(
+        torchvision_model(name), DEFAULT_INPUT_SHAPE, name=name, family=name
+    )
+    assert network_from_torchvision(name) == traced_for_real
+
+
+@pytest.mark.parametrize(
+    ("name", "standard_side"),
+    # The most activation memory, the most parameters and work, the most inputs to one layer.
+    [("efficientnet_b7", 600), ("regnet_y_128gf", 384), ("densenet201", 224)],
+)
+def test_the_largest_torchvision_models_fit_the_bounds_at_three_times_their_input(
+    name: str, standard_side: int
+) -> None:
+    side = 3 * standard_side
+    net = network_from_torchvision(name, (1, 3, side, side))
+    cost = network_cost(net)
+    largest, peak = activation_bytes(net)
+    assert net.input_shape == (1, 3, side, side)
+    assert (
+        len(net.layers) <= MAX_LAYERS and max(len(layer.inputs) for layer in net.layers) <= MAX_LAYER_INPUTS
+    )
+    assert cost.params <= MAX_PARAMS and cost.macs <= MAX_MACS
+    assert largest <= MAX_TENSOR_BYTES and peak <= MAX_ACTIVATION_BYTES
+
+
+def test_an_input_shape_beyond_the_bounds_is_refused_before_any_tensor_is_made() -> None:
+    with pytest.raises(InvalidArchitecture) as info:
+        network_from_module(_Rolls(), (1, 3, 10**6, 16))
+    assert [e["field"] for e in info.value.details["errors"]] == ["input_shape.2"]
+    assert f"less than or equal to {MAX_SPATIAL}" in str(info.value)
+    with pytest.raises(ArchitectureTooLarge, match="MAX_TENSOR_BYTES"):
+        network_from_module(_Rolls(), (MAX_BATCH, 3, MAX_SPATIAL, MAX_SPATIAL))
+
+
+def test_traces_in_several_threads_at_once_give_the_serial_answers() -> None:
+    names = ["resnet18", "mobilenet_v2", "squeezenet1_1", "densenet121"] * 2
+    serial = {name: network_from_torchvision(name, (1, 3, 64, 64)).content_hash for name in set(names)}
+    start = threading.Barrier(len(names))
+
+    def trace(name: str) -> str:
+        start.wait()
+        return network_from_torchvision(name, (1, 3, 64, 64)).content_hash
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        hashes = list(pool.map(trace, names))
+    assert hashes == [serial[name] for name in names]

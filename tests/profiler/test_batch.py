@@ -107,8 +107,8 @@ def test_batch_round_trips_through_json(tiny_network: Network, context: RunConte
     ("overrides", "fragment"),
     [
         ({"median_ms": -1.0, "p10_ms": -2.0}, "positive finite"),
-        ({"median_ms": math.nan}, "positive finite"),
-        ({"p90_ms": math.inf}, "positive finite"),
+        ({"median_ms": math.nan}, "median_ms\n.*finite number"),
+        ({"p90_ms": math.inf}, "p90_ms\n.*finite number"),
         ({"median_ms": 0.0, "p10_ms": 0.0}, "positive finite"),
         ({"p10_ms": 1.1}, "percentiles out of order"),
         ({"p90_ms": 0.95}, "percentiles out of order"),
@@ -128,6 +128,57 @@ def test_batch_round_trips_through_json(tiny_network: Network, context: RunConte
 def test_bad_rows_are_rejected(tiny_network: Network, overrides: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ValidationError, match=fragment):
         Measurement.model_validate(network_row(tiny_network, **overrides))
+
+
+FLOAT_FIELDS = sorted(
+    name for name, field in Measurement.model_fields.items() if field.annotation in (float, float | None)
+)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_no_float_of_a_row_may_be_nan_or_infinite(tiny_network: Network, field: str, value: float) -> None:
+    # A failed row too: its timings are not checked against each other, but they are stored as JSON.
+    failed = network_row(tiny_network, status="failed", error="RuntimeError: boom", **{field: value})
+    with pytest.raises(ValidationError) as info:
+        Measurement.model_validate(failed)
+    assert [(error["loc"], error["type"]) for error in info.value.errors()] == [((field,), "finite_number")]
+    per_layer = [{"layer": "conv", "ms": value}]
+    with pytest.raises(ValidationError, match="per_layer.0.ms\n.*finite number"):
+        Measurement.model_validate(network_row(tiny_network, per_layer=per_layer))
+
+
+def test_the_float_fields_cover_every_timing() -> None:
+    assert {"median_ms", "p10_ms", "p90_ms", "mean_ms", "cv", "residual_ms", "probe_ms"} <= set(FLOAT_FIELDS)
+
+
+def test_a_batch_names_a_non_finite_number_in_its_environment(
+    tiny_network: Network, context: RunContext
+) -> None:
+    row = Measurement.model_validate(network_row(tiny_network))
+    data = json.loads(ProfileBatch.build("batch-key-1", context, [row]).to_json())
+    data["environment"]["backend_settings"] = {"threads": 1, "clocks": {"boost": [3.2, math.nan]}}
+    with pytest.raises(InvalidBatch) as info:
+        ProfileBatch.from_json(json.dumps(data))
+    [error] = info.value.details["errors"]
+    assert error["field"] == "environment.backend_settings.clocks"
+    assert "boost.1 is not a finite number" in error["message"]
+    data["environment"]["backend_settings"] = {}
+    data["environment"]["gpu_temperature"] = math.inf  # an extra key
+    with pytest.raises(InvalidBatch, match="environment.gpu_temperature"):
+        ProfileBatch.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("field", ["warmup_ms", "min_repeat_ms", "max_seconds", "min_sample_ms"])
+def test_a_batch_names_a_non_finite_number_in_its_protocol(
+    tiny_network: Network, context: RunContext, field: str
+) -> None:
+    row = Measurement.model_validate(network_row(tiny_network))
+    data = json.loads(ProfileBatch.build("batch-key-1", context, [row]).to_json())
+    data["protocol"][field] = math.inf
+    with pytest.raises(InvalidBatch) as info:
+        ProfileBatch.from_json(json.dumps(data))
+    assert info.value.details["errors"][0]["field"] == f"protocol.{field}"
 
 
 def test_in_context_rows_must_add_up(tiny_network: Network) -> None:

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from typing import Any
 
-from profiler.environment import Environment, collect_environment, physical_cores
+import pytest
+from pydantic import ValidationError
+
+from profiler.environment import Environment, collect_environment, non_finite_path, physical_cores
 
 
 def test_fingerprint_is_plain_serialisable_data() -> None:
@@ -21,3 +26,48 @@ def test_fingerprint_is_plain_serialisable_data() -> None:
 
 def test_physical_cores_is_at_least_one() -> None:
     assert physical_cores() >= 1
+
+
+def test_the_fingerprint_records_non_finite_settings_as_none() -> None:
+    env = collect_environment(
+        {"threads": 1, "scale": math.nan, "clocks": [2.5, math.inf], "max": {"x": -math.inf}}
+    )
+    assert env.backend_settings == {"threads": 1, "scale": None, "clocks": [2.5, None], "max": {"x": None}}
+    # Standard JSON throughout, which is what the service stores.
+    json.dumps(env.model_dump(mode="json"), allow_nan=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"cpu_max_mhz": math.inf}, ("cpu_max_mhz",), "finite number"),
+        ({"load_average": [0.5, math.nan, 0.1]}, ("load_average", 1), "finite number"),
+        ({"backend_settings": {"scale": math.nan}}, ("backend_settings", "scale"), "not a finite number"),
+        (
+            {"backend_settings": {"clocks": {"boost": [3.1, math.inf]}}},
+            ("backend_settings", "clocks"),
+            "boost.1 is not a finite number",
+        ),
+        ({"gpu_temperature": -math.inf}, ("gpu_temperature",), "not a finite number"),
+        ({"gpu": {"clocks": [1.0, math.nan]}}, ("gpu",), "clocks.1 is not a finite number"),
+    ],
+)
+def test_an_environment_with_a_non_finite_number_is_refused_naming_it(
+    change: dict[str, Any], field: tuple[str | int, ...], message: str
+) -> None:
+    data = {**collect_environment().model_dump(mode="json"), **change}
+    with pytest.raises(ValidationError) as info:
+        Environment.model_validate(data)
+    [error] = info.value.errors()
+    assert error["loc"] == field and message in error["msg"]
+
+
+def test_extra_keys_with_finite_numbers_are_kept() -> None:
+    data = {**collect_environment().model_dump(mode="json"), "gpu": {"clocks": [1.0, 2]}}
+    assert Environment.model_validate(data).model_extra == {"gpu": {"clocks": [1.0, 2]}}
+
+
+def test_non_finite_path_names_the_first_nan_or_infinity() -> None:
+    assert non_finite_path({"a": 1, "b": [0.5, {"c": math.nan}], "d": math.inf}) == "b.1.c"
+    assert non_finite_path(math.inf) == ""
+    assert non_finite_path({"a": [1, 2.5, "nan"], "b": None, "c": True}) is None

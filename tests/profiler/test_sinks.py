@@ -63,6 +63,7 @@ class ProfileStore:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.responses: dict[str, tuple[int, bytes]] = {}
+        self.bodies: dict[str, bytes] = {}
         self.rows: list[str] = []
         self.requests = 0
         self.replays = 0
@@ -106,6 +107,9 @@ class ProfileServer:
                         return self._answer(422, json.dumps({"error": str(exc)}).encode())
                     key = batch.idempotency_key
                     assert self.headers.get("Idempotency-Key") == key
+                    if key in store.responses and store.bodies[key] != body:
+                        reused = {"error": {"code": "idempotency_key_reused", "message": "another body"}}
+                        return self._answer(409, json.dumps(reused).encode())
                     if key in store.responses:
                         store.replays += 1
                         status, stored = store.responses[key]
@@ -115,6 +119,7 @@ class ProfileServer:
                         {"batch": len(store.responses) + 1, "stored": len(batch.measurements)}
                     ).encode()
                     store.responses[key] = (201, response)
+                    store.bodies[key] = body
                     if store.drop_after_store_next > 0:
                         store.drop_after_store_next -= 1
                         self.close_connection = True
@@ -241,6 +246,26 @@ def test_a_refused_batch_is_set_aside_and_the_run_goes_on(
     assert server.store.rows == [r.sample_key for r in make_rows(2, start=2)]
     rejected = tmp_path / "spool" / "rejected"
     assert len(list(rejected.glob("*.json"))) == 1 and len(list(rejected.glob("*.error.txt"))) == 1
+
+
+def test_re_measured_rows_under_a_used_key_count_as_delivered(
+    tmp_path: Path, context: RunContext, server: ProfileServer
+) -> None:
+    first = http_sink(server.url, context, tmp_path / "first", [], batch_size=2)
+    for row in make_rows(2):
+        first.write(row)
+    first.close()
+    # A second run measures the same samples again: same sample keys (so the same idempotency key),
+    # other timings. The server refuses the key's reuse; the samples are already stored.
+    again = [row.model_copy(update={"median_ms": row.median_ms + 0.1}) for row in make_rows(2)]
+    second = http_sink(server.url, context, tmp_path / "second", [], batch_size=2)
+    for row in again:
+        second.write(row)
+    second.close()
+    assert second.rejected_batches == 0
+    assert server.store.rows == [r.sample_key for r in make_rows(2)]
+    assert not list((tmp_path / "second" / "rejected").glob("*"))
+    assert not list((tmp_path / "second" / "pending").glob("*"))
 
 
 def test_a_wrong_api_key_stops_the_run_and_keeps_the_batch(

@@ -197,6 +197,20 @@ class Api:
             return predictor.id
 
 
+def tiny_device(name: str = "tiny-cpu") -> Device:
+    """A local device with the spec every tiny measurement was taken with (not yet added to a session)."""
+    return Device(
+        name=name,
+        hardware=TINY_SPEC.hardware,
+        backend=TINY_SPEC.backend,
+        threads=TINY_SPEC.threads,
+        batch_size=TINY_SPEC.batch_size,
+        dtype=TINY_SPEC.dtype,
+        environment=collect_environment({"threads": 1}).model_dump(mode="json"),
+        is_local=True,
+    )
+
+
 @contextmanager
 def api_client(url: str, **settings: Any) -> Iterator[Api]:
     """An `Api` on the migrated database at `url`; background workers off unless asked for."""
@@ -207,16 +221,7 @@ def api_client(url: str, **settings: Any) -> Iterator[Api]:
     with factory() as session:
         admin = create_api_key(session, scope=KeyScope.ADMIN.value)[1]
         reader = create_api_key(session, scope=KeyScope.READER.value)[1]
-        device = Device(
-            name="tiny-cpu",
-            hardware=TINY_SPEC.hardware,
-            backend=TINY_SPEC.backend,
-            threads=TINY_SPEC.threads,
-            batch_size=TINY_SPEC.batch_size,
-            dtype=TINY_SPEC.dtype,
-            environment=collect_environment({"threads": 1}).model_dump(mode="json"),
-            is_local=True,
-        )
+        device = tiny_device()
         session.add(device)
         session.flush()
         agent = create_api_key(session, scope=KeyScope.AGENT.value, device=device)[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -293,8 +294,17 @@ def test_a_verify_plan_without_an_agent_fails_after_the_timeout(
         "options": {"verify": True},
     }
     plan_id = api.post("/v1/plans", key="reader", json=request).json()["job_id"]
-    Worker(api.factory).run_once()
+    worker = Worker(api.factory)
+    # The first run asks for the verify task and leaves the plan waiting, without holding the worker;
+    # the plan is looked at again no later than the verify timeout, and fails then.
+    worker.run_once()
     plan = api.get(f"/v1/plans/{plan_id}", key="reader").json()
+    assert plan["status"] == "running" and plan["progress"]["phase"] == "waiting_for_agent"
+    deadline = time.monotonic() + 30
+    while plan["status"] == "running" and time.monotonic() < deadline:
+        if worker.run_once() is None:
+            time.sleep(0.1)
+        plan = api.get(f"/v1/plans/{plan_id}", key="reader").json()
     assert plan["status"] == "failed"
     assert "no agent of device 'remote-cpu' measured the pruned network within 0.5 s" in plan["error"]
     assert "lpnet agent" in plan["error"]

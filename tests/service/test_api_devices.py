@@ -86,13 +86,13 @@ def test_status_follows_measurements_and_predictor(api: Api, tiny_profile: TinyP
 
 def test_metrics_endpoint_counts_requests(api: Api) -> None:
     api.get("/v1/devices", key="reader")
-    metrics = api.client.get("/metrics")
+    metrics = api.get("/metrics", key="admin")
     assert metrics.status_code == 200
     assert 'handler="/v1/devices"' in metrics.text
     assert "http_request_duration_seconds" in metrics.text
-    # Probes are not measured; the metrics endpoint needs no key.
+    # Probes are not measured; the metrics endpoint needs an admin key.
     api.client.get("/healthz")
-    assert 'handler="/healthz"' not in api.client.get("/metrics").text
+    assert 'handler="/healthz"' not in api.get("/metrics", key="admin").text
 
 
 def test_every_answer_carries_a_request_id(api: Api) -> None:
@@ -120,12 +120,12 @@ def test_the_key_cache_trusts_a_key_for_its_ttl_only() -> None:
     cache = KeyCache(10.0, clock=lambda: now[0])
     row = ApiKey(name="k", prefix="lpn_abcdefgh", key_hash="0" * 64, scope="reader")
     assert cache.get("lpn_abcdefgh-key") is None
-    cache.put("lpn_abcdefgh-key", row)
+    cache.put("lpn_abcdefgh-key", row, cache.generation)
     now[0] = 9.9
     assert cache.get("lpn_abcdefgh-key") is row
     assert cache.get("lpn_other") is None
     now[0] = 10.0
     assert cache.get("lpn_abcdefgh-key") is None
     off = KeyCache(0.0)
-    off.put("lpn_abcdefgh-key", row)
+    off.put("lpn_abcdefgh-key", row, off.generation)
     assert off.get("lpn_abcdefgh-key") is None

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from service.api.deps import AdminKey, AgentKey, CurrentKey, ReaderKey
 from service.auth import (
     PREFIX_LENGTH,
+    KeyCache,
     authenticate_api_key,
     create_api_key,
     generate_api_key,
@@ -27,6 +28,7 @@ from service.db.models import ApiKey, Device
 from service.db.session import make_engine, make_session_factory
 from service.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from service.main import create_app
+from tests.service.support import Api
 
 
 def test_generated_keys_are_random_prefixed_and_hashed() -> None:
@@ -75,6 +77,30 @@ def test_authentication_failures(session: Session) -> None:
     session.commit()
     with pytest.raises(Unauthenticated, match="revoked"):
         authenticate_api_key(session, key)
+
+
+def test_a_stored_placeholder_admin_key_is_refused(session: Session) -> None:
+    # The old public default (too short for a generated key), and a long one with the same word.
+    for placeholder, reason in (
+        ("lpn_change-me-change-me-change-me-change-me", "must look like the keys lpnet makes"),
+        ("lpn_change-me-" + generate_api_key().key[4:], "placeholder"),
+    ):
+        session.add(
+            ApiKey(
+                name="configured",
+                prefix=key_prefix(placeholder),
+                key_hash=hash_api_key(placeholder),
+                scope="admin",
+            )
+        )
+        session.commit()
+        with pytest.raises(Unauthenticated, match=reason) as info:
+            authenticate_api_key(session, placeholder)
+        assert placeholder not in info.value.message and "lpnet keys revoke" in info.value.message
+    # A generated admin key still works.
+    row, key = create_api_key(session, scope="admin")
+    session.commit()
+    assert authenticate_api_key(session, key).id == row.id
 
 
 def test_create_api_key_validates_scope_device_and_name(session: Session) -> None:
@@ -186,3 +212,37 @@ def test_authenticated_requests_record_last_use(
         row = session.query(ApiKey).filter_by(key_hash=hash_api_key(keys["reader"])).one()
         assert row.last_used_at is not None and row.last_used_at >= before - timedelta(seconds=1)
     engine.dispose()
+
+
+# The key cache and revocations ---------------------------------------------------------------------------
+
+
+def test_a_check_from_before_a_clear_is_not_cached() -> None:
+    cache = KeyCache(ttl_seconds=60)
+    row = ApiKey(name="k", prefix="lpn_abcdefgh", key_hash="0" * 64, scope="reader")
+    key = generate_api_key().key
+    generation = cache.generation  # read before the database check
+    cache.clear()  # a revocation lands while the check runs
+    cache.put(key, row, generation)
+    assert cache.get(key) is None
+    assert cache.generation == generation + 1
+    # A check that started after the clear is cached.
+    cache.put(key, row, cache.generation)
+    assert cache.get(key) is row
+
+
+def test_a_key_revoked_during_its_check_stops_working_at_once(api: Api) -> None:
+    reader = api.keys.reader
+    assert api.get("/v1/devices", key="reader").status_code == 200
+    cache: KeyCache = api.app.state.key_cache
+    cache.clear()
+    # A request's key check: the generation, then the database, which still finds the key active...
+    generation = cache.generation
+    with api.factory() as session:
+        row = authenticate_api_key(session, reader)
+        session.commit()
+    # ...while an admin revokes it through the API before the check fills the cache.
+    assert api.delete(f"/v1/keys/{key_prefix(reader)}", key="admin").status_code == 200
+    cache.put(reader, row, generation)
+    refused = api.get("/v1/devices", key="reader")
+    assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]

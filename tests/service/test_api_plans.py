@@ -26,8 +26,8 @@ def plan_request(profile: TinyProfile, budget_ms: float, **options: Any) -> dict
     }
 
 
-def run_plan(api: Api, request: dict[str, Any]) -> dict[str, Any]:
-    accepted = api.post("/v1/plans", key="reader", json=request)
+def run_plan(api: Api, request: dict[str, Any], key: str = "reader") -> dict[str, Any]:
+    accepted = api.post("/v1/plans", key=key, json=request)
     assert accepted.status_code == 202, accepted.text
     plan_id = accepted.json()["job_id"]
     assert accepted.json()["status_url"] == f"/v1/plans/{plan_id}"
@@ -79,7 +79,7 @@ def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profil
 
 def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
     budget = budget_at(tiny_profile, 0.6)
-    plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, verify=True))
+    plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, verify=True), key="admin")
     assert plan["status"] == "succeeded", plan["error"]
     assert plan["result"]["verified"] is True and plan["result"]["measured_ms"] > 0
     # The tiny predictor was fitted on milliseconds: the raw medians are what is judged.
@@ -100,11 +100,30 @@ def test_verified_plans_judge_at_the_speed_the_predictor_was_fitted_at(
     assert training.labels == "probe" and training.nominal_probe_ms is not None
     api.store_predictor(api.device_id, fit_from_samples(training, settings=FitSettings(steps=200, members=3)))
     budget = budget_at(tiny_profile, 0.6)
-    plan = run_plan(api, plan_request(tiny_profile, budget, verify=True))
+    plan = run_plan(api, plan_request(tiny_profile, budget, verify=True), key="admin")
     assert plan["status"] == "succeeded", plan["error"]
     for round_ in plan["result"]["rounds"]:
         assert round_["nominal_probe_ms"] == pytest.approx(training.nominal_probe_ms)
         assert round_["probe_ms"] > 0 and round_["measured_raw_ms"] > 0 and round_["measured_ms"] > 0
+
+
+def test_verify_on_a_local_device_needs_an_admin_key(
+    api_with_predictor: Api, tiny_profile: TinyProfile
+) -> None:
+    api = api_with_predictor
+    request = plan_request(tiny_profile, budget_at(tiny_profile, 0.6), verify=True)
+    error = assert_error_shape(api.post("/v1/plans", key="reader", json=request), 403, "permission_denied")
+    assert "verify on local device 'tiny-cpu'" in str(error["message"]) and "admin" in str(error["message"])
+    assert error["details"] == {
+        "scope": "reader",
+        "needed": "admin",
+        "option": "verify",
+        "device": "tiny-cpu",
+    }
+    assert api.get("/v1/jobs", key="reader").json() == []  # nothing was queued
+    # Without verify a reader may plan for the device; with it an admin may.
+    assert api.post("/v1/plans", key="reader", json={**request, "options": {}}).status_code == 202
+    assert api.post("/v1/plans", key="admin", json=request).status_code == 202
 
 
 @pytest.mark.parametrize("budget", [0, -1.5])
@@ -168,6 +187,7 @@ def test_verify_on_a_remote_device_is_queued_for_its_agent(
     assert accepted.status_code == 202, accepted.text
     plan = api.get(accepted.json()["status_url"], key="reader").json()
     assert plan["status"] == "queued" and plan["device_id"] == device_id and plan["options"]["verify"] is True
+    assert plan["deadline_at"] is not None
 
 
 def test_unknown_plan_is_404(api: Api) -> None:

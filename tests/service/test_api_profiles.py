@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
-from sqlalchemy import func, select
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
 
 from profiler.batch import MAX_BATCH_ROWS
+from profiler.environment import collect_environment, non_finite_path
 from profiler.sinks import HttpSink
 from service.config import Settings, WorkerSettings
-from service.db.models import LayerMeasurement, NetworkMeasurement, ProfileBatch, ProfileRun
+from service.db.models import Device, LayerMeasurement, NetworkMeasurement, ProfileBatch, ProfileRun
 from service.main import create_app
+from service.profiles import batch_body_sha256
+from service.schemas.agent import TaskHeartbeat
 from tests.service.support import Api, TinyProfile, api_client
 from tests.service.test_health_api import LiveServer, assert_error_shape
 
@@ -70,10 +78,138 @@ def test_a_replay_stores_nothing_and_answers_the_first_response(api: Api, tiny_p
     assert replay.json() == first.json()
     assert replay.headers["Idempotency-Replayed"] == "true"
     assert row_counts(api) == before
-    # Even a different body under the same key is a replay: the key, not the content, decides.
-    other = tiny_profile.batch_json("batch-replay-01", tiny_profile.network_measurements[5:8])
-    again = api.post(profiles_url(api), key="agent", json=other)
-    assert again.json() == first.json() and row_counts(api) == before
+
+
+@dataclass
+class LiveApi:
+    """An `Api` harness (database, keys, device) and a real server on loopback over the same database."""
+
+    api: Api
+    base_url: str
+
+    def post(self, path: str, body: str, key: str = "agent") -> httpx.Response:
+        """POST a JSON text as it is (NaN and Infinity literals included)."""
+        return httpx.post(
+            f"{self.base_url}{path}",
+            content=body,
+            headers={**self.api.headers(self.api._key(key)), "Content-Type": "application/json"},
+            timeout=30,
+        )
+
+
+@pytest.fixture
+def live_api(migrated_url: str, live_server: LiveServer) -> Iterator[LiveApi]:
+    """A real uvicorn server on a fresh migrated database (each backend in turn), with keys and a device."""
+    with api_client(migrated_url) as api:
+        app = create_app(Settings(database_url=migrated_url, worker=WorkerSettings(embedded=False)))
+        with live_server(app) as base_url:
+            yield LiveApi(api, base_url)
+
+
+def reordered(batch: dict[str, Any]) -> str:
+    """The same batch as other JSON text: keys in reverse order, indented."""
+
+    def reverse(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: reverse(value[key]) for key in reversed(list(value))}
+        if isinstance(value, list):
+            return [reverse(item) for item in value]
+        return value
+
+    return json.dumps(reverse(batch), indent=3)
+
+
+def test_a_key_reused_for_another_body_is_409_and_stores_nothing(
+    live_api: LiveApi, tiny_profile: TinyProfile
+) -> None:
+    api, url = live_api.api, profiles_url(live_api.api)
+    rows = tiny_profile.network_measurements
+    batch = tiny_profile.batch_json("batch-reuse-0001", rows[:3])
+    first = live_api.post(url, json.dumps(batch))
+    assert first.status_code == 201, first.text
+    before = row_counts(api)
+
+    other = tiny_profile.batch_json("batch-reuse-0001", rows[3:6])
+    error = assert_error_shape(live_api.post(url, json.dumps(other)), 409, "idempotency_key_reused")
+    assert "batch-reuse-0001" in str(error["message"]) and "new key" in str(error["message"])
+    assert error["details"] == {"idempotency_key": "batch-reuse-0001", "batch_id": first.json()["batch_id"]}
+    # One changed number is another body too.
+    changed = json.loads(json.dumps(batch))
+    changed["network_measurements"][0]["median_ms"] *= 1.01
+    changed["network_measurements"][0]["p90_ms"] *= 1.01
+    assert_error_shape(live_api.post(url, json.dumps(changed)), 409, "idempotency_key_reused")
+    assert row_counts(api) == before
+
+    # The same body written differently (key order, whitespace) is the same body: a replay.
+    replay = live_api.post(url, reordered(batch))
+    assert replay.status_code == 201 and replay.headers["Idempotency-Replayed"] == "true"
+    assert replay.json() == first.json() and row_counts(api) == before
+    # The other rows are stored once they come under a key of their own.
+    fresh = live_api.post(url, json.dumps({**other, "idempotency_key": "batch-reuse-0002"}))
+    assert fresh.status_code == 201 and fresh.json()["stored"]["network"] == 3
+
+
+def test_the_body_hash_ignores_spelling_but_not_content(tiny_profile: TinyProfile) -> None:
+    from profiler.batch import ProfileBatch as ProfileBatchSchema
+
+    batch = tiny_profile.batch_json("batch-hash-0001", tiny_profile.network_measurements[:2])
+    parsed = ProfileBatchSchema.from_json(json.dumps(batch))
+    assert batch_body_sha256(ProfileBatchSchema.from_json(reordered(batch))) == batch_body_sha256(parsed)
+    # A field left out gets its default on each parse (measured_at: the time of parsing): still one body.
+    row = dict(batch["network_measurements"][0])
+    del row["measured_at"]
+    unstamped = json.dumps({**batch, "network_measurements": [row]})
+    assert batch_body_sha256(ProfileBatchSchema.from_json(unstamped)) == batch_body_sha256(
+        ProfileBatchSchema.from_json(unstamped)
+    )
+    other = {**batch, "network_measurements": batch["network_measurements"][:1]}
+    assert batch_body_sha256(ProfileBatchSchema.from_json(json.dumps(other))) != batch_body_sha256(parsed)
+
+
+def test_a_batch_stored_without_a_hash_replays_any_body_under_its_key(
+    live_api: LiveApi, tiny_profile: TinyProfile
+) -> None:
+    api, url = live_api.api, profiles_url(live_api.api)
+    rows = tiny_profile.network_measurements
+    first = live_api.post(url, json.dumps(tiny_profile.batch_json("batch-legacy-001", rows[:2])))
+    assert first.status_code == 201, first.text
+    with api.factory() as session:
+        stored = session.scalars(select(ProfileBatch)).one()
+        assert stored.body_sha256 is not None and len(stored.body_sha256) == 64
+        # As a batch stored before the hash was kept.
+        session.execute(update(ProfileBatch).values(body_sha256=None))
+        session.commit()
+    before = row_counts(api)
+    other = live_api.post(url, json.dumps(tiny_profile.batch_json("batch-legacy-001", rows[2:4])))
+    assert other.status_code == 201 and other.headers["Idempotency-Replayed"] == "true"
+    assert other.json() == first.json() and row_counts(api) == before
+
+
+def test_concurrent_bodies_under_one_key_store_one_of_them(api: Api, tiny_profile: TinyProfile) -> None:
+    rows = tiny_profile.network_measurements
+    bodies = [
+        tiny_profile.batch_json("batch-race-0002", rows[:4]),
+        tiny_profile.batch_json("batch-race-0002", rows[4:8]),
+    ]
+    answers: list[tuple[int, Any]] = []
+
+    def submit(which: int) -> None:
+        answers.append((which, api.post(profiles_url(api), key="agent", json=bodies[which])))
+
+    threads = [threading.Thread(target=submit, args=(i % 2,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = {which for which, response in answers if response.status_code == 201}
+    assert len(stored) == 1, [(which, response.status_code) for which, response in answers]
+    for which, response in answers:
+        if which in stored:
+            assert response.status_code == 201
+        else:
+            assert_error_shape(response, 409, "idempotency_key_reused")
+    counts = row_counts(api)
+    assert counts["profile_batch"] == 1 and counts["network_measurement"] == 4
 
 
 def test_rows_the_device_has_are_skipped(api: Api, tiny_profile: TinyProfile) -> None:
@@ -269,6 +405,90 @@ def test_non_finite_latencies_are_422(api: Api, tiny_profile: TinyProfile, value
     )
     error = assert_error_shape(response, 422, "validation_error")
     assert "finite" in str(error["message"])
+
+
+# NaN and infinity: JSON has neither, so a stored one is a non-standard document (SQLite) or an error
+# (PostgreSQL). json.dumps writes NaN and Infinity literals, which the server's JSON parser reads.
+
+
+def _set_first_row(batch: dict[str, Any], **changes: Any) -> None:
+    batch["network_measurements"][0].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        (
+            lambda b: _set_first_row(b, status="failed", error="RuntimeError: boom", median_ms=math.nan),
+            "body.network_measurements.0.median_ms",
+            "finite number",
+        ),
+        (
+            lambda b: _set_first_row(b, mean_ms=math.inf),
+            "body.network_measurements.0.mean_ms",
+            "finite number",
+        ),
+        (
+            lambda b: b["environment"]["backend_settings"].update(clocks={"boost": [3.1, math.nan]}),
+            "body.environment.backend_settings.clocks",
+            "boost.1 is not a finite number",
+        ),
+        (
+            lambda b: b["environment"].update(gpu_temperature=-math.inf),
+            "body.environment.gpu_temperature",
+            "not a finite number",
+        ),
+        (
+            lambda b: b["environment"].update(load_average=[math.nan, 0.1, 0.1]),
+            "body.environment.load_average.0",
+            "finite number",
+        ),
+    ],
+    ids=["failed-row-median", "mean", "backend-settings", "environment-extra", "load-average"],
+)
+def test_nan_and_infinity_in_a_batch_are_422_naming_the_field(
+    live_api: LiveApi, tiny_profile: TinyProfile, change: Any, field: str, message: str
+) -> None:
+    batch = tiny_profile.batch_json("batch-nonfinite-1", tiny_profile.network_measurements[:2])
+    change(batch)
+    error = assert_error_shape(
+        live_api.post(profiles_url(live_api.api), json.dumps(batch)), 422, "validation_error"
+    )
+    [reported] = error["details"]["errors"]  # type: ignore[index]
+    assert reported["field"] == field and message in reported["message"]
+    assert field in str(error["message"])
+    assert row_counts(live_api.api) == dict.fromkeys(
+        ("network_measurement", "layer_measurement", "profile_batch", "profile_run"), 0
+    )
+
+
+def test_nan_in_an_environment_given_at_registration_or_hello_is_422_naming_it(live_api: LiveApi) -> None:
+    environment = collect_environment().model_dump(mode="json")
+    device = {"name": "nan-cpu", "hardware": "test-cpu", "environment": {"gpu": {"clocks": [1.0, math.nan]}}}
+    error = assert_error_shape(
+        live_api.post("/v1/devices", json.dumps(device), key="admin"), 422, "validation_error"
+    )
+    [reported] = error["details"]["errors"]  # type: ignore[index]
+    assert (
+        reported["field"] == "body.environment.gpu"
+        and "clocks.1 is not a finite number" in reported["message"]
+    )
+
+    hello = {"agent_id": "agent-1", "environment": {**environment, "cpu_max_mhz": math.inf}}
+    error = assert_error_shape(live_api.post("/v1/agent/hello", json.dumps(hello)), 422, "validation_error")
+    [reported] = error["details"]["errors"]  # type: ignore[index]
+    assert reported["field"] == "body.environment.cpu_max_mhz"
+    with live_api.api.factory() as session:
+        names = [row.name for row in session.scalars(select(Device))]
+        stored = session.scalars(select(Device.environment)).all()
+    assert names == ["tiny-cpu"] and all(non_finite_path(value) is None for value in stored)
+
+
+def test_task_progress_and_results_name_a_non_finite_number() -> None:
+    with pytest.raises(ValidationError) as info:
+        TaskHeartbeat.model_validate({"agent_id": "a1", "progress": {"phase": "x", "rates": [1.0, math.inf]}})
+    [error] = info.value.errors()
+    assert error["loc"] == ("progress", "rates") and "1 is not a finite number" in error["msg"]
 
 
 def test_batches_over_the_row_cap_are_422(api: Api, tiny_profile: TinyProfile) -> None:

@@ -20,6 +20,7 @@ from service.db.base import utcnow
 from service.db.migrate import upgrade
 from service.db.models import AgentTask, KeyScope, TaskKind, TaskStatus
 from service.jobs.worker import Worker
+from service.main import ROUTERS
 from tests.conftest import fresh_postgres_database
 from tests.service.support import TINY_INPUT_SHAPE, Api, TinyProfile, api_client, tiny_module
 
@@ -241,7 +242,7 @@ ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
         {"agent", "admin"},
     ),
 }
-OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs", "/metrics")
+OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json", "/docs")
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -266,12 +267,15 @@ def test_auth_matrix(matrix: Matrix, endpoint: str, scope: str) -> None:
 
 
 def test_every_v1_route_is_in_the_matrix(matrix: Matrix) -> None:
+    # The routers themselves: the app's route list groups included routers without their paths.
     routes = {
         (method, route.path)  # type: ignore[attr-defined]
-        for route in matrix.api.app.routes
+        for router in ROUTERS
+        for route in router.routes
         if getattr(route, "path", "").startswith("/v1")
         for method in route.methods  # type: ignore[attr-defined]
     }
+    assert routes, "no /v1 route found"
     covered = set()
     for build, _ in ENDPOINTS.values():
         method, path, _kwargs = build(matrix)
@@ -287,8 +291,17 @@ def test_every_v1_route_is_in_the_matrix(matrix: Matrix) -> None:
 
 
 @pytest.mark.parametrize("path", OPEN_PATHS)
-def test_probes_docs_and_metrics_need_no_key(matrix: Matrix, path: str) -> None:
+def test_probes_and_docs_need_no_key(matrix: Matrix, path: str) -> None:
     assert matrix.api.client.get(path).status_code == 200
+
+
+def test_metrics_need_an_admin_key(matrix: Matrix) -> None:
+    assert matrix.api.client.get("/metrics").status_code == 401
+    for scope in ("reader", "agent"):
+        headers = {"Authorization": f"Bearer {matrix.keys[scope]}"}
+        assert matrix.api.client.get("/metrics", headers=headers).status_code == 403
+    headers = {"Authorization": f"Bearer {matrix.keys['admin']}"}
+    assert matrix.api.client.get("/metrics", headers=headers).status_code == 200
 
 
 def test_keys_may_also_come_in_x_api_key(matrix: Matrix) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from service.auth import create_api_key, hash_api_key, revoke_api_key
+from service.auth import create_api_key, generate_api_key, hash_api_key, key_prefix, revoke_api_key
 from service.cli import main as cli_main
 from service.config import FirstRunSettings, Settings
-from service.db.models import ApiKey, KeyScope
+from service.db.base import utcnow
+from service.db.models import ApiKey, Job, JobStatus, KeyScope
 from service.db.session import make_engine, make_session_factory
 from service.errors import Conflict
 from service.first_run.bootstrap import lease_holder_gone, start_first_run
@@ -260,8 +262,6 @@ def _network_count_offline(data_dir: Path) -> int:
 
 
 def _bootstrap_job_ids(data_dir: Path) -> list[int]:
-    from service.db.models import Job
-
     engine = make_engine(Settings(data_dir=data_dir).database_url)
     try:
         with make_session_factory(engine)() as session:
@@ -299,6 +299,30 @@ def test_a_failed_first_run_is_shown_on_the_device_and_retried_at_the_next_start
     assert start_first_run(settings, factory) == retry  # one job at a time, not one per start
     assert [d["name"] for d in client.get("/v1/devices").json()] == [DEVICE]
     assert client.get(f"/v1/devices/{DEVICE}").json()["status"]["phase"] == "profiling"
+
+
+def test_a_resumed_first_run_gets_a_new_deadline(sqlite_migrated_url: str, factory: Any) -> None:
+    first_run = FirstRunSettings(enabled=True, families=["resnet18"], image_size=32, quick_protocol=True)
+    settings = Settings(database_url=sqlite_migrated_url, first_run=first_run)
+    job_id = start_first_run(settings, factory)
+    assert job_id is not None
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = utcnow() - timedelta(hours=1)
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.deadline_at is not None
+        # The server that ran it died long ago: past its deadline by now.
+        job.status = JobStatus.RUNNING
+        job.lease_owner = f"{socket.gethostname()}:{child.pid}:abcd1234"
+        job.deadline_at = stale
+        session.commit()
+    assert start_first_run(settings, factory) == job_id
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.QUEUED and job.deadline_at is not None
+        timeout = settings.worker.first_run_timeout_seconds + first_run.budget_minutes * 60
+        assert job.deadline_at - utcnow() > timedelta(seconds=0.9 * timeout)
 
 
 # Admin keys at start-up (in-process, on a real SQLite database) -----------------------------------------
@@ -347,7 +371,7 @@ def test_no_key_is_created_when_the_first_run_is_off(factory: Any, sqlite_migrat
 def test_the_configured_admin_key_is_stored_once_and_never_printed(
     factory: Any, sqlite_migrated_url: str
 ) -> None:
-    configured = "lpn_" + "k" * 43
+    configured = generate_api_key().key
     settings = Settings(
         database_url=sqlite_migrated_url,
         admin_key=SecretStr(configured),
@@ -358,7 +382,7 @@ def test_the_configured_admin_key_is_stored_once_and_never_printed(
             check = check_admin_keys(session, settings)
             session.commit()
         out, notes = _report(check, settings)
-        assert out == "" and configured not in notes and "prefix lpn_kkkkkkkk" in notes
+        assert out == "" and configured not in notes and f"prefix {key_prefix(configured)}" in notes
     with factory() as session:
         [row] = session.scalars(select(ApiKey)).all()
         assert row.scope == KeyScope.ADMIN.value and row.key_hash == hash_api_key(configured)

@@ -1,8 +1,11 @@
-"""The job queue and workers on SQLite and PostgreSQL: leases, retries, failures, exclusive runs."""
+"""The job queue and workers on SQLite and PostgreSQL: leases, retries, failures, exclusive runs,
+deadlines, deferred jobs, and how a crash is reported."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,12 +25,15 @@ from service.db.migrate import upgrade
 from service.db.models import Job, JobStatus, ModelUpload
 from service.db.session import make_engine, make_session_factory
 from service.jobs.queue import (
+    ClaimedJob,
+    Deferred,
     TaskOutcome,
     claim_job,
     complete_job,
     enqueue,
     fail_job,
     renew_lease,
+    wake_job,
 )
 from service.jobs.tasks import Task, TaskRegistry, UnknownJobKind
 from service.jobs.worker import JobContext, Worker
@@ -44,10 +50,16 @@ def factory(migrated_url: str) -> Iterator[sessionmaker[Session]]:
 
 
 def add_job(
-    factory: sessionmaker[Session], kind: str = "test.record", max_attempts: int = 3, **job_input: object
+    factory: sessionmaker[Session],
+    kind: str = "test.record",
+    max_attempts: int = 3,
+    timeout_seconds: float | None = None,
+    **job_input: object,
 ) -> int:
     with factory() as session:
-        job = enqueue(session, kind, dict(job_input), max_attempts=max_attempts)
+        job = enqueue(
+            session, kind, dict(job_input), max_attempts=max_attempts, timeout_seconds=timeout_seconds
+        )
         session.commit()
         return job.id
 
@@ -291,3 +303,179 @@ def test_skip_locked_claims_do_not_block_each_other(postgres_url: str) -> None:
         assert claimed is not None and claimed.id == second
         assert time.monotonic() - started < 2
     engine.dispose()
+
+
+def test_every_job_gets_a_deadline_from_its_kind(
+    factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.config import get_settings
+
+    monkeypatch.setenv("LPNET_WORKER__PLAN_TIMEOUT_SECONDS", "600")
+    monkeypatch.setenv("LPNET_WORKER__FIT_TIMEOUT_SECONDS", "1200")
+    monkeypatch.setenv("LPNET_WORKER__FIRST_RUN_TIMEOUT_SECONDS", "900")
+    get_settings.cache_clear()
+    timeouts = {
+        kind: read_job(factory, add_job(factory, kind=kind, **job_input))
+        for kind, job_input in [
+            ("plan", {}),
+            ("fit", {}),
+            ("bootstrap", {"budget_minutes": 6}),
+            ("other", {}),
+        ]
+    }
+    seconds = {
+        kind: (job.deadline_at - job.created_at).total_seconds()
+        for kind, job in timeouts.items()
+        if job.deadline_at is not None
+    }
+    assert seconds == pytest.approx({"plan": 600, "fit": 1200, "bootstrap": 6 * 60 + 900, "other": 1200})
+
+
+def stubborn(job: ClaimedJob, context: JobContext) -> TaskOutcome:
+    """Works in small steps, reporting progress, for `seconds`."""
+    deadline = time.monotonic() + float(job.input.get("seconds", 30))
+    while time.monotonic() < deadline:
+        context.progress("working", force=True)
+        time.sleep(0.05)
+    return TaskOutcome({"done": True})
+
+
+def test_a_running_job_past_its_deadline_is_stopped_and_not_retried(factory: sessionmaker[Session]) -> None:
+    failures: list[str] = []
+    registry = TaskRegistry(
+        [Task("stubborn", stubborn, on_failure=lambda _f, _job, error: failures.append(error))]
+    )
+    job_id = add_job(factory, kind="stubborn", timeout_seconds=0.6, seconds=30)
+    started = time.monotonic()
+    assert Worker(factory, registry, lease_seconds=30).run_once() is not None
+    assert time.monotonic() - started < 5, "the job ran on past its deadline"
+    job = read_job(factory, job_id)
+    assert job.status == JobStatus.FAILED and job.attempts == 1 and job.error == "timed out after 0.6 s"
+    assert failures == ["timed out after 0.6 s"]
+    assert Worker(factory, registry, lease_seconds=30).run_once() is None  # no retry
+
+
+def test_a_queued_job_past_its_deadline_fails_when_the_queue_is_swept(factory: sessionmaker[Session]) -> None:
+    failures: list[str] = []
+    registry = TaskRegistry(
+        [Task("stubborn", stubborn, on_failure=lambda _f, _job, error: failures.append(error))]
+    )
+    late = add_job(factory, kind="stubborn", timeout_seconds=0.2, seconds=0)
+    time.sleep(0.3)
+    assert claim_job(factory, "w", 30) is None  # past its deadline: never claimed
+    in_time = add_job(factory, kind="stubborn", timeout_seconds=60, seconds=0)
+    claimed = Worker(factory, registry, lease_seconds=30).run_once()
+    assert claimed is not None and claimed.id == in_time
+    job = read_job(factory, late)
+    assert job.status == JobStatus.FAILED and job.attempts == 0 and job.finished_at is not None
+    assert job.error == "timed out after 0.2 s before a worker started it" and failures == [job.error]
+    assert read_job(factory, in_time).status == JobStatus.SUCCEEDED
+
+
+def test_a_job_that_ignores_its_deadline_loses_its_lease_and_is_failed(
+    factory: sessionmaker[Session],
+) -> None:
+    def deaf(job: ClaimedJob, _context: JobContext) -> TaskOutcome:
+        time.sleep(float(job.input["seconds"]))  # never checks
+        return TaskOutcome({"late": True})
+
+    registry = TaskRegistry([Task("deaf", deaf)])
+    job_id = add_job(factory, kind="deaf", timeout_seconds=0.3, seconds=2.0)
+    thread = threading.Thread(
+        target=Worker(factory, registry, owner="deaf-worker", lease_seconds=0.3).run_once
+    )
+    thread.start()
+    deadline = time.monotonic() + 5
+    while read_job(factory, job_id).lease_owner != "deaf-worker":
+        assert time.monotonic() < deadline, "the worker never claimed the job"
+        time.sleep(0.02)
+    # Renewed until a lease length past the deadline, then left to lapse: another worker's sweep fails it.
+    while read_job(factory, job_id).status != JobStatus.FAILED:
+        assert time.monotonic() < deadline, "the job was never failed"
+        Worker(factory, registry, owner="sweeper", lease_seconds=0.3).run_once()
+        time.sleep(0.1)
+    thread.join()
+    job = read_job(factory, job_id)
+    assert job.status == JobStatus.FAILED and job.result is None and job.attempts == 1
+    assert job.error == "timed out after 0.3 s after its worker (deaf-worker) stopped renewing its lease"
+
+
+def test_a_deferred_job_frees_its_worker_and_resumes_without_spending_an_attempt(
+    factory: sessionmaker[Session],
+) -> None:
+    runs: list[ClaimedJob] = []
+
+    def patient(job: ClaimedJob, context: JobContext) -> TaskOutcome:
+        runs.append(job)
+        if len(runs) == 1:
+            context.progress("starting", force=True)
+            raise Deferred(float(job.input["retry_after"]), "waiting_for_agent", "waiting for the agent")
+        return TaskOutcome({"runs": len(runs)})
+
+    registry = TaskRegistry([Task("patient", patient), Task("stubborn", stubborn)])
+    worker = Worker(factory, registry, lease_seconds=30)
+    waiting = add_job(factory, kind="patient", retry_after=0.5)
+    other = add_job(factory, kind="stubborn", seconds=0)
+    assert worker.run_once() is not None and len(runs) == 1 and not runs[0].resumed
+    job = read_job(factory, waiting)
+    assert job.status == JobStatus.RUNNING and job.lease_owner is None and job.lease_expires_at is None
+    assert job.progress == {"phase": "waiting_for_agent", "message": "waiting for the agent"}
+    assert job.attempts == 1 and job.not_before is not None and job.not_before > utcnow()
+    # The worker is free at once for another job; the deferred one is not due yet.
+    claimed = worker.run_once()
+    assert (
+        claimed is not None and claimed.id == other and read_job(factory, other).status == JobStatus.SUCCEEDED
+    )
+    assert worker.run_once() is None
+    time.sleep(0.6)
+    resumed = worker.run_once()
+    assert resumed is not None and resumed.id == waiting and resumed.resumed and resumed.attempt == 1
+    job = read_job(factory, waiting)
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.result == {"runs": 2}
+
+
+def test_a_deferred_job_is_woken_at_once_and_fails_when_swept_past_its_deadline(
+    factory: sessionmaker[Session],
+) -> None:
+    def waiting(job: ClaimedJob, _context: JobContext) -> TaskOutcome:
+        raise Deferred(3600, "waiting_for_agent", "waiting for the agent")
+
+    registry = TaskRegistry([Task("waiting", waiting)])
+    worker = Worker(factory, registry, lease_seconds=30)
+    job_id = add_job(factory, kind="waiting", timeout_seconds=1.5)
+    assert worker.run_once() is not None and worker.run_once() is None
+    with factory() as session:
+        assert wake_job(session, job_id)
+        session.commit()
+    assert worker.run_once() is not None  # due at once, deferred again for an hour
+    assert read_job(factory, job_id).attempts == 1
+    deadline_at = read_job(factory, job_id).deadline_at
+    assert deadline_at is not None
+    time.sleep(max(0.0, (deadline_at - utcnow()).total_seconds()) + 0.1)
+    assert worker.run_once() is None
+    job = read_job(factory, job_id)
+    assert (
+        job.status == JobStatus.FAILED
+        and job.error == "timed out after 1.5 s while waiting (waiting_for_agent)"
+    )
+    with factory() as session:
+        assert not wake_job(session, job_id)  # a finished job is not woken
+
+
+def test_a_crash_stores_a_generic_message_and_logs_the_details_under_its_id(
+    factory: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    def leaky(_job: ClaimedJob, _context: JobContext) -> TaskOutcome:
+        raise RuntimeError("cannot open /srv/lpnet/secret.db as user lpnet")
+
+    registry = TaskRegistry([Task("leaky", leaky)])
+    job_id = add_job(factory, kind="leaky", max_attempts=1)
+    with caplog.at_level(logging.ERROR, logger="service.jobs.worker"):
+        Worker(factory, registry, lease_seconds=30).run_once()
+    job = read_job(factory, job_id)
+    assert job.status == JobStatus.FAILED and job.error is not None
+    match = re.fullmatch(r"internal error \(id ([0-9a-f]{8})\); the server log has the details", job.error)
+    assert match is not None, job.error
+    logged = [r for r in caplog.records if match.group(1) in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "secret.db" in str(logged[0].exc_info[1]) and f"job {job_id} (leaky)" in logged[0].getMessage()

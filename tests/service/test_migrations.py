@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, inspect, text
 
 from service.db import migrate, models
 from service.db.base import Base
@@ -125,26 +125,30 @@ def test_a_schema_from_a_newer_lpnet_is_reported(sqlite_url: str) -> None:
         migrate.ensure_schema(sqlite_url)
 
 
-def predictor_columns(url: str) -> set[str]:
+def table_columns(url: str, table: str) -> set[str]:
     engine = make_engine(url)
     try:
-        return {column["name"] for column in inspect(engine).get_columns("predictor")}
+        return {column["name"] for column in inspect(engine).get_columns(table)}
     finally:
         engine.dispose()
 
 
+def insert_device(connection: Connection) -> None:
+    connection.execute(
+        text(
+            "INSERT INTO device (id, name, hardware, backend, threads, batch_size, dtype, environment, "
+            "is_local, created_at) VALUES (1, 'd', 'cpu', 'torch-cpu', 1, 1, 'float32', '{}', false, "
+            "CURRENT_TIMESTAMP)"
+        )
+    )
+
+
 def test_revision_0002_adds_and_removes_the_plot_column_keeping_rows(db_url: str) -> None:
     migrate.upgrade(db_url, "0001")
-    assert "plot_png" not in predictor_columns(db_url)
+    assert "plot_png" not in table_columns(db_url, "predictor")
     engine = make_engine(db_url)
     with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO device (id, name, hardware, backend, threads, batch_size, dtype, environment, "
-                "is_local, created_at) VALUES (1, 'd', 'cpu', 'torch-cpu', 1, 1, 'float32', '{}', false, "
-                "CURRENT_TIMESTAMP)"
-            )
-        )
+        insert_device(connection)
         connection.execute(
             text(
                 "INSERT INTO predictor (id, device_id, kind, version, artifact, feature_schema_version, metrics, "
@@ -154,14 +158,91 @@ def test_revision_0002_adds_and_removes_the_plot_column_keeping_rows(db_url: str
             {"artifact": b"tensors"},
         )
     migrate.upgrade(db_url, "0002")
-    assert "plot_png" in predictor_columns(db_url)
+    assert "plot_png" in table_columns(db_url, "predictor")
     with engine.connect() as connection:
         assert connection.execute(text("SELECT artifact, plot_png FROM predictor")).one() == (
             b"tensors",
             None,
         )
     migrate.downgrade(db_url, "0001")
-    assert "plot_png" not in predictor_columns(db_url)
+    assert "plot_png" not in table_columns(db_url, "predictor")
     with engine.connect() as connection:
         assert connection.execute(text("SELECT artifact FROM predictor")).scalar_one() == b"tensors"
+    engine.dispose()
+
+
+def test_revision_0005_adds_and_removes_the_body_hash_keeping_batches(db_url: str) -> None:
+    migrate.upgrade(db_url, "0004")
+    assert "body_sha256" not in table_columns(db_url, "profile_batch")
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        insert_device(connection)
+        connection.execute(
+            text(
+                "INSERT INTO profile_run (id, device_id, source, status, protocol, environment, started_at) "
+                "VALUES (1, 1, 'agent', 'completed', '{}', '{}', CURRENT_TIMESTAMP)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO profile_batch (id, device_id, idempotency_key, run_id, row_count, response, "
+                "created_at) VALUES (1, 1, 'batch-old-0001', 1, 3, '{\"batch_id\": 1}', CURRENT_TIMESTAMP)"
+            )
+        )
+    migrate.upgrade(db_url, "0005")
+    assert "body_sha256" in table_columns(db_url, "profile_batch")
+    with engine.begin() as connection:
+        # A batch stored before the revision has no hash: its key replays any body.
+        assert connection.execute(text("SELECT idempotency_key, body_sha256 FROM profile_batch")).one() == (
+            "batch-old-0001",
+            None,
+        )
+        connection.execute(text("UPDATE profile_batch SET body_sha256 = :digest"), {"digest": "a" * 64})
+    migrate.downgrade(db_url, "0004")
+    assert "body_sha256" not in table_columns(db_url, "profile_batch")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT idempotency_key, row_count FROM profile_batch")).one() == (
+            "batch-old-0001",
+            3,
+        )
+    engine.dispose()
+
+
+def test_revision_0006_adds_the_job_owner_deadline_and_not_before_keeping_rows(db_url: str) -> None:
+    new_columns = {"key_id", "deadline_at", "not_before"}
+    migrate.upgrade(db_url, "0005")
+    assert not new_columns & table_columns(db_url, "job")
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO job (id, kind, status, input, attempts, max_attempts, created_at, updated_at) "
+                "VALUES (1, 'fit', 'queued', '{}', 0, 3, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+    migrate.upgrade(db_url, "0006")
+    assert new_columns <= table_columns(db_url, "job")
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT kind, key_id, deadline_at, not_before FROM job")).one() == (
+            "fit",
+            None,
+            None,
+            None,
+        )
+        connection.execute(
+            text(
+                "INSERT INTO api_key (id, name, prefix, key_hash, scope, created_at) "
+                "VALUES (7, 'r', 'lpn_r', :hash, 'reader', CURRENT_TIMESTAMP)"
+            ),
+            {"hash": "0" * 64},
+        )
+        connection.execute(text("UPDATE job SET key_id = 7"))
+    with engine.begin() as connection:  # the engine enforces foreign keys on SQLite too
+        connection.execute(text("DELETE FROM api_key WHERE id = 7"))
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT key_id FROM job")).scalar_one() is None  # ON DELETE SET NULL
+    migrate.downgrade(db_url, "0005")
+    assert not new_columns & table_columns(db_url, "job")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT kind FROM job")).scalar_one() == "fit"
     engine.dispose()

@@ -9,12 +9,17 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import LatencyDep, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses
+from service.api.json_body import json_body, json_body_openapi
 from service.api.uploads import read_upload
 from service.schemas.latency import BatchLatencyRead, BatchLatencyRequest, LatencyRead, LatencyRequest
 
 router = APIRouter(prefix="/v1/latency", tags=["latency"], responses=error_responses(400, 401, 403, 422))
 
-_QUERY_ERRORS = error_responses(404, 409, 413, 422)
+_QUERY_ERRORS = error_responses(404, 409, 413, 422, 429)
+
+# Bodies of up to megabytes, parsed and validated in the thread pool (`service.api.json_body`).
+LatencyBody = Annotated[LatencyRequest, json_body(LatencyRequest)]
+BatchLatencyBody = Annotated[BatchLatencyRequest, json_body(BatchLatencyRequest)]
 
 
 @router.post(
@@ -22,9 +27,10 @@ _QUERY_ERRORS = error_responses(404, 409, 413, 422)
     summary="Predict an architecture's latency",
     response_model=LatencyRead,
     responses=_QUERY_ERRORS,
+    openapi_extra=json_body_openapi(LatencyRequest),
 )
 async def predict_latency(
-    request: LatencyRequest, session: SessionDep, latency: LatencyDep, _key: ReaderKey
+    request: LatencyBody, session: SessionDep, latency: LatencyDep, _key: ReaderKey
 ) -> Response:
     """Total, per-layer and interval of the architecture's latency on the device, from its newest predictor.
 
@@ -37,9 +43,14 @@ async def predict_latency(
     return Response(body, media_type="application/json")
 
 
-@router.post("/batch", summary="Predict many width vectors of one architecture", responses=_QUERY_ERRORS)
+@router.post(
+    "/batch",
+    summary="Predict many width vectors of one architecture",
+    responses=_QUERY_ERRORS,
+    openapi_extra=json_body_openapi(BatchLatencyRequest),
+)
 def predict_latency_batch(
-    request: BatchLatencyRequest, session: SessionDep, latency: LatencyDep, _key: ReaderKey
+    request: BatchLatencyBody, session: SessionDep, latency: LatencyDep, _key: ReaderKey
 ) -> BatchLatencyRead:
     """Totals and intervals of each width vector (kept channels per group) of the architecture."""
     return latency.predict_batch(session, request.device, request.architecture, request.widths)

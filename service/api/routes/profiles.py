@@ -44,8 +44,9 @@ def submit_profiles(
 ) -> ProfileSubmissionRead:
     """Store a batch measured on the device, with the device's agent key (or an admin key).
 
-    Idempotent on the batch's `idempotency_key`: a replay stores nothing and gets the first answer
-    again, marked with the `Idempotency-Replayed: true` header. Rows whose sample key the device
+    Idempotent on the batch's `idempotency_key`: a replay (the same key with the same body) stores
+    nothing and gets the first answer again, marked with the `Idempotency-Replayed: true` header; the
+    same key with another body gets 409 `idempotency_key_reused`. Rows whose sample key the device
     already has are skipped and counted.
     """
     target = resolve_device(session, device)
