@@ -117,3 +117,9 @@ class ArchitectureTooLarge(InvalidArchitecture):
     """
 
     code = "architecture_too_large"
+
+
+class GenerationError(LpnetError):
+    """A generator request that cannot be met: seeds outside the split, or unreachable cost bounds."""
+
+    code = "invalid_generation_request"

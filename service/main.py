@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if pool is not None:
                 pool.stop()
+            app.state.latency.tracer.stop()
             engine.dispose()
 
     app = FastAPI(

@@ -70,8 +70,21 @@ class _TraceFailure:
         return error
 
 
-def _prepare_child() -> None:
-    """Import what tracing needs once, with one intra-op thread (the parent serves on the others)."""
+# How often the child checks that the server that started it is still alive.
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End the child once its parent is gone: a server killed outright must not leave it behind."""
+    while os.getppid() == parent_pid:
+        threading.Event().wait(PARENT_CHECK_SECONDS)
+    os._exit(0)
+
+
+def _prepare_child(parent_pid: int) -> None:
+    """Watch the parent; import what tracing needs once, with one intra-op thread (the parent serves
+    on the others)."""
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     import torch
     import torchvision  # noqa: F401
 
@@ -106,6 +119,18 @@ class TraceProcess:
     def start(self) -> None:
         """Start the child in the background unless it runs already; it imports torch and torchvision."""
         self._running()
+
+    def stop(self) -> None:
+        """Kill the child now, even halfway through its imports (a server shutting down must not wait
+        for it); the next trace starts a new one."""
+        with self._lock:
+            executor, self._executor, self._pid = self._executor, None, None
+        if executor is None:
+            return
+        # The pool's own processes: the pid task may not have run yet.
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.kill()
+        executor.shutdown(wait=False, cancel_futures=True)
 
     def pid(self) -> int:
         """The child's process id, starting it (and waiting until it is ready) if need be."""
@@ -163,6 +188,7 @@ class TraceProcess:
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_prepare_child,
+                    initargs=(os.getpid(),),
                 )
                 # The first task: the child's pid, known once it has imported what tracing needs.
                 self._pid = self._executor.submit(os.getpid)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from lpnet.arch.counting import network_cost
 from lpnet.arch.ir import NETWORK_INPUT, Layer, Network, Op, conv_output_hw
-from lpnet.errors import LpnetError
+from lpnet.errors import GenerationError
 
 T = TypeVar("T")
 Weighted = tuple[tuple[T, float], ...]
@@ -41,12 +41,6 @@ EVALUATION_FAMILY = "generated-eval"
 
 # Feature maps smaller than this on their short side are not downsampled further.
 _MIN_SIDE_TO_HALVE = 4
-
-
-class GenerationError(LpnetError):
-    """A generator request that cannot be met: seeds outside the split, or unreachable cost bounds."""
-
-    code = "invalid_generation_request"
 
 
 class BlockKind(StrEnum):

@@ -22,12 +22,11 @@ from lpnet.arch.generator import (
     PROFILING_SEEDS,
     BlockKind,
     DesignSpace,
-    GenerationError,
     generate_network,
     generate_networks,
 )
 from lpnet.arch.ir import ACTIVATIONS, NETWORK_INPUT, Layer, Network, Op
-from lpnet.errors import LpnetError
+from lpnet.errors import GenerationError, LpnetError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COVERAGE_SEEDS = range(200)

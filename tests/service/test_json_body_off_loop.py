@@ -7,6 +7,8 @@ bodies with resolvable references.
 
 from __future__ import annotations
 
+import gc
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -86,24 +88,36 @@ def test_healthz_answers_while_large_bodies_are_parsed(live: Live) -> None:
 
     stop = threading.Event()
     statuses: list[int] = []
+    # The client shares the server's process here: its bodies are serialised once, up front, so that
+    # only the server's work competes with /healthz for the interpreter.
+    bodies = [json.dumps(oversized).encode(), json.dumps(valid).encode()]
+    json_headers = {"Content-Type": "application/json"}
 
     def post_repeatedly() -> None:
         while not stop.is_set():
-            statuses.append(live.post("/v1/latency", json=oversized).status_code)
-            statuses.append(live.post("/v1/latency", json=valid).status_code)
+            for body in bodies:
+                statuses.append(live.post("/v1/latency", content=body, headers=json_headers).status_code)
 
     poster = threading.Thread(target=post_repeatedly, daemon=True)
     durations: list[float] = []
-    with httpx.Client(base_url=live.base_url, timeout=30) as client:
-        poster.start()
-        deadline = time.monotonic() + 4.0
-        while time.monotonic() < deadline:
-            start = time.monotonic()
-            assert client.get("/healthz").status_code == 200
-            durations.append(time.monotonic() - start)
-            time.sleep(0.01)
-    stop.set()
-    poster.join(60)
+    # The test process holds every object of the tests before it; a served process does not. Frozen,
+    # they are not walked by the collections the parses set off.
+    gc.collect()
+    gc.freeze()
+    try:
+        with httpx.Client(base_url=live.base_url, timeout=30) as client:
+            poster.start()
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline:
+                start = time.monotonic()
+                assert client.get("/healthz").status_code == 200
+                durations.append(time.monotonic() - start)
+                time.sleep(0.01)
+        stop.set()
+        poster.join(60)
+    finally:
+        stop.set()
+        gc.unfreeze()
     assert len(statuses) >= 4 and set(statuses) <= {409, 413, 422}
     assert max(durations) < HEALTHZ_BOUND_S, f"/healthz took up to {max(durations) * 1000:.0f} ms"
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,3 +116,59 @@ def test_a_trace_overrunning_its_timeout_is_stopped_and_the_child_replaced() -> 
     tracer.timeout_seconds = 60
     assert tracer.trace("resnet18", SHAPE).name == "resnet18"
     assert tracer.pid() != first
+
+
+def test_the_child_ends_when_its_server_is_killed() -> None:
+    # A process standing in for the server: it starts the child, reports the child's pid, then waits.
+    script = (
+        "import sys, time\n"
+        "from service.tracing import TraceProcess\n"
+        "tracer = TraceProcess()\n"
+        "print(tracer.pid(), flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.2)
+        assert not _alive(child), f"the trace child {child} outlived its killed server"
+    finally:
+        server.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has ended; only its parent (init, once the server is gone) has yet to reap it.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stopping_kills_a_child_still_starting_and_the_next_trace_starts_another() -> None:
+    script = (
+        "import multiprocessing, time\n"
+        "from service.tracing import TraceProcess\n"
+        "tracer = TraceProcess()\n"
+        "tracer.start()\n"
+        "time.sleep(0.5)\n"  # the child is importing torch now
+        "tracer.stop()\n"
+        "deadline = time.monotonic() + 10\n"
+        "while multiprocessing.active_children() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)\n"
+        "print(len(multiprocessing.active_children()), flush=True)\n"
+        "print(tracer.trace('resnet18', (1, 3, 64, 64)).name, flush=True)\n"
+        "tracer.stop()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "resnet18"]
