@@ -724,6 +724,14 @@ class AgentLoop:
             failed_before=int(previous.get("failed", 0)),
         )
         heartbeat.progress = tracker.snapshot()
+
+        def on_measurement(measurement: Measurement) -> None:
+            tracker(measurement)
+            # The signal handler's KeyboardInterrupt is lost when it lands in a finalizer or a
+            # garbage-collector callback; the stop flag it set is not.
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+
         logger.info(
             "campaign %d: families %s, %s; %d sample key(s) already on the server",
             task["id"],
@@ -744,7 +752,7 @@ class AgentLoop:
                     budget_minutes=options.budget_minutes,
                     progress=False,
                     backend=backend,
-                    on_measurement=tracker,
+                    on_measurement=on_measurement,
                 )
         finally:
             heartbeat.stop()
