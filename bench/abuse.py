@@ -62,7 +62,8 @@ from typing import Any
 
 import httpx
 
-from bench.reliability import Processes, free_port, lpnet_args, lpnet_env, machine, wait_ready
+from bench.reliability import machine
+from service.testing.processes import Processes, free_port, lpnet_args, lpnet_env, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "abuse.json"

@@ -56,12 +56,12 @@ from profiler.batch import Measurement, MeasurementKind
 from profiler.coverage import OP_COVERAGE_FAMILY
 from profiler.device import local_device_spec
 from profiler.environment import collect_environment, retain_freed_memory
+from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
 from profiler.sampling import Sample, SamplingConfig, StratifiedSampler
 from profiler.sinks import JsonlSink, read_jsonl
 from profiler.speed import SpeedProbe, at_nominal_speed, nominal_probe_ms
-from profiler.tasks import measure_sample
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FAMILIES = (

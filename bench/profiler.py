@@ -154,7 +154,7 @@ def setup_worker(args: argparse.Namespace) -> WorkerSetup:
 
 def serve(args: argparse.Namespace) -> None:
     """Interleaved worker: announce the set, then measure the sample whose index arrives on stdin."""
-    from profiler.tasks import measure_sample
+    from profiler.measure import measure_sample
 
     # stdout carries the protocol only: anything a library prints goes to stderr instead.
     out: TextIO = sys.stdout

@@ -32,9 +32,9 @@ import torch
 from lpnet.arch.from_torch import network_from_torchvision
 from profiler.backends.base import get_backend
 from profiler.environment import collect_environment, retain_freed_memory
+from profiler.measure import measure_network
 from profiler.protocol import TimingProtocol
 from profiler.speed import PROBE_VERSION, SpeedProbe
-from profiler.tasks import measure_network
 from profiler.variants import width_variants
 
 RESULTS = Path(__file__).parent / "results"

@@ -62,10 +62,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 from lpnet.arch.from_torch import network_from_module  # noqa: E402
 from lpnet.arch.groups import channel_layout  # noqa: E402
 from lpnet.arch.ir import Network  # noqa: E402
+from lpnet.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.budget import width_grid  # noqa: E402
 from lpnet.gates.criteria import PruningCriterion, get_criterion, match_latency  # noqa: E402
 from lpnet.gates.datasets import DataLoaders, digits_loaders  # noqa: E402
-from lpnet.gates.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig  # noqa: E402
 from lpnet.gates.training import (  # noqa: E402
     ALLOCATIONS,

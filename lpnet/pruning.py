@@ -31,7 +31,7 @@ from lpnet.arch.build import IR_LAYER_META, build_module
 from lpnet.arch.groups import ChannelLayout, apply_width_vector, channel_layout
 from lpnet.arch.ir import Network, Op
 from lpnet.arch.onnx_io import export_onnx
-from lpnet.gates.errors import PruningFailed, WeightsMismatch
+from lpnet.errors import PruningFailed, WeightsMismatch
 
 PRUNED_FORMAT = "lpnet-pruned-model"
 PRUNED_FORMAT_VERSION = 1

@@ -16,11 +16,11 @@ from profiler.batch import Measurement, MeasurementKind, RunContext
 from profiler.budget import BudgetPlanner
 from profiler.device import DeviceSpec
 from profiler.environment import collect_environment
+from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
 from profiler.sampling import Sampler, Scorer
 from profiler.sinks import MeasurementSink
 from profiler.speed import SpeedProbe
-from profiler.tasks import measure_sample
 
 logger = logging.getLogger(__name__)
 

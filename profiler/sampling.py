@@ -9,6 +9,12 @@ Per family three streams are produced lazily, each capped by `SamplingConfig`:
   isolated: every distinct layer config of the unpruned net, then the same configs with their
       channel counts scaled by Latin-hypercube ratios.
 
+The family `generated` (`GENERATED_FAMILY`) is not one architecture but a stream of them: seeded
+networks from `lpnet.arch.generator`'s profiling seeds (plain, residual, bottleneck, inverted,
+concat-branch blocks; every kernel, stride, group count and activation the generator draws), each
+measured once, and for `isolated` their distinct layers. It is what lets a predictor fitted on a
+profile answer for networks unlike the profiled families. The evaluation seeds are never sampled.
+
 `Sampler.next_batch(done, size, bucket, scorer)` is the hook for an adaptive mode: a scorer that
 returns a predicted error per candidate makes the sampler hand out the worst-predicted first.
 """
@@ -26,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, generate_network
 from lpnet.arch.ir import Layer, Network, Op
+from lpnet.errors import GenerationError
 from profiler.batch import NETWORK_KINDS, MeasurementKind
 from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
 from profiler.device import DeviceSpec
@@ -47,8 +55,17 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
     "regnet_y_400mf",
     "vgg11",
     OP_COVERAGE_FAMILY,
+    PROFILING_FAMILY,
 )
-# Layer ops worth timing on their own; flatten and concat only move memory around.
+GENERATED_FAMILY = PROFILING_FAMILY
+# Offsets into the profiling seeds of the generated networks measured as each kind, so that whole
+# networks, in-context layers and isolated layers cover different architectures.
+_GENERATED_OFFSETS = {
+    MeasurementKind.NETWORK: 0,
+    MeasurementKind.IN_CONTEXT: 300_000,
+    MeasurementKind.ISOLATED: 600_000,
+}
+# Layer ops worth timing on their own; flatten, concat and slice are views or plain copies.
 ISOLATED_OPS = frozenset(
     {
         Op.CONV2D,
@@ -67,6 +84,13 @@ ISOLATED_OPS = frozenset(
         Op.ADAPTIVE_AVGPOOL2D,
         Op.ADD,
         Op.MUL,
+        Op.LRN,
+        Op.PAD,
+        Op.SOFTMAX,
+        Op.CHANNEL_SHUFFLE,
+        Op.UPSAMPLE_NEAREST,
+        Op.UPSAMPLE_BILINEAR,
+        Op.LAYERNORM,
     }
 )
 
@@ -384,12 +408,20 @@ class StratifiedSampler(_QueueSampler):
         networks: Mapping[str, Network],
         device: DeviceSpec,
         config: SamplingConfig | None = None,
+        generated_batch: int | None = None,
     ) -> None:
+        """Args:
+        networks: the families' unpruned networks by family name.
+        device: the device measured (part of every sample key).
+        config: caps and ranges.
+        generated_batch: also sample the `generated` family, at this batch size.
+        """
         super().__init__()
         from lpnet.arch.groups import channel_groups
 
         self.device = device
         self.config = config or SamplingConfig()
+        self.generated_batch = generated_batch
         self.families: dict[str, _Family] = {}
         for name, network in networks.items():
             groups = channel_groups(network)
@@ -401,6 +433,11 @@ class StratifiedSampler(_QueueSampler):
                 cap = self.config.cap(kind)
                 if cap > 0:
                     self._add_bucket((name, kind), self._stream(name, kind), cap)
+        if generated_batch is not None:
+            for kind in self.config.kinds:
+                cap = self.config.cap(kind)
+                if cap > 0:
+                    self._add_bucket((GENERATED_FAMILY, kind), self._generated_stream(kind), cap)
 
     @classmethod
     def for_families(
@@ -421,6 +458,8 @@ class StratifiedSampler(_QueueSampler):
 
         networks: dict[str, Network] = {}
         for name in families:
+            if name == GENERATED_FAMILY:
+                continue
             if name == OP_COVERAGE_FAMILY:
                 networks[name] = op_coverage_network(input_shape)
                 continue
@@ -434,11 +473,12 @@ class StratifiedSampler(_QueueSampler):
                         f"family {name!r} cannot be profiled: {exc}", {"family": name}
                     ) from exc
                 logger.warning("skipping family %s: %s", name, exc)
-        if not networks:
+        generated = GENERATED_FAMILY in families
+        if not networks and not generated:
             raise UnknownFamily(
                 f"none of the families {list(families)} can be profiled", {"families": list(families)}
             )
-        return cls(networks, device, config)
+        return cls(networks, device, config, generated_batch=input_shape[0] if generated else None)
 
     # Streams ----------------------------------------------------------------------------------------
 
@@ -478,6 +518,39 @@ class StratifiedSampler(_QueueSampler):
             network = fam.network if widths == fam.channels else apply_width_vector(fam.network, widths)
             sample = Sample.for_network(network, self.device, kind, family, widths, origin=origin)
             yield replace(sample, keep_ratios=tuple(ratios))
+
+    def generated_networks(self, kind: MeasurementKind) -> Iterator[Network]:
+        """The generated networks measured as `kind`, in order; seeds the generator cannot fit into
+        its cost bounds are passed over."""
+        seeds = PROFILING_SEEDS
+        start = (_stable_int(self.config.seed, "generated") + _GENERATED_OFFSETS[kind]) % len(seeds)
+        for i in range(len(seeds)):
+            seed = seeds[(start + i) % len(seeds)]
+            try:
+                network = generate_network(seed)
+            except GenerationError as exc:
+                logger.debug("generated seed %d skipped: %s", seed, exc)
+                continue
+            batch = self.generated_batch or 1
+            if network.input_shape[0] != batch:
+                shape = (batch, *network.input_shape[1:])
+                network = Network.model_validate({**network.model_dump(), "input_shape": shape})
+            yield network
+
+    def _generated_stream(self, kind: MeasurementKind) -> Iterator[Sample]:
+        if kind in NETWORK_KINDS:
+            for network in self.generated_networks(kind):
+                yield Sample.for_network(network, self.device, kind, GENERATED_FAMILY, origin="generated")
+            return
+        seen: set[str] = set()
+        for network in self.generated_networks(kind):
+            for layer in network.layers:
+                if layer.op not in ISOLATED_OPS:
+                    continue
+                digest = layer_config_hash(layer)
+                if digest not in seen:
+                    seen.add(digest)
+                    yield Sample.for_layer(layer, self.device, GENERATED_FAMILY, origin="generated")
 
     def base_layers(self, family: str) -> list[Layer]:
         """Distinct layer configs of a family's unpruned network that are worth timing alone."""

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 from lpnet.arch.ir import Network
 from lpnet.gates.result import MeasuredLatency
 from profiler.backends.base import Backend
+from profiler.measure import measure_network
 from profiler.protocol import TimingProtocol, TimingResult
 from profiler.speed import SpeedProbe
-from profiler.tasks import measure_network
 
 
 def measured_latency(result: TimingResult, nominal_probe_ms: float | None) -> MeasuredLatency:

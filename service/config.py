@@ -133,9 +133,10 @@ class FirstRunSettings(BaseModel):
         default=6.0, gt=0, le=24 * 60, description="Profiling time; fitting the predictor comes on top."
     )
     families: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2"],
+        default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2", "generated"],
         min_length=1,
-        description="torchvision models profiled, comma-separated.",
+        description="Families profiled, comma-separated: torchvision model names, `generated` (seeded "
+        "random CNNs, so the predictor answers for networks unlike the named families) and `op_coverage`.",
     )
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width profiled.")
     kinds: Annotated[list[MeasuredKind], NoDecode] = Field(

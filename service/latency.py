@@ -152,24 +152,17 @@ class LatencyService:
 
     # Queries ------------------------------------------------------------------------------------
 
-    def predict(
+    def predict_json(
         self, session: Session, device_ref: int | str, architecture: Network | TorchvisionArchitecture
-    ) -> LatencyRead:
-        """Latency of one architecture on a device.
+    ) -> bytes:
+        """Latency of one architecture on a device as JSON (a `LatencyRead`), cached per device,
+        predictor and network.
 
         Raises:
             NotFound: Unknown device.
             NoPredictor: The device has no predictor yet.
             LpnetError: The architecture cannot be traced or predicted.
         """
-        device = resolve_device(session, device_ref)
-        predictor = current_predictor(session, device)
-        return self.predict_network(session, device, predictor, self.network(architecture))
-
-    def predict_json(
-        self, session: Session, device_ref: int | str, architecture: Network | TorchvisionArchitecture
-    ) -> bytes:
-        """`predict` serialised as JSON (a `LatencyRead`), cached per device, predictor and network."""
         device = resolve_device(session, device_ref)
         predictor = current_predictor(session, device)
         network = self.network(architecture)

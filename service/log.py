@@ -15,11 +15,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 _factory_installed = False
 
 
-def current_request_id() -> str | None:
-    """Return the id of the request being handled, if any."""
-    return request_id_var.get()
-
-
 def install_request_id_record_factory() -> None:
     """Give every log record a ``request_id`` attribute (idempotent).
 

@@ -35,7 +35,8 @@ from service.auth import KeyCache
 from service.config import Settings, get_settings
 from service.db.models import KeyScope
 from service.db.session import make_engine, make_session_factory
-from service.jobs.tasks import serving_registry
+from service.first_run.bootstrap import start_first_run
+from service.job_handlers import serving_registry
 from service.jobs.worker import WorkerPool
 from service.latency import LatencyService
 from service.log import install_request_id_record_factory
@@ -106,14 +107,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool: WorkerPool | None = None
         if settings.first_run.enabled:
             # Before the workers start: a bootstrap job left running by a killed server is requeued first.
-            from service.first_run.bootstrap import start_first_run
-
             start_first_run(settings, session_factory)
         if settings.worker.embedded:
             pool = WorkerPool(
                 session_factory,
+                serving_registry(),
                 threads=settings.worker.threads,
-                registry=serving_registry(),
                 lease_seconds=settings.worker.lease_seconds,
                 poll_seconds=settings.worker.poll_seconds,
             )

@@ -22,12 +22,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.arch.ir import Network
-from lpnet.gates.errors import InvalidPlanOptions
-from service.config import QuotaSettings, Settings
+from lpnet.errors import InvalidPlanOptions
+from service.agents.verify import cancel_verify_tasks, remote_measure
+from service.config import QuotaSettings, Settings, get_settings
 from service.db.base import utcnow
 from service.db.models import ApiKey, Device, Job, JobStatus, KeyScope
 from service.devices import resolve_device
 from service.errors import InvalidInput, PermissionDenied, QuotaExceeded, Unauthenticated
+from service.jobs.context import JobContext
+from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, enqueue, get_job
 from service.latency import LatencyService
 from service.predictors import (
@@ -43,11 +46,9 @@ if TYPE_CHECKING:
     from lpnet.gates.planner import MeasureFn
     from lpnet.gates.planner import PlanOptions as PlannerOptions
     from lpnet.gates.result import MeasuredLatency
-    from service.jobs.worker import JobContext
 
 logger = logging.getLogger(__name__)
 
-PLAN_JOB = "plan"
 # API mode names -> the planner's.
 PLANNER_MODES = {"architecture": "architecture-only", "weights": "weights", "train": "train"}
 # A key at its limit of plans at once is told to retry after this long: a plan takes seconds to minutes.
@@ -63,6 +64,7 @@ def planner_options(options: PlanOptions) -> PlannerOptions:
     return PlannerOptions(
         mode=PlanMode(PLANNER_MODES[options.mode]),
         round_to=options.round_to,
+        max_skew=options.max_skew,
         min_keep_ratio=options.min_keep_ratio,
     )
 
@@ -103,8 +105,9 @@ def check_plan_request(
         NoPrunableGroups: Nothing in the network can be pruned.
     """
     from lpnet.arch.groups import channel_layout
+    from lpnet.errors import NoPrunableGroups
+    from lpnet.gates.allocation import AllocationPolicy
     from lpnet.gates.budget import check_feasible, width_grid
-    from lpnet.gates.errors import NoPrunableGroups
 
     options = spec.options
     device = resolve_device(session, spec.device)
@@ -140,7 +143,9 @@ def check_plan_request(
         )
     model = latency.predictor(session, predictor.id)
     tn = latency.tensorized_with_groups(network)
-    grid = width_grid(layout, options.round_to, options.min_keep_ratio)
+    # Feasible down to the grid's floor: under the allocation band's minimum a plan warns, not fails.
+    policy = AllocationPolicy(options.max_skew, options.min_keep_ratio)
+    grid = width_grid(layout, options.round_to, policy.grid_floor_ratio)
     check_feasible(grid, lambda widths: model.latency(tn, widths), spec.budget_ms)
     return device, predictor.id, network
 
@@ -163,7 +168,7 @@ def check_plan_quota(session: Session, key: ApiKey, quota: QuotaSettings, *, cou
         .select_from(Job)
         .where(
             Job.key_id == key.id,
-            Job.kind == PLAN_JOB,
+            Job.kind == JobKind.PLAN,
             Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
         )
     )
@@ -179,7 +184,7 @@ def check_plan_quota(session: Session, key: ApiKey, quota: QuotaSettings, *, cou
     now = utcnow()
     in_window = session.scalars(
         select(Job.created_at)
-        .where(Job.key_id == key.id, Job.kind == PLAN_JOB, Job.created_at > now - QUOTA_WINDOW)
+        .where(Job.key_id == key.id, Job.kind == JobKind.PLAN, Job.created_at > now - QUOTA_WINDOW)
         .order_by(Job.created_at)
     ).all()
     over = len(in_window) + new - quota.plans_per_hour
@@ -227,7 +232,7 @@ def request_plan(
         _lock_key(session, key)
     job = enqueue(
         session,
-        PLAN_JOB,
+        JobKind.PLAN,
         {
             "predictor_id": predictor_id,
             "budget_ms": spec.budget_ms,
@@ -249,7 +254,7 @@ def get_plan(session: Session, plan_id: int) -> Job:
     Raises:
         NotFound: No such plan.
     """
-    return get_job(session, plan_id, kind=PLAN_JOB)
+    return get_job(session, plan_id, kind=JobKind.PLAN)
 
 
 def describe_plan(job: Job) -> PlanRead:
@@ -306,9 +311,6 @@ def _verify_measure(device: Device, context: JobContext, nominal_probe_ms: float
             return meter(network)
 
         return measure
-    from service.agent_tasks import remote_measure
-    from service.config import get_settings
-
     # The worker's settings: how long it waits for the agent, and with which timing protocol.
     return remote_measure(context, device, get_settings().agent, nominal_probe_ms)
 
@@ -317,7 +319,7 @@ def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
     """The plan task: load predictor, network and weights, plan, store the result.
 
     A plan verified on a remote device is deferred while the device's agent measures (see
-    `service.agent_tasks.remote_measure`); resumed, it plans again from the start with the
+    `service.agents.verify.remote_measure`); resumed, it plans again from the start with the
     measurements it has, and its progress keeps saying what it waits for meanwhile.
     """
     from lpnet.gates.planner import plan
@@ -348,6 +350,4 @@ def run_plan_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
 
 def plan_failed(factory: sessionmaker[Session], job: ClaimedJob, error: str) -> None:
     """Cancel what a failed plan asked remote agents to measure and they have not measured yet."""
-    from service.agent_tasks import cancel_verify_tasks
-
     cancel_verify_tasks(factory, job.id, f"plan {job.id} failed: {error}")

@@ -12,28 +12,31 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from lpnet.arch.ir import Network
+from lpnet.predictor.artifact import dump_predictor, load_predictor
+from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
+from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.predictor.samples import NetworkSample, merge_replicates
+from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal
 from service.config import FitSettings
 from service.db.base import utcnow
 from service.db.models import Device, Job, MeasurementStatus, NetworkMeasurement, Predictor
-from service.devices import describe_device, set_device_status
+from service.devices import describe_device, latest_predictor, set_device_status
 from service.errors import Conflict, NotFound
+from service.jobs.context import JobContext
+from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
-
-if TYPE_CHECKING:
-    from lpnet.predictor.predict import LatencyPredictor
-    from lpnet.predictor.samples import NetworkSample
-    from service.jobs.worker import JobContext
-    from service.schemas.predictors import PredictorRead
+from service.schemas.predictors import PredictorRead
 
 logger = logging.getLogger(__name__)
 
 PREDICTOR_KIND = "lpnet"
-FIT_JOB = "fit"
 # Share of architectures a fit holds out to report its accuracy on.
 HELD_OUT_SHARE = 0.2
 
@@ -110,10 +113,6 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
     Repeated timings of one architecture become one sample labelled with their median
     (`lpnet.predictor.samples.merge_replicates`), after scaling to the nominal probe speed.
     """
-    from lpnet.arch.ir import Network
-    from lpnet.predictor.samples import NetworkSample, merge_replicates
-    from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal
-
     rows = session.execute(
         select(
             NetworkMeasurement.architecture,
@@ -150,6 +149,8 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
 
 def min_fit_networks() -> int:
     """Measured networks a fit needs: enough to train on after holding a share out for evaluation."""
+    # Imported here, as in the functions below: training pulls in scikit-learn, seconds of start-up
+    # that a server answering latency queries does not need.
     from lpnet.predictor.train import MIN_NETWORK_SAMPLES
 
     return int(MIN_NETWORK_SAMPLES / (1 - HELD_OUT_SHARE)) + 1
@@ -185,9 +186,6 @@ def fit_from_samples(
     Raises:
         NotEnoughMeasurements: Too few networks, counted after the held-out split.
     """
-    from lpnet.predictor.artifact import dump_predictor
-    from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
-    from lpnet.predictor.model import LPNetConfig
     from lpnet.predictor.report import fit_with_report
     from lpnet.predictor.train import TrainConfig
 
@@ -251,7 +249,7 @@ def request_fit(
         Conflict: A fit of this device is queued or running already.
     """
     check_enough_measurements(session, device)
-    running = active_job(session, FIT_JOB, device.id)
+    running = active_job(session, JobKind.FIT, device.id)
     if running is not None:
         raise Conflict(
             f"a fit of device {device.name!r} is {running.status} already (job {running.id}); "
@@ -261,7 +259,7 @@ def request_fit(
     fit_settings = (settings or FitSettings()).model_dump(mode="json")
     job = enqueue(
         session,
-        FIT_JOB,
+        JobKind.FIT,
         {"device_id": device.id, "fit": fit_settings},
         device_id=device.id,
         max_attempts=max_attempts,
@@ -335,8 +333,6 @@ def current_predictor(session: Session, device: Device) -> Predictor:
     Raises:
         NoPredictor: The device has none yet; the details carry its status and profiling counts.
     """
-    from service.devices import latest_predictor
-
     predictor = latest_predictor(session, device)
     if predictor is not None:
         return predictor
@@ -362,8 +358,6 @@ def current_predictor(session: Session, device: Device) -> Predictor:
 
 def describe_predictors(session: Session, predictors: list[Predictor]) -> list[PredictorRead]:
     """Predictors as clients see them, with the URL of their plot when they have one."""
-    from service.schemas.predictors import PredictorRead
-
     ids = [predictor.id for predictor in predictors]
     with_plot = set(
         session.scalars(select(Predictor.id).where(Predictor.id.in_(ids), Predictor.plot_png.is_not(None)))
@@ -426,8 +420,6 @@ def predictor_nominal_probe_ms(session: Session, predictor_id: int) -> float | N
 
 def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredictor:
     """Deserialise a stored predictor (safetensors, never pickle)."""
-    from lpnet.predictor.artifact import load_predictor
-
     artifact = session.scalar(select(Predictor.artifact).where(Predictor.id == predictor_id))
     if artifact is None:
         raise NotFound(f"no predictor with id {predictor_id}", {"predictor_id": predictor_id})

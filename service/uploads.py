@@ -75,10 +75,6 @@ def get_model_upload(session: Session, model_id: int) -> ModelUpload:
     return upload
 
 
-def model_exists(session: Session, model_id: int) -> bool:
-    return session.scalar(select(ModelUpload.id).where(ModelUpload.id == model_id)) is not None
-
-
 def load_weights(session: Session, model_id: int) -> dict[str, torch.Tensor]:
     """The tensors of uploaded model `model_id`."""
     data = session.scalar(select(ModelUpload.weights).where(ModelUpload.id == model_id))

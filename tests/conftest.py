@@ -9,27 +9,13 @@ reached the test is skipped, or fails when ``CI=true``. Override the admin URL w
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "LPNET_TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
-
-def _postgres_unreachable(reason: str) -> None:
-    message = f"PostgreSQL at {make_url(POSTGRES_ADMIN_URL).render_as_string()} is unreachable: {reason}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+from service.testing.postgres import POSTGRES_ADMIN_URL, PostgresUnreachable, scratch_database
 
 
 @pytest.fixture
@@ -40,26 +26,17 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @contextmanager
 def fresh_postgres_database() -> Iterator[str]:
-    """Create a uniquely named, empty PostgreSQL database; yield its URL; drop it afterwards."""
-    admin_url = make_url(POSTGRES_ADMIN_URL)
-    # CREATE/DROP DATABASE cannot run inside a transaction, hence autocommit.
-    admin = create_engine(
-        admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool, connect_args={"connect_timeout": 3}
-    )
-    name = f"lpnet_test_{uuid.uuid4().hex[:16]}"
+    """A fresh PostgreSQL database (`service.testing.postgres.scratch_database`), dropped afterwards.
+
+    Skips the test when the server cannot be reached, or fails it when ``CI=true``.
+    """
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        _postgres_unreachable(str(exc.orig).strip().splitlines()[0])
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            # FORCE ends connections a test left open (e.g. a pool not disposed after a failure).
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        with scratch_database(POSTGRES_ADMIN_URL) as url:
+            yield url
+    except PostgresUnreachable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 @pytest.fixture

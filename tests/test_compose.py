@@ -28,14 +28,14 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from lpnet.predictor.artifact import load_predictor
-from profiler.agent_loop import config_from_args
+from profiler.agent.cli import config_from_args
 from service.auth import generate_api_key
 from service.cli import build_parser
 from service.config import ADMIN_KEY_PATTERN, Settings
 from service.db.models import Job
 from service.db.session import make_engine, make_session_factory
 from service.predictors import FittedPredictor, store_predictor
-from tests.service.support import TinyProfile, measure_tiny_profile
+from service.testing.tiny import TinyProfile, measure_tiny_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

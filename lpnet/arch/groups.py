@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lpnet.arch.build import IR_LAYER_META, build_module
-from lpnet.arch.ir import NETWORK_INPUT, Layer, Network, Op
+from lpnet.arch.ir import NETWORK_INPUT, TRANSFORMER_OPS, Layer, Network, Op
 from lpnet.errors import InvalidWidthVector
 
 
@@ -146,10 +146,18 @@ def apply_width_vector(network: Network, widths: Sequence[int]) -> Network:
     return Network.model_validate(pruned.model_dump())  # re-validate shapes of the pruned graph
 
 
-def _compute_layout(network: Network) -> ChannelLayout:
-    order = {layer.name: i for i, layer in enumerate(network.layers)}
-    # Width vectors list groups in the order their first layer runs, whatever order tp found them.
-    out_layer_groups = sorted(_torch_pruning_groups(network), key=lambda g: min(order[n] for n in g[1]))
+# Ops that need a fixed channel count at their input: a slice reads fixed channel positions, and a
+# channel shuffle interleaves the parts of its input, whose sizes a pruned group would change. Groups
+# whose channels reach one of them are not prunable.
+# Transformer ops pin their channels too: heads divide the embedding, and learned tokens, embeddings
+# and attention projections are sized by it.
+_PINNING_OPS = frozenset({Op.SLICE, Op.CHANNEL_SHUFFLE}) | TRANSFORMER_OPS
+
+
+def _channel_exprs(
+    network: Network, out_layer_groups: list[tuple[int, list[str]]]
+) -> tuple[dict[str, ChannelExpr], dict[str, ChannelExpr]]:
+    """Every layer's input and output channel counts as expressions of the groups given."""
     group_of_layer: dict[str, int] = {}
     for index, (_, out_layers) in enumerate(out_layer_groups):
         for name in out_layers:
@@ -166,6 +174,18 @@ def _compute_layout(network: Network) -> ChannelLayout:
             expr_in = inputs[0]
         in_expr[layer.name] = expr_in
         out_expr[layer.name] = _output_expr(layer, expr_in, group_of_layer.get(layer.name))
+    return in_expr, out_expr
+
+
+def _compute_layout(network: Network) -> ChannelLayout:
+    order = {layer.name: i for i, layer in enumerate(network.layers)}
+    # Width vectors list groups in the order their first layer runs, whatever order tp found them.
+    out_layer_groups = sorted(_torch_pruning_groups(network), key=lambda g: min(order[n] for n in g[1]))
+    in_expr, out_expr = _channel_exprs(network, out_layer_groups)
+    pinned = {g for layer in network.layers if layer.op in _PINNING_OPS for g, _ in in_expr[layer.name].terms}
+    if pinned:
+        out_layer_groups = [group for g, group in enumerate(out_layer_groups) if g not in pinned]
+        in_expr, out_expr = _channel_exprs(network, out_layer_groups)
     full = [channels for channels, _ in out_layer_groups]
     for layer in network.layers:  # the expressions must reproduce the unpruned network exactly
         if (in_expr[layer.name].evaluate(full), out_expr[layer.name].evaluate(full)) != (
@@ -204,6 +224,10 @@ def _output_expr(layer: Layer, expr_in: ChannelExpr, group: int | None) -> Chann
         return ChannelExpr(0, ((group, 1),)) if group is not None else ChannelExpr(layer.out_channels)
     if layer.op is Op.FLATTEN:
         return expr_in.scale(layer.in_hw[0] * layer.in_hw[1])
+    if layer.op is Op.SLICE:
+        return ChannelExpr(layer.out_channels)
+    if layer.op is Op.SPACE_TO_DEPTH:
+        return expr_in.scale(4)
     return expr_in
 
 
@@ -213,9 +237,11 @@ def _torch_pruning_groups(network: Network) -> list[tuple[int, list[str]]]:
     Layers that produce a network output are never pruned: their width is the model's interface.
     The module is built and traced on the meta device: torch-pruning follows the autograd graph and
     the shapes, never the values, so nothing is allocated or computed at the network's size.
+    Slices and channel shuffles, which torch-pruning does not follow, are built as unpruned 1x1
+    convolutions of the same channel counts: the groups reaching them are dropped afterwards.
     """
     with torch.device("meta"):
-        gm = build_module(network)
+        gm = build_module(_pruning_surrogate(network))
     node_layer = gm.meta[IR_LAYER_META]
     module_layer: dict[int, str] = {}
     for node in gm.graph.nodes:
@@ -223,10 +249,11 @@ def _torch_pruning_groups(network: Network) -> list[tuple[int, list[str]]]:
             module_layer[id(gm.get_submodule(str(node.target)))] = node_layer[node.name]
     by_name = network.by_name
     output_layers = {_producing_param_layer(network, name) for name in network.outputs} - {None}
+    barriers = {layer.name for layer in network.layers if layer.op in _PINNING_OPS}
     ignored = [
         gm.get_submodule(str(node.target))
         for node in gm.graph.nodes
-        if node.op == "call_module" and node_layer[node.name] in output_layers
+        if node.op == "call_module" and node_layer[node.name] in output_layers | barriers
     ]
     example = torch.zeros(network.input_shape, device="meta")
     graph = tp.DependencyGraph().build_dependency(gm, example_inputs=example)
@@ -245,6 +272,37 @@ def _torch_pruning_groups(network: Network) -> list[tuple[int, list[str]]]:
         if out_layers:
             result.append((channels, out_layers))
     return result
+
+
+def _pruning_surrogate(network: Network) -> Network:
+    """The network with each pinning op replaced by a convolution of its channels and shapes.
+
+    The convolution has stride 1 and the kernel and padding that map the op's input size to its
+    output size (1x1 when they are equal); `token_select`, whose output is (N, C) features, stays.
+    """
+    if not any(layer.op in _PINNING_OPS for layer in network.layers):
+        return network
+    layers = [
+        _surrogate_conv(layer) if layer.op in _PINNING_OPS and layer.op is not Op.TOKEN_SELECT else layer
+        for layer in network.layers
+    ]
+    return network.model_copy(update={"layers": layers})
+
+
+def _surrogate_conv(layer: Layer) -> Layer:
+    padding = tuple(max(0, -(-(o - i) // 2)) for i, o in zip(layer.in_hw, layer.out_hw, strict=True))
+    kernel = tuple(i + 2 * p - o + 1 for i, o, p in zip(layer.in_hw, layer.out_hw, padding, strict=True))
+    return Layer(
+        name=layer.name,
+        op=Op.CONV2D,
+        inputs=layer.inputs,
+        in_channels=layer.in_channels,
+        out_channels=layer.out_channels,
+        in_hw=layer.in_hw,
+        out_hw=layer.out_hw,
+        kernel=kernel,
+        padding=padding,
+    )
 
 
 def _producing_param_layer(network: Network, name: str) -> str | None:

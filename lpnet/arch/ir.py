@@ -45,6 +45,20 @@ class Op(StrEnum):
     MUL = "mul"
     CONCAT = "concat"
     FLATTEN = "flatten"
+    LRN = "lrn"
+    PAD = "pad"
+    SOFTMAX = "softmax"
+    CHANNEL_SHUFFLE = "channel_shuffle"
+    SLICE = "slice"
+    UPSAMPLE_NEAREST = "upsample_nearest"
+    UPSAMPLE_BILINEAR = "upsample_bilinear"
+    LAYERNORM = "layernorm"
+    TOKENS = "tokens"
+    CLASS_TOKEN = "class_token"
+    POSITION_EMBEDDING = "position_embedding"
+    ATTENTION = "attention"
+    TOKEN_SELECT = "token_select"
+    SPACE_TO_DEPTH = "space_to_depth"
 
 
 ACTIVATIONS = frozenset(
@@ -53,8 +67,21 @@ ACTIVATIONS = frozenset(
 ELEMENTWISE_BINARY = frozenset({Op.ADD, Op.MUL})
 # Ops whose output channel count is a free parameter of the layer (what pruning changes).
 PARAMETRIC_OUT = frozenset({Op.CONV2D, Op.LINEAR})
-_CHANNEL_CHANGING = PARAMETRIC_OUT | {Op.CONCAT, Op.FLATTEN}
+UPSAMPLES = frozenset({Op.UPSAMPLE_NEAREST, Op.UPSAMPLE_BILINEAR})
+_CHANNEL_CHANGING = PARAMETRIC_OUT | {Op.CONCAT, Op.FLATTEN, Op.SLICE, Op.SPACE_TO_DEPTH}
 _WINDOWED = frozenset({Op.CONV2D, Op.MAXPOOL2D, Op.AVGPOOL2D})
+_GROUPED = frozenset({Op.CONV2D, Op.CHANNEL_SHUFFLE, Op.ATTENTION})
+# Data-movement, normalisation and attention ops whose output keeps the input's spatial size.
+_SAME_HW = frozenset(
+    {Op.LRN, Op.SOFTMAX, Op.CHANNEL_SHUFFLE, Op.SLICE, Op.LAYERNORM, Op.POSITION_EMBEDDING, Op.ATTENTION}
+)
+# Ops of transformers: token sequences, attention and patch merging.
+TRANSFORMER_OPS = frozenset(
+    {Op.TOKENS, Op.CLASS_TOKEN, Op.POSITION_EMBEDDING, Op.ATTENTION, Op.TOKEN_SELECT, Op.SPACE_TO_DEPTH}
+)
+# Fields the content hash leaves out while they hold their default, so that the hash of a network
+# that does not use them does not depend on their existence.
+_HASH_OPTIONAL_DEFAULTS: dict[str, Any] = {"channel_offset": 0, "shift": [0, 0], "position_bias": False}
 _MULTI_INPUT = frozenset({Op.ADD, Op.MUL, Op.CONCAT})
 
 # Bounds on what one network may describe. The service validates, analyses and runs the networks
@@ -107,6 +134,39 @@ class Layer(BaseModel):
     Tensors are (N, C, H, W); after `flatten` they are (N, C*H*W) and carry `hw == (1, 1)`.
     `in_channels` of a multi-input op is the channel count of each input (add, mul) or their sum
     (concat).
+
+    Operators whose fields need a word:
+
+    - `lrn`: local response normalisation across channels; `kernel == (size, 1)`, `size` being the
+      number of neighbouring channels each channel is normalised over.
+    - `pad`: zero padding of H and W, `padding` rows and columns on each side.
+    - `softmax` and `layernorm`: over the channels at each position (a layer norm of the channels
+      of a channels-last tensor, as ConvNeXt normalises, with a weight and a bias per channel).
+    - `channel_shuffle`: the channels seen as a (groups, C / groups) matrix, transposed
+      (ShuffleNet's reshape, transpose, reshape); `groups` is that number of groups.
+    - `slice`: the channels `channel_offset` to `channel_offset + out_channels` of its input (a split
+      or chunk along channels is one slice per part).
+    - `upsample_nearest`, `upsample_bilinear`: H and W each multiplied by an integer factor.
+
+    Transformers. A sequence of N tokens of C features, (N_batch, tokens, C) in PyTorch, is the
+    (N_batch, C, 1, N) map: channels are the embedding and the tokens lie along W. A channels-last
+    map (N, H, W, C), as Swin computes on, is its NCHW original. Linears over the embedding are
+    1x1 `conv2d`s and layer norms over it `layernorm`s, as for ConvNeXt.
+
+    - `tokens`: a (C, H, W) map read as the sequence of its H*W positions, (C, 1, H*W) (ViT's patch
+      flatten).
+    - `class_token`: a learned token put before the sequence: (C, 1, N) to (C, 1, N + 1).
+    - `position_embedding`: adds a learned tensor of the input's full (C, H, W) shape.
+    - `attention`: multi-head self-attention among the positions of each `kernel`-sized window of
+      the map (`kernel == in_hw` for attention over all positions, as ViT's), the window's
+      positions `dilation` apart (MaxViT's grid attention: `kernel * dilation` spans the map), with `groups` heads,
+      the query/key/value and output projections (with biases when `bias`), windows rolled by
+      `shift` positions first (Swin's shifted windows; each below its window's size) and, with
+      `position_bias`, a learned bias per head and relative position within the window. A map not a
+      multiple of the window is zero-padded to one.
+    - `token_select`: the first position, (C, H, W) to (C,) features (ViT's class token output).
+    - `space_to_depth`: each 2x2 block of positions stacked into the channels, (C, H, W) to
+      (4C, ceil(H/2), ceil(W/2)), an odd H or W zero-padded (Swin's patch merging).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -125,18 +185,40 @@ class Layer(BaseModel):
     groups: Channels = 1
     bias: bool = False
     ceil_mode: bool = False
+    channel_offset: Annotated[int, Field(ge=0, lt=MAX_CHANNELS)] = 0
+    shift: PaddingPair = (0, 0)
+    position_bias: bool = False
 
     @model_validator(mode="after")
     def _check_op_fields(self) -> Layer:
         op = self.op
-        if op is Op.CONV2D:
+        if op in _GROUPED:
             if self.in_channels % self.groups or self.out_channels % self.groups:
                 raise ValueError(
                     f"{self._where}: groups={self.groups} must divide in_channels={self.in_channels} "
                     f"and out_channels={self.out_channels}"
                 )
         elif self.groups != 1:
-            raise ValueError(f"{self._where}: groups is only meaningful for conv2d")
+            raise ValueError(f"{self._where}: groups is only meaningful for conv2d and channel_shuffle")
+        if op is Op.SLICE:
+            if self.channel_offset + self.out_channels > self.in_channels:
+                raise ValueError(
+                    f"{self._where}: channels {self.channel_offset} to "
+                    f"{self.channel_offset + self.out_channels} are beyond in_channels={self.in_channels}"
+                )
+        elif self.channel_offset:
+            raise ValueError(f"{self._where}: channel_offset is only meaningful for slice")
+        if self.dilation != (1, 1) and op not in (Op.CONV2D, Op.MAXPOOL2D, Op.ATTENTION):
+            raise ValueError(
+                f"{self._where}: dilation is only meaningful for conv2d, maxpool2d and attention"
+            )
+        if op is Op.ATTENTION:
+            if any(s >= k for s, k in zip(self.shift, self.kernel, strict=True)):
+                raise ValueError(f"{self._where}: shift={self.shift} must be below the window {self.kernel}")
+        elif self.shift != (0, 0) or self.position_bias:
+            raise ValueError(f"{self._where}: shift and position_bias are only meaningful for attention")
+        self._check_token_rule()
+        self._check_spatial_rule()
         if op not in _CHANNEL_CHANGING and self.in_channels != self.out_channels:
             raise ValueError(
                 f"{self._where}: in_channels={self.in_channels} must equal out_channels={self.out_channels}"
@@ -158,6 +240,48 @@ class Layer(BaseModel):
         elif len(self.inputs) != 1:
             raise ValueError(f"{self._where}: takes exactly one input, got {len(self.inputs)}")
         return self
+
+    def _check_spatial_rule(self) -> None:
+        """The output size of ops that keep, pad or upsample H and W; LRN's window."""
+        op = self.op
+        if op in _SAME_HW and self.out_hw != self.in_hw:
+            raise ValueError(f"{self._where}: out_hw={self.out_hw} must equal in_hw={self.in_hw}")
+        if op is Op.PAD:
+            expected = (self.in_hw[0] + 2 * self.padding[0], self.in_hw[1] + 2 * self.padding[1])
+            if self.out_hw != expected:
+                raise ValueError(
+                    f"{self._where}: out_hw={self.out_hw} but padding={self.padding} gives {expected} "
+                    f"from in_hw={self.in_hw}"
+                )
+        elif self.padding != (0, 0) and (op in _SAME_HW or op in UPSAMPLES):
+            raise ValueError(f"{self._where}: padding is only meaningful for windowed ops and pad")
+        if op in UPSAMPLES and any(o % i for o, i in zip(self.out_hw, self.in_hw, strict=True)):
+            raise ValueError(
+                f"{self._where}: out_hw={self.out_hw} must be an integer multiple of in_hw={self.in_hw}"
+            )
+        if op is Op.LRN and self.kernel[1] != 1:
+            raise ValueError(f"{self._where}: kernel must be (size, 1), got {self.kernel}")
+
+    def _check_token_rule(self) -> None:
+        """Shapes of the ops that re-arrange positions: tokens, class_token, token_select, space_to_depth."""
+        op, (h, w) = self.op, self.in_hw
+        expected: tuple[int, int] | None = None
+        if op is Op.TOKENS:
+            expected = (1, h * w)
+        elif op is Op.CLASS_TOKEN:
+            if h != 1:
+                raise ValueError(f"{self._where}: its input must be a token sequence (in_hw (1, N))")
+            expected = (1, w + 1)
+        elif op is Op.TOKEN_SELECT:
+            expected = (1, 1)
+        elif op is Op.SPACE_TO_DEPTH:
+            expected = (-(-h // 2), -(-w // 2))
+            if self.out_channels != 4 * self.in_channels:
+                raise ValueError(f"{self._where}: out_channels must be 4 * in_channels")
+        if expected is not None and self.out_hw != expected:
+            raise ValueError(
+                f"{self._where}: out_hw={self.out_hw} must be {expected} from in_hw={self.in_hw}"
+            )
 
     @property
     def _where(self) -> str:
@@ -289,6 +413,9 @@ class Network(BaseModel):
             if layer.op in ELEMENTWISE_BINARY:
                 input_digests.sort()  # add and mul commute
             attrs = layer.model_dump(mode="json", exclude={"name", "inputs"})
+            for field, default in _HASH_OPTIONAL_DEFAULTS.items():
+                if attrs[field] == default:
+                    del attrs[field]
             digests[layer.name] = _sha(json.dumps([attrs, input_digests], sort_keys=True))
         return _sha(json.dumps([digests[o] for o in self.outputs]))
 
@@ -326,18 +453,26 @@ def activation_bytes(network: Network) -> tuple[int, int]:
 
 
 def _check_cost_bounds(network: Network) -> None:
-    from lpnet.arch.counting import layer_cost  # counting builds on this module
+    from lpnet.arch.counting import attention_scores, layer_cost  # counting builds on this module
 
     batch = network.input_shape[0]
-    params = macs = 0
+    params = macs = scores = 0
     for layer in network.layers:
         cost = layer_cost(layer, batch)
         params += cost.params
         macs += cost.macs
+        if layer.op is Op.ATTENTION:
+            scores = max(scores, attention_scores(layer, batch))
     largest, peak = activation_bytes(network)
     _check_bound("parameters", params, MAX_PARAMS, "MAX_PARAMS")
     _check_bound("multiply-accumulates", macs, MAX_MACS, "MAX_MACS")
     _check_bound("bytes in its largest activation (float32)", largest, MAX_TENSOR_BYTES, "MAX_TENSOR_BYTES")
+    _check_bound(
+        "bytes in its largest attention score tensor (float32)",
+        scores * BYTES_PER_ELEMENT,
+        MAX_TENSOR_BYTES,
+        "MAX_TENSOR_BYTES",
+    )
     _check_bound(
         "bytes of activations alive at once (float32)", peak, MAX_ACTIVATION_BYTES, "MAX_ACTIVATION_BYTES"
     )

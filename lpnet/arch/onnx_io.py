@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import itertools
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from lpnet.arch.ir import (
+    ACTIVATIONS,
     MAX_BATCH,
     MAX_CHANNELS,
     MAX_SPATIAL,
@@ -76,6 +78,9 @@ MAX_FOLDED_ELEMENTS = 4096
 # Nodes computing only on constants; each is inferred and evaluated on its own (about 0.3 ms). A
 # Caffe2-style export of densenet201 computes about 1,000 weights this way.
 MAX_FOLDED_NODES = 5_000
+# Folding passes, each followed by shape inference: a pass can make the shapes static that the next
+# one folds on (the split sizes of a chunk computed from a shape the first pass folded).
+MAX_FOLD_PASSES = 3
 
 # The counted limits by name, with what they count as an error message says it.
 _COUNT_LIMITS = {
@@ -103,8 +108,28 @@ _GATED: dict[Op, Op] = {Op.SIGMOID: Op.SILU, Op.HARDSIGMOID: Op.HARDSWISH}
 # Every operator the converter has a rule for.
 _SUPPORTED_OPS = frozenset(
     {*_UNARY, *_PASS_THROUGH, "Conv", "Clip", "Add", "Sum", "Mul", "Concat", "MaxPool", "AveragePool"}
-    | {"GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm"}
+    | {"GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Gemm", "LRN", "Pad", "Softmax"}
+    | {"Transpose", "Split", "Slice", "Resize", "Upsample", "LayerNormalization", "MatMul", "Div", "Erf"}
 )
+# GELU as exporters write it before opset 20: x * ((erf(x / sqrt(2)) + 1) * 0.5), in any operand order.
+# Each step is (operator, the constant operand it takes, or None for the Mul by x itself).
+_GELU_STEPS: tuple[tuple[str, float | None], ...] = (
+    ("Div", 2**0.5),
+    ("Erf", None),
+    ("Add", 1.0),
+    ("Mul", None),
+    ("Mul", 0.5),
+)
+_RESIZE_MODES = {
+    "nearest": Op.UPSAMPLE_NEAREST,
+    "linear": Op.UPSAMPLE_BILINEAR,
+    "bilinear": Op.UPSAMPLE_BILINEAR,
+}
+_TO_CHANNELS_LAST = (0, 2, 3, 1)
+_TO_CHANNELS_FIRST = (0, 3, 1, 2)
+_SWAP_CHANNEL_GROUPS = (0, 2, 1, 3, 4)
+# Channels swapped with W: how exporters before opset 13 put the channels last for a Softmax.
+_SWAP_CHANNELS_AND_WIDTH = (0, 3, 2, 1)
 # Operators folded into a constant when every input is a constant: what exporters use to prepare
 # weights and to compute shapes. Shape and Size also fold on a tensor whose shape is static. Anything
 # else computing only on constants is refused by name.
@@ -190,7 +215,9 @@ def network_from_onnx(
     _check_operators(model.graph)
     _drop_weight_data(model.graph)
     model = _infer_shapes(model)
-    if _ConstantFolder(model, opset).fold():
+    for _ in range(MAX_FOLD_PASSES):
+        if not _ConstantFolder(model, opset).fold():
+            break
         del model.graph.value_info[:]
         model = _infer_shapes(model)
     for value in itertools.chain(model.graph.value_info, model.graph.output):
@@ -379,7 +406,11 @@ def _check_opsets(model: onnx.ModelProto) -> int:
 
 
 def _check_operators(graph: onnx.GraphProto) -> None:
-    """Refuse the first node that is neither converted nor folded, so shape inference never runs on it."""
+    """Refuse the first node that is neither converted nor folded, so shape inference never runs on it.
+
+    Attention is refused by name first, whatever operators its export uses around it.
+    """
+    _refuse_attention(graph)
     for node in graph.node:
         if not node.output or not node.output[0]:
             raise InvalidArchitecture(
@@ -394,6 +425,24 @@ def _check_operators(graph: onnx.GraphProto) -> None:
             )
         if node.op_type not in _SUPPORTED_OPS and node.op_type not in _FOLDABLE_OPS:
             raise UnsupportedOperator(node.op_type, _node_name(node))
+
+
+def _refuse_attention(graph: onnx.GraphProto) -> None:
+    """A Softmax and a MatMul or Einsum of two tensors computed from the input are attention."""
+    if not any(node.op_type == "Softmax" for node in graph.node):
+        return
+    constants = {t.name for t in graph.initializer}
+    for node in graph.node:  # values computed from constants alone (a transposed weight) are constants
+        if all(value in constants for value in node.input if value):
+            constants.update(node.output)
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Einsum") and not constants.intersection(node.input):
+            raise UnsupportedOperator(
+                "attention",
+                _node_name(node),
+                f"a {node.op_type} of two computed tensors (attention) is not read from ONNX files; "
+                "trace the PyTorch model instead (its IR has `attention` layers)",
+            )
 
 
 def _node_name(node: onnx.NodeProto) -> str:
@@ -680,6 +729,17 @@ class _OnnxConverter:
             if dims is not None:
                 self.shapes[value.name] = dims
         self.alias: dict[str, str] = {}
+        # Values that view an IR tensor without being (N, C, H, W): the channels-last permutation of
+        # their alias, and the (N, groups, C / groups, H, W) views of a channel shuffle.
+        self.channels_last: set[str] = set()
+        self.channels_swapped: set[str] = set()  # (N, W, H, C) views, for a softmax over the last axis
+        # Values partway through a decomposed GELU: value -> (the GELU's input, steps done).
+        self.gelu: dict[str, tuple[str, int]] = {}
+        # Outputs of MatMul layers, by layer name, that the Add of a bias may complete.
+        self.biasable: dict[str, str] = {}
+        self.consumers = Counter(v for n in self.graph.node for v in n.input if v)
+        self.consumers.update(v.name for v in self.graph.output)
+        self.grouped: dict[str, tuple[str, int, bool]] = {}  # value -> (IR tensor, groups, transposed)
         self.layers: list[Layer] = []
         self.layer_by_name: dict[str, Layer] = {}
         self.used: set[str] = set()
@@ -688,6 +748,7 @@ class _OnnxConverter:
         (graph_input,) = [v for v in self.graph.input if v.name not in self.initializers]
         self.alias[graph_input.name] = NETWORK_INPUT
         input_shape = self.shapes[graph_input.name]
+        self._refuse_attention()
         for node in self.graph.node:
             self._convert_node(node)
         self._drop_unused_gates()
@@ -707,6 +768,21 @@ class _OnnxConverter:
         except ValidationError as exc:
             raise architecture_error(exc) from exc
 
+    def _refuse_attention(self) -> None:
+        """Refuse attention by name: a MatMul of two computed tensors (scores, or their weighted sum).
+
+        The IR's `attention` layer is read from PyTorch models only; a linear layer's MatMul, whose
+        weight is a constant, is not attention.
+        """
+        for node in self.graph.node:
+            if node.op_type == "MatMul" and all(value not in self.constants for value in node.input):
+                raise UnsupportedOperator(
+                    "attention",
+                    _node_name(node),
+                    "a MatMul of two computed tensors (attention) is not read from ONNX files; "
+                    "trace the PyTorch model instead (its IR has `attention` layers)",
+                )
+
     def _drop_unused_gates(self) -> None:
         # A gate merged into a SiLU or HardSwish above has no consumer left.
         used = {ref for layer in self.layers for ref in layer.inputs}
@@ -714,7 +790,7 @@ class _OnnxConverter:
         self.layers = [lay for lay in self.layers if lay.op not in _GATED or lay.name in used]
 
     def _is_tensor(self, value: str) -> bool:
-        return value in self.alias
+        return value in self.alias or value in self.grouped or value in self.gelu
 
     def _shape(self, value: str, node: onnx.NodeProto) -> tuple[int, ...]:
         if value not in self.shapes:
@@ -735,15 +811,31 @@ class _OnnxConverter:
         data_inputs = [v for v in inputs if self._is_tensor(v)]
         if not data_inputs:
             raise UnsupportedOperator(op_type, where, "a node computing only on constants")
+        if self._convert_affine(node, attrs, inputs, data_inputs):
+            return
         if op_type in _MULTI_INPUT and len(data_inputs) != len(inputs):
             raise UnsupportedOperator(
                 op_type, where, "only tensor-tensor operations are supported, not constants"
             )
         if op_type in _PASS_THROUGH or (op_type in _MULTI_INPUT and len(inputs) == 1):
-            self.alias[node.output[0]] = self.alias[data_inputs[0]]
+            self._view(node.output[0], data_inputs[0])
             return
+        if self._convert_view(node, attrs, data_inputs[0]):
+            return
+        for value in data_inputs:
+            if value in self.grouped or value in self.channels_last or value in self.channels_swapped:
+                layout = "a 5-D view of the channels" if value in self.grouped else "a channels-last tensor"
+                raise UnsupportedOperator(
+                    op_type,
+                    where,
+                    f"its input {value!r} is {layout}; only channel shuffles and channels-last layer "
+                    "normalisations are supported",
+                )
         if op_type == "ReduceMean":
             self._reduce_mean(node, attrs, data_inputs[0])
+            return
+        if op_type == "Split":
+            self._split(node, attrs, data_inputs[0])
             return
         fields: dict[str, Any] = {}
         if op_type == "Conv":
@@ -793,6 +885,20 @@ class _OnnxConverter:
             op = Op.FLATTEN
         elif op_type == "Reshape" and len(self._shape(node.output[0], node)) == 2:
             op = Op.FLATTEN
+        elif op_type == "LRN":
+            op = Op.LRN
+            fields["kernel"] = (attrs.get_int("size", 0), 1)
+        elif op_type == "Pad":
+            op = Op.PAD
+            fields["padding"] = self._pad_amounts(node, attrs)
+        elif op_type == "Softmax":
+            op = Op.SOFTMAX
+            self._check_softmax(node, attrs, data_inputs[0])
+        elif op_type == "Slice":
+            op = Op.SLICE
+            fields["channel_offset"] = self._slice_offset(node, attrs, data_inputs[0])
+        elif op_type in ("Resize", "Upsample"):
+            op = self._resize_op(node, attrs, data_inputs[0])
         elif op_type == "Gemm":
             if attrs.get_int("transA", 0) or not attrs.get_int("transB", 0):
                 raise UnsupportedOperator(
@@ -808,6 +914,366 @@ class _OnnxConverter:
         out_shape = self._layer_shape(node.output[0], node)
         refs = [self.alias[v] for v in data_inputs]
         self.alias[node.output[0]] = self._add_layer(where, op, refs, in_shape, out_shape, fields)
+
+    def _convert_affine(
+        self, node: onnx.NodeProto, attrs: _Attributes, inputs: list[str], data_inputs: list[str]
+    ) -> bool:
+        """The steps of a decomposed GELU, MatMuls by weights and their bias Adds, per-channel scales."""
+        op_type, where, out = node.op_type, _node_name(node), node.output[0]
+        step = self._gelu_step(node, attrs, inputs, data_inputs)
+        if step is not None:
+            source, done = step
+            if done < len(_GELU_STEPS):
+                self.gelu[out] = (source, done)
+            else:
+                shape = self._ir_layer_shape(source, node)
+                self.alias[out] = self._add_layer(where, Op.GELU, [self.alias[source]], shape, shape, {})
+                if source in self.channels_last:
+                    self.channels_last.add(out)
+            return True
+        for value in data_inputs:
+            if value in self.gelu:
+                raise UnsupportedOperator(
+                    op_type, where, f"its input {value!r} is part of a GELU; only a whole GELU is supported"
+                )
+        if op_type == "Erf":
+            raise UnsupportedOperator("Erf", where, "Erf is only supported as part of a GELU")
+        if op_type in _UNARY and _UNARY[op_type] in ACTIVATIONS and data_inputs[0] in self.channels_last:
+            shape = self._ir_layer_shape(data_inputs[0], node)
+            self.alias[out] = self._add_layer(
+                where, _UNARY[op_type], [self.alias[data_inputs[0]]], shape, shape, {}
+            )
+            self.channels_last.add(out)
+            return True
+        if len(inputs) != 2 or len(data_inputs) != 1:
+            return False
+        (source,) = data_inputs
+        constant = next(v for v in inputs if v != source)
+        if constant not in self.constants:
+            return False
+        dims = tuple(self.constants[constant].dims)
+        if op_type == "MatMul" and inputs[0] == source and len(dims) == 2:
+            shape = self._shape(source, node)
+            if source in self.channels_last or len(shape) == 2:
+                op = Op.CONV2D if source in self.channels_last else Op.LINEAR
+                in_shape = self._ir_layer_shape(source, node)
+                out_shape = (in_shape[0], dims[1], *in_shape[2:])
+                name = self._add_layer(where, op, [self.alias[source]], in_shape, out_shape, {})
+                self.alias[out] = name
+                if source in self.channels_last:
+                    self.channels_last.add(out)
+                if self.consumers[out] == 1:
+                    self.biasable[out] = name
+                return True
+        per_channel = self._per_channel(source, dims, node)
+        if op_type == "Add" and source in self.biasable and per_channel:
+            name = self.biasable.pop(source)
+            layer = self.layer_by_name[name].model_copy(update={"bias": True})
+            self.layers[self.layers.index(self.layer_by_name[name])] = layer
+            self.layer_by_name[name] = layer
+            self._view(out, source)
+            return True
+        if op_type == "Mul" and per_channel:  # a layer scale: one factor per channel
+            shape = self._ir_layer_shape(source, node)
+            self.alias[out] = self._add_layer(where, Op.BATCHNORM2D, [self.alias[source]], shape, shape, {})
+            if source in self.channels_last:
+                self.channels_last.add(out)
+            return True
+        return False
+
+    def _gelu_step(
+        self, node: onnx.NodeProto, attrs: _Attributes, inputs: list[str], data_inputs: list[str]
+    ) -> tuple[str, int] | None:
+        """(the GELU's input, steps done) when `node` is the next step of a decomposed GELU, else None."""
+        op_type = node.op_type
+        if op_type not in ("Div", "Erf", "Add", "Mul") or not 1 <= len(data_inputs) <= 2:
+            return None
+        partial = [v for v in data_inputs if v in self.gelu]
+        if len(partial) != 1:
+            if op_type == "Div" and len(data_inputs) == 1 and inputs[0] == data_inputs[0]:
+                source = data_inputs[0]
+                if source in self.alias and self._constant_operand_is(inputs[1], _GELU_STEPS[0][1], attrs):
+                    return source, 1
+            return None
+        (value,) = partial
+        source, done = self.gelu[value]
+        if done >= len(_GELU_STEPS) or _GELU_STEPS[done][0] != op_type:
+            return None
+        expected = _GELU_STEPS[done][1]
+        others = [v for v in inputs if v != value]
+        if expected is None:
+            if op_type == "Erf" or others == [source]:
+                return source, done + 1
+            return None
+        if len(others) == 1 and self._constant_operand_is(others[0], expected, attrs):
+            return source, done + 1
+        return None
+
+    def _constant_operand_is(self, value: str, expected: float | None, attrs: _Attributes) -> bool:
+        if expected is None or value not in self.constants or _numel(tuple(self.constants[value].dims)) != 1:
+            return False
+        return abs(_constant_number(self.constants[value], attrs) - expected) < 1e-3
+
+    def _per_channel(self, source: str, dims: tuple[int, ...], node: onnx.NodeProto) -> bool:
+        """A constant of `dims` broadcasts one value per channel over `source`."""
+        if source not in self.alias:
+            return False
+        channels = self._ir_layer_shape(source, node)[1]
+        if source in self.channels_last:
+            return dims in ((channels,), (1, 1, 1, channels))
+        return len(self._shape(source, node)) == 4 and dims in ((channels, 1, 1), (1, channels, 1, 1))
+
+    def _ir_layer_shape(self, value: str, node: onnx.NodeProto) -> tuple[int, ...]:
+        """The (N, C, H, W) or (N, F) shape of a value, its channels-last layout put back."""
+        shape = self._shape(value, node)
+        if value in self.channels_last:
+            return shape[0], shape[3], shape[1], shape[2]
+        return self._layer_shape(value, node)
+
+    def _view(self, value: str, source: str) -> None:
+        """`value` holds what `source` holds, in the same layout."""
+        if source in self.grouped:
+            self.grouped[value] = self.grouped[source]
+            return
+        self.alias[value] = self.alias[source]
+        if source in self.channels_last:
+            self.channels_last.add(value)
+        if source in self.channels_swapped:
+            self.channels_swapped.add(value)
+
+    def _convert_view(self, node: onnx.NodeProto, attrs: _Attributes, source: str) -> bool:
+        """Reshapes and transposes of a channel shuffle, channels-last permutes and layer norms."""
+        op_type, where = node.op_type, _node_name(node)
+        out = node.output[0]
+        if op_type == "Transpose":
+            rank = len(self._shape(source, node))
+            perm = tuple(attrs.get_axes("perm")) if "perm" in attrs else tuple(range(rank))[::-1]
+            if source in self.grouped and perm == _SWAP_CHANNEL_GROUPS:
+                tensor, groups, transposed = self.grouped[source]
+                self.grouped[out] = (tensor, groups, not transposed)
+            elif (
+                source in self.alias
+                and rank == 4
+                and not (source in self.channels_last or source in self.channels_swapped)
+                and perm == _TO_CHANNELS_LAST
+            ):
+                self.alias[out] = self.alias[source]
+                self.channels_last.add(out)
+            elif source in self.channels_last and perm == _TO_CHANNELS_FIRST:
+                self.alias[out] = self.alias[source]
+            elif source in self.alias and rank == 4 and perm == _SWAP_CHANNELS_AND_WIDTH:
+                if source in self.channels_swapped:
+                    self.alias[out] = self.alias[source]
+                elif source not in self.channels_last:
+                    self.alias[out] = self.alias[source]
+                    self.channels_swapped.add(out)
+                else:
+                    raise UnsupportedOperator(op_type, where, "a transpose of a channels-last tensor")
+            elif perm == tuple(range(rank)):
+                self._view(out, source)
+            else:
+                raise UnsupportedOperator(
+                    op_type,
+                    where,
+                    f"only (N, C, H, W) <-> (N, H, W, C) transposes and channel shuffles are supported, got perm {list(perm)}",
+                )
+            return True
+        if op_type == "Reshape" and source in self.grouped:
+            tensor, groups, transposed = self.grouped[source]
+            out_shape = self._layer_shape(out, node)
+            if len(out_shape) != 4:
+                raise UnsupportedOperator(
+                    op_type, where, "a 5-D view of the channels must be reshaped back to (N, C, H, W)"
+                )
+            if not transposed:
+                self.alias[out] = tensor
+            else:
+                self.alias[out] = self._add_layer(
+                    where, Op.CHANNEL_SHUFFLE, [tensor], out_shape, out_shape, {"groups": groups}
+                )
+            return True
+        if op_type == "Reshape" and not (source in self.channels_last or source in self.channels_swapped):
+            in_shape, out_shape = self._shape(source, node), self._shape(out, node)
+            if in_shape == out_shape:
+                self._view(out, source)
+                return True
+            if len(in_shape) == 4 and len(out_shape) == 5:
+                n, c, h, w = in_shape
+                if out_shape[0] == n and out_shape[3:] == (h, w) and out_shape[1] * out_shape[2] == c:
+                    self.grouped[out] = (self.alias[source], out_shape[1], False)
+                    return True
+            if len(out_shape) != 2:
+                raise UnsupportedOperator(
+                    op_type,
+                    where,
+                    f"only a flatten or the reshapes of a channel shuffle are supported, got {in_shape} -> {out_shape}",
+                )
+            return False
+        if op_type == "Softmax" and source in self.channels_swapped:
+            shape = self._shape(source, node)
+            if attrs.get_int("axis", -1 if self.opset >= 13 else 1) % 4 != 3:
+                raise UnsupportedOperator(
+                    op_type, where, "a softmax of a tensor with its channels last must run over the last axis"
+                )
+            swapped_back = (shape[0], shape[3], shape[2], shape[1])
+            self.alias[out] = self._add_layer(
+                where, Op.SOFTMAX, [self.alias[source]], swapped_back, swapped_back, {}
+            )
+            self.channels_swapped.add(out)
+            return True
+        if op_type == "LayerNormalization":
+            shape = self._shape(source, node)
+            axis = attrs.get_int("axis", -1) % max(len(shape), 1)
+            channels_last = source in self.channels_last and axis == 3
+            if not (channels_last or (len(shape) == 2 and source not in self.grouped and axis == 1)):
+                raise UnsupportedOperator(
+                    op_type,
+                    where,
+                    f"only a layer normalisation over the channels (of a channels-last map or of (N, F) "
+                    f"features) is supported, got axis {attrs.get_int('axis', -1)} of {shape}",
+                )
+            ir_shape = self._ir_layer_shape(source, node)
+            self.alias[out] = self._add_layer(
+                where, Op.LAYERNORM, [self.alias[source]], ir_shape, ir_shape, {}
+            )
+            if channels_last:
+                self.channels_last.add(out)
+            return True
+        return False
+
+    def _split(self, node: onnx.NodeProto, attrs: _Attributes, source: str) -> None:
+        """A split along channels: one slice layer per output that is used."""
+        where = _node_name(node)
+        shape = self._layer_shape(source, node)
+        axis = attrs.get_int("axis", 0)
+        if len(shape) != 4 or axis % 4 != 1:
+            raise UnsupportedOperator(
+                "Split", where, f"only a split along channels (axis 1) is supported, got axis {axis}"
+            )
+        offset = 0
+        for index, out in enumerate(node.output):
+            out_shape = self._layer_shape(out, node) if out else shape
+            if out:
+                self.alias[out] = self._add_layer(
+                    f"{where}:{index}",
+                    Op.SLICE,
+                    [self.alias[source]],
+                    shape,
+                    out_shape,
+                    {"channel_offset": offset},
+                )
+            offset += out_shape[1]
+
+    def _pad_amounts(self, node: onnx.NodeProto, attrs: _Attributes) -> tuple[int, int]:
+        """The (H, W) padding of a zero Pad of H and W, the same on both sides of each."""
+        where = _node_name(node)
+        mode = attrs.get_string("mode", "constant")
+        if "pads" in attrs:  # before opset 11
+            pads = tuple(attrs.by_name["pads"].ints)
+            value = attrs.get_float("value", 0.0)
+        else:
+            pads = tuple(int(v) for v in self._constant_input(node, attrs, 1, "pads").ravel())
+            has_value = len(node.input) > 2 and bool(node.input[2])
+            value = (
+                float(self._constant_input(node, attrs, 2, "constant_value").ravel()[0]) if has_value else 0.0
+            )
+            if len(node.input) > 3 and node.input[3]:
+                raise UnsupportedOperator("Pad", where, "the axes input is not supported; pad all four axes")
+        if mode != "constant" or value != 0.0:
+            raise UnsupportedOperator(
+                "Pad", where, f"only zero padding is supported, got mode={mode!r} value={value}"
+            )
+        if (
+            len(pads) != 8
+            or pads[:2] != (0, 0)
+            or pads[4:6] != (0, 0)
+            or pads[2:4] != pads[6:8]
+            or min(pads) < 0
+        ):
+            raise UnsupportedOperator(
+                "Pad",
+                where,
+                f"only the same padding on both sides of H and W is supported, got pads {list(pads)}",
+            )
+        return pads[2], pads[3]
+
+    def _check_softmax(self, node: onnx.NodeProto, attrs: _Attributes, source: str) -> None:
+        shape = self._layer_shape(source, node)
+        axis = attrs.get_int("axis", -1 if self.opset >= 13 else 1) % len(shape)
+        # Before opset 13 a softmax runs over all axes from `axis` on: over channels only when H = W = 1.
+        over_channels = axis == 1 and (self.opset >= 13 or len(shape) == 2 or shape[2:] == (1, 1))
+        if not over_channels:
+            raise UnsupportedOperator(
+                "Softmax",
+                _node_name(node),
+                f"only a softmax over channels (axis 1) is supported, got axis {attrs.get_int('axis', -1)} "
+                f"of {shape} at opset {self.opset}",
+            )
+
+    def _slice_offset(self, node: onnx.NodeProto, attrs: _Attributes, source: str) -> int:
+        """The first channel a Slice of channels reads; anything else is refused."""
+        where = _node_name(node)
+        in_shape = self._layer_shape(source, node)
+        out_shape = self._layer_shape(node.output[0], node)
+        if "starts" in attrs:  # before opset 10
+            starts = list(attrs.by_name["starts"].ints)
+            axes = list(attrs.by_name["axes"].ints) if "axes" in attrs else list(range(len(starts)))
+            steps = [1] * len(starts)
+        else:
+            starts = [int(v) for v in self._constant_input(node, attrs, 1, "starts").ravel()]
+            has_axes = len(node.input) > 3 and bool(node.input[3])
+            has_steps = len(node.input) > 4 and bool(node.input[4])
+            axes_values = (
+                self._constant_input(node, attrs, 3, "axes").ravel() if has_axes else range(len(starts))
+            )
+            axes = [int(v) for v in axes_values]
+            steps = (
+                [int(v) for v in self._constant_input(node, attrs, 4, "steps").ravel()]
+                if has_steps
+                else [1] * len(starts)
+            )
+        rank = len(in_shape)
+        channel_axes = [i for i, axis in enumerate(axes) if axis % rank == 1]
+        only_channels = in_shape[0] == out_shape[0] and in_shape[2:] == out_shape[2:]
+        if len(channel_axes) != 1 or not only_channels or steps[channel_axes[0]] != 1:
+            raise UnsupportedOperator(
+                "Slice",
+                where,
+                f"only a contiguous slice of the channels is supported, got {in_shape} -> {out_shape}",
+            )
+        start = starts[channel_axes[0]]
+        start = start + in_shape[1] if start < 0 else start
+        return min(max(start, 0), in_shape[1])
+
+    def _resize_op(self, node: onnx.NodeProto, attrs: _Attributes, source: str) -> Op:
+        where = _node_name(node)
+        mode = attrs.get_string("mode", "nearest")
+        in_shape = self._layer_shape(source, node)
+        out_shape = self._layer_shape(node.output[0], node)
+        if mode not in _RESIZE_MODES:
+            raise UnsupportedOperator(
+                node.op_type, where, f"only nearest and linear modes are supported, got {mode!r}"
+            )
+        integral = len(in_shape) == 4 and all(
+            o % i == 0 for o, i in zip(out_shape[2:], in_shape[2:], strict=True)
+        )
+        if not integral or out_shape[:2] != in_shape[:2]:
+            raise UnsupportedOperator(
+                node.op_type,
+                where,
+                f"only integer upscaling of H and W is supported, got {in_shape} -> {out_shape}",
+            )
+        return _RESIZE_MODES[mode]
+
+    def _constant_input(self, node: onnx.NodeProto, attrs: _Attributes, index: int, what: str) -> np.ndarray:
+        """The values of the constant `index`-th input of a node (its `what`), at most MAX_RANK * 2 of them."""
+        value = node.input[index] if len(node.input) > index else ""
+        if value not in self.constants:
+            raise UnsupportedOperator(node.op_type, attrs.where, f"the {what} must be a constant")
+        values = _constant_values(self.constants[value], attrs)
+        if values.size > 2 * MAX_RANK:
+            raise UnsupportedOperator(node.op_type, attrs.where, f"the {what} {value!r} has too many values")
+        return values
 
     def _add_layer(
         self,

@@ -8,6 +8,7 @@ Modules, from the bottom up:
   straight-through estimator and applied to a module by forward hooks.
 - `capacity`: the differentiable capacity proxy the planner maximises.
 - `budget`: the latency constraint (augmented Lagrangian) and the staircase-aware rounding.
+- `allocation`: the band around the uniform keep ratio that every mode's plans stay in.
 - `datafree`: inputs synthesised from BatchNorm statistics and the output-matching objective.
 - `planner`: `plan(...)` for the architecture-only and weights modes, with the verification loop.
 - `training`: `train_and_prune(...)`, W-Gates trained jointly with the network on a dataset.
@@ -15,6 +16,6 @@ Modules, from the bottom up:
 - `result`, `chart`: the JSON-serialisable `PlanResult` and its per-layer latency chart.
 - `datasets`, `smallnet`: dataset helpers and a small ResNet for digits-sized inputs.
 
-This package's `__init__` imports nothing on purpose: `lpnet.pruning` imports `lpnet.gates.errors`,
+This package's `__init__` imports nothing on purpose: `lpnet.pruning` imports `lpnet.errors`,
 and the planner imports `lpnet.pruning`; eager imports here would make that a cycle.
 """

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lpnet.arch.groups import ChannelLayout
-from lpnet.gates.errors import BudgetInfeasible
+from lpnet.errors import BudgetInfeasible
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ class WidthGrid:
         for g, value in enumerate(widths):
             below = [w for w in self.allowed(g) if w <= value + 1e-6]
             out.append(below[-1] if below else self.minimum[g])
+        return out
+
+    def ceil(self, widths: Sequence[float]) -> list[int]:
+        """The smallest allowed width at or over each value (the full width when a value is above it)."""
+        out = []
+        for g, value in enumerate(widths):
+            above = [w for w in self.allowed(g) if w >= value - 1e-6]
+            out.append(above[0] if above else self.channels[g])
         return out
 
     def nearest(self, widths: Sequence[float]) -> list[int]:

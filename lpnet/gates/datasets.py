@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lpnet.gates.errors import DatasetUnavailable
+from lpnet.errors import DatasetUnavailable
 
 # Per-channel statistics of CIFAR-10's training set, the usual normalisation.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

@@ -12,6 +12,10 @@ Modes:
 - `train`: W-Gates trained jointly with the network on a dataset; see
   `lpnet.gates.training.train_and_prune` (it needs data loaders, so it is not reachable from `plan`).
 
+Every mode plans inside the allocation band (`lpnet.gates.allocation`): each group's keep ratio stays
+within `max_skew` of the uniform keep ratio that meets the budget, and at least `min_keep_ratio`; a
+plan that cannot meet its budget inside the band says so in its warnings.
+
 Verification: with a `measure` callable (the caller owns measurement; lpnet never imports the
 profiler), the pruned network is measured; if it is over budget (or far under it), planning repeats
 for an internal budget corrected by measured / predicted, for at most `max_rounds` rounds (see
@@ -36,6 +40,16 @@ import torch
 from lpnet.arch.counting import network_cost
 from lpnet.arch.groups import ChannelLayout, apply_width_vector, channel_layout
 from lpnet.arch.ir import Network
+from lpnet.errors import BudgetInfeasible, InvalidPlanOptions, NoPrunableGroups
+from lpnet.gates.allocation import (
+    DEFAULT_MAX_SKEW,
+    DEFAULT_MIN_KEEP_RATIO,
+    GRID_FLOOR_RATIO,
+    AllocationBand,
+    AllocationPolicy,
+    BandedFit,
+    unbanded_summary,
+)
 from lpnet.gates.budget import (
     AugmentedLagrangian,
     WidthGrid,
@@ -46,7 +60,6 @@ from lpnet.gates.budget import (
 )
 from lpnet.gates.capacity import CapacityProxy
 from lpnet.gates.datafree import DataFreeConfig, optimise_gates_datafree, synthesize_inputs
-from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, NoPrunableGroups
 from lpnet.gates.result import (
     CostSummary,
     GroupPlan,
@@ -80,7 +93,10 @@ class PlanOptions:
     Attributes:
         mode: None picks `weights` when weights are given, else `architecture-only`.
         round_to: kept counts are multiples of this (and of each group's divisor).
-        min_keep_ratio: no group keeps less than this share of its channels.
+        max_skew: each group's keep ratio stays within this factor (at least 1) of the uniform keep
+            ratio that meets the budget (None: no such bound); see `lpnet.gates.allocation`.
+        min_keep_ratio: no group keeps less than this share of its channels, in (0, 1], unless the
+            budget needs a uniform keep ratio under it (the plan then warns).
         safety_margin: plan for budget * (1 - margin) from the first round (0: rely on verification).
         max_rounds: plan-and-measure rounds when a `measure` callable is given.
         verify_margin: verified plans aim at measuring budget * (1 - margin) (timing noise).
@@ -98,7 +114,8 @@ class PlanOptions:
 
     mode: PlanMode | None = None
     round_to: int = 8
-    min_keep_ratio: float = 0.05
+    max_skew: float | None = DEFAULT_MAX_SKEW
+    min_keep_ratio: float = DEFAULT_MIN_KEEP_RATIO
     safety_margin: float = 0.0
     max_rounds: int = 5
     verify_margin: float = 0.04
@@ -111,6 +128,12 @@ class PlanOptions:
     gates: WGateConfig = field(default_factory=WGateConfig)
     datafree: DataFreeConfig = field(default_factory=DataFreeConfig)
     seed: int = 0
+
+    @property
+    def allocation(self) -> AllocationPolicy:
+        """The allocation band's policy (raises InvalidPlanOptions for a skew under 1 or a minimum
+        outside (0, 1])."""
+        return AllocationPolicy(self.max_skew, self.min_keep_ratio)
 
 
 @dataclass
@@ -126,9 +149,14 @@ class PlanningProblem:
 
     @classmethod
     def build(
-        cls, network: Network, predictor: LatencyPredictor, round_to: int = 8, min_keep_ratio: float = 0.05
+        cls,
+        network: Network,
+        predictor: LatencyPredictor,
+        round_to: int = 8,
+        floor_ratio: float = GRID_FLOOR_RATIO,
     ) -> PlanningProblem:
-        """Resolve groups, tensorise, and lay out the width grid.
+        """Resolve groups, tensorise, and lay out the width grid (no group under `floor_ratio` of its
+        channels, `AllocationPolicy.grid_floor_ratio`).
 
         Raises:
             NoPrunableGroups: the network has nothing to prune.
@@ -140,7 +168,7 @@ class PlanningProblem:
                 "(every conv/linear output is the network's output or feeds it unchanged)"
             )
         tn = tensorize(network)
-        grid = width_grid(layout, round_to, min_keep_ratio)
+        grid = width_grid(layout, round_to, floor_ratio)
         return cls(network, predictor, layout, tn, grid, CapacityProxy(network, tn))
 
     def __post_init__(self) -> None:
@@ -260,9 +288,11 @@ def plan(
             `measure` callable: below the measured latency of the minimum-width network).
         NoPrunableGroups: nothing in the network can be pruned.
         WeightsMismatch: a weight tensor is missing, unknown or mis-shaped.
-        InvalidPlanOptions: e.g. the weights mode without weights, or the train mode.
+        InvalidPlanOptions: e.g. the weights mode without weights, the train mode, or an allocation
+            band that cannot be (`max_skew` under 1, `min_keep_ratio` outside (0, 1]).
     """
     options = options or PlanOptions()
+    policy = options.allocation
     start = time.perf_counter()
     if options.mode is not None:
         mode = PlanMode(options.mode)  # also accepts the mode's string value, e.g. from a JSON request
@@ -281,7 +311,7 @@ def plan(
     if not 0.0 <= options.safety_margin < 1.0:
         raise InvalidPlanOptions(f"safety_margin must be in [0, 1), got {options.safety_margin}")
     torch.manual_seed(options.seed)
-    problem = PlanningProblem.build(network, predictor, options.round_to, options.min_keep_ratio)
+    problem = PlanningProblem.build(network, predictor, options.round_to, policy.grid_floor_ratio)
     notes: list[str] = []
     try:
         min_ms = problem.check_feasible(budget_ms)
@@ -304,9 +334,11 @@ def plan(
 
     module = module_with_weights(network, weights) if weights is not None else None
     scores: list[torch.Tensor] | None = None
+    banded = BandedFit(problem, policy)
     if mode is PlanMode.WEIGHTS:
         assert module is not None
-        gate_set = GateSet(module, network, options.gates, min_kept=problem.grid.min_widths)
+        # The gates keep the band's lower edge open: channels under it never become a plan.
+        gate_set = GateSet(module, network, options.gates, min_kept=banded.band(first_budget).low)
         inputs = synthesize_inputs(module, network, options.datafree)
         outcome = optimise_gates_datafree(
             module, gate_set, problem.step_latency, first_budget, inputs, options.datafree
@@ -315,11 +347,11 @@ def plan(
         gate_target = outcome.counts
 
         def solve(internal_ms: float) -> list[int]:
-            return problem.fit(gate_target, internal_ms)
+            return banded(gate_target, internal_ms)
     else:
 
         def solve(internal_ms: float) -> list[int]:
-            return problem.fit(optimise_widths(problem, internal_ms, options), internal_ms)
+            return banded(optimise_widths(problem, internal_ms, options), internal_ms)
 
     widths, rounds, met = verification_loop(
         problem,
@@ -337,10 +369,26 @@ def plan(
         scores = group_l1_scores(module, network)
     kept = [top_k_indices(s, k) for s, k in zip(scores, widths, strict=True)] if scores is not None else None
     result = build_result(
-        problem, mode.value, budget_ms, options.round_to, widths, kept, rounds, met, min_ms, start, scores
+        problem,
+        mode.value,
+        budget_ms,
+        options.round_to,
+        widths,
+        kept,
+        rounds,
+        met,
+        min_ms,
+        start,
+        scores,
+        banded.band(selected_budget(rounds)),
     )
     result.warnings.extend(notes)
     return result
+
+
+def selected_budget(rounds: Sequence[VerificationRound]) -> float:
+    """The internal budget the selected round planned for (its plan's band is the one reported)."""
+    return next(r.internal_budget_ms for r in rounds if r.selected)
 
 
 def optimise_widths(problem: PlanningProblem, budget_ms: float, options: PlanOptions) -> list[float]:
@@ -368,7 +416,12 @@ def optimise_widths(problem: PlanningProblem, budget_ms: float, options: PlanOpt
 
 
 def calibrated_budget(
-    problem: PlanningProblem, budget_ms: float, min_ms: float, measure: MeasureFn, margin: float
+    problem: PlanningProblem,
+    budget_ms: float,
+    min_ms: float,
+    measure: MeasureFn,
+    margin: float,
+    policy: AllocationPolicy | None = None,
 ) -> tuple[float, str]:
     """The predicted latency to aim a long optimisation at so that its plan *measures* near the aim.
 
@@ -376,10 +429,12 @@ def calibrated_budget(
     and can verify them only afterwards; a verification round that then moves the widths far from
     them prunes channels the network relied on (or restores ones it learnt without). (The planned
     allocation verifies its widths before training instead.) One measurement first: the
-    architecture-only plan for the budget is measured, and the predictor's bias there, measured /
-    predicted, scales the aim (budget * (1 - margin)) into predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
+    architecture-only plan for the budget (inside the band of `policy`) is measured, and the
+    predictor's bias there, measured / predicted, scales the aim (budget * (1 - margin)) into
+    predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
     """
-    widths = problem.fit(optimise_widths(problem, budget_ms, PlanOptions()), budget_ms)
+    banded = BandedFit(problem, policy or AllocationPolicy())
+    widths = banded(optimise_widths(problem, budget_ms, PlanOptions()), budget_ms)
     predicted = problem.predicted_ms(widths)
     measured = MeasuredLatency.of(measure(apply_width_vector(problem.network, widths))).ms
     internal = max(min_ms, predicted * budget_ms * (1.0 - margin) / measured)
@@ -503,8 +558,11 @@ def build_result(
     min_ms: float,
     start: float,
     scores: Sequence[torch.Tensor] | None = None,
+    band: AllocationBand | None = None,
 ) -> PlanResult:
-    """Assemble a `PlanResult` for final widths: predictions, costs and per-layer detail."""
+    """Assemble a `PlanResult` for final widths: predictions, costs, per-layer detail, and how uneven
+    the widths are against `band` (the band the plan was held to; None: none), warning when they
+    leave it."""
     network = problem.network
     pruned = apply_width_vector(network, widths)
     before = problem.predictor.predict(network)
@@ -551,6 +609,8 @@ def build_result(
         warnings.append(
             "the budget is at or above the unpruned network's predicted latency: nothing is pruned"
         )
+    if band is not None:
+        warnings.extend(band.warnings(widths))
     with torch.no_grad():
         capacity = float(problem.capacity(torch.as_tensor([widths], dtype=torch.float32))[0])
     return PlanResult(
@@ -573,4 +633,5 @@ def build_result(
         plan_seconds=time.perf_counter() - start,
         pruned_network=pruned,
         warnings=warnings,
+        allocation=band.summary(widths) if band is not None else unbanded_summary(problem.grid, widths),
     )

@@ -176,6 +176,33 @@ class VerificationRound:
         )
 
 
+@dataclass(frozen=True)
+class AllocationSummary:
+    """How uneven a plan's keep ratios are, and the allocation band it was held to
+    (`lpnet.gates.allocation`). The band's fields are None for a plan held to no band (the train
+    mode's joint allocation).
+
+    Attributes:
+        keep_ratio_min, keep_ratio_max: the smallest and largest share of its channels any group
+            keeps (groups the grid allows a single width, narrower than one step, are left out).
+        uniform_keep_ratio: the keep ratio every group could share at the budget the plan was made
+            for: the band's centre.
+        band_low, band_high: the smallest and largest keep ratio the band allows any group, on the
+            grid of allowed widths; a plan inside the band keeps between them.
+        max_skew, min_keep_ratio: the policy the band comes from.
+        groups_outside_band: groups whose width is outside the band (the plan's `warnings` say why).
+    """
+
+    keep_ratio_min: float
+    keep_ratio_max: float
+    uniform_keep_ratio: float | None = None
+    band_low: float | None = None
+    band_high: float | None = None
+    max_skew: float | None = None
+    min_keep_ratio: float | None = None
+    groups_outside_band: list[int] = field(default_factory=list)
+
+
 @dataclass
 class PlanResult:
     """A latency-budgeted pruning plan.
@@ -194,7 +221,9 @@ class PlanResult:
         capacity: the capacity proxy of the plan (0 = unpruned; see `lpnet.gates.capacity`).
         plan_seconds: wall time of planning, verification included.
         pruned_network: the pruned architecture.
-        warnings: predictor extrapolation warnings and anything else worth a look.
+        warnings: predictor extrapolation warnings, a plan leaving its allocation band, and anything
+            else worth a look.
+        allocation: how uneven the keep ratios are, and the band they were held to.
     """
 
     mode: str
@@ -216,6 +245,7 @@ class PlanResult:
     plan_seconds: float
     pruned_network: Network
     warnings: list[str] = field(default_factory=list)
+    allocation: AllocationSummary | None = None
 
     @property
     def verified(self) -> bool:
@@ -259,5 +289,6 @@ class PlanResult:
             "capacity": self.capacity,
             "plan_seconds": self.plan_seconds,
             "warnings": list(self.warnings),
+            "allocation": asdict(self.allocation) if self.allocation is not None else None,
             "pruned_network": self.pruned_network.model_dump(mode="json") if include_network else None,
         }

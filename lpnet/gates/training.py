@@ -2,10 +2,11 @@
 
 With the planned allocation (the default):
 
-1. Widths: the architecture-only plan under the budget, kept within the skew band around the
-   uniform keep ratio, and verified by measurement when a `measure` callable is given. A network's
-   latency does not depend on its weights, so the widths are settled before any training, and the
-   gates train for exactly the widths that are pruned.
+1. Widths: the architecture-only plan under the budget, kept within the allocation band around the
+   uniform keep ratio (`lpnet.gates.allocation`, as in every mode), and verified by measurement
+   when a `measure` callable is given. A network's latency does not depend on its weights, so the
+   widths are settled before any training, and the gates train for exactly the widths that are
+   pruned.
 2. Joint training: the network's weights (SGD, the task loss) and the W-Gates (Adam) are trained
    together, the gates reading the current weights at every step; each group's open gates shrink
    from all of its channels to its planned width, the highest-scoring filters staying open.
@@ -25,7 +26,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpnet.arch.ir import Network
+from lpnet.gates.allocation import DEFAULT_MAX_SKEW, DEFAULT_MIN_KEEP_RATIO, AllocationPolicy, BandedFit
 from lpnet.gates.budget import AugmentedLagrangian, warmup_budget
 from lpnet.gates.planner import (
     MeasureFn,
@@ -43,6 +45,7 @@ from lpnet.gates.planner import (
     build_result,
     calibrated_budget,
     optimise_widths,
+    selected_budget,
     verification_loop,
 )
 from lpnet.gates.result import PlanResult, VerificationRound
@@ -85,7 +88,8 @@ class TrainPruneConfig:
             still lopsided (a group at 8 of 128 channels beside groups at full width) and lost to
             uniform widths at 0.60 and 0.80 of the latency; 1.25 keeps LPNet's say on where the
             budget's last channels go without such bottlenecks (see the README's benchmarks). The
-            same factor bounds each group's pruned share around the uniform one (`SkewBand`).
+            same factor bounds each group's pruned share around the uniform one
+            (`lpnet.gates.allocation.AllocationBand`, the band every planning mode uses).
         gate_epochs: epochs of joint training of weights and gates.
         finetune_epochs: epochs of fine-tuning after physical pruning.
         learning_rate: SGD (momentum 0.9) learning rate of the weights, cosine-decayed over joint
@@ -104,7 +108,8 @@ class TrainPruneConfig:
         noise_anneal: share of the joint-training steps over which the gates' logistic noise decays
             to zero (0 keeps it constant); the rest of the training sees the final, deterministic gates.
         round_to: kept counts are multiples of this.
-        min_keep_ratio: no group keeps less than this share.
+        min_keep_ratio: with the planned allocation, no group keeps less than this share of its
+            channels unless the budget needs a uniform ratio under it (part of the same band).
         max_rounds: plan-and-measure rounds when measuring.
         verify_margin: verified plans aim at measuring budget * (1 - margin).
         verify_timings: timings of a plan that could end verification (the median is judged).
@@ -117,7 +122,7 @@ class TrainPruneConfig:
     """
 
     allocation: str = "planned"
-    max_skew: float | None = 1.25
+    max_skew: float | None = DEFAULT_MAX_SKEW
     gate_epochs: int = 5
     finetune_epochs: int = 5
     learning_rate: float = 0.05
@@ -128,7 +133,7 @@ class TrainPruneConfig:
     capacity_weight: float = 0.5
     budget_warmup: float = 0.5
     round_to: int = 8
-    min_keep_ratio: float = 0.05
+    min_keep_ratio: float = DEFAULT_MIN_KEEP_RATIO
     noise_anneal: float = 0.8
     max_rounds: int = 5
     verify_margin: float = 0.04
@@ -287,87 +292,9 @@ def _length(batches: Batches) -> int:
         return 1
 
 
-def uniform_ratio(problem: PlanningProblem, budget_ms: float, iterations: int = 30) -> float:
-    """The largest share r of every group's channels (at least its minimum), floored onto the grid,
-    predicted within the budget.
-
-    Widths off the grid are outside what LPNet was fitted on (a fitted predictor put a tiny
-    network at 0.4 of its widths, unrounded, at 6.2 ms and the same widths floored at 1.2 ms), so
-    the search runs on grid widths; flooring is monotone in r, so bisection still applies.
-    """
-    full, low = problem.grid.full_widths, problem.grid.min_widths
-
-    def widths(ratio: float) -> list[int]:
-        return problem.grid.floor([max(m, f * ratio) for f, m in zip(full, low, strict=True)])
-
-    lo, hi = 0.0, 1.0
-    if problem.predicted_ms(widths(1.0)) <= budget_ms:
-        return 1.0
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if problem.predicted_ms(widths(mid)) <= budget_ms:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-@dataclass(frozen=True)
-class SkewBand:
-    """Per group, the fewest (`low`) and most (`high`) channels whose keep ratio is within a factor
-    of the uniform ratio r LPNet predicts at a budget (`uniform_ratio`), and whose pruned share is
-    within the same factor of 1 - r, never outside the grid.
-
-    The second bound matters at mild pruning: at r = 0.85 a factor of 1.25 on the keep ratio alone
-    admits 0.68, more than twice the channels uniform widths remove, on LPNet's word about where
-    channels are cheap; with it the keep ratio stays within [0.81, 0.88]. Under r = 0.5 the first
-    bound is the tighter one.
-
-    The plan's target is clamped into the band, and rounding adds channels back only up to `high`:
-    rounding takes the steps LPNet says cost least first, those it says cost nothing first of all,
-    and without the ceiling would undo the bound (a group back at full width).
-    """
-
-    low: list[float]
-    high: list[float]
-
-    @classmethod
-    def at(cls, problem: PlanningProblem, budget_ms: float, max_skew: float | None) -> SkewBand | None:
-        """The band at `budget_ms`, or None when `max_skew` is None (no bound)."""
-        if max_skew is None:
-            return None
-        return cls.around(problem, uniform_ratio(problem, budget_ms), max_skew)
-
-    @classmethod
-    def around(cls, problem: PlanningProblem, ratio: float, max_skew: float) -> SkewBand:
-        """The band around a uniform keep ratio `ratio`."""
-        least = max(ratio / max_skew, 1.0 - (1.0 - ratio) * max_skew)
-        most = min(ratio * max_skew, 1.0 - (1.0 - ratio) / max_skew, 1.0)
-        full, low = problem.grid.full_widths, problem.grid.min_widths
-        return cls(
-            low=[float(min(f, max(m, f * least))) for f, m in zip(full, low, strict=True)],
-            high=[float(f * most) for f in full],
-        )
-
-    def clamp(self, target: Sequence[float]) -> list[float]:
-        """`target` moved into the band (where the band is empty, its lower edge wins)."""
-        return [max(lo, min(hi, t)) for t, lo, hi in zip(target, self.low, self.high, strict=True)]
-
-
-def fit_within_skew(
-    problem: PlanningProblem, target: Sequence[float], budget_ms: float, max_skew: float | None
-) -> list[int]:
-    """Grid widths near `target` under `budget_ms`, inside the skew band at that budget (`SkewBand`).
-
-    The target is clamped into the band, rounding adds channels back only up to its upper edge, and
-    an over-budget target shrinks towards its lower edge: shrinking towards the grid's minimum and
-    adding back the steps LPNet called cheapest left groups at half the uniform ratio beside groups
-    near full width ([56, 56, 120, 72, 128, 240] at 0.80 on digits). No band: `PlanningProblem.fit`.
-    """
-    band = SkewBand.at(problem, budget_ms, max_skew)
-    if band is None:
-        return problem.fit(target, budget_ms)
-    return problem.fit(band.clamp(target), budget_ms, band.high, band.low)
+def planned_widths(banded: BandedFit, budget_ms: float, seed: int = 0) -> list[int]:
+    """The planned allocation's widths for a budget: the architecture-only plan inside the band."""
+    return banded(optimise_widths(banded.problem, budget_ms, PlanOptions(seed=seed)), budget_ms)
 
 
 def train_and_prune(
@@ -394,17 +321,17 @@ def train_and_prune(
     Raises:
         BudgetInfeasible: the budget is below the predicted latency at minimum widths.
         NoPrunableGroups: nothing to prune.
+        ValueError: an unknown allocation.
+        InvalidPlanOptions: `max_skew` under 1, or `min_keep_ratio` outside (0, 1].
     """
     config = config or TrainPruneConfig()
     if config.allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {config.allocation!r}")
-    if config.max_skew is not None and not config.max_skew >= 1.0:
-        raise ValueError(
-            f"max_skew must be at least 1 (a factor around the uniform ratio), got {config.max_skew}"
-        )
+    policy = AllocationPolicy(config.max_skew, config.min_keep_ratio)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    problem = PlanningProblem.build(network, predictor, config.round_to, config.min_keep_ratio)
+    problem = PlanningProblem.build(network, predictor, config.round_to, policy.grid_floor_ratio)
+    banded = BandedFit(problem, policy)
     min_ms = problem.check_feasible(budget_ms)
     accuracy_before = evaluate_accuracy(module, val_batches)
     planned = config.allocation == "planned"
@@ -432,13 +359,14 @@ def train_and_prune(
         # to rely on, or restore ones it learnt without (in the digits benchmark, accuracy right
         # after pruning fell up to 7 points below the gated network's when a round moved the widths).
         def plan_widths(internal_ms: float) -> list[int]:
-            target = optimise_widths(problem, internal_ms, PlanOptions(seed=config.seed))
-            return fit_within_skew(problem, target, internal_ms, config.max_skew)
+            return planned_widths(banded, internal_ms, config.seed)
 
         first_ms = budget_ms if measure is None else max(min_ms, budget_ms * (1.0 - config.verify_margin))
         planned_counts, rounds, met = verify(first_ms, plan_widths)
     elif measure is not None:
-        gate_budget, note = calibrated_budget(problem, budget_ms, min_ms, measure, config.verify_margin)
+        gate_budget, note = calibrated_budget(
+            problem, budget_ms, min_ms, measure, config.verify_margin, policy
+        )
         notes.append(note)
 
     model = copy.deepcopy(module)
@@ -554,6 +482,8 @@ def train_and_prune(
         min_ms,
         start,
         scores,
+        # The joint allocation's counts are the gates' own: they are reported, not held to the band.
+        banded.band(selected_budget(rounds)) if planned else None,
     )
     result.warnings.extend(notes)
     return TrainedPlan(

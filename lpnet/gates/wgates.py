@@ -26,7 +26,7 @@ from torch import nn
 
 from lpnet.arch.groups import ChannelLayout, channel_layout
 from lpnet.arch.ir import Network, Op
-from lpnet.gates.errors import NoPrunableGroups
+from lpnet.errors import NoPrunableGroups
 from lpnet.pruning import layer_modules
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ import json
 import struct
 from typing import Any
 
-import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -17,8 +16,8 @@ from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 
 ARTIFACT_FORMAT = "lpnet-predictor"
 # Bump when the layout of the tensors or the header changes; readers say which versions they read.
-ARTIFACT_VERSION = 1
-READABLE_ARTIFACT_VERSIONS = frozenset({1})
+ARTIFACT_VERSION = 2
+READABLE_ARTIFACT_VERSIONS = frozenset({2})
 
 
 class ArtifactError(LpnetError):
@@ -93,8 +92,6 @@ def load_predictor(data: bytes) -> LatencyPredictor:
     tensors = load_tensors(data)
     model = LPNet(config)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    # Artifacts written before per-layer bounds existed predict unbounded, as they did then.
-    state.setdefault("layer_log_ms_bounds", torch.tensor([-30.0, 30.0]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
@@ -106,9 +103,3 @@ def load_predictor(data: bytes) -> LatencyPredictor:
         feature_max=tensors["domain.feature_max"],
     )
     return LatencyPredictor(model, domain)
-
-
-def artifact_extra(data: bytes) -> dict[str, Any]:
-    """The `extra` JSON stored with an artifact (metrics, fingerprints...)."""
-    extra: dict[str, Any] = json.loads(read_header(data).get("extra", "{}"))
-    return extra

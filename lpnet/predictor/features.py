@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lpnet.arch.counting import attention_cost
 from lpnet.arch.groups import channel_layout
 from lpnet.arch.ir import ACTIVATIONS, ELEMENTWISE_BINARY, Layer, Network, Op
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
 OPS: tuple[Op, ...] = tuple(Op)
 OP_INDEX: dict[Op, int] = {op: i for i, op in enumerate(OPS)}
 # Operators that cost alike (per element, per window...). An op no training network had (relu6 when
@@ -37,6 +38,15 @@ OP_CLASSES: dict[str, frozenset[Op]] = {
     "binary": ELEMENTWISE_BINARY,
     "concat": frozenset({Op.CONCAT}),
     "reshape": frozenset({Op.FLATTEN}),
+    # Copies of (part of) a tensor to a new layout.
+    "data_movement": frozenset({Op.SLICE, Op.CHANNEL_SHUFFLE, Op.PAD}),
+    # Normalisations across the channels at each position.
+    "channel_norm": frozenset({Op.LAYERNORM, Op.LRN, Op.SOFTMAX}),
+    "resize": frozenset({Op.UPSAMPLE_NEAREST, Op.UPSAMPLE_BILINEAR}),
+    # Re-arrangements of positions: token sequences, the class token and its read, patch merging.
+    "token_movement": frozenset({Op.TOKENS, Op.CLASS_TOKEN, Op.TOKEN_SELECT, Op.SPACE_TO_DEPTH}),
+    "embedding": frozenset({Op.POSITION_EMBEDDING}),
+    "attention": frozenset({Op.ATTENTION}),
 }
 OP_CLASS: dict[Op, str] = {op: name for name, members in OP_CLASSES.items() for op in members}
 NUMERIC_FEATURES: tuple[str, ...] = (
@@ -78,6 +88,18 @@ def channel_basis(channels: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.log(c), torch.cos(a8), torch.sin(a8), torch.cos(a16), torch.sin(a16)], dim=-1)
 
 
+# Ops whose work per output element is their kernel window.
+WINDOWED_OPS: frozenset[Op] = frozenset({Op.MAXPOOL2D, Op.AVGPOOL2D, Op.LRN})
+_WORK_FEATURES = [_F["log_macs"], _F["log_in_elements"], _F["log_out_elements"], _F["log_params"]]
+
+
+def work_terms(features: torch.Tensor) -> torch.Tensor:
+    """(..., F) raw features -> (..., 2): log MACs and log elements moved (inputs, outputs, weights)."""
+    picked = features[..., _WORK_FEATURES]
+    moved = torch.logsumexp(picked[..., 1:], dim=-1)
+    return torch.stack([picked[..., 0], moved], dim=-1)
+
+
 def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """const (L, F), in_coef (L, F, K) and out_coef (L, F, K) of every layer, vectorised."""
     n_l, n_f, n_k = len(layers), len(NUMERIC_FEATURES), len(BASIS)
@@ -108,6 +130,7 @@ def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarra
     conv = op_index == OP_INDEX[Op.CONV2D]
     linear = op_index == OP_INDEX[Op.LINEAR]
     batchnorm = op_index == OP_INDEX[Op.BATCHNORM2D]
+    windowed = np.isin(op_index, [OP_INDEX[op] for op in WINDOWED_OPS])
 
     cin[:, _F["log_in_channels"], 0] = 1.0
     cout[:, _F["log_out_channels"], 0] = 1.0
@@ -133,7 +156,22 @@ def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarra
     for feature in ("log_macs", "log_params"):
         cout[conv | linear, _F[feature], 0] = 1.0
         cin[dense | linear, _F[feature], 0] = 1.0
+    # Every other op's work: one operation per output element and window position (a pool's kernel,
+    # the input positions per output for an adaptive pool, one for elementwise ops and data movement).
+    other = ~(conv | linear)
+    reducing = op_index == OP_INDEX[Op.ADAPTIVE_AVGPOOL2D]
+    window = np.where(windowed, kernel, np.where(reducing, np.maximum(in_area / out_area, 1.0), 1.0))
+    const[other, _F["log_macs"]] = np.log(batch * out_area[other] * window[other])
+    cout[other, _F["log_macs"], 0] = 1.0
     cout[batchnorm, _F["log_params"], 0] = 1.0
+    # An attention's work is not a product of its channel counts (projections grow with C^2, scores
+    # with the window): its counts are pinned (never pruned), so its MACs and weights are constants.
+    for index, layer in enumerate(layers):
+        if layer.op is Op.ATTENTION:
+            cost = attention_cost(layer, batch)
+            for feature, value in (("log_macs", cost.macs), ("log_params", cost.params)):
+                const[index, _F[feature]] = math.log(max(value, 1))
+                cin[index, _F[feature], 0] = cout[index, _F[feature], 0] = 0.0
     for prefix, coef in (("in", cin), ("out", cout)):
         for k, basis in enumerate(BASIS[1:], start=1):
             coef[:, _F[f"{prefix}_{basis}"], k] = 1.0

@@ -1,19 +1,35 @@
 """LPNet: a layer-level latency network whose per-layer predictions plus a learned overhead sum to
-the network latency. An ensemble of members gives an interval."""
+the network latency. An ensemble of members gives an interval.
+
+Each layer's time is a physical base times a bounded learned correction:
+
+    ms = (e^a[op] * MACs + e^b[op] * elements moved + e^d[op]) * exp(B * tanh(mlp(features) / B))
+
+The base is work over throughput: a compute rate, a memory rate and a per-call cost per operator,
+fitted on the device's measurements. The MLP learns what the base cannot (SIMD staircases in the
+channel count, cache effects, kernel choice), but only within a factor e^B either way. Far from the
+training data the correction saturates and the prediction falls back to the base, which scales with
+the work instead of exploding or collapsing the way an unconstrained network on log features does.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from lpnet.predictor.features import NUMERIC_FEATURES, OPS, TensorizedNetwork, channel_basis
+from lpnet.predictor.features import NUMERIC_FEATURES, OPS, TensorizedNetwork, channel_basis, work_terms
 
 # Channel counts are packed into 16-bit fields of one int64 key by the fast batch path.
 _CHANNEL_BITS = 16
 # Below this many (vector, layer) rows the plain batched path is faster than deduplication.
 _GENERAL_PATH_ROWS = 20_000
+# The learned correction multiplies the base by at most this factor, either way.
+CORRECTION_FACTOR = 4.0
+# Base terms per layer: MACs, elements moved, one call.
+BASE_TERMS = 3
 
 
 @dataclass(frozen=True)
@@ -29,8 +45,14 @@ class LPNetConfig:
         return asdict(self)
 
 
+def bounded_correction(raw: torch.Tensor) -> torch.Tensor:
+    """Log-correction in (-log F, log F) for an unbounded MLP output."""
+    bound = math.log(CORRECTION_FACTOR)
+    return bound * torch.tanh(raw / bound)
+
+
 class LayerLatencyMLP(nn.Module):
-    """One ensemble member: per-layer log-latency from op type and numeric features."""
+    """One ensemble member: per-layer log-latency as a base from the work plus a bounded correction."""
 
     first: nn.Linear
     head: nn.Linear
@@ -44,20 +66,39 @@ class LayerLatencyMLP(nn.Module):
             deeper += [nn.SiLU(), nn.Linear(config.hidden, config.hidden)]
         self.deeper = nn.Sequential(*deeper)
         self.head = nn.Linear(config.hidden, 1)
+        with torch.no_grad():  # the correction starts at zero: the member starts as its base
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+        # log ms per MAC, per element moved and per call, by op (set from the data before fitting).
+        self.log_rates = nn.Parameter(torch.zeros(len(OPS), BASE_TERMS))
         # Per-node framework overhead (ms) by op, and a per-network constant: the part of a
         # network's latency that its layers, timed in context, do not account for.
         self.node_overhead = nn.Parameter(torch.zeros(len(OPS)))
         self.network_overhead = nn.Parameter(torch.zeros(()))
 
-    def layer_log_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
-        """Per-layer log-milliseconds; features (..., F) normalised, ops (...,) -> (...)."""
+    def correction(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+        """Bounded log-correction; features (..., F) normalised, ops (...,) -> (...)."""
         x = torch.cat([features, self.embed(ops)], dim=-1)  # (..., F + E)
         hidden = self.deeper(self.first(x))
-        return self.head(torch.nn.functional.silu(hidden)).squeeze(-1)
+        return bounded_correction(self.head(torch.nn.functional.silu(hidden)).squeeze(-1))
+
+    def base_log_ms(self, work: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+        """log of the base time; work (..., 2) log MACs and log elements moved, ops (...,) -> (...)."""
+        return base_log_ms(work, self.log_rates[ops])
+
+    def layer_log_ms(self, features: torch.Tensor, work: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 2), ops (...,) -> (...)."""
+        return self.base_log_ms(work, ops) + self.correction(features, ops)
 
     def overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer share of the framework overhead (...,) in ms."""
         return self.node_overhead[ops]
+
+
+def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor) -> torch.Tensor:
+    """log(e^a MACs + e^b elements + e^d): work (..., 2), log_rates (..., 3) -> (...)."""
+    terms = torch.cat([work, torch.zeros_like(work[..., :1])], dim=-1) + log_rates
+    return torch.logsumexp(terms, dim=-1)
 
 
 class LPNet(nn.Module):
@@ -66,7 +107,6 @@ class LPNet(nn.Module):
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     interval_scale: torch.Tensor
-    layer_log_ms_bounds: torch.Tensor
 
     def __init__(self, config: LPNetConfig) -> None:
         super().__init__()
@@ -76,12 +116,6 @@ class LPNet(nn.Module):
         self.register_buffer("feature_std", torch.ones(len(NUMERIC_FEATURES)))
         # Multiplier on the ensemble's log-space spread so intervals reach their stated coverage.
         self.register_buffer("interval_scale", torch.tensor(2.0))
-        # Per-layer log-ms predictions are clamped to a margin around what training saw: far from
-        # its data an exponential output can otherwise explode by orders of magnitude.
-        self.register_buffer("layer_log_ms_bounds", torch.tensor([-30.0, 30.0]))
-
-    def bounded(self, layer_log_ms: torch.Tensor) -> torch.Tensor:
-        return layer_log_ms.clamp(float(self.layer_log_ms_bounds[0]), float(self.layer_log_ms_bounds[1]))
 
     @property
     def members(self) -> list[LayerLatencyMLP]:
@@ -93,13 +127,16 @@ class LPNet(nn.Module):
     def member_layer_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
         x = self.normalise(features)
+        work = work_terms(features)
         if self.config.depth == 1:
-            return torch.exp(self.bounded(self._stacked_layer_log_ms(x, ops)))
+            rates = torch.stack([m.log_rates[ops] for m in self.members])  # (K, L, 3)
+            base = base_log_ms(work.unsqueeze(0), rates.unsqueeze(1))  # (K, B, L)
+            return torch.exp(base + self._stacked_correction(x, ops))
         ops_b = ops.expand(x.shape[:-1])
-        return torch.stack([torch.exp(self.bounded(m.layer_log_ms(x, ops_b))) for m in self.members])
+        return torch.stack([torch.exp(m.layer_log_ms(x, work, ops_b)) for m in self.members])
 
-    def _stacked_layer_log_ms(self, x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
-        """`layer_log_ms` of every one-hidden-layer member at once: x (B, L, F) normalised -> (K, B, L).
+    def _stacked_correction(self, x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+        """`correction` of every one-hidden-layer member at once: x (B, L, F) normalised -> (K, B, L).
 
         The same arithmetic as the members one by one, as a few batched products instead of five
         small forwards each: what keeps one prediction of a new network within a couple of ms.
@@ -113,7 +150,8 @@ class LPNet(nn.Module):
         hidden = torch.einsum("blf,khf->kblh", x, weight[:, :, :n_feat]) + per_layer[:, None]  # (K, B, L, H)
         head = torch.stack([m.head.weight[0] for m in members])  # (K, H)
         bias = torch.stack([m.head.bias[0] for m in members])  # (K,)
-        return torch.einsum("kblh,kh->kbl", torch.nn.functional.silu(hidden), head) + bias[:, None, None]
+        raw = torch.einsum("kblh,kh->kbl", torch.nn.functional.silu(hidden), head) + bias[:, None, None]
+        return bounded_correction(raw)
 
     def member_overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
         """Network overhead of every member for a layer list (L,) -> (K,)."""
@@ -128,9 +166,7 @@ class LPNet(nn.Module):
         """Network ms of every member for many integer width vectors (B, G) -> (K, B), no gradient.
 
         Each layer's latency depends only on its (input, output) channel counts, so it is computed
-        once per distinct (layer, in, out) triple; with one hidden layer the first layer's
-        pre-activation splits into an input-channel part and an output-channel part, each computed
-        once per distinct (layer, count) pair. Exact, and much faster than the general path.
+        once per distinct (layer, in, out) triple. Exact, and much faster than the general path.
         """
         in_c, out_c = tn.channels(widths)  # (B, L)
         in_i = in_c.round().long()
@@ -147,30 +183,18 @@ class LPNet(nn.Module):
         u_layer = triples >> (2 * _CHANNEL_BITS)
         u_in = (triples >> _CHANNEL_BITS) & (limit - 1)
         u_out = triples & (limit - 1)
-        # (U, 2K): basis of each triple's input and output counts. Triples come sorted by layer.
-        basis = torch.cat([channel_basis(u_in.float()), channel_basis(u_out.float())], dim=-1)
-        rows_per_layer = torch.bincount(u_layer, minlength=num_layers).tolist()
-        basis_by_layer = torch.split(basis, rows_per_layer)
-        inv_std = 1.0 / self.feature_std
-        n_feat = len(NUMERIC_FEATURES)
-        coef = torch.cat([tn.in_coef, tn.out_coef], dim=-1)  # (L, F, 2K)
-        results = []
         with torch.no_grad():
+            # Raw features of each triple: the layer's affine map of the channel bases.
+            features = (
+                tn.const[u_layer]
+                + torch.einsum("uk,ufk->uf", channel_basis(u_in.float()), tn.in_coef[u_layer])
+                + torch.einsum("uk,ufk->uf", channel_basis(u_out.float()), tn.out_coef[u_layer])
+            )  # (U, F)
+            x = self.normalise(features)
+            work = work_terms(features)  # (U, 2)
+            u_ops = tn.ops[u_layer]
+            results = []
             for member in self.members:
-                w_feat = member.first.weight[:, :n_feat] * inv_std  # (H, F): normalisation folded in
-                w_emb = member.first.weight[:, n_feat:]  # (H, E)
-                base = (tn.const - self.feature_mean) @ w_feat.T + member.embed(tn.ops) @ w_emb.T
-                base = base + member.first.bias  # (L, H)
-                per_layer_map = torch.einsum("hf,lfk->lkh", w_feat, coef)  # (L, 2K, H)
-                # First layer of the MLP, layer by layer: a (rows, 2K) @ (2K, H) product each.
-                pre = torch.cat(
-                    [
-                        torch.addmm(base[i], rows, per_layer_map[i])
-                        for i, rows in enumerate(basis_by_layer)
-                        if len(rows)
-                    ]
-                )  # (U, H)
-                layer_log = member.head(torch.nn.functional.silu(pre, inplace=True)).squeeze(-1)  # (U,)
-                layer_ms = torch.exp(self.bounded(layer_log))
+                layer_ms = torch.exp(member.layer_log_ms(x, work, u_ops))  # (U,)
                 results.append(layer_ms[triple_of].reshape(batch, num_layers).sum(-1))  # (B,)
             return torch.stack(results) + self.member_overhead_ms(tn.ops)[:, None]

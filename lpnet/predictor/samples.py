@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lpnet.arch.generator import EVALUATION_FAMILY, PROFILING_FAMILY
 from lpnet.arch.ir import Network
 from lpnet.predictor.features import tensorize
+
+GENERATED_FAMILIES = frozenset({PROFILING_FAMILY, EVALUATION_FAMILY})
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,12 @@ class NetworkSample:
 
     @property
     def group(self) -> str:
-        """The family used to split by architecture (leave-one-family-out)."""
-        return self.family or self.network.family or self.network.name or "unknown"
+        """The architecture used to split by (leave-one-family-out): the family, or for a generated
+        network its own name, since every generator seed is an architecture of its own."""
+        family = self.family or self.network.family
+        if family in GENERATED_FAMILIES and self.network.name:
+            return self.network.name
+        return family or self.network.name or "unknown"
 
 
 @dataclass

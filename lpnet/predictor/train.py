@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from sklearn.linear_model import LinearRegression
 
 from lpnet.arch.ir import Op
 from lpnet.errors import LpnetError
-from lpnet.predictor.features import OP_CLASS, OP_INDEX, OPS
+from lpnet.predictor.features import OP_CLASS, OP_INDEX, OPS, work_terms
 from lpnet.predictor.model import LPNet, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
@@ -19,7 +20,7 @@ from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
 logger = logging.getLogger(__name__)
 
 MIN_NETWORK_SAMPLES = 20
-# Intervals are calibrated on held-out networks to cover this share of them.
+# Intervals are calibrated on held-out architectures to cover this share of their networks.
 INTERVAL_COVERAGE = 0.9
 
 
@@ -57,24 +58,24 @@ def _check_enough(samples: Sequence[NetworkSample]) -> None:
 
 
 def _fit_packed(
-    packed: PackedSamples, config: LPNetConfig, train: TrainConfig, progress: ProgressCallback | None
+    packed: PackedSamples,
+    groups: Sequence[str],
+    config: LPNetConfig,
+    train: TrainConfig,
+    progress: ProgressCallback | None,
 ) -> LPNet:
     generator = torch.Generator().manual_seed(train.seed)
-    order = torch.randperm(packed.num_networks, generator=generator).tolist()
-    n_cal = max(3, int(round(train.calibration_share * packed.num_networks)))
-    calibration, fitting = order[:n_cal], order[n_cal:]
+    calibration, fitting = _calibration_split(groups, train.calibration_share, generator)
 
     torch.manual_seed(train.seed)  # initial weights: a fit is reproducible from its data
     model = LPNet(config)
     model.feature_mean.copy_(packed.features.mean(0))
     model.feature_std.copy_(packed.features.std(0).clamp_min(1e-3))
-    layer_targets = packed.layer_target_ms[~torch.isnan(packed.layer_target_ms)]
-    smallest = float(layer_targets.min()) if layer_targets.numel() else 1e-4
-    largest = float(packed.network_target_ms.max())
-    model.layer_log_ms_bounds.copy_(
-        torch.tensor([math.log(max(smallest, 1e-6)) - 2.0, math.log(largest) + 1.0])
-    )
     fit_part = packed.subset(fitting)
+    rates = initial_log_rates(fit_part)
+    with torch.no_grad():
+        for member in model.members:
+            member.log_rates.copy_(rates)
     total_steps = train.steps * config.members
     for k in range(config.members):
         boot = torch.randint(0, fit_part.num_networks, (fit_part.num_networks,), generator=generator)
@@ -85,27 +86,101 @@ def _fit_packed(
                 progress(k * train.steps + step, total_steps)
 
         _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
-    _fill_unseen_ops(model, {OPS[i] for i in packed.ops.unique().tolist()})
+    _fill_unseen_ops(model, {OPS[i] for i in fit_part.ops.unique().tolist()})
     _calibrate_interval(model, packed.subset(calibration))
     model.eval()
     return model
 
 
+def _calibration_split(
+    groups: Sequence[str], share: float, generator: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """Networks held out to calibrate the interval, and the rest.
+
+    Small groups (one generated architecture, a family with few variants) are held out whole, so the
+    interval is calibrated on architectures the fit never saw, as users' networks are. A large group
+    (a family's many width variants) is never held out whole, which would take the family from the
+    fit; when small groups do not reach `share`, single networks of large groups make up the rest.
+    """
+    n = len(groups)
+    want = max(3, int(round(share * n)))
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    small_limit = max(1, n // 20)
+    small = sorted(g for g, size in sizes.items() if size <= small_limit)
+    held: set[str] = set()
+    count = 0
+    for i in torch.randperm(len(small), generator=generator).tolist():
+        if count >= want:
+            break
+        held.add(small[i])
+        count += sizes[small[i]]
+    calibration = [i for i, g in enumerate(groups) if g in held]
+    rest = [i for i, g in enumerate(groups) if g not in held]
+    if len(calibration) < want:
+        order = torch.randperm(len(rest), generator=generator).tolist()
+        extra = {rest[j] for j in order[: want - len(calibration)]}
+        calibration += sorted(extra)
+        rest = [i for i in rest if i not in extra]
+    return calibration, rest
+
+
+def initial_log_rates(data: PackedSamples) -> torch.Tensor:
+    """log (ms per MAC, ms per element moved, ms per call) of every op, (len(OPS), 3).
+
+    A non-negative least-squares fit: one set of rates for every layer from whole-network times (each
+    network's time against its summed MACs, elements and layer count), then per op from the op's
+    in-context layer times where at least `_MIN_OP_ROWS` layers were timed.
+    """
+    work = torch.exp(work_terms(data.features)).double()  # (N, 2)
+    design = torch.cat([work, torch.ones(work.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, 3)
+    per_network = torch.zeros(data.num_networks, 3, dtype=torch.float64).index_add(0, data.segment, design)
+    overall = _non_negative_fit(per_network, data.network_target_ms.double())
+    rates = overall.expand(len(OPS), 3).clone()
+    timed = ~torch.isnan(data.layer_target_ms)
+    for index in data.ops[timed].unique().tolist():
+        rows = timed & (data.ops == index)
+        if int(rows.sum()) >= _MIN_OP_ROWS:
+            rates[index] = _non_negative_fit(design[rows], data.layer_target_ms[rows].double())
+    return torch.log(rates.clamp_min(1e-12)).float()
+
+
+_MIN_OP_ROWS = 8
+
+
+def _non_negative_fit(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Non-negative coefficients of `target ~ design` in relative error (each row weighted 1/target)."""
+    weight = 1.0 / target.clamp_min(1e-6)
+    scale = design.abs().amax(0).clamp_min(1e-12)
+    fit = LinearRegression(positive=True, fit_intercept=False)
+    fit.fit((design / scale * weight[:, None]).numpy(), (target * weight).numpy())
+    coef = torch.as_tensor(fit.coef_, dtype=torch.float64) / scale
+    if float(coef.sum()) <= 0:  # degenerate data: everything per call
+        coef = torch.tensor([0.0, 0.0, float(target.mean() / design[:, 2].mean())], dtype=torch.float64)
+    return coef
+
+
 def _fill_unseen_ops(model: LPNet, seen: set[Op]) -> None:
     """Give every op training never saw the mean embedding and overhead of the seen ops of its class.
 
-    Their own rows never received a gradient: left as initialised they would predict noise.
+    Their own rows never received a gradient: left as initialised they would predict noise. An op
+    with no seen peer keeps the rates fitted to every layer (`initial_log_rates`).
     """
     with torch.no_grad():
         for op in OPS:
             if op in seen:
                 continue
-            peers = [OP_INDEX[o] for o in OPS if o in seen and OP_CLASS[o] == OP_CLASS[op]]
+            peers = [OP_INDEX[o] for o in OPS if o in seen and OP_CLASS.get(o) == OP_CLASS.get(op, "")]
             if not peers:
                 continue
             for member in model.members:
                 member.embed.weight[OP_INDEX[op]] = member.embed.weight[peers].mean(0)
                 member.node_overhead[OP_INDEX[op]] = member.node_overhead[peers].mean()
+                # The mean of the peers' rates (not of their logs: a rate fitted to zero would
+                # otherwise cancel its peer's).
+                peer_rates = member.log_rates[peers]
+                member.log_rates[OP_INDEX[op]] = torch.logsumexp(peer_rates, 0) - math.log(len(peers))
 
 
 def _fit_member(
@@ -119,13 +194,11 @@ def _fit_member(
     torch.manual_seed(seed)
     member = model.members[index]
     features = model.normalise(data.features)
+    work = work_terms(data.features)
     log_net = torch.log(data.network_target_ms)
     log_layer = torch.log(data.layer_target_ms.clamp_min(1e-4))  # NaN where a layer was not timed
     counts = torch.bincount(data.segment, minlength=data.num_networks)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    with torch.no_grad():  # start the overhead at zero and the layers at the mean per-layer share
-        member.network_overhead.zero_()
-        member.head.bias.fill_(math.log(float((data.network_target_ms / counts).mean())))
     optimizer = torch.optim.AdamW(
         member.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
     )
@@ -137,7 +210,7 @@ def _fit_member(
         rows = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in chosen.tolist()])
         segment = torch.repeat_interleave(torch.arange(batch_size), counts[chosen])
         ops = data.ops[rows]
-        layer_log = member.layer_log_ms(features[rows], ops)  # (R,)
+        layer_log = member.layer_log_ms(features[rows], work[rows], ops)  # (R,)
         per_layer = torch.exp(layer_log) + member.overhead_ms(ops)
         network = torch.zeros(batch_size).index_add(0, segment, per_layer) + member.network_overhead
         # Huber in log space: a measurement disturbed by a load spike must not steer the fit.
@@ -174,9 +247,10 @@ def _calibrate_interval(model: LPNet, data: PackedSamples) -> None:
 def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:
     """Network latency (ms) of every member for packed samples: (K, S)."""
     features = model.normalise(data.features)
+    work = work_terms(data.features)
     rows = []
     for member in model.members:
-        per_layer = torch.exp(member.layer_log_ms(features, data.ops)) + member.overhead_ms(data.ops)
+        per_layer = torch.exp(member.layer_log_ms(features, work, data.ops)) + member.overhead_ms(data.ops)
         rows.append(
             torch.zeros(data.num_networks).index_add(0, data.segment, per_layer) + member.network_overhead
         )
@@ -198,7 +272,8 @@ def fit_predictor(
     """
     _check_enough(samples)
     packed = pack_samples(samples)
-    model = _fit_packed(packed, config or LPNetConfig(), train or TrainConfig(), progress)
+    groups = [sample.group for sample in samples]
+    model = _fit_packed(packed, groups, config or LPNetConfig(), train or TrainConfig(), progress)
     domain = TrainingDomain(
         ops={OPS[i].value for i in packed.ops.unique().tolist()},
         feature_min=packed.features.min(0).values,

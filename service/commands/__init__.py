@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from service.commands import agent, db, devices, fit, keys, predict, profile, serve, train, worker
+from service.commands import agent, db, devices, fit, keys, plan, predict, profile, serve, train, worker
 
 if TYPE_CHECKING:
     from service.commands._common import SubParsers
@@ -28,5 +28,6 @@ COMMAND_GROUPS: tuple[Registrar, ...] = (
     agent.register,
     fit.register,
     predict.register,
+    plan.register,
     train.register,
 )

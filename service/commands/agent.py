@@ -1,4 +1,4 @@
-"""`lpnet agent`: the device agent loop of `profiler.agent_loop`, run on the device being measured."""
+"""`lpnet agent`: the device agent loop of `profiler.agent`, run on the device being measured."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def register(subparsers: SubParsers) -> None:
             "if it is new, and an agent key for it is kept in the state directory."
         ),
     )
-    from profiler.agent_loop import add_arguments  # httpx only: no torch at registration
+    from profiler.agent.cli import add_arguments  # httpx only: no torch at registration
 
     add_arguments(parser)
     parser.set_defaults(handler=run_agent_command)
@@ -34,7 +34,8 @@ def run_agent_command(args: argparse.Namespace, _settings: Settings) -> int:
     """Run the agent loop until SIGTERM/SIGINT (or, with --once, until no task is left)."""
     import logging
 
-    from profiler.agent_loop import AgentLoop, config_from_args
+    from profiler.agent.cli import config_from_args
+    from profiler.agent.loop import AgentLoop
 
     # One line per heartbeat and poll would drown the agent's own progress lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ from service.commands._common import (
 from service.config import Settings
 
 if TYPE_CHECKING:
-    from profiler.agent import AgentOptions
+    from profiler.agent.options import AgentOptions
     from profiler.runner import RunSummary
     from service.commands._common import SubParsers
 
@@ -78,7 +78,7 @@ def register(subparsers: SubParsers) -> None:
 def _options(
     args: argparse.Namespace, backend: str, threads: int, batch_size: int, dtype: str
 ) -> AgentOptions:
-    from profiler.agent import AgentOptions
+    from profiler.agent.options import AgentOptions
     from profiler.batch import MeasurementKind
     from profiler.sampling import DEFAULT_FAMILIES
 
@@ -118,7 +118,7 @@ def run_profile_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
-    from profiler.agent import build_sampler
+    from profiler.agent.options import build_sampler
     from profiler.environment import retain_freed_memory
     from profiler.runner import make_run_context, run_profile
     from service.db.models import RunStatus
@@ -131,7 +131,7 @@ def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
         if not device.is_local:
             raise CommandError(
                 f"device {device.name!r} is remote: measure it on its own machine with "
-                f"`lpnet profile --device {device.name} --submit URL` or `python -m profiler.agent`"
+                f"`lpnet profile --device {device.name} --submit URL` or `python -m profiler.agent.standalone`"
             )
         session.expunge(device)
     if args.hardware and args.hardware != device.hardware:
@@ -192,7 +192,7 @@ def _profile_to_server(args: argparse.Namespace, settings: Settings) -> int:
         from profiler.environment import retain_freed_memory
 
         retain_freed_memory()
-    from profiler.agent import build_sampler
+    from profiler.agent.options import build_sampler
 
     spec = options.device()
     backend = spec.create_backend()

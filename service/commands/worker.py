@@ -40,6 +40,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.db.migrate import ensure_schema
     from service.db.session import make_engine, make_session_factory
+    from service.job_handlers import default_registry
     from service.jobs.worker import Worker, WorkerPool
 
     ensure_schema(settings.database_url)
@@ -51,6 +52,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         if args.once:
             worker = Worker(
                 factory,
+                default_registry(),
                 lease_seconds=worker_settings.lease_seconds,
                 poll_seconds=worker_settings.poll_seconds,
             )
@@ -61,6 +63,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         pool = WorkerPool(
             factory,
+            default_registry(),
             threads=args.threads or worker_settings.threads,
             lease_seconds=worker_settings.lease_seconds,
             poll_seconds=worker_settings.poll_seconds,

@@ -310,11 +310,6 @@ class ApiKey(Base):
 
     device: Mapped[Device | None] = relationship()
 
-    @property
-    def is_active(self) -> bool:
-        """Whether the key has not been revoked."""
-        return self.revoked_at is None
-
 
 class ModelUpload(Base):
     """A network a client uploaded: its architecture IR and safetensors weights."""

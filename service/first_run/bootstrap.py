@@ -3,7 +3,7 @@
 `start_first_run` runs when a serving process starts (the app lifespan, before its workers): it
 registers this machine's CPU as the local device if there is none, and makes sure exactly one
 ``bootstrap`` job is queued for it until it has a predictor. `run_bootstrap_job` is that job's task,
-run by the server's embedded workers only (`service.jobs.tasks.serving_registry`), since it measures
+run by the server's embedded workers only (`service.job_handlers.serving_registry`), since it measures
 the machine it runs on.
 
 The job is resumable: every measurement is committed as it finishes, and a rerun skips the sample keys
@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +41,11 @@ from service.db.models import (
 from service.db.session import describe_database_error
 from service.devices import create_device, latest_predictor, local_device, set_device_status
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError
+from service.first_run.progress import BootstrapProgress, format_duration
+from service.jobs.context import JobContext, LeaseLost
+from service.jobs.kinds import JobKind, job_timeout_seconds
 from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
-from service.jobs.tasks import BOOTSTRAP, job_timeout_seconds
 from service.predictors import (
-    FIT_JOB,
     check_enough_measurements,
     fit_from_samples,
     min_fit_networks,
@@ -53,18 +53,13 @@ from service.predictors import (
     store_predictor,
     training_samples,
 )
-from service.profiling import ProgressReporter
+from service.profiling import DatabaseSink
 
 if TYPE_CHECKING:
-    from profiler.batch import Measurement
     from profiler.runner import RunSummary
-    from service.jobs.worker import JobContext
 
 logger = logging.getLogger(__name__)
 
-BOOTSTRAP_JOB = BOOTSTRAP
-# How often the terminal of `lpnet serve` gets a progress line.
-LOG_INTERVAL_S = 10.0
 # Fitting LPNet with 1 thread (see `estimated_fit_seconds`; only the ETA uses it): a fixed part (the
 # held-out report and its plot) and a part per optimisation step of each ensemble member. Measured on
 # the 2-core development machine under load: 58 networks, 1500 steps x 5 members, 94 s.
@@ -113,19 +108,13 @@ def bootstrap_input(settings: Settings, device_id: int) -> BootstrapInput:
 
 def estimated_fit_seconds(fit: FitSettings) -> float:
     """A rough duration of the fit, for the ETA."""
+    # Imported here: the training module pulls in scikit-learn, which serving start-up does not need.
     from lpnet.predictor.model import LPNetConfig
     from lpnet.predictor.train import TrainConfig
 
     steps = fit.steps if fit.steps is not None else TrainConfig().steps
     members = fit.members if fit.members is not None else LPNetConfig().members
     return FIT_SECONDS_BASE + steps * members * FIT_SECONDS_PER_STEP_MEMBER
-
-
-def format_duration(seconds: float) -> str:
-    """``4 min 10 s`` or ``35 s``."""
-    seconds = max(0, round(seconds))
-    minutes, rest = divmod(seconds, 60)
-    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 # Start-up ----------------------------------------------------------------------------------------------
@@ -171,9 +160,9 @@ def _start(settings: Settings, factory: sessionmaker[Session]) -> int | None:
             )
             session.commit()
             return None
-        job = active_job(session, BOOTSTRAP_JOB, device.id)
+        job = active_job(session, JobKind.BOOTSTRAP, device.id)
         if job is None:
-            fit = active_job(session, FIT_JOB, device.id)
+            fit = active_job(session, JobKind.FIT, device.id)
             if fit is not None:
                 logger.info("first run: device %r has a fit %s (job %d)", device.name, fit.status, fit.id)
                 session.commit()
@@ -182,11 +171,11 @@ def _start(settings: Settings, factory: sessionmaker[Session]) -> int | None:
             job_input = spec.model_dump(mode="json")
             job = enqueue(
                 session,
-                BOOTSTRAP_JOB,
+                JobKind.BOOTSTRAP,
                 job_input,
                 device_id=device.id,
                 max_attempts=settings.worker.max_attempts,
-                timeout_seconds=job_timeout_seconds(BOOTSTRAP_JOB, job_input, settings.worker),
+                timeout_seconds=job_timeout_seconds(JobKind.BOOTSTRAP, job_input, settings.worker),
             )
             device.status = _queued_status(job.id, spec, resumed=_has_measurements(session, device.id))
             logger.info(
@@ -285,7 +274,7 @@ def _requeue(session: Session, job: Job, settings: Settings) -> None:
     The deadline counts from now: the time the server was down is not the job's.
     """
     now = utcnow()
-    timeout = job_timeout_seconds(BOOTSTRAP_JOB, job.input, settings.worker)
+    timeout = job_timeout_seconds(JobKind.BOOTSTRAP, job.input, settings.worker)
     session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_owner == job.lease_owner)
@@ -334,128 +323,6 @@ def _as_datetime(value: Any) -> datetime | None:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
-
-
-class BootstrapProgress(ProgressReporter):
-    """Progress over the whole bootstrap, profiling then fitting, as one percentage and ETA.
-
-    Written to the job and the device's status (rate-limited by the job context), and logged every
-    `LOG_INTERVAL_S`.
-
-    Args:
-        context: The running job.
-        device_name: For the log lines.
-        spent_s: Profiling time spent by earlier runs of the device.
-        profile_s: Profiling time of this run (0: none).
-        fit_s: Estimated fitting time.
-    """
-
-    def __init__(
-        self, context: JobContext, device_name: str, spent_s: float, profile_s: float, fit_s: float
-    ) -> None:
-        super().__init__(
-            context.factory, context.job.device_id or 0, profile_s / 60 if profile_s else None, None
-        )
-        self.context = context
-        self.device_name = device_name
-        self.spent_s = spent_s
-        self.profile_s = profile_s
-        self.fit_s = fit_s
-        self._profiled_s = 0.0
-        self._fit_started = 0.0
-        self._last_log = 0.0
-        self._profiling_started = False
-        self._percent = 0.0
-
-    def extend(self, seconds: float) -> None:
-        """Profile for `seconds` more than planned."""
-        self.profile_s += seconds
-        self.budget_s = self.profile_s
-
-    def seconds_per_measurement(self) -> float:
-        """Average time per measurement so far (a network at 224x224 is a few seconds)."""
-        if not self.count:
-            return 5.0
-        return (time.monotonic() - self.started) / self.count
-
-    def start(self) -> None:
-        """Say that profiling has begun (once: a top-up run continues the same clock)."""
-        if self._profiling_started:
-            return
-        self._profiling_started = True
-        self.started = time.monotonic()
-        self._report(
-            "profiling",
-            self._share(0.0),
-            self.profile_s + self.fit_s,
-            "first run: profiling started",
-            force=True,
-        )
-
-    def __call__(self, _measurement: Measurement) -> None:
-        self.count += 1
-        elapsed = time.monotonic() - self.started
-        # The budget ends profiling: the inherited estimate is the share of it spent, and what is left.
-        share, eta = self.progress(elapsed)
-        done = self.profile_s * min(1.0, (share or 0.0) / 100)
-        left = eta if eta is not None else max(0.0, self.profile_s - elapsed)
-        self._report(
-            "profiling",
-            self._share(done),
-            left + self.fit_s,
-            f"first run: profiling, {self.count} measurement(s) this run",
-        )
-
-    def fitting_started(self, networks: int) -> None:
-        """Switch to the fitting phase."""
-        self._profiled_s = time.monotonic() - self.started if self.profile_s else 0.0
-        self._fit_started = time.monotonic()
-        self._report(
-            "fitting",
-            self._fit_percent(0.0, self.fit_s),
-            self.fit_s,
-            f"first run: fitting the predictor on {networks} measured networks",
-            force=True,
-        )
-
-    def fitting(self, step: int, total: int) -> None:
-        """A fit step is done (the fit's progress callback)."""
-        share = step / total if total else 0.0
-        elapsed = time.monotonic() - self._fit_started
-        fit_total = elapsed / share if share > 0.02 else max(self.fit_s, elapsed)
-        self._report(
-            "fitting",
-            self._fit_percent(share, fit_total),
-            fit_total * (1 - share),
-            f"first run: fitting the predictor, step {step} of {total}",
-        )
-
-    def finish(self) -> None:
-        """Nothing to clear: storing the predictor makes the device ready."""
-
-    def _share(self, profiled_s: float) -> float:
-        total = self.spent_s + self.profile_s + self.fit_s
-        return 100.0 * (self.spent_s + profiled_s) / total
-
-    def _fit_percent(self, share: float, fit_total: float) -> float:
-        before = self.spent_s + self._profiled_s
-        return 100.0 * (before + share * fit_total) / max(before + fit_total, 1e-6)
-
-    def _report(self, phase: str, percent: float, eta: float, message: str, *, force: bool = False) -> None:
-        # Estimates change as the run learns its real speed; the percentage still never goes back.
-        percent = self._percent = max(self._percent, min(99.9, percent))
-        self.context.progress(phase, percent, eta, message, device_phase=phase, force=force)
-        now = time.monotonic()
-        if force or now - self._last_log >= LOG_INTERVAL_S:
-            self._last_log = now
-            logger.info(
-                "first run: %s %r, %.0f %% done, about %s left (%s)",
-                phase,
-                self.device_name,
-                min(100.0, percent),
-                format_duration(eta),
-                message.removeprefix("first run: "),
-            )
 
 
 def run_bootstrap_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
@@ -555,12 +422,10 @@ def _profile(
 ) -> RunSummary:
     """Measure the device for `seconds` (or `max_samples`) into the database, skipping what is stored."""
     # Imported here: the profiler pulls in torch and torchvision, which start-up does not need.
-    from profiler.agent import AgentOptions, build_sampler
+    from profiler.agent.options import AgentOptions, build_sampler
     from profiler.batch import MeasurementKind
     from profiler.environment import retain_freed_memory
     from profiler.runner import make_run_context, run_profile
-    from service.jobs.worker import LeaseLost
-    from service.profiling import DatabaseSink
 
     options = AgentOptions(
         families=list(spec.families),

@@ -1,1 +1,2 @@
-"""Background jobs: a queue in the database, workers that lease jobs from it, and the tasks they run."""
+"""Background work: the lease queue in the database (jobs and agent tasks), the workers that run jobs,
+the job kinds and the handlers registered for them."""

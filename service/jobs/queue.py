@@ -1,42 +1,215 @@
-"""The job queue: jobs live in the database, which is the one source of truth about them.
+"""Leased work in the database: one claim / lease / renew / complete / fail path, and the job queue.
 
-A worker claims a job by taking a lease on it (owner + expiry): on PostgreSQL with
-``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent workers pass over each other's rows, on SQLite with
-a conditional ``UPDATE`` that only one writer can win. While the job runs its worker renews the lease;
-a job whose lease lapsed (its worker died) can be claimed again, up to ``max_attempts`` claims, after
-which it is failed with the reason. Every state change is conditional on the lease owner, so a worker
-that lost its lease cannot overwrite what the new owner does, and a result is written in the same
-statement as the status that makes it visible.
+Two tables hold work that is leased (owner + expiry): jobs, run by the service's workers, and agent
+tasks, run by the agents of remote devices (`service.agents.tasks`). `LeaseTable` names a table's model
+and the statuses its rows go through; the functions on it are the one implementation of leasing. A
+claim takes the oldest claimable row: on PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED``, so
+concurrent claimers pass over each other's rows, on SQLite with a conditional ``UPDATE`` that only one
+writer can win. Every later change (renew, progress, complete, fail) is conditional on the lease owner,
+so a holder that lost its lease cannot overwrite what the new owner does.
 
-A task that waits for something outside the service (a remote device's agent measuring a network)
-raises `Deferred`: its job stays running but gives up its lease and its worker, and is claimed again,
-without spending an attempt, once ``not_before`` has passed; it then runs from the start. Every job
-has a deadline (``deadline_at``, from its kind's timeout when it is queued): a running job past it is
-stopped by its worker (`service.jobs.worker`), a queued or deferred one is failed by `sweep_expired`.
+Jobs: a worker claims a job and renews the lease while its task runs; a job whose lease lapsed (its
+worker died) can be claimed again, up to ``max_attempts`` claims, after which it is failed with the
+reason. A result is written in the same statement as the status that makes it visible. A task that waits
+for something outside the service (a remote device's agent measuring a network) raises `Deferred`: its
+job stays running but gives up its lease and its worker, and is claimed again, without spending an
+attempt, once ``not_before`` has passed; it then runs from the start. Every job has a deadline
+(``deadline_at``, from its kind's timeout when it is queued): a running job past it is stopped by its
+worker (`service.jobs.worker`), a queued or deferred one is failed by `sweep_expired`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.config import get_settings
 from service.db.base import utcnow
-from service.db.models import Job, JobStatus
+from service.db.models import AgentTask, Job, JobStatus, TaskStatus
 from service.errors import NotFound
-
-if TYPE_CHECKING:
-    from service.schemas.jobs import JobAccepted
+from service.jobs.kinds import job_timeout_seconds
+from service.schemas.jobs import JobAccepted
 
 logger = logging.getLogger(__name__)
 
 # Errors are stored whole up to this length; longer ones are cut (a traceback belongs in the log).
 MAX_ERROR_CHARS = 4000
+# A claim on SQLite tries this many of the oldest candidates before it gives up for this poll.
+CLAIM_CANDIDATES = 8
+
+
+# Leasing, for every table of leased work ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseTable:
+    """A table of leased work: its model, the statuses its rows go through, and its name in logs."""
+
+    model: type[Job] | type[AgentTask]
+    name: str
+    queued: str
+    held: str
+    succeeded: str
+    failed: str
+
+
+JOBS = LeaseTable(Job, "job", JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED)
+AGENT_TASKS = LeaseTable(
+    AgentTask, "agent task", TaskStatus.QUEUED, TaskStatus.LEASED, TaskStatus.SUCCEEDED, TaskStatus.FAILED
+)
+
+
+@dataclass(frozen=True)
+class LapsedLease:
+    """A row whose holder stopped renewing its lease, as it was ended.
+
+    Attributes:
+        failed: No attempts were left: the row failed (else it went back to the queue).
+        error: The reason stored on the row.
+    """
+
+    id: int
+    kind: str
+    owner: str | None
+    attempts: int
+    max_attempts: int
+    failed: bool
+    error: str
+
+
+def clip_error(error: str) -> str:
+    """An error as stored: without NUL characters (PostgreSQL text cannot hold them), cut to length."""
+    error = error.replace("\x00", "")
+    return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def held_by(table: LeaseTable, row_id: int, owner: str) -> ColumnElement[bool]:
+    """Row `row_id` is under a lease `owner` holds."""
+    model = table.model
+    return and_(model.id == row_id, model.lease_owner == owner, model.status == table.held)
+
+
+def lease_values(
+    table: LeaseTable, owner: str, lease_seconds: float, now: datetime, attempts: Any = None
+) -> dict[str, Any]:
+    """What a claim sets: held by `owner` until a lease length from now, one more attempt unless
+    `attempts` (a value or SQL expression) says otherwise."""
+    return {
+        "status": table.held,
+        "lease_owner": owner,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "attempts": table.model.attempts + 1 if attempts is None else attempts,
+        "updated_at": now,
+    }
+
+
+def claim_row(
+    session: Session, table: LeaseTable, claimable: ColumnElement[bool], values: dict[str, Any]
+) -> int | None:
+    """Set `values` (see `lease_values`) on the oldest row that is `claimable`; its id, or None when no
+    row is (the caller commits, which ends the claim)."""
+    model = table.model
+    oldest = select(model.id).where(claimable).order_by(model.created_at, model.id)
+    if session.get_bind().dialect.name == "postgresql":
+        # The row lock is held until commit; other claimers' SKIP LOCKED passes over it meanwhile.
+        row_id = session.scalars(oldest.limit(1).with_for_update(skip_locked=True)).first()
+        if row_id is None:
+            return None
+        session.execute(update(model).where(model.id == row_id).values(**values))
+        return row_id
+    # SQLite has one writer at a time: the UPDATE re-checks the condition, so of two claimers that saw
+    # the same candidate only one changes a row; the other moves on to the next candidate.
+    for row_id in session.scalars(oldest.limit(CLAIM_CANDIDATES)).all():
+        result = session.execute(update(model).where(model.id == row_id, claimable).values(**values))
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            return row_id
+    return None
+
+
+def update_held(session: Session, table: LeaseTable, row_id: int, owner: str, values: dict[str, Any]) -> bool:
+    """Set `values` on the row if `owner` holds its lease; False (nothing changed) when it does not."""
+    result = session.execute(update(table.model).where(held_by(table, row_id, owner)).values(**values))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def renewal_values(
+    lease_seconds: float, now: datetime, progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a renewal sets: the lease a lease length from now, and the progress when given."""
+    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
+    if progress is not None:
+        values["progress"] = progress
+    return values
+
+
+def completion_values(table: LeaseTable, now: datetime) -> dict[str, Any]:
+    """What a completion sets: succeeded, finished now, no lease, no error."""
+    return {
+        "status": table.succeeded,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "error": None,
+        "updated_at": now,
+    }
+
+
+def failure_values(table: LeaseTable, error: str, now: datetime, *, requeue: bool) -> dict[str, Any]:
+    """What a failed attempt sets: back to the queue (no holder, no progress) when `requeue`, else failed."""
+    values: dict[str, Any] = {"error": clip_error(error), "lease_expires_at": None, "updated_at": now}
+    if requeue:
+        values.update(status=table.queued, lease_owner=None, progress=None)
+    else:
+        values.update(status=table.failed, finished_at=now)
+    return values
+
+
+def end_lapsed_leases(
+    session: Session,
+    table: LeaseTable,
+    explain: Callable[[LapsedLease], str],
+    now: datetime,
+    *,
+    requeue: bool,
+    scope: ColumnElement[bool] | None = None,
+) -> list[LapsedLease]:
+    """End the leases that lapsed (within `scope`): fail the rows without attempts left and, with
+    `requeue`, put the others back in the queue; without it they stay held, for a claim to take over.
+    `explain` words the error of each (it is given the row with ``error`` empty). The caller commits.
+
+    Returns:
+        The rows this call ended (a row another process ended meanwhile is left out).
+    """
+    model = table.model
+    condition = and_(model.status == table.held, model.lease_expires_at < now)
+    if not requeue:
+        condition = and_(condition, model.attempts >= model.max_attempts)
+    if scope is not None:
+        condition = and_(condition, scope)
+    rows = session.execute(
+        select(model.id, model.kind, model.lease_owner, model.attempts, model.max_attempts).where(condition)
+    ).all()
+    ended: list[LapsedLease] = []
+    for row_id, kind, owner, attempts, max_attempts in rows:
+        lapsed = LapsedLease(row_id, kind, owner, attempts, max_attempts, attempts >= max_attempts, "")
+        lapsed = replace(lapsed, error=clip_error(explain(lapsed)))
+        result = session.execute(
+            update(model)
+            .where(model.id == row_id, model.lease_owner == owner, condition)
+            .values(**failure_values(table, lapsed.error, now, requeue=not lapsed.failed))
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            logger.warning("%s %d (%s): %s", table.name, row_id, kind, lapsed.error)
+            ended.append(lapsed)
+    return ended
+
+
+# The job queue -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -106,12 +279,9 @@ def enqueue(
     Args:
         key_id: The API key that asked for the job, if one did.
         timeout_seconds: How long the job may take from now to its end; by default the timeout the
-            worker settings give its kind (`service.jobs.tasks.job_timeout_seconds`).
+            worker settings give its kind (`service.jobs.kinds.job_timeout_seconds`).
     """
     if timeout_seconds is None:
-        from service.config import get_settings
-        from service.jobs.tasks import job_timeout_seconds
-
         timeout_seconds = job_timeout_seconds(kind, job_input, get_settings().worker)
     now = utcnow()
     job = Job(
@@ -186,37 +356,29 @@ def _claimable(now: datetime, kinds: Collection[str] | None) -> ColumnElement[bo
     return condition
 
 
+def _abandoned_message(lapsed: LapsedLease) -> str:
+    return (
+        f"the worker running attempt {lapsed.attempts} of {lapsed.max_attempts} ({lapsed.owner}) stopped "
+        f"renewing its lease (it crashed or was killed); no attempts are left"
+    )
+
+
 def fail_abandoned(session: Session, now: datetime | None = None) -> int:
     """Fail running jobs whose lease lapsed on their last allowed attempt (the caller commits).
 
     Returns:
         How many jobs were failed.
     """
-    now = now or utcnow()
-    abandoned = session.scalars(
-        select(Job).where(
-            Job.status == JobStatus.RUNNING,
-            Job.lease_expires_at < now,
-            Job.attempts >= Job.max_attempts,
-        )
-    ).all()
-    failed = 0
-    for job in abandoned:
-        message = (
-            f"the worker running attempt {job.attempts} of {job.max_attempts} ({job.lease_owner}) stopped "
-            f"renewing its lease (it crashed or was killed); no attempts are left"
-        )
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_owner == job.lease_owner)
-            .values(
-                status=JobStatus.FAILED, error=message, finished_at=now, lease_expires_at=None, updated_at=now
-            )
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            failed += 1
-            logger.warning("job %d (%s) failed: %s", job.id, job.kind, message)
-    return failed
+    return len(end_lapsed_leases(session, JOBS, _abandoned_message, now or utcnow(), requeue=False))
+
+
+def _expiry_circumstance(job: Job) -> str:
+    """What an expired job was doing when its deadline passed, for its error."""
+    if job.status == JobStatus.QUEUED:
+        return "before a worker could finish it" if job.attempts else "before a worker started it"
+    if job.lease_owner is None:
+        return f"while waiting ({(job.progress or {}).get('phase', 'deferred')})"
+    return f"after its worker ({job.lease_owner}) stopped renewing its lease"
 
 
 def sweep_expired(
@@ -242,17 +404,7 @@ def sweep_expired(
             )
         ).all()
         for job in expired:
-            timeout = _timeout_seconds(job)
-            if job.status == JobStatus.QUEUED:
-                circumstance = (
-                    "before a worker could finish it" if job.attempts else "before a worker started it"
-                )
-            elif job.lease_owner is None:
-                phase = (job.progress or {}).get("phase", "deferred")
-                circumstance = f"while waiting ({phase})"
-            else:
-                circumstance = f"after its worker ({job.lease_owner}) stopped renewing its lease"
-            message = timeout_message(timeout, circumstance)
+            message = timeout_message(_timeout_seconds(job), _expiry_circumstance(job))
             same_holder = (
                 Job.lease_owner.is_(None) if job.lease_owner is None else Job.lease_owner == job.lease_owner
             )
@@ -261,13 +413,7 @@ def sweep_expired(
                 .where(
                     Job.id == job.id, Job.status == job.status, same_holder, Job.deadline_at < now, unattended
                 )
-                .values(
-                    status=JobStatus.FAILED,
-                    error=message,
-                    finished_at=now,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
+                .values(**failure_values(JOBS, message, now, requeue=False))
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 logger.warning("job %d (%s) failed: %s", job.id, job.kind, message)
@@ -310,13 +456,14 @@ def claim_job(
     with a lapsed lease and attempts left. Abandoned jobs without attempts left are failed on the way.
     """
     now = now or utcnow()
+    # Resuming a deferred job is not another attempt: waiting is not failing.
+    attempts = case((_deferred(), Job.attempts), else_=Job.attempts + 1)
     with factory() as session:
         if fail_abandoned(session, now):
             session.commit()
-        if session.get_bind().dialect.name == "postgresql":
-            job_id = _claim_postgres(session, owner, lease_seconds, kinds, now)
-        else:
-            job_id = _claim_conditional(session, owner, lease_seconds, kinds, now)
+        job_id = claim_row(
+            session, JOBS, _claimable(now, kinds), lease_values(JOBS, owner, lease_seconds, now, attempts)
+        )
         if job_id is None:
             session.rollback()
             return None
@@ -328,80 +475,23 @@ def claim_job(
     return claimed
 
 
-def _lease_values(owner: str, lease_seconds: float, now: datetime) -> dict[str, Any]:
-    return {
-        "status": JobStatus.RUNNING,
-        "lease_owner": owner,
-        "lease_expires_at": now + timedelta(seconds=lease_seconds),
-        # Resuming a deferred job is not another attempt: waiting is not failing.
-        "attempts": case((_deferred(), Job.attempts), else_=Job.attempts + 1),
-        "updated_at": now,
-    }
-
-
-def _claim_postgres(
-    session: Session, owner: str, lease_seconds: float, kinds: Collection[str] | None, now: datetime
-) -> int | None:
-    # The row lock is held until commit; other workers' SKIP LOCKED passes over it meanwhile.
-    job_id = session.scalars(
-        select(Job.id)
-        .where(_claimable(now, kinds))
-        .order_by(Job.created_at, Job.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    ).first()
-    if job_id is None:
-        return None
-    session.execute(update(Job).where(Job.id == job_id).values(**_lease_values(owner, lease_seconds, now)))
-    return job_id
-
-
-def _claim_conditional(
-    session: Session, owner: str, lease_seconds: float, kinds: Collection[str] | None, now: datetime
-) -> int | None:
-    # SQLite has one writer at a time: the UPDATE re-checks the condition, so of two workers that saw
-    # the same candidate only one changes a row; the other moves on to the next candidate.
-    candidates = session.scalars(
-        select(Job.id).where(_claimable(now, kinds)).order_by(Job.created_at, Job.id).limit(8)
-    ).all()
-    for job_id in candidates:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, _claimable(now, kinds))
-            .values(**_lease_values(owner, lease_seconds, now))
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            return job_id
-    return None
-
-
-def _owned(job_id: int, owner: str) -> ColumnElement[bool]:
-    return and_(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+def _update_own_job(factory: sessionmaker[Session], job_id: int, owner: str, values: dict[str, Any]) -> bool:
+    with factory() as session:
+        held = update_held(session, JOBS, job_id, owner, values)
+        session.commit()
+    return held
 
 
 def renew_lease(factory: sessionmaker[Session], job_id: int, owner: str, lease_seconds: float) -> bool:
     """Extend the lease; False when `owner` no longer holds it (the job was reclaimed or finished)."""
-    now = utcnow()
-    with factory() as session:
-        result = session.execute(
-            update(Job)
-            .where(_owned(job_id, owner))
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-        )
-        session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return _update_own_job(factory, job_id, owner, renewal_values(lease_seconds, utcnow()))
 
 
 def record_progress(
     factory: sessionmaker[Session], job_id: int, owner: str, progress: dict[str, Any]
 ) -> bool:
     """Store the job's progress; False when `owner` no longer holds the lease."""
-    with factory() as session:
-        result = session.execute(
-            update(Job).where(_owned(job_id, owner)).values(progress=progress, updated_at=utcnow())
-        )
-        session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return _update_own_job(factory, job_id, owner, {"progress": progress, "updated_at": utcnow()})
 
 
 def defer_job(factory: sessionmaker[Session], job: ClaimedJob, deferral: Deferred) -> bool:
@@ -411,20 +501,14 @@ def defer_job(factory: sessionmaker[Session], job: ClaimedJob, deferral: Deferre
         False when `job.owner` no longer held the lease.
     """
     now = utcnow()
-    with factory() as session:
-        result = session.execute(
-            update(Job)
-            .where(_owned(job.id, job.owner))
-            .values(
-                lease_owner=None,
-                lease_expires_at=None,
-                not_before=now + timedelta(seconds=deferral.retry_after_seconds),
-                progress={"phase": deferral.phase, "message": deferral.message},
-                updated_at=now,
-            )
-        )
-        session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    values = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "not_before": now + timedelta(seconds=deferral.retry_after_seconds),
+        "progress": {"phase": deferral.phase, "message": deferral.message},
+        "updated_at": now,
+    }
+    return _update_own_job(factory, job.id, job.owner, values)
 
 
 def wake_job(session: Session, job_id: int) -> bool:
@@ -446,22 +530,10 @@ def complete_job(factory: sessionmaker[Session], job: ClaimedJob, outcome: TaskO
     Returns:
         False (and nothing is written) when the worker no longer holds the lease.
     """
-    now = utcnow()
     with factory() as session:
         # The first statement takes the row (PostgreSQL row lock, SQLite write lock) so no one can
         # reclaim the job between the check and the commit.
-        result = session.execute(
-            update(Job)
-            .where(_owned(job.id, job.owner))
-            .values(
-                status=JobStatus.SUCCEEDED,
-                finished_at=now,
-                lease_expires_at=None,
-                updated_at=now,
-                error=None,
-            )
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        if not update_held(session, JOBS, job.id, job.owner, completion_values(JOBS, utcnow())):
             session.rollback()
             logger.warning("job %d: lease lost before completion; result discarded", job.id)
             return False
@@ -477,26 +549,16 @@ def fail_job(factory: sessionmaker[Session], job: ClaimedJob, error: str, *, ret
     Returns:
         The job's new status, or None when the worker no longer held the lease.
     """
-    now = utcnow()
-    error = error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 3] + "..."
     requeue = retry and job.attempt < job.max_attempts
-    values: dict[str, Any] = {"error": error, "lease_expires_at": None, "updated_at": now}
-    if requeue:
-        values.update(status=JobStatus.QUEUED, progress=None)
-    else:
-        values.update(status=JobStatus.FAILED, finished_at=now)
-    with factory() as session:
-        result = session.execute(update(Job).where(_owned(job.id, job.owner)).values(**values))
-        session.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not _update_own_job(
+        factory, job.id, job.owner, failure_values(JOBS, error, utcnow(), requeue=requeue)
+    ):
         return None
     return JobStatus.QUEUED if requeue else JobStatus.FAILED
 
 
 def job_accepted(job: Job, status_path: str = "/v1/jobs") -> JobAccepted:
     """The 202 answer for a job just queued."""
-    from service.schemas.jobs import JobAccepted
-
     return JobAccepted(
         job_id=job.id, kind=job.kind, status=JobStatus(job.status), status_url=f"{status_path}/{job.id}"
     )

@@ -44,10 +44,12 @@ class CampaignCreate(RequestModel):
     """A profile campaign for a remote device's agent: which families to sample, and how much."""
 
     families: list[FamilyName] = Field(
-        default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2"],
+        default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2", "generated"],
         min_length=1,
         max_length=32,
-        description="torchvision classification models whose width variants are measured.",
+        description="Families measured: torchvision classification models (their width variants), "
+        "`generated` (seeded random CNNs, so the predictor answers for networks unlike the named "
+        "families) and `op_coverage` (every IR operator).",
     )
     kinds: list[KindName] = Field(default_factory=lambda: list(ALL_KINDS), min_length=1, max_length=3)
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width.")

@@ -33,7 +33,21 @@ class PlanOptions(RequestModel):
     model_id: int | None = Field(
         default=None, ge=1, le=MAX_ID, description="Uploaded weights (POST /v1/models)."
     )
-    min_keep_ratio: float = Field(default=0.05, gt=0, le=1, description="Least share of a group kept.")
+    max_skew: float | None = Field(
+        default=1.25,
+        ge=1,
+        description="Allocation band: each group's keep ratio stays within this factor of the uniform keep "
+        "ratio that meets the budget, and its pruned share within this factor of the uniform pruned share "
+        "(1: uniform widths; null: no band around the uniform ratio, only the minimum). A plan that cannot "
+        "meet the budget inside the band says so in result.warnings.",
+    )
+    min_keep_ratio: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Least share of its channels any group keeps, unless the budget needs a uniform keep "
+        "ratio under it (the plan then warns).",
+    )
 
 
 class PlanCreate(RequestModel):
@@ -58,7 +72,11 @@ class PlanRead(BaseModel):
     budget_ms: float
     options: dict[str, Any]
     progress: dict[str, Any] | None = Field(description="phase, message (percent while computing).")
-    result: dict[str, Any] | None = Field(description="The plan (widths, per-layer ratios, latencies).")
+    result: dict[str, Any] | None = Field(
+        description="The plan (widths, per-layer ratios, latencies, warnings). result.allocation reports how "
+        "uneven it is: keep_ratio_min and keep_ratio_max over the groups, and the band it was held to "
+        "(uniform_keep_ratio, band_low, band_high, max_skew, min_keep_ratio, groups_outside_band)."
+    )
     error: str | None
     created_at: datetime
     deadline_at: datetime | None = Field(

@@ -125,7 +125,10 @@ def test_conv_configurations_appear(sample: list[Network]) -> None:
 def test_every_activation_appears(sample: list[Network]) -> None:
     ops = {layer.op for net in sample for layer in net.layers}
     assert ACTIVATIONS <= ops
-    assert ops == set(Op)
+    # The generator builds CNNs of the classic operators; the data-movement and channel-normalising
+    # ops (ShuffleNet's, ConvNeXt's) are not in its design space.
+    not_generated = {Op.LRN, Op.PAD, Op.SOFTMAX, Op.CHANNEL_SHUFFLE, Op.SLICE, Op.LAYERNORM}
+    assert ops == set(Op) - not_generated - {Op.UPSAMPLE_NEAREST, Op.UPSAMPLE_BILINEAR}
 
 
 def test_inputs_channels_and_depth_span_the_space(sample: list[Network]) -> None:

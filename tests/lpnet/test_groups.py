@@ -19,7 +19,7 @@ from lpnet.arch.from_torch import network_from_module, network_from_torchvision,
 from lpnet.arch.groups import apply_width_vector, channel_groups, channel_layout
 from lpnet.arch.ir import Network, Op
 from lpnet.errors import InvalidWidthVector
-from tests.networks import TinyResNet
+from service.testing.tiny import TinyResNet
 
 
 def _torch_pruning_group_count(model: nn.Module, input_shape: tuple[int, ...]) -> int:

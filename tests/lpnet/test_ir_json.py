@@ -98,7 +98,7 @@ def test_hash_ignores_names_and_metadata_but_not_structure() -> None:
         (lambda d: d["layers"][1].update(inputs=["nowhere"]), "'nowhere', which no layer produces"),
         (lambda d: d["layers"][1].update(inputs=["c2"]), "topological order and the graph must be acyclic"),
         (lambda d: d["layers"][2].update(in_channels=5), "produces 4 channels but in_channels=5"),
-        (lambda d: d["layers"][0].update(op="softmax"), "layers.0.op"),
+        (lambda d: d["layers"][0].update(op="roi_align"), "layers.0.op"),
         (lambda d: d["layers"][0].update(out_hw=[9, 9]), "out_hw=(9, 9)"),
         (lambda d: d.update(outputs=["ghost"]), "output 'ghost'"),
         (lambda d: d["layers"][2].update(name="c1"), "unique"),

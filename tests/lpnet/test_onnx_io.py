@@ -35,8 +35,8 @@ from lpnet.errors import (
     UnsupportedOperator,
     UnsupportedOpset,
 )
+from service.testing.tiny import TinyResNet
 from tests.lpnet import onnx_fixtures
-from tests.networks import TinyResNet
 
 
 def test_resnet18_onnx_has_the_same_hash_as_the_torchvision_path(resnet18_ir: Network) -> None:
@@ -75,10 +75,10 @@ def _graph_with(node: onnx.NodeProto) -> bytes:
 
 
 def test_unsupported_onnx_op_is_named_with_its_node() -> None:
-    data = _graph_with(helper.make_node("Softmax", ["c"], ["y"], name="probabilities", axis=1))
+    data = _graph_with(helper.make_node("LpNormalization", ["c"], ["y"], name="l2_norm", axis=1))
     with pytest.raises(UnsupportedOperator) as info:
         network_from_onnx(data)
-    assert (info.value.op, info.value.layer) == ("Softmax", "probabilities")
+    assert (info.value.op, info.value.layer) == ("LpNormalization", "l2_norm")
 
 
 def test_symbolic_batch_is_fixed_to_one() -> None:

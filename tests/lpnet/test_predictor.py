@@ -11,19 +11,25 @@ from torch import nn
 
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector, channel_layout
-from lpnet.arch.ir import Network
-from lpnet.predictor.artifact import ArtifactError, dump_predictor, load_predictor, read_header
+from lpnet.arch.ir import Network, Op
+from lpnet.predictor.artifact import (
+    ARTIFACT_VERSION,
+    ArtifactError,
+    dump_predictor,
+    load_predictor,
+    read_header,
+)
 from lpnet.predictor.baselines import FlopsLinear
-from lpnet.predictor.features import tensorize
+from lpnet.predictor.features import OP_INDEX, tensorize, work_terms
 from lpnet.predictor.metrics import accuracy_metrics
-from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.model import CORRECTION_FACTOR, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
-from lpnet.predictor.samples import NetworkSample, merge_replicates
-from lpnet.predictor.train import NotEnoughMeasurements, TrainConfig, fit_predictor
+from lpnet.predictor.samples import NetworkSample, merge_replicates, pack_samples
+from lpnet.predictor.train import NotEnoughMeasurements, TrainConfig, fit_predictor, initial_log_rates
 from profiler.backends import get_backend
+from profiler.measure import measure_in_context
 from profiler.protocol import TimingProtocol
 from profiler.speed import SpeedProbe, scale_to_nominal
-from profiler.tasks import measure_in_context
 
 SHAPE = (1, 3, 48, 48)
 VARIANTS_PER_FAMILY = 26
@@ -134,8 +140,9 @@ def test_gradients_with_respect_to_channel_counts_are_finite_and_positive(
     predictor: LatencyPredictor,
 ) -> None:
     tn = tensorize(_plain())
-    # Every group scaled by t from 0.3 to 0.9 of its width: the derivative along that path.
-    shares = torch.linspace(0.3, 0.9, 13)
+    # Every group scaled by t from 0.3 to 0.9 of its width: the derivative along that path, on a grid
+    # fine enough (under half a channel a step) that its mean integrates the learned staircase.
+    shares = torch.linspace(0.3, 0.9, 121)
     widths = (shares[:, None] * tn.full_widths[None]).clone().requires_grad_(True)
     latency = predictor.latency(tn, widths)
     latency.sum().backward()
@@ -182,8 +189,9 @@ def test_artifact_round_trips(predictor: LatencyPredictor) -> None:
 
 def test_artifact_from_an_unknown_version_fails_with_a_version_message(predictor: LatencyPredictor) -> None:
     data = dump_predictor(predictor)
-    assert b'"artifact_version":"1"' in data
-    newer = data.replace(b'"artifact_version":"1"', b'"artifact_version":"9"', 1)  # same length
+    current = f'"artifact_version":"{ARTIFACT_VERSION}"'.encode()
+    assert current in data
+    newer = data.replace(current, b'"artifact_version":"9"', 1)  # same length
     with pytest.raises(ArtifactError, match="version 9 cannot be read by this lpnet"):
         load_predictor(newer)
     with pytest.raises(ArtifactError, match="truncated"):
@@ -265,3 +273,34 @@ def test_merge_replicates_labels_each_architecture_with_the_median_of_its_timing
     assert merged[0].family == "resnet18"
     assert merged[1] is samples[1]
     assert merge_replicates(merged) == merged
+
+
+def test_far_outside_training_the_prediction_scales_with_the_work(predictor: LatencyPredictor) -> None:
+    # 64x the area of any map training saw: an unconstrained network on log features may answer
+    # anything there; the work-over-throughput base with its bounded correction grows with the work.
+    def conv_at(side: int) -> Network:
+        module = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+        return network_from_module(module, (1, 64, side, side), name=f"conv{side}")
+
+    small, large = predictor.predict(conv_at(48)), predictor.predict(conv_at(384))
+    factor = CORRECTION_FACTOR**2
+    assert 64 / factor < large.total_ms / small.total_ms < 64 * factor
+    assert any("outside the training range" in w for w in large.warnings)
+
+
+def test_initial_rates_recover_a_known_cost_model() -> None:
+    # Layers whose times follow an exact work-over-throughput law: the non-negative fit finds its
+    # rates from the layer times, and a zero rate stays (near) zero.
+    widths = [8, 16, 24, 32, 48, 64, 96, 128]
+    samples = []
+    for index, (c_in, c_out) in enumerate(zip(widths, reversed(widths), strict=True)):
+        module = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.Conv2d(c_out, c_in, 1))
+        network = network_from_module(module, (1, c_in, 32, 32), name=f"law{index}")
+        tn = tensorize(network, with_groups=False)
+        work = torch.exp(work_terms(tn.layer_features(torch.zeros(1, 0))[0]))  # (L, 2)
+        per_layer = {name: float(2e-7 * w[0] + 0.01) for name, w in zip(tn.layer_names, work, strict=True)}
+        samples.append(NetworkSample(network, sum(per_layer.values()), per_layer))
+    rates = torch.exp(initial_log_rates(pack_samples(samples)))[OP_INDEX[Op.CONV2D]]
+    assert float(rates[0]) == pytest.approx(2e-7, rel=0.05)
+    assert float(rates[1]) < 1e-9
+    assert float(rates[2]) == pytest.approx(0.01, rel=0.05)

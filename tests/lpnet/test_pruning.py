@@ -9,7 +9,7 @@ from lpnet.arch.from_torch import network_from_torchvision, torchvision_model
 from lpnet.arch.groups import apply_width_vector, channel_groups
 from lpnet.arch.ir import Network
 from lpnet.arch.onnx_io import network_from_onnx
-from lpnet.gates.errors import PruningFailed, WeightsMismatch
+from lpnet.errors import PruningFailed, WeightsMismatch
 from lpnet.pruning import (
     check_channels,
     dump_pruned,

@@ -9,7 +9,7 @@ from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.ir import Layer, Network, Op
 from profiler.device import DeviceSpec
 from profiler.protocol import TimingProtocol
-from tests.networks import TinyResNet
+from service.testing.tiny import TinyResNet
 
 INPUT_SHAPE = (1, 3, 32, 32)
 

@@ -21,14 +21,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from lpnet.arch.ir import Network
-from profiler.agent_loop import (
-    AgentError,
-    AgentLoop,
-    AgentLoopConfig,
-    AgentState,
-    build_parser,
-    config_from_args,
-)
+from profiler.agent.cli import build_parser, config_from_args
+from profiler.agent.client import AgentError
+from profiler.agent.config import AgentLoopConfig
+from profiler.agent.loop import AgentLoop
+from profiler.agent.state import AgentState
 from service.auth import create_api_key
 from service.config import Settings, WorkerSettings
 from service.db.base import utcnow
@@ -119,7 +116,7 @@ def test_once_without_a_server_exits_with_a_clear_message(tmp_path: Path) -> Non
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         started = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "profiler.agent_loop", "--server", url, "--token", "t", "--once"],
+            [sys.executable, "-m", "profiler.agent", "--server", url, "--token", "t", "--once"],
             capture_output=True,
             text=True,
             cwd=tmp_path,
@@ -196,8 +193,8 @@ def test_results_wait_in_the_outbox_through_an_outage_and_a_restart(
         assert restarted.agent_id == loop.agent_id
         app = create_app(Settings(database_url=sqlite_url, worker=WorkerSettings(embedded=False)))
         with serve_on(app, sock):
-            assert restarted.flush_outbox() == 1
-            assert restarted.flush_outbox() == 0
+            assert restarted.outbox.flush() == 1
+            assert restarted.outbox.flush() == 0
         restarted.server.close()
         with factory() as session:
             stored = session.get(AgentTask, task_id)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
+from lpnet.arch.build import build_module
 from lpnet.arch.ir import Op
+from lpnet.arch.onnx_io import export_onnx, network_from_onnx
+from lpnet.errors import UnsupportedOperator
 from profiler.backends import get_backend
 from profiler.batch import MeasurementKind
 from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
 from profiler.device import DeviceSpec
+from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
 from profiler.sampling import SamplingConfig, StratifiedSampler
-from profiler.tasks import measure_sample
 
 
 def test_the_op_coverage_network_holds_every_operator_the_ir_knows() -> None:
@@ -46,3 +51,11 @@ def test_its_width_variants_keep_every_operator_and_are_timed_in_context(
         if t.layer == layer.name and t.ms > 0
     }
     assert {Op.SILU, Op.SIGMOID, Op.GELU, Op.TANH, Op.HARDSWISH, Op.HARDSIGMOID} <= timed_ops
+
+
+def test_the_op_coverage_network_exports_to_onnx_whose_attention_the_reader_refuses_by_name() -> None:
+    network = op_coverage_network((1, 3, 64, 64))
+    data = export_onnx(build_module(network), network.input_shape)
+    # The ONNX reader does not recognise attention's decomposition: a 422 naming the operator.
+    with pytest.raises(UnsupportedOperator, match="unsupported operator 'attention'"):
+        network_from_onnx(data)

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 from service.config import get_settings
 from service.db.migrate import upgrade
 from service.db.session import make_engine, make_session_factory
-from tests.service.support import Api, TinyProfile, api_client, measure_tiny_profile
+from service.testing.tiny import TinyProfile, measure_tiny_profile
+from tests.service.support import Api, api_client
 
 
 @pytest.fixture(autouse=True)

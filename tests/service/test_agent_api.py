@@ -13,16 +13,18 @@ import pytest
 from sqlalchemy import select
 
 from profiler.environment import collect_environment
-from service.agent_tasks import lease_task, reclaim_lapsed
+from service.agents.tasks import lease_task, reclaim_lapsed
 from service.auth import create_api_key
 from service.config import AgentSettings, Settings, WorkerSettings, get_settings
 from service.db.base import utcnow
 from service.db.migrate import upgrade
 from service.db.models import AgentTask, Device, KeyScope, TaskStatus
+from service.job_handlers import default_registry
 from service.jobs.worker import Worker
 from service.main import create_app
+from service.testing.tiny import TinyProfile, tiny_network
 from tests.service.conftest import serve_in_thread
-from tests.service.support import Api, TinyProfile, api_client, tiny_network
+from tests.service.support import Api, api_client
 from tests.service.test_api_plans import budget_at
 from tests.service.test_health_api import assert_error_shape
 
@@ -294,7 +296,7 @@ def test_a_verify_plan_without_an_agent_fails_after_the_timeout(
         "options": {"verify": True},
     }
     plan_id = api.post("/v1/plans", key="reader", json=request).json()["job_id"]
-    worker = Worker(api.factory)
+    worker = Worker(api.factory, default_registry())
     # The first run asks for the verify task and leaves the plan waiting, without holding the worker;
     # the plan is looked at again no later than the verify timeout, and fails then.
     worker.run_once()

@@ -20,7 +20,7 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from profiler.agent import AgentOptions, build_sampler
+from profiler.agent.options import AgentOptions, build_sampler
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
 from service.auth import create_api_key
@@ -38,8 +38,8 @@ from service.db.models import (
 )
 from service.db.session import make_engine, make_session_factory
 from service.main import create_app
+from service.testing.tiny import TINY_SPEC
 from tests.service.conftest import serve_in_thread
-from tests.service.support import TINY_SPEC
 
 T = TypeVar("T")
 SMALL_CAMPAIGN: dict[str, Any] = {

@@ -15,7 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
-from profiler.agent_loop import AgentError, AgentLoop, AgentLoopConfig
+from profiler.agent.client import AgentError
+from profiler.agent.config import AgentLoopConfig
+from profiler.agent.loop import AgentLoop
 from profiler.speed import PROBE_VERSION
 from service.auth import create_api_key
 from service.config import FitSettings, get_settings
@@ -24,7 +26,8 @@ from service.db.models import AgentTask, ApiKey, Device, Job, KeyScope, TaskKind
 from service.jobs.queue import wake_job
 from service.predictors import FittedPredictor, fit_from_samples, store_predictor, training_samples
 from service.profiles import measurement_rows
-from tests.service.support import TinyProfile, feasible_budget
+from service.testing.tiny import TinyProfile
+from tests.service.support import feasible_budget
 from tests.service.test_agent_campaigns import (
     LiveServer,
     live_agent_server,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.service.support import Api, TinyProfile
+from service.testing.tiny import TinyProfile
+from tests.service.support import Api
 from tests.service.test_health_api import assert_error_shape
 
 

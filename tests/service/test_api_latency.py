@@ -11,7 +11,8 @@ import torch
 from lpnet.arch.groups import apply_width_vector, channel_layout
 from lpnet.arch.onnx_io import export_onnx
 from service.latency import LatencyService
-from tests.service.support import TINY_INPUT_SHAPE, Api, TinyProfile, api_client, tiny_module
+from service.testing.tiny import TINY_INPUT_SHAPE, TinyProfile, tiny_module
+from tests.service.support import Api, api_client
 from tests.service.test_health_api import assert_error_shape
 
 

@@ -8,8 +8,10 @@ import pytest
 from safetensors.torch import save
 
 from lpnet.arch.groups import channel_layout
+from service.job_handlers import default_registry
 from service.jobs.worker import Worker
-from tests.service.support import Api, TinyProfile, api_client, feasible_budget, tiny_module
+from service.testing.tiny import TinyProfile, tiny_module
+from tests.service.support import Api, api_client, feasible_budget
 from tests.service.test_health_api import assert_error_shape
 
 
@@ -33,7 +35,7 @@ def run_plan(api: Api, request: dict[str, Any], key: str = "reader") -> dict[str
     assert accepted.json()["status_url"] == f"/v1/plans/{plan_id}"
     queued = api.get(f"/v1/plans/{plan_id}", key="reader").json()
     assert queued["status"] == "queued" and queued["result"] is None
-    Worker(api.factory).run_once()
+    Worker(api.factory, default_registry()).run_once()
     plan: dict[str, Any] = api.get(f"/v1/plans/{plan_id}", key="reader").json()
     return plan
 
@@ -52,6 +54,44 @@ def test_architecture_plan_meets_the_budget(api_with_predictor: Api, tiny_profil
     assert all(w % 8 == 0 and w <= g.channels for w, g in zip(result["widths"], layout.groups, strict=True))
     assert result["pruned_network"]["layers"]
     assert result["verified"] is False
+
+
+def test_plans_report_the_allocation_band_they_were_held_to(
+    api_with_predictor: Api, tiny_profile: TinyProfile
+) -> None:
+    from lpnet.gates.allocation import AllocationBand, AllocationPolicy
+    from lpnet.gates.planner import PlanningProblem
+    from lpnet.predictor.artifact import load_predictor
+
+    budget = budget_at(tiny_profile, 0.5)
+    layout = channel_layout(tiny_profile.network)
+    problem = PlanningProblem.build(tiny_profile.network, load_predictor(tiny_profile.fitted.artifact))
+    # The defaults: a factor of 1.25 around the uniform keep ratio, a quarter of each group at least.
+    default = run_plan(api_with_predictor, plan_request(tiny_profile, budget))
+    assert default["status"] == "succeeded", default["error"]
+    assert default["options"]["max_skew"] == 1.25 and default["options"]["min_keep_ratio"] == 0.25
+    for options in ({"max_skew": 2.0, "min_keep_ratio": 0.3}, {"max_skew": None, "min_keep_ratio": 0.5}):
+        plan = run_plan(api_with_predictor, plan_request(tiny_profile, budget, **options))
+        assert plan["status"] == "succeeded", plan["error"]
+        assert {k: plan["options"][k] for k in options} == options
+        result = plan["result"]
+        allocation = result["allocation"]
+        assert allocation["max_skew"] == options["max_skew"]
+        assert allocation["min_keep_ratio"] == options["min_keep_ratio"]
+        ratios = [w / g.channels for w, g in zip(result["widths"], layout.groups, strict=True)]
+        assert allocation["keep_ratio_min"] == pytest.approx(min(ratios))
+        assert allocation["keep_ratio_max"] == pytest.approx(max(ratios))
+        band = AllocationBand.at(
+            problem, budget, AllocationPolicy(options["max_skew"], float(options["min_keep_ratio"]))
+        )
+        assert allocation["uniform_keep_ratio"] == pytest.approx(band.uniform)
+        assert [allocation["band_low"], allocation["band_high"]] == pytest.approx(list(band.envelope))
+        outside = band.outside(result["widths"])
+        assert allocation["groups_outside_band"] == outside
+        # Inside the band, or the plan says why it is not; never under the minimum without a word.
+        leaves = [w for w in result["warnings"] if "allocation band" in w or "min_keep_ratio" in w]
+        assert bool(leaves) == bool(outside or band.under_minimum(result["widths"])), result["warnings"]
+    assert default["result"]["allocation"]["max_skew"] == 1.25
 
 
 def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profile: TinyProfile) -> None:
@@ -161,6 +201,12 @@ def test_unknown_device_and_missing_predictor(api: Api, tiny_profile: TinyProfil
         ({"mode": "weights", "model_id": 77}, "not_found", "no uploaded model"),
         ({"round_to": 0}, "validation_error", "round_to"),
         ({"mode": "magic"}, "validation_error", "mode"),
+        ({"max_skew": 0.5}, "validation_error", "max_skew"),
+        ({"max_skew": 0}, "validation_error", "max_skew"),
+        ({"max_skew": "wide"}, "validation_error", "max_skew"),
+        ({"min_keep_ratio": 0}, "validation_error", "min_keep_ratio"),
+        ({"min_keep_ratio": -0.25}, "validation_error", "min_keep_ratio"),
+        ({"min_keep_ratio": 1.5}, "validation_error", "min_keep_ratio"),
     ],
 )
 def test_bad_options_are_refused(

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from service.config import FitSettings, WorkerSettings
+from service.job_handlers import default_registry
 from service.jobs.worker import Worker
-from tests.service.support import Api, TinyProfile, api_client
+from service.testing.tiny import TinyProfile
+from tests.service.support import Api, api_client
 from tests.service.test_health_api import assert_error_shape
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +36,7 @@ def test_fit_job_stores_a_new_version(fit_api: Api, tiny_profile: TinyProfile) -
     # One fit per device at a time.
     assert_error_shape(api.post(f"/v1/devices/{api.device_id}/predictors"), 409, "conflict")
 
-    assert Worker(api.factory).run_once() is not None
+    assert Worker(api.factory, default_registry()).run_once() is not None
     job = api.get(f"/v1/jobs/{job_id}", key="reader").json()
     assert job["status"] == "succeeded", job["error"]
     assert job["attempts"] == 1 and job["result"]["version"] == 1
@@ -53,7 +55,7 @@ def test_fit_job_stores_a_new_version(fit_api: Api, tiny_profile: TinyProfile) -
     assert device["status"]["phase"] == "ready" and device["predictor"]["id"] == predictor_id
 
     api.post(f"/v1/devices/{api.device_id}/predictors")
-    Worker(api.factory).run_once()
+    Worker(api.factory, default_registry()).run_once()
     versions = api.get(f"/v1/devices/{api.device_id}/predictors", key="reader").json()
     assert [v["version"] for v in versions] == [2, 1]
 

@@ -23,7 +23,8 @@ from service.db.models import Device, LayerMeasurement, NetworkMeasurement, Prof
 from service.main import create_app
 from service.profiles import batch_body_sha256
 from service.schemas.agent import TaskHeartbeat
-from tests.service.support import Api, TinyProfile, api_client
+from service.testing.tiny import TinyProfile
+from tests.service.support import Api, api_client
 from tests.service.test_health_api import LiveServer, assert_error_shape
 
 

@@ -19,10 +19,12 @@ from service.auth import create_api_key, revoke_api_key
 from service.db.base import utcnow
 from service.db.migrate import upgrade
 from service.db.models import AgentTask, KeyScope, TaskKind, TaskStatus
+from service.job_handlers import default_registry
 from service.jobs.worker import Worker
 from service.main import ROUTERS
+from service.testing.tiny import TINY_INPUT_SHAPE, TinyProfile, tiny_module
 from tests.conftest import fresh_postgres_database
-from tests.service.support import TINY_INPUT_SHAPE, Api, TinyProfile, api_client, tiny_module
+from tests.service.support import Api, api_client
 
 SCOPES = ("none", "invalid", "revoked", "reader", "agent", "other_agent", "admin")
 _counter = itertools.count()
@@ -64,7 +66,7 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             "/v1/models", files={"file": ("w.safetensors", weights)}, data={"name": "tiny"}
         ).json()["id"]
         plan = api.post("/v1/plans", key="reader", json=_plan_body(profile)).json()
-        Worker(api.factory).run_once()
+        Worker(api.factory, default_registry()).run_once()
         keys: dict[str, str | None] = {
             "none": None,
             "invalid": "lpn_" + "x" * 43,

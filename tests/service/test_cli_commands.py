@@ -62,7 +62,7 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("serve", "worker", "db", "device", "keys", "profile", "fit", "predict", "train"):
+    for command in ("serve", "worker", "db", "device", "keys", "profile", "fit", "predict", "plan", "train"):
         assert f"    {command} " in out
 
 

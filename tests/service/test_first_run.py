@@ -36,7 +36,7 @@ from service.db.session import make_engine, make_session_factory
 from service.errors import Conflict
 from service.first_run.bootstrap import lease_holder_gone, start_first_run
 from service.first_run.keys import check_admin_keys, print_admin_key_report, try_it_lines
-from service.jobs.tasks import serving_registry
+from service.job_handlers import serving_registry
 from service.jobs.worker import Worker, worker_id
 from service.main import create_app
 

@@ -24,6 +24,7 @@ from service.db.base import utcnow
 from service.db.migrate import upgrade
 from service.db.models import Job, JobStatus, ModelUpload
 from service.db.session import make_engine, make_session_factory
+from service.jobs.context import JobContext
 from service.jobs.queue import (
     ClaimedJob,
     Deferred,
@@ -35,8 +36,8 @@ from service.jobs.queue import (
     renew_lease,
     wake_job,
 )
-from service.jobs.tasks import Task, TaskRegistry, UnknownJobKind
-from service.jobs.worker import JobContext, Worker
+from service.jobs.registry import Task, TaskRegistry, UnknownJobKind
+from service.jobs.worker import Worker
 from tests.service.worker_child import child_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

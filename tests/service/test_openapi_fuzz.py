@@ -36,9 +36,10 @@ from schemathesis.specs.openapi.checks import (
 from service.config import FirstRunSettings, Settings, WorkerSettings
 from service.db.migrate import upgrade
 from service.main import create_app
+from service.testing.tiny import TinyProfile
 from tests.conftest import fresh_postgres_database
 from tests.service.conftest import serve_in_thread
-from tests.service.support import TinyProfile, api_client, feasible_budget
+from tests.service.support import api_client, feasible_budget
 
 # Examples per operation and generation mode. Without a key every answer must be 401, so a few show it.
 EXAMPLES = {"admin": 8, "reader": 6, "anonymous": 4}

@@ -18,7 +18,8 @@ from service.db.session import make_engine, make_session_factory
 from service.main import create_app
 from service.predictors import request_fit
 from service.profiling import DatabaseSink, ProgressReporter
-from tests.service.support import TINY_INPUT_SHAPE, TINY_SPEC, Api, TinyProfile, api_client, tiny_module
+from service.testing.tiny import TINY_INPUT_SHAPE, TINY_SPEC, TinyProfile, tiny_module
+from tests.service.support import Api, api_client
 from tests.service.test_cli_commands import run_cli
 from tests.service.test_health_api import LiveServer
 

@@ -21,11 +21,13 @@ from service.config import QuotaSettings, Settings, WorkerSettings
 from service.db.base import utcnow
 from service.db.models import Job, JobStatus, KeyScope, ProfileRun, RunSource
 from service.db.session import make_engine, make_session_factory
+from service.job_handlers import default_registry
 from service.jobs.worker import Worker
 from service.main import create_app
 from service.predictors import store_predictor
 from service.profiles import measurement_rows
-from tests.service.support import TinyProfile, tiny_device
+from service.testing.tiny import TinyProfile
+from tests.service.support import tiny_device
 from tests.service.test_api_plans import budget_at, plan_request
 from tests.service.test_health_api import assert_error_shape
 
@@ -116,7 +118,7 @@ def test_a_reader_key_may_have_only_so_many_plans_at_once(
         jobs = server.jobs()
         assert len(jobs) == 6 and all(job.key_id is not None for job in jobs)
         # A finished plan frees its slot.
-        finished = Worker(server.factory).run_once()
+        finished = Worker(server.factory, default_registry()).run_once()
         assert finished is not None and finished.id == jobs[0].id
         assert server.jobs()[0].status == JobStatus.SUCCEEDED
         assert server.plan("reader").status_code == 202

@@ -1,5 +1,6 @@
 """Failures on a real PostgreSQL with real processes: a worker killed mid-plan, a database restart under
-load, 20 agents submitting at once. The scenarios live in bench/reliability.py, which runs them larger.
+load, 20 agents submitting at once. The scenarios live in service/testing/; bench/reliability.py runs
+them larger.
 
 One `lpnet serve` process (no embedded worker) on a fresh database serves every test of this module;
 each test registers devices of its own.
@@ -14,21 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.reliability import (
-    Api,
-    PostgresCluster,
-    Processes,
-    concurrent_submitters,
-    postgres_restart_under_load,
-    running_api,
-    store_device_predictor,
-    worker_kill,
-)
 from lpnet.arch.from_torch import network_from_torchvision
 from lpnet.arch.groups import channel_layout
 from lpnet.predictor.artifact import load_predictor
+from service.testing.db_restart import postgres_restart_under_load
+from service.testing.postgres import PostgresCluster
+from service.testing.processes import Processes, ServedApi, running_api
+from service.testing.stored import store_device_predictor
+from service.testing.submitters import concurrent_submitters
+from service.testing.tiny import TinyProfile
+from service.testing.worker_kill import worker_kill
 from tests.conftest import fresh_postgres_database
-from tests.service.support import TinyProfile
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -45,13 +42,13 @@ def processes(workdir: Path) -> Iterator[Processes]:
 
 
 @pytest.fixture(scope="module")
-def served(processes: Processes, workdir: Path) -> Iterator[Api]:
+def served(processes: Processes, workdir: Path) -> Iterator[ServedApi]:
     with fresh_postgres_database() as url, running_api(processes, url, workdir / "data") as api:
         yield api
 
 
 def test_a_plan_survives_its_worker_being_killed(
-    served: Api, processes: Processes, workdir: Path, tiny_profile: TinyProfile
+    served: ServedApi, processes: Processes, workdir: Path, tiny_profile: TinyProfile
 ) -> None:
     device_id, _ = served.register_device("kill-cpu", tiny_profile.context)
     predictor_id = store_device_predictor(served.database_url, device_id, tiny_profile.fitted)
@@ -83,7 +80,7 @@ def test_a_plan_survives_its_worker_being_killed(
 
 
 def test_the_api_recovers_from_a_postgres_restart_and_stores_every_batch_once(
-    served: Api, workdir: Path, tiny_profile: TinyProfile
+    served: ServedApi, workdir: Path, tiny_profile: TinyProfile
 ) -> None:
     cluster = PostgresCluster.find()
     if cluster is None:
@@ -120,7 +117,7 @@ def test_the_api_recovers_from_a_postgres_restart_and_stores_every_batch_once(
 
 
 def test_twenty_agents_submitting_at_once_store_every_row_once(
-    served: Api, tiny_profile: TinyProfile
+    served: ServedApi, tiny_profile: TinyProfile
 ) -> None:
     outcome = concurrent_submitters(
         served,

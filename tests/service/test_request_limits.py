@@ -20,7 +20,8 @@ from safetensors.torch import save
 
 from service.config import Settings, WorkerSettings
 from service.main import FORM_FIELDS_ALLOWANCE, create_app
-from tests.service.support import Keys, api_client, tiny_module
+from service.testing.tiny import tiny_module
+from tests.service.support import Keys, api_client
 from tests.service.test_health_api import LiveServer, assert_error_shape
 
 MIB = 1024 * 1024

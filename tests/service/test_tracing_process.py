@@ -22,8 +22,9 @@ from lpnet.arch.from_torch import network_from_torchvision
 from lpnet.errors import LpnetError
 from service.config import Settings, WorkerSettings
 from service.main import create_app
+from service.testing.tiny import TINY_INPUT_SHAPE, TinyProfile, tiny_module
 from service.tracing import TraceProcess, TracerUnavailable
-from tests.service.support import TINY_INPUT_SHAPE, TinyProfile, api_client, tiny_module
+from tests.service.support import api_client
 from tests.service.test_architecture_limits import LiveLatency
 from tests.service.test_health_api import LiveServer, assert_error_shape
 
@@ -86,7 +87,7 @@ def test_forward_passes_in_the_server_are_unaffected_while_a_model_is_traced(liv
 
 
 def test_untraceable_names_are_the_same_422_as_in_process(live: LiveLatency) -> None:
-    for model, code in (("resnet19", "unknown_model"), ("convnext_tiny", "unsupported_operator")):
+    for model, code in (("resnet19", "unknown_model"), ("maxvit_t", "invalid_architecture")):
         response = live.post(
             "/v1/latency",
             {"device": "tiny-cpu", "architecture": {"torchvision": model, "input_shape": SHAPE}},

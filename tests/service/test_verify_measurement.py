@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from profiler.speed import PROBE_VERSION
-from service.agent_tasks import verify_measurement
+from service.agents.verify import verify_measurement
 from service.schemas.agent import VerifyResult
 
 HASH = "a" * 64

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from service.db.session import make_engine, make_session_factory
+from service.jobs.context import JobContext
 from service.jobs.queue import ClaimedJob, TaskOutcome
-from service.jobs.tasks import Task, TaskRegistry
-from service.jobs.worker import JobContext, Worker
+from service.jobs.registry import Task, TaskRegistry
+from service.jobs.worker import Worker
 
 
 def sleep_task(job: ClaimedJob, context: JobContext) -> TaskOutcome:

@@ -9,18 +9,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from service.agent_tasks import (
+from service.agents.access import device_for_key, task_for_key
+from service.agents.tasks import (
     agent_hello,
     complete_task,
     describe_task,
-    device_for_key,
     device_sample_keys,
     fail_task,
     heartbeat_task,
     lease_task,
     list_device_tasks,
     queue_campaign,
-    task_for_key,
 )
 from service.api.deps import AdminKey, AgentKey, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses

@@ -19,8 +19,8 @@ from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.backends.base import get_backend
+from profiler.measure import measure_network
 from profiler.protocol import TimingProtocol
-from profiler.tasks import measure_network
 from profiler.variants import measure_width_variants
 
 TINY_CONFIG = SmallResNetConfig(in_channels=3, num_classes=10, widths=(32, 64, 128))

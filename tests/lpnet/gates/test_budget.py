@@ -7,6 +7,7 @@ import torch
 
 from lpnet.arch.groups import channel_layout
 from lpnet.arch.ir import Network
+from lpnet.errors import BudgetInfeasible
 from lpnet.gates.budget import (
     AugmentedLagrangian,
     LatencyFn,
@@ -18,7 +19,6 @@ from lpnet.gates.budget import (
     width_grid,
 )
 from lpnet.gates.capacity import CapacityProxy
-from lpnet.gates.errors import BudgetInfeasible
 from lpnet.predictor.features import tensorize
 from lpnet.predictor.predict import LatencyPredictor
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
 
 from lpnet.arch.groups import apply_width_vector, channel_layout
 from lpnet.arch.ir import Network
+from lpnet.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
+from lpnet.gates.allocation import AllocationBand, AllocationPolicy, BandedFit, uniform_ratio, uniform_widths
 from lpnet.gates.chart import layer_latency_chart
 from lpnet.gates.datafree import DataFreeConfig
-from lpnet.gates.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan
-from lpnet.gates.result import MeasuredLatency
-from lpnet.gates.training import SkewBand, uniform_ratio
+from lpnet.gates.result import MeasuredLatency, PlanResult
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
@@ -302,56 +304,215 @@ def test_planned_counts_stay_within_a_factor_of_the_uniform_ratio(
     problem = PlanningProblem.build(tiny_net, tiny_predictor)
     full, low = problem.grid.full_widths, problem.grid.min_widths
     # At 0.4 of every group's channels, so that 1.5 times the ratio stays under full width.
-    budget = problem.predicted_ms(
-        problem.grid.floor([max(m, 0.4 * f) for f, m in zip(full, low, strict=True)])
-    )
+    budget = problem.predicted_ms(uniform_widths(problem.grid, 0.4))
     ratio = uniform_ratio(problem, budget)
     # The search runs on grid widths: off the grid LPNet is out of its domain.
-    at = problem.grid.floor([max(m, f * ratio) for f, m in zip(full, low, strict=True)])
-    above = problem.grid.floor([max(m, f * min(1.0, ratio * 1.05)) for f, m in zip(full, low, strict=True)])
+    at = uniform_widths(problem.grid, ratio)
+    above = uniform_widths(problem.grid, min(1.0, ratio * 1.05))
     assert 0.0 < ratio < 1.0
     assert problem.predicted_ms(at) <= budget
     assert above == at or problem.predicted_ms(above) > budget
     # A lopsided target: the first group at full width, every other at its minimum.
     lopsided = [float(full[0])] + [float(m) for m in low[1:]]
-    band = SkewBand.at(problem, budget, max_skew=1.5)
-    assert band is not None
+    policy = AllocationPolicy(max_skew=1.5, min_keep_ratio=0.05)
+    band = AllocationBand.at(problem, budget, policy)
     bounded = band.clamp(lopsided)
-    # Within a factor 1.5 of the uniform keep ratio, and of the uniform pruned share.
+    # Within a factor 1.5 of the uniform keep ratio, and of the uniform pruned share, on the grid: the
+    # lower edge rounded up (never past the uniform width), the upper one rounded down.
     least = max(ratio / 1.5, 1.0 - (1.0 - ratio) * 1.5)
     most = min(ratio * 1.5, 1.0 - (1.0 - ratio) / 1.5)
-    for width, f, m in zip(bounded, full, low, strict=True):
-        assert max(m, f * least) - 1e-6 <= width <= max(m, min(f, f * most)) + 1e-6
+    assert (band.low_ratio, band.high_ratio) == pytest.approx((least, most))
+    edges = zip(band.low, band.high, full, low, at, problem.grid.step, strict=True)
+    for g, (lo, hi, f, m, u, step) in enumerate(edges):
+        # (The grid rounds with a tolerance of 1e-6 channels, as uniform_ratio's search needs.)
+        assert lo == max(m, min(u, step * math.ceil((f * least - 1e-6) / step))), g
+        assert hi == max(lo, min(f, step * math.floor((f * most + 1e-6) / step))), g
+        assert lo <= bounded[g] <= hi
     assert bounded[0] < full[0] and bounded != lopsided
-    assert SkewBand.at(problem, budget, max_skew=None) is None  # no bound: the target stays as it is
     # Rounding adds channels back only up to the band's ceiling, and stays within the budget.
-    ceiling = band.high
-    assert ceiling == pytest.approx([min(f, f * most) for f in full], rel=1e-9)
-    fitted = problem.fit(bounded, budget, ceiling)
+    fitted = BandedFit(problem, policy)(lopsided, budget)
     assert problem.predicted_ms(fitted) <= budget
-    # The grid's floor allows 1e-6 of rounding error: a ceiling of 47.9999999 admits 48.
-    assert all(w <= max(c, m) + 1e-6 for w, c, m in zip(fitted, ceiling, low, strict=True)), (fitted, ceiling)
+    assert band.outside(fitted) == [], (fitted, band.low, band.high)
+    shrunk = problem.fit(bounded, budget, band.high, band.low)
+    if band.outside(shrunk):
+        # LPNet put the band's lower edge over the budget: the plan started from the uniform widths.
+        assert all(w >= u for w, u in zip(fitted, at, strict=True)), (fitted, at)
+    else:
+        assert fitted == shrunk
+    # No factor: only the minimum bounds the target.
+    loose = AllocationBand.at(problem, budget, AllocationPolicy(max_skew=None, min_keep_ratio=0.05))
+    assert loose.high == full and loose.low == low and loose.clamp(lopsided) == lopsided
     # A factor of 1 leaves no choice: the uniform widths, floored onto the grid.
-    exact = SkewBand.at(problem, budget, max_skew=1.0)
-    assert exact is not None
-    uniform = problem.fit(exact.clamp(lopsided), budget, exact.high)
-    assert uniform == at
+    exact = AllocationPolicy(max_skew=1.0, min_keep_ratio=0.05)
+    assert BandedFit(problem, exact)(lopsided, budget) == at
 
 
 def test_at_mild_pruning_the_band_bounds_the_pruned_share_too(
     tiny_net: Network, tiny_predictor: LatencyPredictor
 ) -> None:
     problem = PlanningProblem.build(tiny_net, tiny_predictor)
-    full, low = problem.grid.full_widths, problem.grid.min_widths
+    full = problem.grid.full_widths
     ratio = 0.85
-    band = SkewBand.around(problem, ratio, max_skew=1.25)
+    band = AllocationBand.around(problem, ratio, AllocationPolicy(max_skew=1.25))
     # A factor of 1.25 on the keep ratio alone would admit ratio / 1.25 (about 0.68 of a group);
     # the pruned share may grow only to 1.25 times uniform's, and shrink to 1 / 1.25 of it.
-    for f, m, lo, hi in zip(full, low, band.low, band.high, strict=True):
-        assert lo == pytest.approx(max(m, f * (1.0 - (1.0 - ratio) * 1.25)), rel=1e-9)
-        assert hi == pytest.approx(f * (1.0 - (1.0 - ratio) / 1.25), rel=1e-9)
-        assert f * ratio / 1.25 < lo <= f * ratio <= hi < f
+    assert band.low_ratio == pytest.approx(1.0 - (1.0 - ratio) * 1.25)
+    assert band.high_ratio == pytest.approx(1.0 - (1.0 - ratio) / 1.25)
+    assert ratio / 1.25 < band.low_ratio < ratio < band.high_ratio < 1.0
+    for f, lo, hi in zip(full, band.low, band.high, strict=True):
+        assert f * ratio / 1.25 < lo <= hi < f
+        assert hi <= f * band.high_ratio
     # A lopsided target (first group at full width, the rest at their minimum) is pulled to both edges.
-    lopsided = [float(full[0])] + [float(m) for m in low[1:]]
+    lopsided = [float(full[0])] + [float(m) for m in problem.grid.min_widths[1:]]
     clamped = band.clamp(lopsided)
     assert clamped[0] == band.high[0] and clamped[1:] == band.low[1:]
+
+
+def test_allocation_options_are_checked(tiny_net: Network, tiny_predictor: LatencyPredictor) -> None:
+    budget = tiny_predictor.predict(tiny_net).total_ms
+    for options, words in (
+        (PlanOptions(max_skew=0.8), "max_skew must be at least 1"),
+        (PlanOptions(max_skew=float("inf")), "max_skew must be at least 1"),
+        (PlanOptions(min_keep_ratio=0.0), "min_keep_ratio must be in (0, 1]"),
+        (PlanOptions(min_keep_ratio=1.5), "min_keep_ratio must be in (0, 1]"),
+    ):
+        with pytest.raises(InvalidPlanOptions) as info:
+            plan(tiny_net, tiny_predictor, budget, options)
+        assert words in info.value.message
+
+
+def assert_within_band(result: PlanResult, band: AllocationBand, steps: Sequence[int]) -> None:
+    """The plan's widths are inside `band`, it does not warn about it, and it reports it as it is."""
+    assert band.outside(result.widths) == [], (result.widths, band.low, band.high)
+    assert band.under_minimum(result.widths) == []
+    assert not any("band" in w or "min_keep_ratio" in w for w in result.warnings), result.warnings
+    summary = result.allocation
+    assert summary is not None and summary.groups_outside_band == []
+    ratios = [w / f for w, f, free in zip(result.widths, band.full, band.movable, strict=True) if free]
+    assert (summary.keep_ratio_min, summary.keep_ratio_max) == (min(ratios), max(ratios))
+    assert summary.keep_ratio_min >= band.policy.min_keep_ratio - 1e-9
+    # The band reported is what the grid allows: the spread lies inside it.
+    assert (summary.band_low, summary.band_high) == band.envelope
+    assert summary.band_low <= summary.keep_ratio_min <= summary.keep_ratio_max <= summary.band_high
+    assert (summary.max_skew, summary.min_keep_ratio) == (band.policy.max_skew, band.policy.min_keep_ratio)
+    assert summary.uniform_keep_ratio == band.uniform
+    # The spread stays within the band's keep ratios, up to rounding onto the grid (one step each way).
+    for w, f, step, free in zip(result.widths, band.full, steps, band.movable, strict=True):
+        if free:
+            assert band.low_ratio - step / f - 1e-6 <= w / f <= band.high_ratio + 1e-6, (w, f, band)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.7, 0.9])
+def test_architecture_plans_stay_within_the_band(
+    resnet18_small: Network, tiny_predictor: LatencyPredictor, share: float
+) -> None:
+    problem = PlanningProblem.build(resnet18_small, tiny_predictor)
+    budget = share * tiny_predictor.predict(resnet18_small).total_ms
+    result = plan(resnet18_small, tiny_predictor, budget)
+    assert result.predicted.total_ms <= budget
+    band = AllocationBand.at(problem, budget, AllocationPolicy())
+    assert band.uniform >= AllocationPolicy().min_keep_ratio  # the minimum holds at these budgets
+    assert_within_band(result, band, problem.grid.step)
+    payload = json.loads(json.dumps(result.to_dict(include_network=False)))["allocation"]
+    assert payload["keep_ratio_min"] == result.allocation.keep_ratio_min  # type: ignore[union-attr]
+    assert payload["band_high"] == band.envelope[1] and payload["max_skew"] == 1.25
+
+
+def test_widening_the_band_changes_what_a_plan_may_do(
+    resnet18_small: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(resnet18_small, tiny_predictor)
+    budget = 0.5 * tiny_predictor.predict(resnet18_small).total_ms
+    default = AllocationBand.at(problem, budget, AllocationPolicy())
+    wide_policy = AllocationPolicy(max_skew=2.0, min_keep_ratio=0.1)
+    wide = AllocationBand.at(problem, budget, wide_policy)
+    assert wide.low_ratio < default.low_ratio and wide.high_ratio > default.high_ratio
+    # Unbounded, the capacity proxy's optimum is lopsided: it leaves the default band.
+    free = plan(resnet18_small, tiny_predictor, budget, PlanOptions(max_skew=None, min_keep_ratio=0.05))
+    assert (
+        free.allocation is not None and free.allocation.band_high == 1.0 and free.allocation.max_skew is None
+    )
+    assert default.outside(free.widths), (free.widths, default.low, default.high)
+    # With the wider band the plan goes where the default band would not let it, and stays in its own.
+    widened = plan(resnet18_small, tiny_predictor, budget, PlanOptions(max_skew=2.0, min_keep_ratio=0.1))
+    assert_within_band(widened, wide, problem.grid.step)
+    assert default.outside(widened.widths), (widened.widths, default.low, default.high)
+    assert widened.allocation is not None and widened.allocation.max_skew == 2.0
+
+
+def test_weights_plans_stay_within_the_band(tiny_net: Network, tiny_predictor: LatencyPredictor) -> None:
+    problem = PlanningProblem.build(tiny_net, tiny_predictor)
+    weights = ir_state_dict(tiny_module(), tiny_net)
+    for share in (0.5, 0.7):
+        budget = share * tiny_predictor.predict(tiny_net).total_ms
+        result = plan(tiny_net, tiny_predictor, budget, PlanOptions(datafree=QUICK_DATAFREE), weights=weights)
+        assert result.mode == "weights" and result.predicted.total_ms <= budget
+        assert_within_band(result, AllocationBand.at(problem, budget, AllocationPolicy()), problem.grid.step)
+
+
+def test_a_budget_under_the_minimum_keeps_uniform_widths_and_warns(
+    resnet18_small: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(resnet18_small, tiny_predictor)
+    budget = 0.5 * tiny_predictor.predict(resnet18_small).total_ms
+    ratio = uniform_ratio(problem, budget)
+    minimum = min(1.0, round(ratio + 0.2, 2))  # more than the budget allows every group
+    result = plan(resnet18_small, tiny_predictor, budget, PlanOptions(min_keep_ratio=minimum))
+    assert result.predicted.total_ms <= budget
+    [warning] = [w for w in result.warnings if "min_keep_ratio" in w]
+    assert f"uniform keep ratio of {ratio:.3f}, under min_keep_ratio {minimum:g}" in warning
+    # The minimum gives way to the uniform widths, never further: no group under them.
+    uniform = uniform_widths(problem.grid, ratio)
+    assert all(w >= u for w, u in zip(result.widths, uniform, strict=True)), (result.widths, uniform)
+    band = AllocationBand.at(problem, budget, AllocationPolicy(min_keep_ratio=minimum))
+    under = band.under_minimum(result.widths)
+    assert under and f"{len(under)} group(s) keep less than {minimum:g}" in warning
+    g = under[0]
+    assert f"group {g} keeps {result.widths[g]} of {band.full[g]} channels" in warning
+
+
+def test_a_plan_that_must_leave_the_band_says_so(
+    resnet18_small: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(resnet18_small, tiny_predictor)
+    budget = 0.6 * tiny_predictor.predict(resnet18_small).total_ms
+    ratio = uniform_ratio(problem, budget)
+    # Uniform widths only, and a minimum just under the uniform ratio rounded up onto the grid: the
+    # band holds one width vector, over the budget.
+    policy = AllocationPolicy(max_skew=1.0, min_keep_ratio=ratio * 0.999)
+    band = AllocationBand.at(problem, budget, policy)
+    assert band.low == band.high
+    assert problem.predicted_ms(band.low) > budget, "the band's only plan must be over the budget"
+    options = PlanOptions(max_skew=1.0, min_keep_ratio=policy.min_keep_ratio)
+    result = plan(resnet18_small, tiny_predictor, budget, options)
+    assert result.predicted.total_ms <= budget
+    outside = band.outside(result.widths)
+    assert outside and result.allocation is not None and result.allocation.groups_outside_band == outside
+    [warning] = [w for w in result.warnings if "allocation band" in w]
+    assert f"{len(outside)} group(s) leave it" in warning
+    g = outside[0]
+    assert f"group {g} keeps {result.widths[g]} of {band.full[g]} channels" in warning
+    assert f"band {band.low[g]}-{band.high[g]}" in warning
+    assert f"around the uniform {ratio:.3f} (max_skew 1, min_keep_ratio {policy.min_keep_ratio:g})" in warning
+
+
+def test_verified_plans_stay_within_the_band_of_the_budget_they_planned_for(
+    tiny_net: Network, tiny_predictor: LatencyPredictor
+) -> None:
+    problem = PlanningProblem.build(tiny_net, tiny_predictor)
+    budget = 0.6 * tiny_predictor.predict(tiny_net).total_ms
+
+    def device(network: Network) -> float:
+        # 30 % faster than LPNet predicts: verification loosens the internal budget round by round.
+        return 0.7 * tiny_predictor.predict(network).total_ms
+
+    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(max_rounds=4), measure=device)
+    assert (
+        len(result.rounds) >= 2 and result.rounds[1].internal_budget_ms > result.rounds[0].internal_budget_ms
+    )
+    for round_ in result.rounds:
+        band = AllocationBand.at(problem, round_.internal_budget_ms, AllocationPolicy())
+        assert band.outside(round_.widths) == [], (round_.round, round_.widths, band.low, band.high)
+    [selected] = [r for r in result.rounds if r.selected]
+    reported = AllocationBand.at(problem, selected.internal_budget_ms, AllocationPolicy())
+    assert_within_band(result, reported, problem.grid.step)

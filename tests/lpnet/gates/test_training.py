@@ -11,6 +11,8 @@ import torch
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
 from lpnet.arch.ir import Network
+from lpnet.errors import DatasetUnavailable, InvalidPlanOptions
+from lpnet.gates.allocation import AllocationBand, AllocationPolicy
 from lpnet.gates.datasets import (
     DataLoaders,
     cifar10_loaders,
@@ -18,10 +20,9 @@ from lpnet.gates.datasets import (
     distort_digits,
     image_folder_loaders,
 )
-from lpnet.gates.errors import DatasetUnavailable
 from lpnet.gates.planner import PlanningProblem, PlanOptions, optimise_widths
 from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
-from lpnet.gates.training import CosineSpan, SkewBand, TrainPruneConfig, evaluate_accuracy, train_and_prune
+from lpnet.gates.training import CosineSpan, TrainPruneConfig, evaluate_accuracy, train_and_prune
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import TrainConfig, fit_predictor
@@ -143,20 +144,34 @@ def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(digits_ca
         )
         if allocation == "planned":
             # The counts are the architecture-only plan's for the same budget (no measuring here),
-            # moved into the skew band around the uniform keep ratio.
-            band = SkewBand.at(problem, budget, config.max_skew)
-            assert band is not None
+            # moved into the allocation band around the uniform keep ratio, as in every mode.
+            policy = AllocationPolicy(config.max_skew, config.min_keep_ratio)
+            band = AllocationBand.at(problem, budget, policy)
             target = band.clamp(optimise_widths(problem, budget, PlanOptions(seed=0)))
             assert result.widths == problem.fit(target, budget, band.high, band.low)
-            assert all(w <= hi + 1e-6 for w, hi in zip(result.widths, band.high, strict=True))
+            assert band.outside(result.widths) == []
             assert outcome.gated_counts == result.widths, "the gates trained for the pruned widths"
+            assert result.allocation == band.summary(result.widths)
+            assert result.allocation.band_low is not None
+        else:
+            # The joint allocation's counts are the gates' own: reported, held to no band.
+            assert result.allocation is not None and result.allocation.band_low is None
+            ratios = [w / f for w, f in zip(result.widths, problem.grid.full_widths, strict=True)]
+            assert (result.allocation.keep_ratio_min, result.allocation.keep_ratio_max) == (
+                min(ratios),
+                max(ratios),
+            )
     with pytest.raises(ValueError, match="allocation"):
         train_and_prune(
             module, network, predictor, budget, data.train, data.val, TrainPruneConfig(allocation="x")
         )
-    with pytest.raises(ValueError, match="max_skew must be at least 1"):
+    with pytest.raises(InvalidPlanOptions, match="max_skew must be at least 1"):
         train_and_prune(
             module, network, predictor, budget, data.train, data.val, TrainPruneConfig(max_skew=0.8)
+        )
+    with pytest.raises(InvalidPlanOptions, match="min_keep_ratio"):
+        train_and_prune(
+            module, network, predictor, budget, data.train, data.val, TrainPruneConfig(min_keep_ratio=0.0)
         )
 
 
@@ -191,14 +206,13 @@ def test_planned_widths_are_verified_before_training_and_the_gates_train_for_the
     assert len(rounds) >= 2 and rounds[1].internal_budget_ms > first
     # The first plan stayed inside the band at its budget; the selected one, planned for a looser
     # budget, goes past that band's ceiling in some group (the band moves with the budget).
-    fixed = SkewBand.at(problem, first, config.max_skew)
-    assert fixed is not None
-    assert all(
-        w <= max(hi, lo) + 1e-6
-        for w, hi, lo in zip(rounds[0].widths, fixed.high, problem.grid.min_widths, strict=True)
-    )
+    policy = AllocationPolicy(config.max_skew, config.min_keep_ratio)
+    fixed = AllocationBand.at(problem, first, policy)
+    assert fixed.outside(rounds[0].widths) == []
     chosen = outcome.plan.widths
-    assert any(w > hi + 1e-6 for w, hi in zip(chosen, fixed.high, strict=True)), (chosen, fixed.high)
+    assert any(w > hi for w, hi in zip(chosen, fixed.high, strict=True)), (chosen, fixed.high)
+    [selected] = [r for r in rounds if r.selected]
+    assert AllocationBand.at(problem, selected.internal_budget_ms, policy).outside(chosen) == []
     measured = outcome.plan.measured_ms
     assert measured is not None and measured <= budget and outcome.plan.met_budget
     # The rounds' timings are all the measuring there was (no separate calibration plan), and the

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from profiler.agent import AgentOptions, main
+from profiler.agent.options import AgentOptions
+from profiler.agent.standalone import main
 from profiler.batch import MeasurementKind
 from profiler.sinks import read_jsonl
 

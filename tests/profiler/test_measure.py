@@ -7,16 +7,16 @@ from lpnet.arch.ir import Layer, Network, Op
 from profiler.backends import get_backend
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
-from profiler.protocol import TimingProtocol
-from profiler.sampling import Sample
-from profiler.speed import PROBE_VERSION, SpeedProbe
-from profiler.tasks import (
+from profiler.measure import (
     isolated_network,
     measure_in_context,
     measure_layer,
     measure_network,
     measure_sample,
 )
+from profiler.protocol import TimingProtocol
+from profiler.sampling import Sample
+from profiler.speed import PROBE_VERSION, SpeedProbe
 
 
 def test_in_context_layers_add_up_to_the_network_within_the_residual(

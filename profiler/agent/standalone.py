@@ -2,11 +2,11 @@
 
 Runs on the device being profiled, with nothing of the service installed:
 
-    python -m profiler.agent --families resnet18,mobilenet_v2 --budget-minutes 30 --jsonl runs/cpu.jsonl
-    LPNET_API_KEY=... python -m profiler.agent --url http://server:8000 --device-id 3 --budget-minutes 60
+    python -m profiler.agent.standalone --families resnet18,mobilenet_v2 --budget-minutes 30 --jsonl runs/cpu.jsonl
+    LPNET_API_KEY=... python -m profiler.agent.standalone --url http://server:8000 --device-id 3 --budget-minutes 60
 
-The service's `lpnet profile` command builds the same pieces (`AgentOptions`, `build_sampler`,
-`run_agent`) with a database sink instead.
+The service's `lpnet profile` command builds the same pieces (`profiler.agent.options`) with a
+database sink instead.
 """
 
 from __future__ import annotations
@@ -16,99 +16,23 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lpnet.errors import LpnetError
+from profiler.agent.options import AgentOptions, run_agent
 from profiler.backends.base import registered_backends
 from profiler.batch import MeasurementKind
-from profiler.device import DeviceSpec, local_device_spec
-from profiler.environment import retain_freed_memory
-from profiler.protocol import TimingProtocol
-from profiler.runner import RunSummary, make_run_context, run_profile
-from profiler.sampling import DEFAULT_FAMILIES, SamplingConfig, StratifiedSampler
+from profiler.runner import make_run_context
+from profiler.sampling import DEFAULT_FAMILIES
 from profiler.sinks import HttpSink, JsonlSink, MeasurementSink
-
-logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "LPNET_API_KEY"
 
 
-@dataclass
-class AgentOptions:
-    """Everything a profiling run needs besides the sink."""
-
-    families: list[str] = field(default_factory=lambda: list(DEFAULT_FAMILIES))
-    kinds: list[MeasurementKind] = field(default_factory=lambda: list(MeasurementKind))
-    backend: str = "torch-cpu"
-    threads: int = 1
-    batch_size: int = 1
-    dtype: str = "float32"
-    hardware: str | None = None
-    image_size: int = 224
-    budget_minutes: float | None = None
-    network_samples: int | None = None
-    in_context_samples: int | None = None
-    isolated_samples: int | None = None
-    seed: int = 0
-    quick_protocol: bool = False
-    # Keep freed memory in-process (mallopt): latencies then stop depending on what ran before.
-    retain_memory: bool = True
-    progress: bool = True
-
-    def device(self) -> DeviceSpec:
-        spec = local_device_spec(self.backend, self.threads, self.batch_size, self.dtype)
-        if self.hardware:
-            spec = DeviceSpec(self.hardware, self.backend, self.threads, self.batch_size, self.dtype)
-        return spec
-
-    def protocol(self) -> TimingProtocol:
-        return TimingProtocol.quick() if self.quick_protocol else TimingProtocol()
-
-    def sampling_config(self) -> SamplingConfig:
-        """Per-family counts as given; unset ones default to SamplingConfig's, or unbounded under a budget."""
-        base = SamplingConfig.for_budget() if self.budget_minutes is not None else SamplingConfig()
-        return SamplingConfig(
-            kinds=tuple(self.kinds),
-            seed=self.seed,
-            network_samples=_given_or(self.network_samples, base.network_samples),
-            in_context_samples=_given_or(self.in_context_samples, base.in_context_samples),
-            isolated_samples=_given_or(self.isolated_samples, base.isolated_samples),
-        )
-
-
-def _given_or(value: int | None, default: int) -> int:
-    return default if value is None else value
-
-
-def build_sampler(options: AgentOptions, device: DeviceSpec) -> StratifiedSampler:
-    """The stratified sampler over the requested families (unsupported ones are skipped)."""
-    size = options.image_size
-    return StratifiedSampler.for_families(
-        options.families, device, options.sampling_config(), (1, 3, size, size)
-    )
-
-
-def run_agent(options: AgentOptions, sink: MeasurementSink) -> RunSummary:
-    """Profile with `options` into `sink` (not closed here)."""
-    if options.retain_memory:
-        retain_freed_memory()
-    device = options.device()
-    backend = device.create_backend()
-    sampler = build_sampler(options, device)
-    return run_profile(
-        device,
-        sampler,
-        sink,
-        options.protocol(),
-        budget_minutes=options.budget_minutes,
-        progress=options.progress,
-        backend=backend,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m profiler.agent", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m profiler.agent.standalone", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--families",
         default=",".join(DEFAULT_FAMILIES),

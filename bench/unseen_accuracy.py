@@ -1,0 +1,291 @@
+"""LPNet on networks unlike anything profiled, judged against independent timings.
+
+1. Profile this CPU (1 thread) as the first run does: resnet18, resnet50, mobilenet_v2 and the
+   `generated` family (seeded random CNNs from the profiling seeds), whole networks and layers in
+   context, the default protocol capped at 6 s a network, freed memory retained, for
+   `--budget-minutes` (the first run's 6 by default). A JSONL cache makes reruns resume.
+2. Fit LPNet on the profile, and two baselines on the same samples: a FLOPs+params linear model and
+   an nn-Meter-style per-layer RandomForest sum.
+3. Judge on three sets, none of them width variants the fit saw:
+   - `profiled-unpruned`: the unpruned networks of the profiled torchvision families;
+   - `torchvision-unseen`: torchvision families never profiled;
+   - `generated-eval`: networks of the generator's evaluation seeds, which profiling never samples.
+4. Truth: every network is timed in `--processes` fresh Python processes, each building the
+   network's own module (torchvision's by name; a generated network's from its IR), random weights,
+   torch eager, 1 thread, batch 1, `inference_mode`, under the allocator policy the profile used;
+   the label is the median of the processes' medians, and their spread is reported.
+
+Prints a table per set and saves `bench/results/unseen_accuracy.json`.
+
+    python -m bench.unseen_accuracy --budget-minutes 6
+    python -m bench.unseen_accuracy --skip-profile          # refit and re-judge on the cached profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.predictor_accuracy import load
+from lpnet.arch.from_torch import network_from_torchvision
+from lpnet.arch.generator import EVALUATION_SEEDS, PROFILING_FAMILY, generate_networks
+from lpnet.arch.ir import Network
+from lpnet.predictor.baselines import FlopsLinear, LayerForestSum
+from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.samples import merge_replicates
+from lpnet.predictor.train import TrainConfig, fit_predictor
+from profiler.batch import MeasurementKind
+from profiler.device import local_device_spec
+from profiler.environment import retain_freed_memory
+from profiler.protocol import TimingProtocol
+from profiler.runner import make_run_context, run_profile
+from profiler.sampling import SamplingConfig, StratifiedSampler
+from profiler.sinks import JsonlSink
+
+RESULTS = Path(__file__).parent / "results"
+PROFILED = ("resnet18", "resnet50", "mobilenet_v2")
+UNSEEN_TORCHVISION = (
+    "resnet34",
+    "vgg11",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "squeezenet1_1",
+    "wide_resnet50_2",
+    "regnet_x_400mf",
+    "googlenet",
+    "efficientnet_b0",
+    "densenet121",
+    "resnext50_32x4d",
+)
+GENERATED_EVAL = 12
+# The first run's protocol: the default, each network capped at 6 s.
+PROTOCOL = TimingProtocol().model_copy(update={"max_seconds": 6.0})
+
+
+def profile(families: list[str], cache: Path, budget_minutes: float, retain_memory: bool) -> None:
+    """Measure whole networks and in-context layers of `families` into the JSONL cache."""
+    import torch
+
+    torch.set_num_threads(1)
+    if retain_memory:
+        retain_freed_memory()
+    device = local_device_spec(threads=1)
+    config = SamplingConfig.for_budget(kinds=(MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT))
+    sampler = StratifiedSampler.for_families(families, device, config)
+    backend = device.create_backend()
+    sink = JsonlSink(cache, make_run_context(device, PROTOCOL, backend))
+    try:
+        print(run_profile(device, sampler, sink, PROTOCOL, budget_minutes=budget_minutes, backend=backend))
+    finally:
+        sink.close()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One evaluation network and how a fresh process rebuilds it."""
+
+    set_name: str
+    name: str
+    spec: str  # "tv:<name>" or "gen:<seed>"
+    network: Network
+
+
+def cases() -> list[Case]:
+    out = [Case("profiled-unpruned", n, f"tv:{n}", network_from_torchvision(n)) for n in PROFILED]
+    out += [Case("torchvision-unseen", n, f"tv:{n}", network_from_torchvision(n)) for n in UNSEEN_TORCHVISION]
+    for net in generate_networks(EVALUATION_SEEDS, GENERATED_EVAL):
+        out.append(Case("generated-eval", net.name or "", f"gen:{net.name.removeprefix('gen-')}", net))
+    return out
+
+
+# Fresh-process timing ----------------------------------------------------------------------------
+
+
+def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, float]:
+    """Run in a fresh process: build the network's own module and time its forward."""
+    import torch
+
+    from profiler.environment import retain_freed_memory
+
+    torch.set_num_threads(1)
+    if retain_memory:
+        retain_freed_memory()
+    kind, _, value = spec.partition(":")
+    if kind == "tv":
+        from lpnet.arch.from_torch import torchvision_model
+
+        module = torchvision_model(value).eval()
+        shape: Sequence[int] = (1, 3, 224, 224)
+    else:
+        from lpnet.arch.build import build_module
+        from lpnet.arch.generator import generate_network
+
+        network = generate_network(int(value))
+        module = build_module(network).eval()
+        shape = network.input_shape
+    x = torch.randn(*shape)
+    times: list[float] = []
+    with torch.inference_mode():
+        warm_end = time.perf_counter() + 0.3
+        for _ in range(3):
+            module(x)
+        while time.perf_counter() < warm_end:
+            module(x)
+        end = time.perf_counter() + min_seconds
+        while len(times) < 10 or time.perf_counter() < end:
+            start = time.perf_counter()
+            module(x)
+            times.append((time.perf_counter() - start) * 1000)
+            if len(times) >= 200:
+                break
+    return {"median_ms": statistics.median(times), "runs": float(len(times))}
+
+
+def independent_timings(
+    all_cases: Sequence[Case], processes: int, retain_memory: bool, min_seconds: float
+) -> dict[str, list[float]]:
+    """Median of each case in `processes` fresh processes, round after round (drift spreads evenly)."""
+    out: dict[str, list[float]] = {c.spec: [] for c in all_cases}
+    for round_index in range(processes):
+        for case in all_cases:
+            command = [sys.executable, "-m", "bench.unseen_accuracy", "--time-one", case.spec]
+            command += ["--min-seconds", str(min_seconds)]
+            if not retain_memory:
+                command.append("--no-retain-memory")
+            result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+            ms = json.loads(result.stdout.strip().splitlines()[-1])["median_ms"]
+            out[case.spec].append(ms)
+            print(f"  round {round_index + 1}/{processes} {case.name:22s} {ms:9.2f} ms", flush=True)
+    return out
+
+
+# Judging -----------------------------------------------------------------------------------------
+
+
+def judge(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    errors = np.array([(r[key] - r["measured_ms"]) / r["measured_ms"] for r in rows])
+    return {
+        "networks": len(rows),
+        "within_10pct": int((np.abs(errors) <= 0.10).sum()),
+        "within_5pct": int((np.abs(errors) <= 0.05).sum()),
+        "median_abs_error": float(np.median(np.abs(errors))),
+        "max_abs_error": float(np.abs(errors).max()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--budget-minutes", type=float, default=6.0)
+    parser.add_argument("--cache", type=Path, default=RESULTS / "unseen_profile_cache.jsonl")
+    parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=1.5)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--no-retain-memory", action="store_true")
+    parser.add_argument("--time-one", help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "unseen_accuracy.json")
+    args = parser.parse_args()
+    retain = not args.no_retain_memory
+    if args.time_one:
+        print(json.dumps(time_one(args.time_one, retain, args.min_seconds)))
+        return
+    families = [*PROFILED, PROFILING_FAMILY]
+    started = time.perf_counter()
+    if not args.skip_profile:
+        profile(families, args.cache, args.budget_minutes, retain_memory=retain)
+    profile_seconds = time.perf_counter() - started
+    samples = merge_replicates(load(args.cache, "ms").samples)
+    fit_started = time.perf_counter()
+    predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps))
+    fit_seconds = time.perf_counter() - fit_started
+    baselines: list[Any] = [FlopsLinear(), LayerForestSum()]
+    for baseline in baselines:
+        baseline.fit(samples)
+
+    all_cases = cases()
+    print(f"timing {len(all_cases)} networks in {args.processes} fresh processes each", flush=True)
+    truth = independent_timings(all_cases, args.processes, retain, args.min_seconds)
+    rows: list[dict[str, Any]] = []
+    networks = [c.network for c in all_cases]
+    baseline_ms = {b.name: b.predict(networks) for b in baselines}
+    for index, case in enumerate(all_cases):
+        prediction = predictor.predict(case.network)
+        measured = truth[case.spec]
+        label = statistics.median(measured)
+        rows.append(
+            {
+                "set": case.set_name,
+                "network": case.name,
+                "measured_ms": label,
+                "process_medians_ms": measured,
+                "process_spread": (max(measured) - min(measured)) / label,
+                "lpnet_ms": prediction.total_ms,
+                "interval_ms": [prediction.low_ms, prediction.high_ms],
+                "in_interval": prediction.low_ms <= label <= prediction.high_ms,
+                "warnings": len(prediction.warnings),
+                **{f"{name}_ms": float(values[index]) for name, values in baseline_ms.items()},
+            }
+        )
+    summary: dict[str, Any] = {}
+    for set_name in ("profiled-unpruned", "torchvision-unseen", "generated-eval", "all"):
+        chosen = [r for r in rows if set_name in ("all", r["set"])]
+        summary[set_name] = {
+            "lpnet": judge(chosen, "lpnet_ms"),
+            **{name: judge(chosen, f"{name}_ms") for name in baseline_ms},
+            "interval_coverage": sum(r["in_interval"] for r in chosen) / len(chosen),
+            "flagged": sum(r["warnings"] > 0 for r in chosen),
+        }
+    print(f"\n{'set':20s} {'model':26s} {'<=10%':>7s} {'<=5%':>6s} {'median|e|':>10s} {'max|e|':>8s}")
+    for set_name, figures in summary.items():
+        for model in ["lpnet", *baseline_ms]:
+            f = figures[model]
+            print(
+                f"{set_name:20s} {model:26s} {f['within_10pct']:>3d}/{f['networks']:<3d} "
+                f"{f['within_5pct']:>2d}/{f['networks']:<3d} {f['median_abs_error']:>9.1%} {f['max_abs_error']:>7.1%}"
+            )
+        print(
+            f"{set_name:20s} interval coverage {figures['interval_coverage']:.0%}, flagged {figures['flagged']}"
+        )
+    print("\nper network (error of LPNet):")
+    for r in rows:
+        error = (r["lpnet_ms"] - r["measured_ms"]) / r["measured_ms"]
+        print(
+            f"  {r['set']:20s} {r['network']:22s} measured {r['measured_ms']:8.2f} ms "
+            f"(spread {r['process_spread']:.1%}) lpnet {r['lpnet_ms']:8.2f} ({error:+.1%}) "
+            f"[{r['interval_ms'][0]:.2f}, {r['interval_ms'][1]:.2f}] warnings {r['warnings']}"
+        )
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "protocol": {
+            "profile_families": families,
+            "profile_budget_minutes": args.budget_minutes if not args.skip_profile else None,
+            "profile_seconds": profile_seconds,
+            "fit_seconds": fit_seconds,
+            "training_networks": len(samples),
+            "truth": f"median of {args.processes} fresh processes, each the median of >= 10 forwards over "
+            f">= {args.min_seconds} s; torch eager, 1 thread, batch 1, inference_mode, random weights",
+            "allocator": "freed memory retained (mallopt)" if retain else "glibc default",
+        },
+        "summary": summary,
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"\nsaved {args.output}")
+
+
+if __name__ == "__main__":
+    main()
