@@ -19,6 +19,7 @@ Prints a table per set and saves `bench/results/unseen_accuracy.json`.
 
     python -m bench.unseen_accuracy --budget-minutes 6
     python -m bench.unseen_accuracy --skip-profile          # refit and re-judge on the cached profile
+    python -m bench.unseen_accuracy --skip-profile --reuse-truth bench/results/unseen_accuracy.json
 """
 
 from __future__ import annotations
@@ -195,6 +196,11 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--no-retain-memory", action="store_true")
+    parser.add_argument(
+        "--reuse-truth",
+        type=Path,
+        help="take the fresh-process timings from an earlier result file instead of timing again",
+    )
     parser.add_argument("--time-one", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS / "unseen_accuracy.json")
     args = parser.parse_args()
@@ -216,8 +222,13 @@ def main() -> None:
         baseline.fit(samples)
 
     all_cases = cases()
-    print(f"timing {len(all_cases)} networks in {args.processes} fresh processes each", flush=True)
-    truth = independent_timings(all_cases, args.processes, retain, args.min_seconds)
+    if args.reuse_truth is not None:
+        earlier = json.loads(args.reuse_truth.read_text())
+        by_name = {row["network"]: row["process_medians_ms"] for row in earlier["rows"]}
+        truth = {case.spec: by_name[case.name] for case in all_cases}
+    else:
+        print(f"timing {len(all_cases)} networks in {args.processes} fresh processes each", flush=True)
+        truth = independent_timings(all_cases, args.processes, retain, args.min_seconds)
     rows: list[dict[str, Any]] = []
     networks = [c.network for c in all_cases]
     baseline_ms = {b.name: b.predict(networks) for b in baselines}
@@ -278,6 +289,8 @@ def main() -> None:
             "truth": f"median of {args.processes} fresh processes, each the median of >= 10 forwards over "
             f">= {args.min_seconds} s; torch eager, 1 thread, batch 1, inference_mode, random weights",
             "allocator": "freed memory retained (mallopt)" if retain else "glibc default",
+            "truth_reused_from": str(args.reuse_truth.name) if args.reuse_truth else None,
+            "profile_cache_rows": sum(1 for _ in args.cache.open()) if args.cache.exists() else 0,
         },
         "summary": summary,
         "rows": rows,

@@ -101,12 +101,34 @@ def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(terms, dim=-1)
 
 
+def member_log_spread(totals: torch.Tensor) -> torch.Tensor:
+    """The ensemble's spread in log space, (K, B) member totals -> (B,), at least 1e-3.
+
+    A robust scale: members are first held within a factor `CORRECTION_FACTOR` of the median member
+    (one member far off, such as one whose negative overheads bring a small network near zero, must
+    not stretch an interval by orders of magnitude), then 1.4826 x their median absolute deviation
+    (the standard deviation for normal data). With two members, their standard deviation; with one,
+    1e-3.
+    """
+    logs = torch.log(totals.clamp_min(1e-4))
+    if logs.shape[0] == 1:
+        return torch.full_like(logs[0], 1e-3)
+    if logs.shape[0] == 2:
+        return logs.std(0).clamp_min(1e-3)
+    middle = logs.median(0).values
+    bound = math.log(CORRECTION_FACTOR)
+    held = torch.minimum(torch.maximum(logs, middle - bound), middle + bound)
+    deviation = (held - middle).abs()
+    return (1.4826 * deviation.median(0).values).clamp_min(1e-3)
+
+
 class LPNet(nn.Module):
     """An ensemble of LayerLatencyMLP members sharing one feature normalisation."""
 
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     interval_scale: torch.Tensor
+    interval_floor: torch.Tensor
 
     def __init__(self, config: LPNetConfig) -> None:
         super().__init__()
@@ -114,12 +136,19 @@ class LPNet(nn.Module):
         self._members = nn.ModuleList(LayerLatencyMLP(config) for _ in range(config.members))
         self.register_buffer("feature_mean", torch.zeros(len(NUMERIC_FEATURES)))
         self.register_buffer("feature_std", torch.ones(len(NUMERIC_FEATURES)))
-        # Multiplier on the ensemble's log-space spread so intervals reach their stated coverage.
+        # The interval's log half-width is interval_scale * (member spread + interval_floor): the
+        # floor is the typical spread, so networks the members happen to agree on still get the
+        # error the calibration networks showed, and the scale makes the stated coverage.
         self.register_buffer("interval_scale", torch.tensor(2.0))
+        self.register_buffer("interval_floor", torch.tensor(0.0))
 
     @property
     def members(self) -> list[LayerLatencyMLP]:
         return [m for m in self._members if isinstance(m, LayerLatencyMLP)]
+
+    def interval_half_width(self, totals: torch.Tensor) -> torch.Tensor:
+        """Log half-width of the interval for member totals (K, B) -> (B,)."""
+        return self.interval_scale * (member_log_spread(totals) + self.interval_floor)
 
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.feature_mean) / self.feature_std

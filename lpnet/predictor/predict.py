@@ -131,7 +131,5 @@ class LatencyPredictor:
         # The point prediction is the members' mean, so per-layer means plus the mean overhead add
         # up to it exactly; the interval is the calibrated log-space spread around it.
         center = totals.mean(0)
-        logs = torch.log(totals.clamp_min(1e-4))  # (K, B)
-        spread = logs.std(0) if logs.shape[0] > 1 else torch.zeros_like(center)
-        half = self.model.interval_scale * spread.clamp_min(1e-3)
+        half = self.model.interval_half_width(totals)
         return center, center * torch.exp(-half), center * torch.exp(half)

@@ -13,7 +13,7 @@ from sklearn.linear_model import LinearRegression
 from lpnet.arch.ir import Op
 from lpnet.errors import LpnetError
 from lpnet.predictor.features import OP_CLASS, OP_INDEX, OPS, work_terms
-from lpnet.predictor.model import LPNet, LPNetConfig
+from lpnet.predictor.model import LPNet, LPNetConfig, member_log_spread
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
 
@@ -235,12 +235,11 @@ def _robust(log_error: torch.Tensor, delta: float) -> torch.Tensor:
 def _calibrate_interval(model: LPNet, data: PackedSamples) -> None:
     with torch.no_grad():
         member_ms = network_predictions(model, data)  # (K, S)
-        log_members = torch.log(member_ms.clamp_min(1e-4))
         center = torch.log(member_ms.mean(0).clamp_min(1e-4))
-        spread = (
-            log_members.std(0).clamp_min(1e-3) if model.config.members > 1 else torch.full_like(center, 0.01)
-        )
-        z = (torch.log(data.network_target_ms) - center).abs() / spread
+        spread = member_log_spread(member_ms)
+        floor = spread.median()
+        model.interval_floor.fill_(float(floor))
+        z = (torch.log(data.network_target_ms) - center).abs() / (spread + floor)
         model.interval_scale.fill_(float(torch.quantile(z, INTERVAL_COVERAGE)))
 
 
