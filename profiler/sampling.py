@@ -544,26 +544,12 @@ class StratifiedSampler(_QueueSampler):
             return
         seen: set[str] = set()
         for network in self.generated_networks(kind):
-            for layer in network.layers:
-                if layer.op not in ISOLATED_OPS:
-                    continue
-                digest = layer_config_hash(layer)
-                if digest not in seen:
-                    seen.add(digest)
-                    yield Sample.for_layer(layer, self.device, GENERATED_FAMILY, origin="generated")
+            for layer in distinct_isolated_layers(network.layers, seen):
+                yield Sample.for_layer(layer, self.device, GENERATED_FAMILY, origin="generated")
 
     def base_layers(self, family: str) -> list[Layer]:
         """Distinct layer configs of a family's unpruned network that are worth timing alone."""
-        seen: set[str] = set()
-        layers = []
-        for layer in self.families[family].network.layers:
-            if layer.op not in ISOLATED_OPS:
-                continue
-            digest = layer_config_hash(layer)
-            if digest not in seen:
-                seen.add(digest)
-                layers.append(layer)
-        return layers
+        return list(distinct_isolated_layers(self.families[family].network.layers, set()))
 
     def _layer_stream(self, family: str) -> Iterator[Sample]:
         bases = self.base_layers(family)
@@ -587,6 +573,17 @@ class StratifiedSampler(_QueueSampler):
             if not produced:  # no base layer can be scaled validly: nothing more to offer
                 return
             block += 1
+
+
+def distinct_isolated_layers(layers: Iterable[Layer], seen: set[str]) -> Iterator[Layer]:
+    """The layers worth timing alone whose config hash is not in `seen` yet (added as they go)."""
+    for layer in layers:
+        if layer.op not in ISOLATED_OPS:
+            continue
+        digest = layer_config_hash(layer)
+        if digest not in seen:
+            seen.add(digest)
+            yield layer
 
 
 def _scaled(channels: int, ratio: float) -> int:
