@@ -23,18 +23,12 @@ MODULE_LIMIT_EXEMPT = ("migrations/",)
 
 # Path -> lines, for modules over MAX_MODULE_LINES.
 ALLOWED_MODULES: dict[str, int] = {
-    "lpnet/arch/from_torch.py": 1255,
-    "lpnet/arch/generator.py": 864,
-    "lpnet/arch/onnx_io.py": 1459,
     "lpnet/gates/planner.py": 637,
     "profiler/sampling.py": 629,
-    "tests/lpnet/test_onnx_io.py": 960,
 }
 
 # "path:qualified.name" -> lines from `def` to the function's last line, for functions over MAX_FUNCTION_LINES.
 ALLOWED_FUNCTIONS: dict[str, int] = {
-    "lpnet/arch/onnx_io.py:_OnnxConverter._convert_node": 111,
-    "lpnet/arch/onnx_io.py:_OnnxConverter._convert_view": 99,
     "lpnet/gates/planner.py:build_result": 89,
     "lpnet/gates/planner.py:plan": 119,
     "lpnet/gates/planner.py:verification_loop": 88,

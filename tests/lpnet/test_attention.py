@@ -2,7 +2,8 @@
 merging, MaxViT's window and grid attention.
 
 Traced from tiny torchvision configurations, validated, costed (against torch's own FLOP counter
-of the rebuilt module), rebuilt, grouped for pruning and refused by the ONNX reader by name.
+of the rebuilt module), rebuilt, grouped for pruning and, but for ViT's (test_onnx_io_attention.py),
+refused by the ONNX reader by name.
 """
 
 from __future__ import annotations
@@ -190,10 +191,12 @@ def test_onnx_exports_of_attention_are_refused_by_name() -> None:
 @pytest.mark.parametrize(
     ("name", "gmacs"), [("swin_t", 4.49), ("swin_v2_t", 4.92), ("vit_b_32", 4.41), ("maxvit_t", 5.56)]
 )
-def test_torchvision_transformers_convert_by_name_in_under_two_seconds(name: str, gmacs: float) -> None:
+def test_torchvision_transformers_convert_by_name_in_seconds(name: str, gmacs: float) -> None:
+    # About 1 s on a quiet 2-core machine (bench/torchvision_coverage.py reports the figures); the
+    # bound only catches a conversion gone quadratic, and leaves room for a loaded machine.
     start = time.perf_counter()
     network = network_from_torchvision(name)
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 10.0
     assert network_cost(network).macs / 1e9 == pytest.approx(gmacs, rel=0.01)
 
 
@@ -246,7 +249,7 @@ def test_dilated_attention_attends_within_the_spread_out_windows() -> None:
     assert delta[0, 1] == 0 and delta[1, 0] == 0
 
 
-@pytest.mark.parametrize("make", [tiny_vit, tiny_swin, tiny_maxvit])
+@pytest.mark.parametrize("make", [tiny_swin, tiny_maxvit])
 def test_torchs_onnx_export_of_a_torchvision_transformer_is_refused_naming_attention(
     make: Callable[[], torch.nn.Module],
 ) -> None:

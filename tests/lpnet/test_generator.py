@@ -16,6 +16,8 @@ from lpnet.arch.build import build_module
 from lpnet.arch.counting import network_cost
 from lpnet.arch.generator import (
     DEFAULT_SPACE,
+    DEVELOPMENT_FAMILY,
+    DEVELOPMENT_SEEDS,
     EVALUATION_FAMILY,
     EVALUATION_SEEDS,
     PROFILING_FAMILY,
@@ -24,6 +26,7 @@ from lpnet.arch.generator import (
     DesignSpace,
     generate_network,
     generate_networks,
+    seed_family,
 )
 from lpnet.arch.ir import ACTIVATIONS, NETWORK_INPUT, Layer, Network, Op
 from lpnet.errors import GenerationError, LpnetError
@@ -268,7 +271,20 @@ def test_generate_networks_refuses_more_networks_than_seeds() -> None:
         generate_networks(range(0, 5), 6)
 
 
-@pytest.mark.parametrize("seed", [-1, PROFILING_SEEDS.stop, EVALUATION_SEEDS.stop])
-def test_generate_network_refuses_seeds_outside_both_ranges(seed: int) -> None:
-    with pytest.raises(GenerationError, match="neither the profiling seeds"):
+@pytest.mark.parametrize("seed", [-1, PROFILING_SEEDS.stop, EVALUATION_SEEDS.stop, DEVELOPMENT_SEEDS.stop])
+def test_generate_network_refuses_seeds_outside_every_range(seed: int) -> None:
+    with pytest.raises(GenerationError, match="none of the seed ranges"):
         generate_network(seed)
+
+
+def test_each_seed_range_has_its_own_family_and_the_ranges_do_not_overlap() -> None:
+    ranges = {
+        PROFILING_FAMILY: PROFILING_SEEDS,
+        EVALUATION_FAMILY: EVALUATION_SEEDS,
+        DEVELOPMENT_FAMILY: DEVELOPMENT_SEEDS,
+    }
+    for family, seeds in ranges.items():
+        assert generate_network(seeds.start).family == family
+        assert seed_family(seeds.stop - 1) == family
+    bounds = sorted((seeds.start, seeds.stop) for seeds in ranges.values())
+    assert all(stop <= start for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False))

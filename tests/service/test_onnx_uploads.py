@@ -1,6 +1,7 @@
 """Hostile ONNX files posted to a real server on loopback: 422 with a code, and nothing of the server's files.
 
-The files come from tests/lpnet/test_onnx_io.py, which checks the same refusals in the reader itself.
+The files come from tests/lpnet/onnx_hostile.py; tests/lpnet/test_onnx_io_*.py check the same refusals in
+the reader itself.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from lpnet.arch.onnx_io import MAX_NODES
+from lpnet.arch.onnx_io.limits import MAX_NODES
 from service.config import Settings, WorkerSettings
 from service.main import create_app
-from tests.lpnet.test_onnx_io import (
+from tests.lpnet.onnx_hostile import (
     EXTERNAL_DATA_MODELS,
     LOCATIONS,
     MARKER,

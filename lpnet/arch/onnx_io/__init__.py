@@ -1,0 +1,21 @@
+"""ONNX in and out: read an ONNX graph into the IR (onnx shape inference), export a module to ONNX.
+
+A file given to `network_from_onnx` is untrusted. Before anything else reads it, one pass over the whole
+model (`scan`) refuses tensors that keep their data in external files (onnx would read those from this
+machine's disk) and models above the size limits of `limits`, opening no file; then the opsets, the
+operators and the input are checked (`checks`), and only then does shape inference run. Every problem
+with a file comes out as an `lpnet.errors` error.
+
+Reading runs in four steps (`reader`): the data of large constants (weights) is dropped, keeping their
+type and shape, which is all the IR needs of them; shape inference runs on what is left; nodes
+computing only on constants (weights stored as ConstantOfShape or Cast of an initializer, shape
+arithmetic on the static input shape) are folded into constants (`folding`); and the remaining graph
+is converted node by node (`converter`), by the rules of each operator family (`windows`, `affine`,
+`elementwise`, `normalisation`, `views`, `tokens`), the self-attention subgraphs torch.onnx.export
+writes for nn.MultiheadAttention becoming one layer each (`attention`).
+"""
+
+from lpnet.arch.onnx_io.export import export_onnx
+from lpnet.arch.onnx_io.reader import network_from_onnx
+
+__all__ = ["export_onnx", "network_from_onnx"]
