@@ -474,6 +474,7 @@ def prepare(database_url: str, samples: int) -> Prepared:
     from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
     from profiler.batch import MeasurementKind
     from profiler.device import DeviceSpec
+    from profiler.environment import AllocatorPolicy, apply_allocator_policy
     from profiler.protocol import TimingProtocol
     from profiler.runner import make_run_context, run_profile
     from profiler.sampling import SamplingConfig, StratifiedSampler
@@ -516,6 +517,7 @@ def prepare(database_url: str, samples: int) -> Prepared:
             min_ratio=0.2,
         )
         protocol = TimingProtocol.quick()
+        apply_allocator_policy(AllocatorPolicy(device.allocator))  # the sink refuses another policy
         backend = spec.create_backend()
         context = make_run_context(spec, protocol, backend)
         sink = DatabaseSink(factory, device, context)

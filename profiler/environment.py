@@ -1,8 +1,9 @@
-"""A fingerprint of the machine and software a measurement ran on.
+"""A fingerprint of the machine and software a measurement ran on, and the allocator policy it ran under.
 
-Everything here is read, never changed, except `retain_freed_memory`, which the caller opts into
-and which the fingerprint then records: the design notes show glibc returning memory to the
-kernel moves mobilenet_v2 by over 20 % between processes.
+Everything here is read, never changed, except the allocator policy (`apply_allocator_policy`), which
+the caller opts into and which the fingerprint then records. The policy is part of what a latency
+means: glibc returning freed memory to the kernel moves mobilenet_v2 by over 20 % between processes,
+and a memory-heavy network measured 4.4-5.0 ms with glibc's default and 1.8 ms with freed memory kept.
 
 A fingerprint holds finite numbers only: it is stored as JSON, which has no NaN or infinity (SQLite
 would keep a non-standard document, PostgreSQL refuses it). `collect_environment` records a value it
@@ -20,11 +21,15 @@ import platform
 import socket
 import sys
 from collections.abc import Mapping
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from profiler.errors import AllocatorPolicyUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ _CPUINFO = Path("/proc/cpuinfo")
 _GOVERNOR = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
 _MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 _MEMINFO = Path("/proc/meminfo")
+# The environment the process started with, which is what glibc read its allocator settings from.
+_STARTUP_ENVIRON = Path("/proc/self/environ")
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
@@ -45,8 +52,33 @@ _PACKAGES = ("torch", "torchvision", "onnxruntime", "onnx", "numpy")
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # mallopt's ceiling on 64-bit
+_TRIM_THRESHOLD = 2**30
 _allocator_retains_memory = False
+
+
+class AllocatorPolicy(StrEnum):
+    """How the C library's allocator treats memory a process frees; a device's latencies hold under one."""
+
+    # Freed memory kept by the process: glibc's mmap threshold at its ceiling, trim threshold 1 GiB.
+    RETAIN = "retain"
+    # The C library's default: large blocks mapped and unmapped, the heap's top returned to the kernel.
+    SYSTEM = "system"
+
+
+# The environment variables that put any process under a policy without code, set before it starts
+# (glibc's aliases of its tunables glibc.malloc.mmap_threshold and glibc.malloc.trim_threshold).
+ALLOCATOR_ENVIRONMENT: Mapping[AllocatorPolicy, Mapping[str, str]] = MappingProxyType(
+    {
+        AllocatorPolicy.RETAIN: MappingProxyType(
+            {
+                "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD_MAX),
+                "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+            }
+        ),
+        AllocatorPolicy.SYSTEM: MappingProxyType({}),
+    }
+)
 
 
 def non_finite_path(value: object) -> str | None:
@@ -129,8 +161,14 @@ class Environment(BaseModel):
     torch_interop_threads: int | None = None
     thread_env: dict[str, str] = Field(default_factory=dict)
     malloc_env: dict[str, str] = Field(default_factory=dict)
+    # Whether the process kept freed memory: the allocator policy the measurements hold under.
     allocator_retains_memory: bool = False
     backend_settings: dict[str, FiniteJson] = Field(default_factory=dict)
+
+    @property
+    def allocator_policy(self) -> AllocatorPolicy:
+        """The allocator policy the process ran under."""
+        return AllocatorPolicy.RETAIN if self.allocator_retains_memory else AllocatorPolicy.SYSTEM
 
 
 def _read(path: Path) -> str | None:
@@ -200,12 +238,84 @@ def retain_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(path)
         ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
     except (OSError, AttributeError) as exc:  # not glibc (musl, macOS)
         logger.warning("mallopt unavailable (%s); allocator left as it is", exc)
         return False
     _allocator_retains_memory = ok
     return ok
+
+
+def _startup_environment() -> Mapping[str, str]:
+    """The variables this process started with (os.environ where /proc does not tell)."""
+    try:
+        raw = _STARTUP_ENVIRON.read_bytes()
+    except OSError:
+        return os.environ
+    pairs = (entry.decode(errors="replace").partition("=") for entry in raw.split(b"\0") if entry)
+    return {name: value for name, _, value in pairs}
+
+
+def _is_glibc() -> bool:
+    """Whether the C library is glibc, the one that reads `ALLOCATOR_ENVIRONMENT`'s variables."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # no such name: not glibc
+        return False
+
+
+def _retains_by_environment(environ: Mapping[str, str]) -> bool:
+    """Whether glibc started with at least `ALLOCATOR_ENVIRONMENT`'s retain thresholds.
+
+    From the environment glibc takes an mmap threshold above the 32 MiB that mallopt is limited to;
+    a larger threshold keeps even more.
+    """
+    try:
+        mmap_threshold = int(environ.get("MALLOC_MMAP_THRESHOLD_", ""), 0)
+        trim_threshold = int(environ.get("MALLOC_TRIM_THRESHOLD_", ""), 0)
+    except ValueError:
+        return False
+    return _is_glibc() and mmap_threshold >= _MMAP_THRESHOLD_MAX and trim_threshold >= _TRIM_THRESHOLD
+
+
+def process_allocator_policy() -> AllocatorPolicy:
+    """The allocator policy this process runs under.
+
+    ``retain`` once `retain_freed_memory` set it, or when the process started with the variables of
+    `ALLOCATOR_ENVIRONMENT` (glibc reads them at start-up only); ``system`` otherwise.
+    """
+    if _allocator_retains_memory or _retains_by_environment(_startup_environment()):
+        return AllocatorPolicy.RETAIN
+    return AllocatorPolicy.SYSTEM
+
+
+def apply_allocator_policy(policy: AllocatorPolicy) -> None:
+    """Put this process under `policy` from now on: before measuring, and before fingerprinting.
+
+    ``retain`` sets the mallopt thresholds (`retain_freed_memory`). ``system`` changes nothing and holds
+    only in a process that does not keep freed memory already: glibc's settings cannot be reliably
+    undone (once its mmap threshold is set, glibc stops adapting it for good).
+
+    Raises:
+        AllocatorPolicyUnavailable: ``retain`` where glibc's mallopt is missing or refused the settings,
+            or ``system`` in a process that keeps freed memory already.
+    """
+    if policy == AllocatorPolicy.RETAIN:
+        if not retain_freed_memory():
+            raise AllocatorPolicyUnavailable(
+                "this process cannot keep freed memory (allocator policy 'retain' needs glibc's mallopt); "
+                "measure here for a device registered with allocator 'system'",
+                {"wanted": AllocatorPolicy.RETAIN.value, "process": process_allocator_policy().value},
+            )
+        return
+    if process_allocator_policy() is AllocatorPolicy.RETAIN:
+        variables = ", ".join(ALLOCATOR_ENVIRONMENT[AllocatorPolicy.RETAIN])
+        raise AllocatorPolicyUnavailable(
+            "the device's allocator policy is 'system', but this process keeps freed memory already "
+            "('retain'), which cannot be undone; measure in a fresh process started without "
+            f"{variables}, or in one that measured no 'retain' device before",
+            {"wanted": AllocatorPolicy.SYSTEM.value, "process": AllocatorPolicy.RETAIN.value},
+        )
 
 
 def collect_environment(backend_settings: dict[str, Any] | None = None) -> Environment:
@@ -250,6 +360,6 @@ def collect_environment(backend_settings: dict[str, Any] | None = None) -> Envir
         torch_interop_threads=torch.get_num_interop_threads(),
         thread_env={k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
         malloc_env={k: os.environ[k] for k in _MALLOC_ENV if k in os.environ},
-        allocator_retains_memory=_allocator_retains_memory,
+        allocator_retains_memory=process_allocator_policy() is AllocatorPolicy.RETAIN,
         backend_settings=finite_or_none(dict(backend_settings or {})),
     )

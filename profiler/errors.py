@@ -77,3 +77,9 @@ class SinkError(ProfilerError):
     """A measurement sink that cannot store what it was given."""
 
     code = "sink_error"
+
+
+class AllocatorPolicyUnavailable(ProfilerError):
+    """This process cannot run under the allocator policy a device's measurements need."""
+
+    code = "allocator_policy_unavailable"

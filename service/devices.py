@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from profiler.environment import AllocatorPolicy, collect_environment
 from service.auth import create_api_key, key_prefix
 from service.db.base import utcnow
 from service.db.models import (
@@ -226,6 +227,7 @@ def describe_devices(session: Session, devices: Sequence[Device]) -> list[Device
                 threads=device.threads,
                 batch_size=device.batch_size,
                 dtype=device.dtype,
+                allocator=AllocatorPolicy(device.allocator),
                 environment=device.environment,
                 is_local=device.is_local,
                 created_at=device.created_at,
@@ -286,7 +288,13 @@ def set_device_status(
 
 
 def local_device(
-    name: str, *, backend: str = "torch-cpu", threads: int = 1, batch_size: int = 1, dtype: str = "float32"
+    name: str,
+    *,
+    backend: str = "torch-cpu",
+    threads: int = 1,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    allocator: AllocatorPolicy = AllocatorPolicy.RETAIN,
 ) -> DeviceCreate:
     """Describe this machine as a device: hardware from its CPU model, environment fingerprinted now.
 
@@ -296,7 +304,6 @@ def local_device(
     """
     # Imported here: the profiler package pulls in torch, which the rest of the CLI does not need.
     from profiler.device import local_device_spec
-    from profiler.environment import collect_environment
 
     spec = local_device_spec(backend=backend, threads=threads, batch_size=batch_size, dtype=dtype)
     environment = collect_environment(backend_settings={"threads": threads, "dtype": dtype})
@@ -307,6 +314,7 @@ def local_device(
         threads=spec.threads,
         batch_size=spec.batch_size,
         dtype=spec.dtype,
+        allocator=allocator,
         environment=environment.model_dump(mode="json"),
         is_local=True,
     )

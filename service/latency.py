@@ -33,6 +33,7 @@ from service.errors import InvalidInput, TooManyRequests
 from service.predictors import current_predictor, load_predictor_artifact
 from service.schemas.architectures import TorchvisionArchitecture
 from service.schemas.common import PredictorRef
+from service.schemas.devices import AllocatorRead
 from service.schemas.latency import BatchLatencyRead, LatencyRead, LayerLatency
 from service.tracing import TraceProcess, shared_trace_process
 
@@ -188,6 +189,7 @@ class LatencyService:
         return LatencyRead(
             device_id=device.id,
             device=device.name,
+            allocator=AllocatorRead.of(device.allocator),
             predictor=PredictorRef(id=predictor.id, version=predictor.version),
             network_name=network.name,
             network_hash=network.content_hash,
@@ -229,6 +231,7 @@ class LatencyService:
         return BatchLatencyRead(
             device_id=device.id,
             device=device.name,
+            allocator=AllocatorRead.of(device.allocator),
             predictor=PredictorRef(id=predictor.id, version=predictor.version),
             network_hash=network.content_hash,
             group_channels=[int(c) for c in tn.full_widths.tolist()],

@@ -39,6 +39,7 @@ from service.predictors import (
     load_predictor_artifact,
     predictor_nominal_probe_ms,
 )
+from service.schemas.devices import AllocatorRead
 from service.schemas.plans import PlanCreate, PlanOptions, PlanRead
 from service.uploads import get_model_upload, load_weights
 
@@ -263,6 +264,7 @@ def describe_plan(job: Job) -> PlanRead:
         id=job.id,
         status=JobStatus(job.status),
         device_id=job.device_id,
+        allocator=AllocatorRead.of(job.device.allocator) if job.device is not None else None,
         budget_ms=float(job.input.get("budget_ms", 0.0)),
         options=dict(job.input.get("options", {})),
         progress=job.progress,
@@ -275,19 +277,23 @@ def describe_plan(job: Job) -> PlanRead:
 
 
 def local_measure(device: Device, nominal_probe_ms: float | None = None) -> MeasureFn:
-    """Measures a network on this machine with the device's backend settings.
+    """Measures a network on this machine with the device's backend settings and allocator policy.
 
     With `nominal_probe_ms` (the speed the device's predictor was trained at, when its profile was
     speed-probed) every sample is timed against the speed probe and the latency is judged at that
     nominal speed, the raw median reported beside it; without one, the raw median is judged.
+
+    Raises:
+        AllocatorPolicyUnavailable: The device's policy is system and this process keeps freed memory
+            already (it measured a retain device), or its policy is retain and glibc cannot.
     """
     from profiler.device import DeviceSpec
-    from profiler.environment import retain_freed_memory
+    from profiler.environment import AllocatorPolicy, apply_allocator_policy
     from profiler.protocol import TimingProtocol
     from profiler.verification import NetworkMeter
 
-    # Profiles keep freed memory in-process (the profiler's default); measure under the same policy.
-    retain_freed_memory()
+    # The device's profiles were measured under its policy; its plans are verified under it too.
+    apply_allocator_policy(AllocatorPolicy(device.allocator))
     spec = DeviceSpec(
         hardware=device.hardware,
         backend=device.backend,

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from profiler.batch import NETWORK_KINDS, Measurement, MeasurementKind
 from profiler.batch import ProfileBatch as ProfileBatchSchema
+from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy, Environment
 from service.db.base import utcnow
 from service.db.models import (
     Device,
@@ -44,6 +45,12 @@ logger = logging.getLogger(__name__)
 DEVICE_SPEC_FIELDS = ("backend", "threads", "batch_size", "dtype")
 # Concurrent batches with overlapping sample keys can collide on insert; one retry re-reads the keys.
 INSERT_ATTEMPTS = 3
+
+
+class AllocatorMismatch(InvalidInput):
+    """Measurements taken under another allocator policy than the device's."""
+
+    code = "allocator_mismatch"
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,32 @@ def _check_device_spec(device: Device, batch: ProfileBatchSchema) -> list[str]:
     return []
 
 
+def check_allocator(device: Device, environment: Environment) -> None:
+    """Refuse measurements whose environment says they ran under another allocator policy than the device's.
+
+    Raises:
+        AllocatorMismatch: Naming the device's policy, the measured one and how to measure under the former.
+    """
+    measured = environment.allocator_policy
+    registered = AllocatorPolicy(device.allocator)
+    if measured == registered:
+        return
+    retain = ALLOCATOR_ENVIRONMENT[AllocatorPolicy.RETAIN]
+    recipe = " ".join(f"{name}={value}" for name, value in retain.items())
+    how = (
+        f"measure with --allocator retain, or start the measuring process with {recipe}"
+        if registered == AllocatorPolicy.RETAIN
+        else f"measure with --allocator system in a fresh process started without {', '.join(retain)}"
+    )
+    raise AllocatorMismatch(
+        f"device {device.name!r} is registered with allocator policy {registered.value!r}, but these "
+        f"measurements ran under {measured.value!r} (environment.allocator_retains_memory is "
+        f"{str(environment.allocator_retains_memory).lower()}); nothing was stored: {how} "
+        "(lpnet agent follows its device's policy by itself)",
+        {"allocator": {"registered": registered.value, "measured": measured.value}},
+    )
+
+
 def _agent_run(session: Session, device: Device, batch: ProfileBatchSchema) -> ProfileRun:
     """The device's latest agent run if it had the same environment and protocol, else a new one."""
     protocol = batch.protocol.model_dump(mode="json")
@@ -257,6 +290,7 @@ def submit_profile_batch(
     Raises:
         InvalidInput: The header and body keys differ, or the batch was measured with other device
             settings.
+        AllocatorMismatch: The batch was measured under another allocator policy than the device's.
         IdempotencyKeyReused: The key was used for another body before.
         Conflict: Concurrent batches kept colliding on the same sample keys.
     """
@@ -272,6 +306,7 @@ def submit_profile_batch(
         if stored is not None:
             return _replay(stored, body_sha256)
         warnings = _check_device_spec(device, batch)
+        check_allocator(device, batch.environment)
         try:
             response = _insert_batch(session, device, batch, body_sha256, warnings)
             session.commit()

@@ -2,7 +2,8 @@
 
 `DatabaseSink` implements the profiler's `MeasurementSink` protocol. Each `write` is its own
 transaction, so a crash (or Ctrl-C) loses at most the measurement in flight, and a rerun skips every
-sample key already stored (`done_keys`).
+sample key already stored (`done_keys`). Like a posted batch, a run under another allocator policy
+than the device's is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from profiler.batch import Measurement, RunContext
 from service.db.base import utcnow
 from service.db.models import Device, ProfileRun, RunSource, RunStatus
 from service.devices import set_device_status
-from service.profiles import existing_sample_keys, measurement_rows
+from service.profiles import check_allocator, existing_sample_keys, measurement_rows
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ class DatabaseSink:
         device: The device measured (only its id is kept).
         context: Device spec, environment and protocol of the run, stored with the run row.
         source: local (this machine) or agent.
+
+    Raises:
+        AllocatorMismatch: The context's environment ran under another allocator policy than the
+            device's (nothing is stored).
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class DatabaseSink:
         context: RunContext,
         source: RunSource = RunSource.LOCAL,
     ) -> None:
+        check_allocator(device, context.environment)
         self._factory = factory
         self.device_id = device.id
         with factory() as session:

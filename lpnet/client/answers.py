@@ -24,6 +24,16 @@ class PredictorRef(Answer):
     version: int
 
 
+class Allocator(Answer):
+    """The allocator policy a device's latencies hold under.
+
+    `environment` holds the variables that put a deployment's process under it (none for ``system``).
+    """
+
+    policy: str
+    environment: dict[str, str] = Field(default_factory=dict)
+
+
 class LayerLatency(Answer):
     name: str
     op: str
@@ -35,6 +45,7 @@ class Latency(Answer):
 
     device_id: int
     device: str
+    allocator: Allocator | None = None
     predictor: PredictorRef
     network_name: str | None = None
     network_hash: str
@@ -51,6 +62,7 @@ class BatchLatency(Answer):
 
     device_id: int
     device: str
+    allocator: Allocator | None = None
     predictor: PredictorRef
     network_hash: str
     group_channels: list[int]
@@ -97,6 +109,7 @@ class Device(Answer):
     threads: int
     batch_size: int
     dtype: str
+    allocator: str | None = None
     environment: dict[str, Any]
     is_local: bool
     created_at: datetime
@@ -153,6 +166,7 @@ class Plan(_Finishing):
     """A plan: its status and progress, then its result (widths, per-layer ratios, latencies) or error."""
 
     device_id: int | None = None
+    allocator: Allocator | None = None
     budget_ms: float
     options: dict[str, Any]
     created_at: datetime

@@ -127,10 +127,15 @@ class Client:
         threads: int = 1,
         batch_size: int = 1,
         dtype: str = "float32",
+        allocator: str = "retain",
         environment: Mapping[str, Any] | None = None,
         is_local: bool = False,
     ) -> DeviceCreated:
-        """Register a device (admin key); the answer holds its agent key, shown only this once."""
+        """Register a device (admin key); the answer holds its agent key, shown only this once.
+
+        `allocator` is the policy its latencies hold under: retain (freed memory kept by the process) or
+        system (the C library's default).
+        """
         body = {
             "name": name,
             "hardware": hardware,
@@ -138,6 +143,7 @@ class Client:
             "threads": threads,
             "batch_size": batch_size,
             "dtype": dtype,
+            "allocator": allocator,
             "environment": dict(environment or {}),
             "is_local": is_local,
         }

@@ -169,10 +169,14 @@ def run_campaign(host: TaskHost, task: dict[str, Any]) -> None:
 
 
 def campaign_setup(host: TaskHost, task: dict[str, Any]) -> CampaignSetup | None:
-    """The campaign's options on this device; None after failing the task when it cannot run here."""
+    """The campaign's options on this device, the process put under the device's allocator policy.
+
+    None after failing the task when the campaign cannot run here (under that policy included).
+    """
     from lpnet.errors import LpnetError
     from profiler.agent.options import AgentOptions, build_sampler
     from profiler.batch import MeasurementKind
+    from profiler.environment import apply_allocator_policy
 
     payload = task["payload"]
     previous = task.get("progress") or {}
@@ -195,8 +199,11 @@ def campaign_setup(host: TaskHost, task: dict[str, Any]) -> CampaignSetup | None
             isolated_samples=payload.get("isolated_samples"),
             seed=int(payload.get("seed", 0)),
             quick_protocol=bool(payload.get("quick", False)),
+            allocator=host.allocator_policy(),
             progress=False,
         )
+        # Before the run's context is fingerprinted: its batches state the policy they ran under.
+        apply_allocator_policy(options.allocator)
         backend = host.backend(spec)
         protocol = options.protocol()
         sampler = build_sampler(options, spec)

@@ -13,6 +13,7 @@ from profiler.agent.heartbeat import Heartbeat
 if TYPE_CHECKING:
     from profiler.backends.base import Backend
     from profiler.device import DeviceSpec
+    from profiler.environment import AllocatorPolicy
 
 
 class TaskHost(Protocol):
@@ -28,6 +29,10 @@ class TaskHost(Protocol):
 
     def device_spec(self) -> DeviceSpec:
         """The device as registered: what every measurement is taken (and keyed) with."""
+        ...
+
+    def allocator_policy(self) -> AllocatorPolicy:
+        """The device's allocator policy, which every measurement is taken under."""
         ...
 
     def backend(self, spec: DeviceSpec) -> Backend:

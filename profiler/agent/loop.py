@@ -24,6 +24,7 @@ from profiler.agent.verify import run_verify
 if TYPE_CHECKING:
     from profiler.backends.base import Backend
     from profiler.device import DeviceSpec
+    from profiler.environment import AllocatorPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,6 @@ class AgentLoop:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT, or until nothing is left with `once`; returns the exit code."""
-        from profiler.environment import retain_freed_memory
-
-        # The profiler's allocator policy: latencies that do not depend on what ran before.
-        retain_freed_memory()
         with stop_on_signals(self.stop):
             try:
                 self.connect_with_retry()
@@ -349,6 +346,17 @@ class AgentLoop:
             batch_size=int(self.device["batch_size"]),
             dtype=str(self.device["dtype"]),
         )
+
+    def allocator_policy(self) -> AllocatorPolicy:
+        """The device's allocator policy, which every measurement is taken under.
+
+        Raises:
+            ValueError: A policy this agent does not know.
+        """
+        from profiler.environment import AllocatorPolicy
+
+        # A server without allocator policies states none: it measures every device under retain.
+        return AllocatorPolicy(self.device.get("allocator", AllocatorPolicy.RETAIN))
 
     def backend(self, spec: DeviceSpec) -> Backend:
         """One backend per device spec, built once."""

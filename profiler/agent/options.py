@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec, local_device_spec
-from profiler.environment import retain_freed_memory
+from profiler.environment import AllocatorPolicy
 from profiler.protocol import TimingProtocol
 from profiler.runner import RunSummary, run_profile
 from profiler.sampling import DEFAULT_FAMILIES, SamplingConfig, StratifiedSampler
@@ -35,8 +35,9 @@ class AgentOptions:
     isolated_samples: int | None = None
     seed: int = 0
     quick_protocol: bool = False
-    # Keep freed memory in-process (mallopt): latencies then stop depending on what ran before.
-    retain_memory: bool = True
+    # The device's allocator policy: the process is put under it (`apply_allocator_policy`) before the
+    # run's context is fingerprinted.
+    allocator: AllocatorPolicy = AllocatorPolicy.RETAIN
     progress: bool = True
 
     def device(self) -> DeviceSpec:
@@ -73,9 +74,7 @@ def build_sampler(options: AgentOptions, device: DeviceSpec) -> StratifiedSample
 
 
 def run_agent(options: AgentOptions, sink: MeasurementSink) -> RunSummary:
-    """Profile with `options` into `sink` (not closed here)."""
-    if options.retain_memory:
-        retain_freed_memory()
+    """Profile with `options` into `sink` (not closed here), in a process under `options.allocator`."""
     device = options.device()
     backend = device.create_backend()
     sampler = build_sampler(options, device)

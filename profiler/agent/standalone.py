@@ -22,6 +22,7 @@ from lpnet.errors import LpnetError
 from profiler.agent.options import AgentOptions, run_agent
 from profiler.backends.base import registered_backends
 from profiler.batch import MeasurementKind
+from profiler.environment import AllocatorPolicy, apply_allocator_policy
 from profiler.runner import make_run_context
 from profiler.sampling import DEFAULT_FAMILIES
 from profiler.sinks import HttpSink, JsonlSink, MeasurementSink
@@ -54,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="loose timing protocol (smoke runs only)")
     parser.add_argument(
-        "--no-retain-memory",
-        dest="retain_memory",
-        action="store_false",
-        help="let glibc return freed memory to the kernel (by default it is kept, see profiler.environment)",
+        "--allocator",
+        choices=[policy.value for policy in AllocatorPolicy],
+        default=AllocatorPolicy.RETAIN.value,
+        help="allocator policy to measure under; with --url, the service device's (default: retain)",
     )
     parser.add_argument("--no-progress", action="store_true")
     target = parser.add_argument_group("where measurements go (one of)")
@@ -88,7 +89,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         isolated_samples=args.isolated_samples,
         seed=args.seed,
         quick_protocol=args.quick,
-        retain_memory=args.retain_memory,
+        allocator=AllocatorPolicy(args.allocator),
         progress=not args.no_progress,
     )
 
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give exactly one of --jsonl or --url")
     options = options_from_args(args)
     try:
+        apply_allocator_policy(options.allocator)  # before the run's context is fingerprinted
         device = options.device()
         backend = device.create_backend()
         context = make_run_context(device, options.protocol(), backend)

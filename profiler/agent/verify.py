@@ -12,15 +12,14 @@ logger = logging.getLogger(__name__)
 
 
 def run_verify(host: TaskHost, task: dict[str, Any]) -> None:
-    """Measure the task's network on this device and complete the task with its latency.
+    """Measure the task's network on this device under its allocator policy; complete the task with it.
 
     On a CPU backend every sample is timed between two speed-probe runs, as profiles are, so the
     server can judge the result at the speed its predictor was fitted at.
     """
-    from pydantic import ValidationError
-
     from lpnet.arch.ir import Network
     from lpnet.errors import LpnetError
+    from profiler.environment import apply_allocator_policy
     from profiler.measure import measure_network
     from profiler.protocol import TimingProtocol
     from profiler.speed import PROBE_VERSION, SpeedProbe
@@ -30,8 +29,9 @@ def run_verify(host: TaskHost, task: dict[str, Any]) -> None:
         network = Network.model_validate(payload["architecture"])
         protocol = TimingProtocol.model_validate(payload["protocol"])
         spec = host.device_spec()
+        apply_allocator_policy(host.allocator_policy())  # the policy the device's latencies hold under
         backend = host.backend(spec)
-    except (ValidationError, LpnetError, KeyError) as exc:
+    except (LpnetError, KeyError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         host.finish(task, "fail", {"error": f"cannot verify here: {exc}"})
         return
     heartbeat = host.start_heartbeat(task)

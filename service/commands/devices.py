@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from lpnet.errors import LpnetError
+from profiler.environment import AllocatorPolicy
 from service.commands._common import (
     CommandError,
     database_session,
@@ -45,6 +46,13 @@ def register(subparsers: SubParsers) -> None:
     add.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     add.add_argument("--hardware", help="hardware description (default for a local device: its CPU model)")
     add.add_argument(
+        "--allocator",
+        choices=[policy.value for policy in AllocatorPolicy],
+        default=AllocatorPolicy.RETAIN.value,
+        help="allocator policy its latencies hold under: retain (freed memory kept by the process, faster "
+        "and more repeatable) or system (the C library's default) (default: retain)",
+    )
+    add.add_argument(
         "--remote", action="store_true", help="the device is measured by an agent, not on this machine"
     )
     add.set_defaults(handler=run_add)
@@ -68,6 +76,7 @@ def run_add(args: argparse.Namespace, settings: Settings) -> int:
                 threads=args.threads,
                 batch_size=args.batch_size,
                 dtype=args.dtype,
+                allocator=AllocatorPolicy(args.allocator),
                 is_local=False,
             )
         else:
@@ -77,6 +86,7 @@ def run_add(args: argparse.Namespace, settings: Settings) -> int:
                 threads=args.threads,
                 batch_size=args.batch_size,
                 dtype=args.dtype,
+                allocator=AllocatorPolicy(args.allocator),
             )
             if args.hardware:
                 spec = DeviceCreate.model_validate({**spec.model_dump(), "hardware": args.hardware})
@@ -89,8 +99,8 @@ def run_add(args: argparse.Namespace, settings: Settings) -> int:
         device = create_device(session, spec)
         summary = (
             f"added device {device.name!r}: {device.hardware}, {device.backend}, "
-            f"{device.threads} thread(s), batch {device.batch_size}, {device.dtype}"
-            f"{'' if device.is_local else ', remote'}"
+            f"{device.threads} thread(s), batch {device.batch_size}, {device.dtype}, "
+            f"allocator {device.allocator}{'' if device.is_local else ', remote'}"
         )
     print(summary)
     return 0
@@ -116,6 +126,7 @@ def run_list(_args: argparse.Namespace, settings: Settings) -> int:
                 device.batch_size,
                 device.dtype,
                 "local" if device.is_local else "remote",
+                device.allocator.value,
                 device.hardware,
                 device.profiling.network.ok,
                 device.predictor.version if device.predictor is not None else None,
@@ -134,6 +145,7 @@ def run_list(_args: argparse.Namespace, settings: Settings) -> int:
             "BATCH",
             "DTYPE",
             "WHERE",
+            "ALLOCATOR",
             "HARDWARE",
             "NETWORKS",
             "PREDICTOR",

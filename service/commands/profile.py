@@ -1,7 +1,9 @@
 """`lpnet profile`: measure a device with the profiler, into the database or to a server.
 
 Every measurement is committed (or, with --submit, journaled and posted) as soon as it finishes, so
-Ctrl-C loses at most the one in flight, and rerunning the same command skips what is stored.
+Ctrl-C loses at most the one in flight, and rerunning the same command skips what is stored. The
+process measures under the device's allocator policy: a local device's own, or `--allocator` with
+--submit (the server refuses batches measured under another policy than its device's).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from profiler.environment import AllocatorPolicy, apply_allocator_policy
 from service.commands._common import (
     CommandError,
     comma_list,
@@ -56,12 +59,6 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="input height and width (default: 224)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a loose timing protocol, for smoke runs only")
-    parser.add_argument(
-        "--no-retain-memory",
-        dest="retain_memory",
-        action="store_false",
-        help="let glibc return freed memory to the kernel (by default it is kept, see profiler.environment)",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     remote = parser.add_argument_group("posting to a server instead of the local database")
     remote.add_argument("--submit", metavar="URL", help="base URL of an lpnet server")
@@ -72,11 +69,17 @@ def register(subparsers: SubParsers) -> None:
     remote.add_argument("--batch-size", type=int, default=1, help="batch size (default: 1)")
     remote.add_argument("--dtype", default="float32", help="dtype (default: float32)")
     remote.add_argument("--hardware", help="hardware name to record (default: this CPU's model)")
+    remote.add_argument(
+        "--allocator",
+        choices=[policy.value for policy in AllocatorPolicy],
+        help="the server device's allocator policy, measured under (default: retain); a local device "
+        "is measured under its own",
+    )
     parser.set_defaults(handler=run_profile_command)
 
 
 def _options(
-    args: argparse.Namespace, backend: str, threads: int, batch_size: int, dtype: str
+    args: argparse.Namespace, backend: str, threads: int, batch_size: int, dtype: str, allocator: str
 ) -> AgentOptions:
     from profiler.agent.options import AgentOptions
     from profiler.batch import MeasurementKind
@@ -103,7 +106,7 @@ def _options(
         isolated_samples=args.isolated_samples,
         seed=args.seed,
         quick_protocol=args.quick,
-        retain_memory=args.retain_memory,
+        allocator=AllocatorPolicy(allocator),
         progress=not args.no_progress,
     )
 
@@ -114,12 +117,13 @@ def run_profile_command(args: argparse.Namespace, settings: Settings) -> int:
         return _profile_to_server(args, settings)
     if args.token:
         raise CommandError("--token is only used with --submit URL", 2)
+    if args.allocator:
+        raise CommandError("--allocator is only used with --submit URL; a local device has its own", 2)
     return _profile_to_database(args, settings)
 
 
 def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
     from profiler.agent.options import build_sampler
-    from profiler.environment import retain_freed_memory
     from profiler.runner import make_run_context, run_profile
     from service.db.models import RunStatus
     from service.db.session import make_engine, make_session_factory
@@ -136,10 +140,11 @@ def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
         session.expunge(device)
     if args.hardware and args.hardware != device.hardware:
         raise CommandError(f"--hardware differs from device {device.name!r}'s ({device.hardware!r})", 2)
-    options = _options(args, device.backend, device.threads, device.batch_size, device.dtype)
+    options = _options(
+        args, device.backend, device.threads, device.batch_size, device.dtype, device.allocator
+    )
     options.hardware = device.hardware  # sample keys follow the registered spec exactly
-    if options.retain_memory:
-        retain_freed_memory()
+    apply_allocator_policy(options.allocator)
     spec = options.device()
     backend = spec.create_backend()
     sampler = build_sampler(options, spec)
@@ -181,19 +186,23 @@ def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _profile_to_server(args: argparse.Namespace, settings: Settings) -> int:
+    from profiler.agent.options import build_sampler
     from profiler.runner import make_run_context, run_profile
     from profiler.sinks import HttpSink
 
     token = args.token or os.environ.get(API_KEY_ENV)
     if not token:
         raise CommandError(f"--submit needs the device's agent key: --token KEY or ${API_KEY_ENV}", 2)
-    options = _options(args, args.backend, args.threads, args.batch_size, args.dtype)
-    if options.retain_memory:
-        from profiler.environment import retain_freed_memory
-
-        retain_freed_memory()
-    from profiler.agent.options import build_sampler
-
+    options = _options(
+        args,
+        args.backend,
+        args.threads,
+        args.batch_size,
+        args.dtype,
+        args.allocator or AllocatorPolicy.RETAIN,
+    )
+    # Before anything is fingerprinted: the batches' environment states the policy they ran under.
+    apply_allocator_policy(options.allocator)
     spec = options.device()
     backend = spec.create_backend()
     protocol = options.protocol()

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from lpnet.arch.ir import Network
     from lpnet.gates.datasets import DataLoaders
     from lpnet.predictor.predict import LatencyPredictor
+    from profiler.environment import AllocatorPolicy
     from service.commands._common import SubParsers
 
 SMALL_RESNET = "small-resnet"
@@ -178,6 +179,18 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
+def allocator_policy(args: argparse.Namespace, settings: Settings) -> AllocatorPolicy:
+    """The allocator policy timings here are taken under: the device's with --device, else retain."""
+    from profiler.environment import AllocatorPolicy
+
+    if args.device is None:
+        return AllocatorPolicy.RETAIN
+    from service.devices import get_device
+
+    with database_session(settings) as session:
+        return AllocatorPolicy(get_device(session, args.device).allocator)
+
+
 def get_predictor(
     args: argparse.Namespace, settings: Settings, network: Network, measure: Any
 ) -> tuple[LatencyPredictor, float | None]:
@@ -220,7 +233,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     from lpnet.predictor.train import MIN_NETWORK_SAMPLES
     from lpnet.pruning import dump_pruned, export_pruned_onnx
     from profiler.backends.base import get_backend
-    from profiler.environment import retain_freed_memory
+    from profiler.environment import apply_allocator_policy
     from profiler.protocol import TimingProtocol
     from profiler.verification import NetworkMeter
 
@@ -236,9 +249,9 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     data = load_data(args)
     module, network = build_model(args, data)
 
-    # Measured here on torch-cpu with one thread, under the profiler's allocator policy.
+    # Measured here on torch-cpu with one thread, under the device's allocator policy (retain without one).
     torch.set_num_threads(1)
-    retain_freed_memory()
+    apply_allocator_policy(allocator_policy(args, settings))
     backend = get_backend("torch-cpu", threads=1)
 
     # Every timing here is at the speed the machine had when the run started (a speed probe timed

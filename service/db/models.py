@@ -1,8 +1,9 @@
 """ORM models of the service: devices, measurements, predictors, jobs, API keys, uploaded models and
 the tasks of device agents.
 
-Enumerated string columns carry CHECK constraints built from the `StrEnum`s below, so the database
-rejects a value the code does not know, on SQLite and PostgreSQL alike.
+Enumerated string columns carry CHECK constraints built from the `StrEnum`s below (and the profiler's
+`AllocatorPolicy`), so the database rejects a value the code does not know, on SQLite and PostgreSQL
+alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from profiler.environment import AllocatorPolicy
 from service.db.base import Base, utcnow
 
 # Lengths of hex sha256 digests (architecture hashes, key hashes, weight checksums).
@@ -88,12 +90,13 @@ def _one_of(column: str, values: type[StrEnum]) -> str:
 
 
 class Device(Base):
-    """A target on which latency is measured and predicted: hardware plus backend settings."""
+    """A target on which latency is measured and predicted: hardware, backend settings, allocator policy."""
 
     __tablename__ = "device"
     __table_args__ = (
         CheckConstraint("threads >= 1", name="threads_positive"),
         CheckConstraint("batch_size >= 1", name="batch_size_positive"),
+        CheckConstraint(_one_of("allocator", AllocatorPolicy), name="allocator_valid"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -103,6 +106,11 @@ class Device(Base):
     threads: Mapped[int] = mapped_column(Integer)
     batch_size: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16), default="float32")
+    # Every measurement of the device is taken under this policy (profiler.environment.AllocatorPolicy);
+    # retain, the profiler's default, unless registered otherwise.
+    allocator: Mapped[str] = mapped_column(
+        String(16), default=AllocatorPolicy.RETAIN.value, server_default=AllocatorPolicy.RETAIN.value
+    )
     # Fingerprint of the machine: cpu model, cores, os, library versions.
     environment: Mapped[dict[str, Any]] = mapped_column(default=dict)
     is_local: Mapped[bool] = mapped_column(default=False, server_default=false())

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from profiler.environment import Environment, FiniteJson
+from profiler.environment import AllocatorPolicy, Environment, FiniteJson
 from service.db.models import TaskKind, TaskStatus
 from service.schemas.common import DeviceRef, RequestModel
 
@@ -102,6 +102,7 @@ class AgentDeviceRead(BaseModel):
     threads: int
     batch_size: int
     dtype: str
+    allocator: AllocatorPolicy = Field(description="The allocator policy every measurement is taken under.")
     is_local: bool
 
 

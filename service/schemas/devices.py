@@ -7,10 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from profiler.environment import FiniteJson
+from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy, FiniteJson
 from service.schemas.common import NAME_PATTERN, RequestModel, not_an_id
 
 DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "failed"]
+ALLOCATOR_DESCRIPTION = (
+    "The allocator policy the device's latencies hold under: retain (freed memory kept by the process; "
+    "faster on memory-heavy networks, and more repeatable) or system (the C library's default). Run the "
+    "deployment under the same policy."
+)
 
 
 class DeviceCreate(RequestModel):
@@ -32,6 +37,7 @@ class DeviceCreate(RequestModel):
     threads: int = 1
     batch_size: int = 1
     dtype: str = Field(default="float32", max_length=16)
+    allocator: AllocatorPolicy = Field(default=AllocatorPolicy.RETAIN, description=ALLOCATOR_DESCRIPTION)
     environment: dict[str, FiniteJson] = Field(
         default_factory=dict, description="The machine's fingerprint; numbers in it must be finite."
     )
@@ -56,6 +62,22 @@ class DeviceCreate(RequestModel):
             dtype=self.dtype,
         )
         return self
+
+
+class AllocatorRead(BaseModel):
+    """The allocator policy a latency holds under, and how to run a deployment under it."""
+
+    policy: AllocatorPolicy = Field(description=ALLOCATOR_DESCRIPTION)
+    environment: dict[str, str] = Field(
+        description="Environment variables that put any process under the policy when set before it starts "
+        "(glibc); none for system, which is what a process gets without them."
+    )
+
+    @classmethod
+    def of(cls, policy: str) -> AllocatorRead:
+        """The answer for a device's policy."""
+        known = AllocatorPolicy(policy)
+        return cls(policy=known, environment=dict(ALLOCATOR_ENVIRONMENT[known]))
 
 
 class DeviceStatus(BaseModel):
@@ -114,6 +136,7 @@ class DeviceRead(BaseModel):
     threads: int
     batch_size: int
     dtype: str
+    allocator: AllocatorPolicy = Field(description=ALLOCATOR_DESCRIPTION)
     environment: dict[str, Any]
     is_local: bool
     created_at: datetime

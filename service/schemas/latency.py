@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lpnet.arch.ir import MAX_LAYERS
 from service.schemas.architectures import Architecture
 from service.schemas.common import DeviceRef, PredictorRef, RequestModel
+from service.schemas.devices import AllocatorRead
 
 # A hard ceiling for the schema; the server's LPNET_MAX_WIDTH_VECTORS may be lower.
 WIDTH_VECTORS_CEILING = 100_000
@@ -39,6 +40,7 @@ class LatencyRead(BaseModel):
 
     device_id: int
     device: str
+    allocator: AllocatorRead
     predictor: PredictorRef
     network_name: str | None
     network_hash: str
@@ -67,6 +69,7 @@ class BatchLatencyRead(BaseModel):
 
     device_id: int
     device: str
+    allocator: AllocatorRead
     predictor: PredictorRef
     network_hash: str
     group_channels: list[int] = Field(description="Unpruned channels of each group: the full width vector.")

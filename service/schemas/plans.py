@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from service.db.models import JobStatus
 from service.schemas.architectures import Architecture
 from service.schemas.common import MAX_ID, DeviceRef, RequestModel
+from service.schemas.devices import AllocatorRead
 
 PlanMode = Literal["architecture", "weights", "train"]
 
@@ -69,6 +70,10 @@ class PlanRead(BaseModel):
     id: int
     status: JobStatus
     device_id: int | None
+    allocator: AllocatorRead | None = Field(
+        description="The allocator policy of the device's latencies, which the plan's hold under too "
+        "(null when the plan's device no longer exists)."
+    )
     budget_ms: float
     options: dict[str, Any]
     progress: dict[str, Any] | None = Field(description="phase, message (percent while computing).")

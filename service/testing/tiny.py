@@ -13,11 +13,13 @@ from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.ir import Network
 from profiler.batch import Measurement, MeasurementKind, ProfileBatch, RunContext
 from profiler.device import DeviceSpec
+from profiler.environment import AllocatorPolicy, apply_allocator_policy
 from profiler.protocol import TimingProtocol
 from service.predictors import FittedPredictor
 
 TINY_INPUT_SHAPE = (1, 3, 32, 32)
-# The spec every tiny measurement was taken with; a device registered with it accepts them.
+# The spec every tiny measurement was taken with, under the allocator policy retain; a device registered
+# with them accepts them.
 TINY_SPEC = DeviceSpec(hardware="test-cpu", backend="torch-cpu", threads=1, batch_size=1, dtype="float32")
 
 
@@ -90,7 +92,7 @@ class TinyProfile:
 
 
 def measure_tiny_profile() -> TinyProfile:
-    """Time ~34 width variants (4 with per-layer times) and 4 isolated layers, then fit (about 10 s)."""
+    """Time ~34 width variants (4 with per-layer times) and 4 isolated layers under retain, then fit (~10 s)."""
     from lpnet.predictor.samples import NetworkSample
     from profiler.runner import make_run_context, run_profile
     from profiler.sampling import SamplingConfig, StratifiedSampler
@@ -99,6 +101,7 @@ def measure_tiny_profile() -> TinyProfile:
     from service.predictors import fit_from_samples
 
     torch.set_num_threads(1)
+    apply_allocator_policy(AllocatorPolicy.RETAIN)
     network = tiny_network()
     config = SamplingConfig(
         network_samples=34, in_context_samples=4, isolated_samples=4, lhs_block=8, min_ratio=0.2

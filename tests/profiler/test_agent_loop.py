@@ -280,3 +280,57 @@ def test_sigterm_mid_campaign_hands_over_what_was_measured_and_keeps_the_lease(
         kept = session.get(AgentTask, task_id)
         assert kept is not None and kept.status == TaskStatus.LEASED and kept.lease_owner == loop.agent_id
     engine.dispose()
+
+
+def test_a_system_devices_tasks_fail_naming_the_policy_in_a_process_that_keeps_freed_memory(
+    sqlite_url: str, tmp_path: Path, tiny_network: Network, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import func, select
+
+    from profiler.environment import AllocatorPolicy, apply_allocator_policy
+    from profiler.protocol import TimingProtocol
+    from service.db.models import NetworkMeasurement
+    from tests.service.conftest import serve_in_thread
+
+    monkeypatch.setenv("LPNET_FIRST_RUN__ENABLED", "false")
+    monkeypatch.setenv("LPNET_DATA_DIR", str(tmp_path / "data"))
+    apply_allocator_policy(AllocatorPolicy.RETAIN)  # this process keeps freed memory from here on
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        device = Device(
+            name="edge",
+            hardware="cpu",
+            backend="torch-cpu",
+            threads=1,
+            batch_size=1,
+            allocator=AllocatorPolicy.SYSTEM.value,
+            environment={},
+        )
+        session.add(device)
+        session.flush()
+        token = create_api_key(session, scope=KeyScope.AGENT.value, device=device)[1]
+        campaign = {"families": ["resnet18"], "kinds": ["network"], "image_size": 32, "network_samples": 2}
+        verify = {
+            "architecture": tiny_network.model_dump(mode="json"),
+            "protocol": TimingProtocol.quick().model_dump(mode="json"),
+        }
+        session.add_all(
+            [
+                AgentTask(device_id=device.id, kind=TaskKind.PROFILE_CAMPAIGN, payload=campaign),
+                AgentTask(device_id=device.id, kind=TaskKind.VERIFY, payload=verify),
+            ]
+        )
+        session.commit()
+    app = create_app(Settings(database_url=sqlite_url, worker=WorkerSettings(embedded=False)))
+    with serve_in_thread(app) as url:
+        config = AgentLoopConfig(server=url, token=token, state_dir=tmp_path / "state", once=True)
+        assert AgentLoop(config).run() == 0
+    with factory() as session:
+        tasks = session.scalars(select(AgentTask).order_by(AgentTask.id)).all()
+        assert [task.status for task in tasks] == [TaskStatus.FAILED, TaskStatus.FAILED]
+        for task in tasks:
+            assert task.error is not None and "allocator policy is 'system'" in task.error, task.error
+        assert session.scalar(select(func.count()).select_from(NetworkMeasurement)) == 0
+    engine.dispose()

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,7 @@ import pytest
 from profiler.agent.options import AgentOptions
 from profiler.agent.standalone import main
 from profiler.batch import MeasurementKind
+from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy
 from profiler.sinks import read_jsonl
 
 
@@ -33,6 +37,7 @@ def test_agent_profiles_a_torchvision_family_into_jsonl(
     assert main(argv) == 0
     contexts, rows = read_jsonl(out)
     assert len(contexts) == 1 and contexts[0].device.backend == "torch-cpu"
+    assert contexts[0].environment.allocator_retains_memory is True  # retain, the default policy
     assert sorted(m.kind.value for m in rows) == ["isolated", "isolated", "network", "network"]
     assert all(m.status == "ok" and m.family == "resnet18" for m in rows)
     assert "network" in capsys.readouterr().out
@@ -52,3 +57,30 @@ def test_budget_mode_lifts_the_count_caps() -> None:
     assert config.network_samples == 5
     assert config.isolated_samples >= 10_000
     assert config.kinds == (MeasurementKind.NETWORK,)
+
+
+def run_standalone(tmp_path: Path, environ: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """The standalone agent in a fresh process started with `environ` and no other malloc variables."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    return subprocess.run(
+        [sys.executable, "-m", "profiler.agent.standalone", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**env, **environ},
+    )
+
+
+def test_the_agent_measures_under_system_when_told_and_refuses_where_it_cannot(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.jsonl"
+    argv = ["--families", "resnet18", "--image-size", "32", "--network-samples", "1", "--kinds", "network"]
+    argv += ["--quick", "--no-progress", "--jsonl", str(out), "--allocator", "system"]
+    retaining = run_standalone(tmp_path, dict(ALLOCATOR_ENVIRONMENT[AllocatorPolicy.RETAIN]), *argv)
+    assert retaining.returncode == 2, retaining.stderr[-3000:]
+    assert "allocator policy is 'system'" in retaining.stderr and not out.exists()
+
+    fresh = run_standalone(tmp_path, {}, *argv)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    contexts, rows = read_jsonl(out)
+    assert [m.status for m in rows] == ["ok"] and contexts[0].environment.allocator_retains_memory is False

@@ -8,6 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from service.db import migrate, models
 from service.db.base import Base
@@ -245,4 +246,29 @@ def test_revision_0006_adds_the_job_owner_deadline_and_not_before_keeping_rows(d
     assert not new_columns & table_columns(db_url, "job")
     with engine.connect() as connection:
         assert connection.execute(text("SELECT kind FROM job")).scalar_one() == "fit"
+    engine.dispose()
+
+
+def test_revision_0007_gives_existing_devices_retain_and_checks_the_policy(db_url: str) -> None:
+    migrate.upgrade(db_url, "0006")
+    assert "allocator" not in table_columns(db_url, "device")
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        insert_device(connection)
+    migrate.upgrade(db_url, "0007")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT name, allocator FROM device")).one() == ("d", "retain")
+    # The new check holds, and so do the table's older ones (SQLite rebuilt the table to add it).
+    for change, constraint in (
+        ("allocator = 'jemalloc'", "ck_device_allocator_valid"),
+        ("threads = 0", "ck_device_threads_positive"),
+    ):
+        with pytest.raises(IntegrityError, match=constraint), engine.begin() as connection:
+            connection.execute(text(f"UPDATE device SET {change}"))
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE device SET allocator = 'system'"))
+    migrate.downgrade(db_url, "0006")
+    assert "allocator" not in table_columns(db_url, "device")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT name, threads FROM device")).one() == ("d", 1)
     engine.dispose()
