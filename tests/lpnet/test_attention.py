@@ -2,8 +2,9 @@
 merging, MaxViT's window and grid attention.
 
 Traced from tiny torchvision configurations, validated, costed (against torch's own FLOP counter
-of the rebuilt module), rebuilt, grouped for pruning and, but for ViT's (test_onnx_io_attention.py),
-refused by the ONNX reader by name.
+of the rebuilt module), rebuilt, grouped for pruning and read back from torch.onnx.export files
+(in detail in test_onnx_io_attention.py and test_onnx_io_windows.py); the ONNX export of a rebuilt
+module's attention is refused by name.
 """
 
 from __future__ import annotations
@@ -250,13 +251,12 @@ def test_dilated_attention_attends_within_the_spread_out_windows() -> None:
 
 
 @pytest.mark.parametrize("make", [tiny_swin, tiny_maxvit])
-def test_torchs_onnx_export_of_a_torchvision_transformer_is_refused_naming_attention(
+def test_torchs_onnx_export_of_a_torchvision_transformer_reads_as_the_traced_module(
     make: Callable[[], torch.nn.Module],
 ) -> None:
-    data = export_onnx(make(), SHAPE, opset=17)
-    with pytest.raises(UnsupportedOperator, match="unsupported operator 'attention'") as refused:
-        network_from_onnx(data)
-    assert LPNET_ERROR_STATUS[type(refused.value)] == 422
+    module = make()
+    network = network_from_onnx(export_onnx(module, SHAPE, opset=17))
+    assert network.content_hash == network_from_module(module, SHAPE).content_hash
 
 
 def test_an_attention_whose_score_tensor_is_beyond_the_tensor_bound_is_refused_as_too_large() -> None:

@@ -18,6 +18,7 @@ from lpnet.errors import (
     UnsupportedOperator,
 )
 from tests.lpnet import onnx_fixtures
+from tests.lpnet.onnx_hostile import conv_model
 
 FOLDING_OPSETS = (9, 11, 13, 17, 21)  # ConstantOfShape, which Caffe2 exports use, exists from opset 9
 
@@ -134,9 +135,9 @@ def test_computed_constants_are_checked_against_the_limits_before_evaluation(
             id="reshape to a shape of another size",
         ),
         pytest.param(
-            [_constant("k", [1]), helper.make_node("Relu", ["k"], ["r"], name="relu_of_constant")],
+            [_constant("k", [1]), helper.make_node("Erf", ["k"], ["e"], name="erf_of_constant")],
             UnsupportedOperator,
-            ("Relu", "relu_of_constant", "computing only on constants"),
+            ("Erf", "erf_of_constant", "computing only on constants"),
             id="operator that is not folded",
         ),
         pytest.param(
@@ -157,6 +158,24 @@ def test_constant_computations_that_cannot_be_folded_are_named(
         network_from_onnx(onnx_fixtures.constant_nodes_model(*nodes).SerializeToString())
     for name in names:
         assert name in info.value.message
+
+
+def test_a_shape_scattered_into_constants_is_folded_as_scatternd_writes_it() -> None:
+    # ScatterND([1, 1], [[1]], [256]) is [1, 256], which flattens the (1, 4, 8, 8) map.
+    nodes = [
+        _constant("ones", [1, 1]),
+        helper.make_node(
+            "Constant", [], ["where"], value=helper.make_tensor("where", TensorProto.INT64, [1, 1], [1])
+        ),
+        _constant("size", [256]),
+        helper.make_node("ScatterND", ["ones", "where", "size"], ["shape"], name="scatter"),
+        helper.make_node("Reshape", ["c", "shape"], ["y"], name="flatten"),
+    ]
+    network = network_from_onnx(conv_model(*nodes).SerializeToString())
+    assert [(layer.op.value, layer.out_channels) for layer in network.layers] == [
+        ("conv2d", 4),
+        ("flatten", 256),
+    ]
 
 
 def test_float_arithmetic_on_constants_may_overflow_or_divide_by_zero() -> None:

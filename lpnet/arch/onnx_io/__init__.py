@@ -9,10 +9,12 @@ with a file comes out as an `lpnet.errors` error.
 Reading runs in four steps (`reader`): the data of large constants (weights) is dropped, keeping their
 type and shape, which is all the IR needs of them; shape inference runs on what is left; nodes
 computing only on constants (weights stored as ConstantOfShape or Cast of an initializer, shape
-arithmetic on the static input shape) are folded into constants (`folding`); and the remaining graph
-is converted node by node (`converter`), by the rules of each operator family (`windows`, `affine`,
-`elementwise`, `normalisation`, `views`, `tokens`), the self-attention subgraphs torch.onnx.export
-writes for nn.MultiheadAttention becoming one layer each (`attention`).
+arithmetic on the static input shape, Swin's masks and position biases) are folded into constants
+(`folding`); and the remaining graph is converted node by node (`converter`), by the rules of each
+operator family (`windows`, `affine`, `elementwise`, `normalisation`, `views`, `tokens`). Subgraphs
+torch.onnx.export writes for one module are found first (`subgraphs`) and read as one layer or view
+each: the self-attention of nn.MultiheadAttention (`attention`), Swin's shifted-window attention and
+patch merging (`shifted_windows`), MaxViT's partitions and attention (`partitions`).
 """
 
 from lpnet.arch.onnx_io.export import export_onnx

@@ -44,8 +44,7 @@ def convert_affine(
             out_shape = (in_shape[0], dims[1], *in_shape[2:])
             name = state.add_layer(node_name(node), op, [state.alias[source]], in_shape, out_shape, {})
             state.alias[out] = name
-            if source in state.channels_last:
-                state.channels_last.add(out)
+            state.keep_layout(out, source)
             if state.consumers[out] == 1:
                 state.biasable[out] = name
             return True

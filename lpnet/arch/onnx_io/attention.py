@@ -19,9 +19,10 @@ Without biases, the projections are MatMuls alone. A sequence held as (N, C, L) 
 attention has its own transpose merged into the first or the last one: Transpose(x, 2 0 1), or
 Transpose(1 2 0) back to (N, C, L). Identity and Dropout nodes may sit anywhere in it. Before any node is converted, `find_attention`
 follows every such subgraph from its first Transpose, checking each node's operator, attributes,
-constants and output shape against the pattern and that no value inside it is used outside it. A
-MatMul of two computed tensors outside a complete match is refused by name (`attention`): a graph
-that resembles attention is never read as something else.
+constants and output shape against the pattern and that no value inside it is used outside it. For a
+product of two computed tensors outside a complete match, it tells why the candidate it is computed
+from does not match: the converter refuses such a product by name (`attention`) when no other
+attention pattern reads it, so a graph that resembles attention is never read as something else.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import onnx
 
 from lpnet.arch.ir import Op
 from lpnet.arch.onnx_io.conversion import Conversion
-from lpnet.arch.onnx_io.nodes import Attributes, constant_number, node_name
+from lpnet.arch.onnx_io.nodes import Attributes, constant_number, node_name, node_scope
 from lpnet.errors import UnsupportedOperator
 
 _SEQUENCE_FIRST = (1, 0, 2)
@@ -89,10 +90,12 @@ class _Attention:
 
 @dataclass
 class FoundAttention:
-    """The self-attentions of a graph: their nodes, and the last node of each, which makes its layer."""
+    """The self-attentions of a graph: their nodes, the last node of each, which makes its layer, and
+    why the candidates that do not match differ from the pattern, by the products computed from them."""
 
     inner: set[int] = field(default_factory=set)
     ends: dict[int, _Attention] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
 
 
 class _Mismatch(Exception):
@@ -124,8 +127,7 @@ class _Matcher:
             attention.nodes.append(index)
             if attention.heads and attention.end < 0:  # the step that completed it
                 attention.end = index
-        self._refuse_other_attention()
-        found = FoundAttention()
+        found = FoundAttention(failures=self._failures())
         for attention in self._matched():
             found.inner.update(index for index in attention.nodes if index != attention.end)
             found.ends[attention.end] = attention
@@ -145,7 +147,7 @@ class _Matcher:
             return False
         channels_last = _STARTS[perm]
         n, length, channels = shape if channels_last else (shape[0], shape[2], shape[1])
-        attention = _Attention(node.input[0], channels_last, _scope(node), (n, length, channels))
+        attention = _Attention(node.input[0], channels_last, node_scope(node), (n, length, channels))
         self.attentions[node.output[0]] = attention
         return True
 
@@ -163,27 +165,16 @@ class _Matcher:
             return exc.message
         return ""
 
-    def _refuse_other_attention(self) -> None:
-        """Refuse the first MatMul of two computed tensors that is not inside a complete self-attention."""
+    def _failures(self) -> dict[int, str]:
+        """Why the attention a MatMul outside a complete match reads from does not match, by its index."""
         matched = {index for attention in self._matched() for index in attention.nodes}
+        failures = {}
         for index, node in enumerate(self.state.graph.node):
-            computed = all(value not in self.state.constants for value in node.input)
-            if node.op_type != "MatMul" or not computed or index in matched:
-                continue
-            failures = self._failures_upstream(node)
-            why = failures[0] if failures else "this one is not inside it"
-            raise UnsupportedOperator(
-                "attention",
-                node_name(node),
-                "a MatMul of two computed tensors is read only inside the self-attention of "
-                f"nn.MultiheadAttention as torch.onnx.export writes it (ViT's); {why}; trace the "
-                "PyTorch model instead (its IR has `attention` layers)",
-            )
-
-    def _failures_upstream(self, node: onnx.NodeProto) -> list[str]:
-        """Why the attentions whose values `node` reads do not match (what a failed one computes is its)."""
-        origins = [self.parts[value].origin for value in node.input if value in self.parts]
-        return [self.attentions[origin].failure for origin in origins if self.attentions[origin].failure]
+            origins = [self.parts[value].origin for value in node.input if value in self.parts]
+            why = [self.attentions[origin].failure for origin in origins if self.attentions[origin].failure]
+            if node.op_type == "MatMul" and index not in matched and why:
+                failures[index] = why[0]
+        return failures
 
     def _record(self, node: onnx.NodeProto, part: _Part, expected: tuple[int, ...]) -> None:
         """`node`'s output is `part`, of the shape the pattern expects, used by as many nodes as it expects."""
@@ -368,7 +359,7 @@ class _Matcher:
 
 
 def find_attention(state: Conversion) -> FoundAttention:
-    """The self-attentions of the graph; refuses a MatMul of two computed tensors outside them."""
+    """The self-attentions of the graph, and why the candidates that do not match differ from the pattern."""
     return _Matcher(state).run()
 
 
@@ -389,9 +380,3 @@ def add_attention_layer(state: Conversion, node: onnx.NodeProto, attention: _Att
     )
     if attention.output_channels_last:
         state.channels_last.add(out)
-
-
-def _scope(node: onnx.NodeProto) -> str:
-    """The name of the module a node was exported from: its name without the last path component."""
-    name = node_name(node)
-    return name.rpartition("/")[0] or name

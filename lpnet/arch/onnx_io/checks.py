@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from lpnet.arch.onnx_io.converter import SUPPORTED_OPS
+from lpnet.arch.onnx_io.converter import ATTENTION_PATTERNS, SUPPORTED_OPS
 from lpnet.arch.onnx_io.folding import FOLDABLE_OPS
 from lpnet.arch.onnx_io.limits import MAX_OPSET, MIN_OPSET, check_tensor_shape
 from lpnet.arch.onnx_io.nodes import DEFAULT_DOMAINS, enum_name, node_name
@@ -77,10 +77,9 @@ def _refuse_attention(graph: onnx.GraphProto, problem: LpnetError) -> None:
             raise UnsupportedOperator(
                 "attention",
                 node_name(node),
-                f"a {node.op_type} of two computed tensors (attention) is read only inside the "
-                "self-attention of nn.MultiheadAttention as torch.onnx.export writes it (ViT's), and "
-                f"this graph also has a node that is not read: {problem.message}; trace the PyTorch "
-                "model instead (its IR has `attention` layers)",
+                f"a {node.op_type} of two computed tensors (attention) is read only inside "
+                f"{ATTENTION_PATTERNS}, and this graph also has a node that is not read: "
+                f"{problem.message}; trace the PyTorch model instead (its IR has `attention` layers)",
             ) from problem
 
 

@@ -1,9 +1,9 @@
 """The state of one graph's conversion into IR layers, shared by the converters of each operator family.
 
 Each ONNX value the converter has met is one of: an IR tensor (`alias`, its layer's name), possibly
-in another layout (`channels_last`, which includes (N, L, C) token sequences, and `channels_swapped`);
-a 5-D view of a channel shuffle (`grouped`); or a value partway through a decomposed GELU (`gelu`).
-Constants are kept apart.
+in another layout (`channels_last`, which includes (N, L, C) token sequences and MaxViT's
+`partitions`, and `channels_swapped`); a 5-D view of a channel shuffle (`grouped`); or a value
+partway through a decomposed GELU (`gelu`). Constants are kept apart.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto
 from pydantic import ValidationError
 
+from lpnet.arch.from_torch.state import Partition
 from lpnet.arch.ir import Layer, Op, architecture_error
 from lpnet.arch.onnx_io.folding import constant_names, static_dims
 from lpnet.arch.onnx_io.limits import MAX_RANK
@@ -32,6 +33,16 @@ class LayerSpec:
     op: Op
     inputs: list[str]
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceArguments:
+    """What a Slice node takes of each axis it names: axes[i] from starts[i] to ends[i] by steps[i]."""
+
+    starts: list[int]
+    ends: list[int]
+    axes: list[int]
+    steps: list[int]
 
 
 class Conversion:
@@ -54,6 +65,8 @@ class Conversion:
         self.channels_last: set[str] = set()
         self.channels_swapped: set[str] = set()  # (N, W, H, C) views, for a softmax over the last axis
         self.grouped: dict[str, tuple[str, int, bool]] = {}  # value -> (IR tensor, groups, transposed)
+        # Channels-last values that are MaxViT partitions of their IR tensor, (N, groups, positions, C).
+        self.partitions: dict[str, Partition] = {}
         # Values partway through a decomposed GELU: value -> (the GELU's input, steps done).
         self.gelu: dict[str, tuple[str, int]] = {}
         # Outputs of MatMul layers, by layer name, that the Add of a bias may complete.
@@ -85,9 +98,13 @@ class Conversion:
     def ir_layer_shape(self, value: str, node: onnx.NodeProto) -> tuple[int, ...]:
         """The (N, C, H, W) or (N, F) shape of a value, its channels-last layout put back.
 
-        A channels-last (N, L, C) token sequence is the (N, C, 1, L) map.
+        A channels-last (N, L, C) token sequence is the (N, C, 1, L) map, and a MaxViT partition the
+        map it partitions, with its own channels.
         """
         shape = self.shape(value, node)
+        if value in self.partitions:
+            n, _, h, w = self.partitions[value].shape
+            return n, shape[-1], h, w
         if value in self.channels_last and len(shape) == 3:
             return shape[0], shape[2], 1, shape[1]
         if value in self.channels_last:
@@ -100,10 +117,16 @@ class Conversion:
             self.grouped[value] = self.grouped[source]
             return
         self.alias[value] = self.alias[source]
+        self.keep_layout(value, source)
+
+    def keep_layout(self, value: str, source: str) -> None:
+        """`value` holds its IR tensor in the layout `source` holds its own."""
         if source in self.channels_last:
             self.channels_last.add(value)
         if source in self.channels_swapped:
             self.channels_swapped.add(value)
+        if source in self.partitions:
+            self.partitions[value] = self.partitions[source]
 
     def add_layer(
         self,
@@ -144,8 +167,7 @@ class Conversion:
         shape = self.ir_layer_shape(source, node)
         out = node.output[0]
         self.alias[out] = self.add_layer(node_name(node), op, [self.alias[source]], shape, shape, {})
-        if source in self.channels_last:
-            self.channels_last.add(out)
+        self.keep_layout(out, source)
 
     def constant_input(self, node: onnx.NodeProto, attrs: Attributes, index: int, what: str) -> np.ndarray:
         """The values of the constant `index`-th input of a node (its `what`), at most MAX_RANK * 2 of them."""
@@ -156,6 +178,31 @@ class Conversion:
         if values.size > 2 * MAX_RANK:
             raise UnsupportedOperator(node.op_type, attrs.where, f"the {what} {value!r} has too many values")
         return values
+
+    def slice_arguments(self, node: onnx.NodeProto, attrs: Attributes) -> SliceArguments:
+        """The constant starts, ends, axes and steps of a Slice (attributes before opset 10, inputs from 10)."""
+        if "starts" in attrs:
+            starts = list(attrs.get_axes("starts"))
+            ends = list(attrs.get_axes("ends")) if "ends" in attrs else []
+            axes = list(attrs.get_axes("axes")) if "axes" in attrs else list(range(len(starts)))
+            steps = [1] * len(starts)
+        else:
+            starts = [int(v) for v in self.constant_input(node, attrs, 1, "starts").ravel()]
+            ends = [int(v) for v in self.constant_input(node, attrs, 2, "ends").ravel()]
+            has_axes = len(node.input) > 3 and bool(node.input[3])
+            has_steps = len(node.input) > 4 and bool(node.input[4])
+            axes_values = (
+                self.constant_input(node, attrs, 3, "axes").ravel() if has_axes else range(len(starts))
+            )
+            steps_values = (
+                self.constant_input(node, attrs, 4, "steps").ravel() if has_steps else [1] * len(starts)
+            )
+            axes, steps = [int(v) for v in axes_values], [int(v) for v in steps_values]
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            raise UnsupportedOperator(
+                "Slice", attrs.where, "its starts, ends, axes and steps must have one value per axis"
+            )
+        return SliceArguments(starts, ends, axes, steps)
 
 
 # A converter of the nodes of one operator that each become one layer.

@@ -1,18 +1,32 @@
 """A folded, shape-inferred graph converted node by node into IR layers, by the rule of each operator.
 
-Self-attention subgraphs are found first (`attention`): each becomes one layer at its last node.
+Subgraphs read as one layer or one view are found first: self-attention (ViT's in `attention`,
+Swin's in `shifted_windows`, MaxViT's in `partitions`), Swin's patch merging and MaxViT's partitions.
+Each is converted at its last node, and its other nodes are skipped.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import onnx
 from pydantic import ValidationError
 
 from lpnet.arch.ir import NETWORK_INPUT, Network, architecture_error
-from lpnet.arch.onnx_io import affine, elementwise, normalisation, tokens, views, windows
+from lpnet.arch.onnx_io import (
+    affine,
+    elementwise,
+    normalisation,
+    partitions,
+    shifted_windows,
+    tokens,
+    views,
+    windows,
+)
 from lpnet.arch.onnx_io.attention import add_attention_layer, find_attention
 from lpnet.arch.onnx_io.conversion import Conversion, LayerRule, NodeRule
 from lpnet.arch.onnx_io.nodes import Attributes, node_name
+from lpnet.arch.onnx_io.subgraphs import GraphIndex, Mismatch, SubgraphMatcher, Subgraphs
 from lpnet.errors import InvalidArchitecture, UnsupportedOperator
 
 _PASS_THROUGH = frozenset({"Identity", "Dropout"})
@@ -48,9 +62,21 @@ _LAYER_RULES: dict[str, LayerRule] = {
     "Reshape": views.flatten,
     "Slice": views.slice_channels,
 }
+# The attention subgraphs read as `attention` layers.
+ATTENTION_PATTERNS = (
+    "the self-attention of nn.MultiheadAttention (ViT's), Swin's shifted-window attention or MaxViT's "
+    "attention as torch.onnx.export writes them"
+)
+# What the subgraphs that view their input in another layout (or merge its positions) are read as.
+_PATCH_MERGING = "slices of a map concatenated along its channels are read only as Swin's patch merging"
+_PARTITION = (
+    "a reshape of a 4-D tensor into 6 dimensions is read only as MaxViT's window partition or departition"
+)
+# Operators read inside the subgraphs of `find_subgraphs` (MatMul also as a product by a weight).
+_SUBGRAPH_OPS = frozenset({"MatMul", "Einsum", "ReduceL2"})
 # Every operator the converter has a rule for.
 SUPPORTED_OPS = frozenset(
-    {*_PASS_THROUGH, *_VIEW_RULES, *_MULTI_LAYER_RULES, *_LAYER_RULES, *elementwise.GELU_OPS, "MatMul"}
+    {*_PASS_THROUGH, *_VIEW_RULES, *_MULTI_LAYER_RULES, *_LAYER_RULES, *elementwise.GELU_OPS, *_SUBGRAPH_OPS}
 )
 
 
@@ -61,11 +87,11 @@ class OnnxConverter(Conversion):
         (graph_input,) = [v for v in self.graph.input if v.name not in self.initializers]
         self.alias[graph_input.name] = NETWORK_INPUT
         input_shape = self.shapes[graph_input.name]
-        attention = find_attention(self)
+        subgraphs = find_subgraphs(self)
         for index, node in enumerate(self.graph.node):
-            if index in attention.ends:
-                add_attention_layer(self, node, attention.ends[index])
-            elif index not in attention.inner:
+            if index in subgraphs.ends:
+                subgraphs.ends[index](self, node)
+            elif index not in subgraphs.inner:
                 self._convert_node(node)
         self._drop_unused_gates()
         outputs = []
@@ -141,3 +167,65 @@ class OnnxConverter(Conversion):
                     f"its input {value!r} is {layout}; only channel shuffles and channels-last layer "
                     "normalisations are supported",
                 )
+
+
+def find_subgraphs(state: Conversion) -> Subgraphs:
+    """The subgraphs of the graph read as one layer or one view each.
+
+    A MatMul or Einsum of two computed tensors outside them is refused as `attention`, naming why the
+    attention around it does not match; a Concat of strided slices along the channels that is not
+    Swin's patch merging, or a reshape of a map into 6 dimensions that is not a MaxViT partition, is
+    refused by its operator.
+    """
+    attention = find_attention(state)
+    found = Subgraphs(inner=set(attention.inner))
+    for end, matched in attention.ends.items():
+        found.ends[end] = partial(add_attention_layer, attention=matched)
+    index = GraphIndex(state.graph)
+    for position, node in enumerate(state.graph.node):
+        products = node.op_type in ("MatMul", "Einsum") and not any(v in state.constants for v in node.input)
+        if found.claims(position) or not products:
+            continue
+        match: SubgraphMatcher = (
+            shifted_windows.match_attention if node.op_type == "MatMul" else partitions.match_attention
+        )
+        try:
+            found.add(match(state, index, position), state.graph)
+        except Mismatch as exc:
+            why = attention.failures.get(position, str(exc))
+            raise UnsupportedOperator(
+                "attention",
+                node_name(node),
+                f"a {node.op_type} of two computed tensors is read only inside {ATTENTION_PATTERNS}; "
+                f"{why}; trace the PyTorch model instead (its IR has `attention` layers)",
+            ) from exc
+    for position, node in enumerate(state.graph.node):
+        rule = _view_subgraph(state, index, node)
+        if found.claims(position) or rule is None:
+            continue
+        match, what = rule
+        try:
+            found.add(match(state, index, position), state.graph)
+        except Mismatch as exc:
+            raise UnsupportedOperator(node.op_type, node_name(node), f"{what}: {exc}") from exc
+    return found
+
+
+def _view_subgraph(
+    state: Conversion, index: GraphIndex, node: onnx.NodeProto
+) -> tuple[SubgraphMatcher, str] | None:
+    """The matcher of the subgraph `node` ends or starts, and what it reads: Swin's patch merging for a
+    Concat of four slices along the last axis of a 4-D tensor, a MaxViT partition or departition for a
+    reshape of a 4-D tensor into 6 dimensions; None for other nodes."""
+    out_rank = len(state.shapes.get(node.output[0], ())) if node.output else 0
+    if node.op_type == "Concat" and out_rank == 4 and len(node.input) == 4:
+        axis = Attributes(node, node_name(node)).get_int("axis", 0)
+        sliced = all(
+            value in index.producer and state.graph.node[index.producer[value]].op_type == "Slice"
+            for value in node.input
+        )
+        if axis % 4 == 3 and sliced:
+            return shifted_windows.match_patch_merging, _PATCH_MERGING
+    if node.op_type == "Reshape" and out_rank == 6 and len(state.shapes.get(node.input[0], ())) == 4:
+        return partitions.match_partition, _PARTITION
+    return None

@@ -101,18 +101,18 @@ def convert_channels_last_activation(state: Conversion, node: onnx.NodeProto, da
 def convert_channels_last_add(
     state: Conversion, node: onnx.NodeProto, inputs: list[str], data_inputs: list[str]
 ) -> bool:
-    """An Add or Sum of channels-last tensors of one shape (a residual of a transformer block)."""
+    """An Add or Sum of channels-last tensors of one shape and layout (a residual of a transformer block)."""
     if node.op_type not in ("Add", "Sum") or len(data_inputs) < 2 or len(data_inputs) != len(inputs):
         return False
     if any(value not in state.channels_last for value in data_inputs):
         return False
-    if len({state.shape(value, node) for value in data_inputs}) != 1:
+    if len({(state.shape(value, node), state.partitions.get(value)) for value in data_inputs}) != 1:
         return False
     shape = state.ir_layer_shape(data_inputs[0], node)
     refs = [state.alias[value] for value in data_inputs]
     out = node.output[0]
     state.alias[out] = state.add_layer(node_name(node), Op.ADD, refs, shape, shape, {})
-    state.channels_last.add(out)
+    state.keep_layout(out, data_inputs[0])
     return True
 
 

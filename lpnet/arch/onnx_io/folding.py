@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx.checker import ValidationError
 from onnx.defs import SchemaError
 from onnx.reference import ReferenceEvaluator
 from onnx.shape_inference import InferenceError
@@ -21,17 +22,18 @@ from lpnet.arch.onnx_io.limits import (
     numel,
 )
 from lpnet.arch.onnx_io.nodes import DEFAULT_DOMAINS, node_name
-from lpnet.errors import InvalidArchitecture, UnsupportedOperator
+from lpnet.errors import InvalidArchitecture, LpnetError, UnsupportedOperator
 
 # Operators folded into a constant when every input is a constant: what exporters use to prepare
-# weights and to compute shapes. Shape and Size also fold on a tensor whose shape is static. Anything
-# else computing only on constants is refused by name.
+# weights and to compute shapes, and what Swin computes its shifted windows' masks (ScatterND) and
+# relative position biases with (Swin v2's with a small MLP on a constant table). Shape and Size also
+# fold on a tensor whose shape is static. Anything else computing only on constants is refused by name.
 FOLDABLE_OPS = frozenset(
     {"Constant", "ConstantOfShape", "Identity", "Dropout", "Cast", "CastLike", "Reshape", "Flatten"}
     | {"Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile", "Concat", "Split", "Slice", "Gather"}
     | {"Shape", "Size", "Range", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Floor", "Ceil", "Sqrt"}
     | {"Reciprocal", "Pow", "Min", "Max", "Sum", "Mod", "Equal", "Less", "Greater", "Not", "Where"}
-    | {"ReduceProd"}
+    | {"ReduceProd", "ScatterND", "MatMul", "Relu", "Sigmoid", "Exp", "Clip"}
 )
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 
@@ -144,14 +146,21 @@ class ConstantFolder:
         return [TensorProto(name=out, data_type=elem, dims=dims) for out, (elem, dims) in outputs.items()]
 
     def _type_kept(self, node: onnx.NodeProto) -> None:
-        """Record the static shapes of a kept node's outputs when its inputs' shapes are static."""
+        """Record the static shapes of a kept node's outputs when its inputs' shapes are static.
+
+        A node onnx cannot type is left untyped: the shape inference of the whole graph after this
+        pass reports what is wrong with it.
+        """
         inputs = [value for value in node.input if value]
         outputs = [out for out in node.output if out and out not in self.static_shapes]
         if not outputs or not all(v in self.constants or v in self.static_shapes for v in inputs):
             return
         valued = {value: self.constants[value] for value in inputs if value in self.with_values}
         types = {value: helper.make_tensor_type_proto(*self._signature(value)) for value in inputs}
-        inferred = self._infer(node, types, valued)
+        try:
+            inferred = self._infer(node, types, valued)
+        except LpnetError:
+            return
         for out in outputs:
             dims = static_dims(inferred[out]) if out in inferred else None
             if dims is not None and inferred[out].tensor_type.elem_type:
@@ -200,7 +209,7 @@ class ConstantFolder:
                     schema, node, types, valued, opset_imports=[helper.make_opsetid("", self.opset)]
                 )
             )
-        except (InferenceError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
+        except (InferenceError, ValidationError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
             raise InvalidArchitecture(
                 f"ONNX shape inference failed on node {where!r} ({node.op_type}): {exc}",
                 {"node": where, "op": node.op_type},

@@ -18,6 +18,12 @@ def node_name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
+def node_scope(node: onnx.NodeProto) -> str:
+    """The name of the module a node was exported from: its name without the last path component."""
+    name = node_name(node)
+    return name.rpartition("/")[0] or name
+
+
 def enum_name(enum: Any, number: int) -> str:
     """The name of a protobuf enum value, or its number when this onnx version does not know it."""
     try:

@@ -23,6 +23,10 @@ def transpose(state: Conversion, node: onnx.NodeProto, attrs: Attributes, source
     out = node.output[0]
     rank = len(state.shape(source, node))
     perm = tuple(attrs.get_axes("perm")) if "perm" in attrs else tuple(range(rank))[::-1]
+    if source in state.partitions:
+        raise UnsupportedOperator(
+            node.op_type, attrs.where, "a MaxViT partition is only read back into its map by its departition"
+        )
     if source in state.grouped and perm == _SWAP_CHANNEL_GROUPS:
         tensor, groups, transposed = state.grouped[source]
         state.grouped[out] = (tensor, groups, not transposed)
@@ -150,21 +154,8 @@ def slice_channels(
     """A Slice of a contiguous range of channels; anything else is refused."""
     in_shape = state.layer_shape(data_inputs[0], node)
     out_shape = state.layer_shape(node.output[0], node)
-    if "starts" in attrs:  # before opset 10
-        starts = list(attrs.by_name["starts"].ints)
-        axes = list(attrs.by_name["axes"].ints) if "axes" in attrs else list(range(len(starts)))
-        steps = [1] * len(starts)
-    else:
-        starts = [int(v) for v in state.constant_input(node, attrs, 1, "starts").ravel()]
-        has_axes = len(node.input) > 3 and bool(node.input[3])
-        has_steps = len(node.input) > 4 and bool(node.input[4])
-        axes_values = state.constant_input(node, attrs, 3, "axes").ravel() if has_axes else range(len(starts))
-        axes = [int(v) for v in axes_values]
-        steps = (
-            [int(v) for v in state.constant_input(node, attrs, 4, "steps").ravel()]
-            if has_steps
-            else [1] * len(starts)
-        )
+    arguments = state.slice_arguments(node, attrs)
+    starts, axes, steps = arguments.starts, arguments.axes, arguments.steps
     rank = len(in_shape)
     channel_axes = [i for i, axis in enumerate(axes) if axis % rank == 1]
     only_channels = in_shape[0] == out_shape[0] and in_shape[2:] == out_shape[2:]
