@@ -118,7 +118,8 @@ class FirstRunSettings(BaseModel):
     """What `lpnet serve` does on a machine without a local device (``LPNET_FIRST_RUN__<FIELD>``).
 
     It registers this machine's CPU as a device, profiles it within a time budget and fits its
-    predictor in a background job; a later start resumes that job, or does nothing once it is done.
+    predictor in a background job, then refines that predictor in rounds of profiling and refitting;
+    a later start resumes what is unfinished, or does nothing once it is done.
     """
 
     enabled: bool = Field(default=True, description="Bootstrap the local device when `lpnet serve` starts.")
@@ -150,7 +151,22 @@ class FirstRunSettings(BaseModel):
     )
     fit: FitSettings = Field(
         default_factory=FitSettings,
-        description="Fit settings of the first predictor; unset fields fall back to LPNET_FIT__*.",
+        description="Fit settings of the first predictor and of each refit; unset fields fall back to "
+        "LPNET_FIT__*.",
+    )
+    refine_minutes: float = Field(
+        default=24.0,
+        ge=0,
+        le=24 * 60,
+        description="Profiling time of the refining that follows the first predictor in the background, "
+        "shared by its rounds (each refit comes on top); 0 turns refining off.",
+    )
+    refine_rounds: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Rounds of refining: each profiles where the newest predictor is least sure, then "
+        "stores the next predictor version.",
     )
 
     @field_validator("device_name")

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Phases in which a stored status describes work in progress; otherwise the status is derived from
 # what the device has (measurements, a predictor).
-ACTIVE_PHASES = frozenset({"profiling", "fitting"})
+ACTIVE_PHASES = frozenset({"profiling", "fitting", "refining"})
 
 
 def create_device(session: Session, spec: DeviceCreate) -> Device:
@@ -192,15 +192,33 @@ def _note_latest(last: dict[int, datetime], device_id: int, when: Any) -> None:
 
 
 def device_status(device: Device, counts: ProfilingCounts, predictor: Predictor | None) -> DeviceStatus:
-    """The stored status while work is in progress (or failed), else what the device has."""
+    """The stored status while work is in progress (or failed), else what the device has; with the
+    version of the predictor in use, if any.
+
+    A stored ``ready`` status adds what the first run's refining says (``refined``, a message) to a
+    device that has a predictor.
+    """
     stored = device.status or {}
+    version = predictor.version if predictor is not None else None
     if stored.get("phase") in ACTIVE_PHASES or stored.get("phase") == "failed":
         try:
-            return DeviceStatus.model_validate(stored)
+            status = DeviceStatus.model_validate({**stored, "predictor_version": version})
         except ValueError:
             logger.warning("device %s has an unreadable status %r; ignored", device.name, stored)
+        else:
+            if status.phase == "refining":
+                status.refined = False
+            return status
     if predictor is not None:
-        return DeviceStatus(phase="ready", percent=100.0, message=f"predictor version {predictor.version}")
+        ready = stored if stored.get("phase") == "ready" else {}
+        return DeviceStatus(
+            phase="ready",
+            percent=100.0,
+            message=ready.get("message") or f"predictor version {predictor.version}",
+            job_id=ready.get("job_id"),
+            predictor_version=version,
+            refined=ready.get("refined"),
+        )
     measured = counts.network.ok + counts.isolated.ok + counts.in_network.ok
     if measured:
         return DeviceStatus(
@@ -259,6 +277,7 @@ def set_device_status(
     eta_seconds: float | None = None,
     message: str | None = None,
     job_id: int | None = None,
+    refined: bool | None = None,
 ) -> None:
     """Record a device's progress in its own short transaction; ``phase=None`` clears it.
 
@@ -274,8 +293,9 @@ def set_device_status(
                 "message": message,
                 "job_id": job_id,
                 "updated_at": utcnow(),
+                "refined": refined,
             }
-        ).model_dump(mode="json")
+        ).model_dump(mode="json", exclude={"predictor_version"})  # derived when read
     try:
         with factory() as session:
             device = session.get(Device, device_id)

@@ -7,6 +7,7 @@ Importing this module imports every handler (and through them torch and the plan
 from __future__ import annotations
 
 from service.first_run.bootstrap import bootstrap_failed, run_bootstrap_job
+from service.first_run.refine import refine_failed, run_refine_job
 from service.jobs.kinds import JobKind
 from service.jobs.registry import Task, TaskRegistry
 from service.plans import plan_failed, run_plan_job
@@ -26,9 +27,10 @@ def default_registry() -> TaskRegistry:
 def serving_registry() -> TaskRegistry:
     """The default tasks plus those that must run on the server's own machine (its embedded workers).
 
-    The first-run bootstrap profiles the machine it runs on, so an `lpnet worker` elsewhere never
-    claims it.
+    The first-run bootstrap and its refining rounds profile the machine they run on, so an
+    `lpnet worker` elsewhere never claims them.
     """
     registry = default_registry()
     registry.register(Task(JobKind.BOOTSTRAP, run_bootstrap_job, on_failure=bootstrap_failed))
+    registry.register(Task(JobKind.REFINE, run_refine_job, on_failure=refine_failed))
     return registry

@@ -8,7 +8,7 @@ import torch
 
 from lpnet.arch.ir import Network
 from lpnet.predictor.features import NUMERIC_FEATURES, OPS, TensorizedNetwork, tensorize
-from lpnet.predictor.model import LPNet
+from lpnet.predictor.model import LPNet, member_log_spread
 
 _OP_NAMES: tuple[str, ...] = tuple(op.value for op in OPS)
 # How far (in units of the training range) a feature may stray before a result is flagged.
@@ -113,6 +113,14 @@ class LatencyPredictor:
             per_layer=per_layer,
             warnings=self.domain.warnings_for(tn, features[0]),
         )
+
+    def log_spread(self, network: Network) -> float:
+        """How far the ensemble's members disagree on a network: their robust spread of log latency
+        (`member_log_spread`), relative whatever the network's size. Higher means less sure."""
+        tn = tensorize(network, with_groups=False)
+        with torch.no_grad():
+            totals = self.model.member_network_ms(tn.layer_features(torch.zeros(1, 0)), tn.ops)  # (K, 1)
+        return float(member_log_spread(totals)[0])
 
     def predict_widths(self, tn: TensorizedNetwork, widths: torch.Tensor) -> BatchPrediction:
         """Latencies of many width vectors (B, G) of one tensorised network (no gradient)."""

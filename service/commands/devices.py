@@ -108,10 +108,12 @@ def run_add(args: argparse.Namespace, settings: Settings) -> int:
 
 def _status_text(status: DeviceStatus) -> str:
     parts: list[str] = [status.phase]
-    if status.percent is not None and status.phase in ("profiling", "fitting"):
+    if status.percent is not None and status.phase in ("profiling", "fitting", "refining"):
         parts.append(f"{status.percent:.0f}%")
     if status.eta_seconds is not None:
         parts.append(f"eta {status.eta_seconds:.0f} s")
+    if status.phase == "ready" and status.refined:
+        parts.append("refined")
     return " ".join(parts)
 
 

@@ -2,9 +2,10 @@
 
 `start_first_run` runs when a serving process starts (the app lifespan, before its workers): it
 registers this machine's CPU as the local device if there is none, and makes sure exactly one
-``bootstrap`` job is queued for it until it has a predictor. `run_bootstrap_job` is that job's task,
-run by the server's embedded workers only (`service.job_handlers.serving_registry`), since it measures
-the machine it runs on.
+``bootstrap`` job is queued for it until it has a predictor, then one ``refine`` job at a time until
+its refining is done (`service.first_run.refine`). `run_bootstrap_job` is the bootstrap's task, run by
+the server's embedded workers only (`service.job_handlers.serving_registry`), since it measures the
+machine it runs on; storing predictor version 1, it queues the first refining round.
 
 The job is resumable: every measurement is committed as it finishes, and a rerun skips the sample keys
 already stored, with what is left of the time budget. A job whose server was killed is put back in the
@@ -18,34 +19,39 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy import func, select, update
+from pydantic import ValidationError
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.errors import LpnetError
 from profiler.environment import AllocatorPolicy
-from service.config import FitSettings, Settings
+from service.config import FitSettings, Settings, get_settings
 from service.db.base import utcnow
-from service.db.models import (
-    Device,
-    Job,
-    JobStatus,
-    LayerMeasurement,
-    NetworkMeasurement,
-    ProfileRun,
-    RunStatus,
-)
+from service.db.models import Device, Job, JobStatus, Predictor, ProfileRun
 from service.db.session import describe_database_error
 from service.devices import create_device, latest_predictor, local_device, set_device_status
 from service.errors import Conflict, InvalidInput, NotFound, ServiceError
-from service.first_run.progress import BootstrapProgress, format_duration
-from service.jobs.context import JobContext, LeaseLost
+from service.first_run.local_profile import (
+    BootstrapInput,
+    estimated_fit_seconds,
+    profile_local_device,
+    profiling_seconds,
+)
+from service.first_run.progress import FirstRunProgress, format_duration
+from service.first_run.refine import (
+    RefineInput,
+    next_refine_round,
+    queue_refine,
+    queued_refine_status,
+    refine_input,
+)
+from service.jobs.context import JobContext
 from service.jobs.kinds import JobKind, job_timeout_seconds
-from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
+from service.jobs.queue import JOBS, ClaimedJob, TaskOutcome, active_job, enqueue, failure_values
 from service.predictors import (
     check_enough_measurements,
     fit_from_samples,
@@ -54,39 +60,17 @@ from service.predictors import (
     store_predictor,
     training_samples,
 )
-from service.profiling import DatabaseSink
 
 if TYPE_CHECKING:
     from profiler.runner import RunSummary
 
 logger = logging.getLogger(__name__)
 
-# Fitting LPNet with 1 thread (see `estimated_fit_seconds`; only the ETA uses it): a fixed part (the
-# held-out report and its plot) and a part per optimisation step of each ensemble member. Measured on
-# the 2-core development machine under load: 58 networks, 1500 steps x 5 members, 94 s.
-FIT_SECONDS_BASE = 5.0
-FIT_SECONDS_PER_STEP_MEMBER = 0.01
 # A resumed or retried bootstrap profiles for at least this share of the budget when the device has too
 # few networks for a fit, so a run cut short near its end still gets somewhere.
 MIN_PROFILE_SHARE = 0.25
 # Rounds of measuring the networks a fit lacks after the budget (each stops at the number missing).
 TOP_UP_ROUNDS = 3
-# The default protocol times a network until its median is 1 % precise, for up to 30 s; on a quiet
-# machine that takes 1-3 s, on a busy one every network would take the full 30 s and a 6-minute budget
-# would measure a dozen. The first run caps it so that a busy machine still gets a predictor.
-MAX_SECONDS_PER_MEASUREMENT = 6.0
-
-
-class BootstrapInput(BaseModel):
-    """The input of a bootstrap job, fixed when it is queued."""
-
-    device_id: int
-    budget_minutes: float = Field(gt=0)
-    families: list[str] = Field(min_length=1)
-    image_size: int = Field(ge=16)
-    kinds: list[str] = Field(default_factory=lambda: ["network", "in_context"], min_length=1)
-    quick_protocol: bool = False
-    fit: FitSettings = Field(default_factory=FitSettings)
 
 
 def bootstrap_input(settings: Settings, device_id: int) -> BootstrapInput:
@@ -104,31 +88,23 @@ def bootstrap_input(settings: Settings, device_id: int) -> BootstrapInput:
         kinds=list(first.kinds),
         quick_protocol=first.quick_protocol,
         fit=fit,
+        refine_minutes=first.refine_minutes,
+        refine_rounds=first.refine_rounds,
     )
-
-
-def estimated_fit_seconds(fit: FitSettings) -> float:
-    """A rough duration of the fit, for the ETA."""
-    # Imported here: the training module pulls in scikit-learn, which serving start-up does not need.
-    from lpnet.predictor.model import LPNetConfig
-    from lpnet.predictor.train import TrainConfig
-
-    steps = fit.steps if fit.steps is not None else TrainConfig().steps
-    members = fit.members if fit.members is not None else LPNetConfig().members
-    return FIT_SECONDS_BASE + steps * members * FIT_SECONDS_PER_STEP_MEMBER
 
 
 # Start-up ----------------------------------------------------------------------------------------------
 
 
 def start_first_run(settings: Settings, factory: sessionmaker[Session]) -> int | None:
-    """Register the local device if there is none, and make sure one bootstrap job is queued for it.
+    """Register the local device if there is none, and make sure one bootstrap job is queued for it,
+    or once it has a predictor one refine job until its refining is done.
 
     Runs in the start-up of a serving process; never raises (the server serves either way), but logs
     why it did nothing.
 
     Returns:
-        The id of the bootstrap job queued or resumed, or None when there is nothing to do.
+        The id of the bootstrap or refine job queued or resumed, or None when there is nothing to do.
     """
     if not settings.first_run.enabled:
         return None
@@ -155,49 +131,105 @@ def _start(settings: Settings, factory: sessionmaker[Session]) -> int | None:
         if device is None:
             return None
         predictor = latest_predictor(session, device)
-        if predictor is not None:
-            logger.info(
-                "first run: device %r is ready (predictor version %d)", device.name, predictor.version
-            )
-            session.commit()
-            return None
-        job = active_job(session, JobKind.BOOTSTRAP, device.id)
-        if job is None:
-            fit = active_job(session, JobKind.FIT, device.id)
-            if fit is not None:
-                logger.info("first run: device %r has a fit %s (job %d)", device.name, fit.status, fit.id)
-                session.commit()
-                return None
-            spec = bootstrap_input(settings, device.id)
-            job_input = spec.model_dump(mode="json")
-            job = enqueue(
-                session,
-                JobKind.BOOTSTRAP,
-                job_input,
-                device_id=device.id,
-                max_attempts=settings.worker.max_attempts,
-                timeout_seconds=job_timeout_seconds(JobKind.BOOTSTRAP, job_input, settings.worker),
-            )
-            device.status = _queued_status(job.id, spec, resumed=_has_measurements(session, device.id))
-            logger.info(
-                "first run: profiling this machine as device %r for %s, then fitting its predictor (job %d)",
-                device.name,
-                format_duration(spec.budget_minutes * 60),
-                job.id,
-            )
-        elif job.status == JobStatus.RUNNING and lease_holder_gone(job.lease_owner):
-            _requeue(session, job, settings)
-            device.status = _queued_status(job.id, BootstrapInput.model_validate(job.input), resumed=True)
-            logger.info(
-                "first run: resuming job %d for device %r (the server running it stopped)",
-                job.id,
-                device.name,
-            )
+        # A bootstrap still unfinished (a predictor came from elsewhere) queues the refining itself.
+        if predictor is None or active_job(session, JobKind.BOOTSTRAP, device.id) is not None:
+            job = _start_bootstrap(session, settings, device)
         else:
-            logger.info("first run: job %d for device %r is %s", job.id, device.name, job.status)
-        job_id = job.id
+            job = _start_refining(session, settings, device, predictor)
+        job_id = job.id if job is not None else None
         session.commit()
     return job_id
+
+
+def _start_bootstrap(session: Session, settings: Settings, device: Device) -> Job | None:
+    """The bootstrap job of a device without a predictor: queued, resumed, or left as it is."""
+    job = active_job(session, JobKind.BOOTSTRAP, device.id)
+    if job is None:
+        fit = active_job(session, JobKind.FIT, device.id)
+        if fit is not None:
+            logger.info("first run: device %r has a fit %s (job %d)", device.name, fit.status, fit.id)
+            return None
+        spec = bootstrap_input(settings, device.id)
+        job_input = spec.model_dump(mode="json")
+        job = enqueue(
+            session,
+            JobKind.BOOTSTRAP,
+            job_input,
+            device_id=device.id,
+            max_attempts=settings.worker.max_attempts,
+            timeout_seconds=job_timeout_seconds(JobKind.BOOTSTRAP, job_input, settings.worker),
+        )
+        device.status = _queued_status(job.id, spec, resumed=_has_measurements(session, device.id))
+        logger.info(
+            "first run: profiling this machine as device %r for %s, then fitting its predictor (job %d)",
+            device.name,
+            format_duration(spec.budget_minutes * 60),
+            job.id,
+        )
+    elif job.status == JobStatus.RUNNING and lease_holder_gone(job.lease_owner):
+        _requeue(session, job, settings)
+        device.status = _queued_status(job.id, BootstrapInput.model_validate(job.input), resumed=True)
+        logger.info(
+            "first run: resuming job %d for device %r (the server running it stopped)", job.id, device.name
+        )
+    else:
+        logger.info("first run: job %d for device %r is %s", job.id, device.name, job.status)
+    return job
+
+
+def _start_refining(session: Session, settings: Settings, device: Device, predictor: Predictor) -> Job | None:
+    """The refining of a device with a predictor: queued, resumed, stopped (turned off) or done."""
+    first = settings.first_run
+    job = active_job(session, JobKind.REFINE, device.id)
+    if first.refine_minutes <= 0:
+        if job is not None:
+            _stop_refining(session, device, job)
+        logger.info("first run: device %r is ready (predictor version %d)", device.name, predictor.version)
+        return None
+    if job is None:
+        round_ = next_refine_round(session, device.id, first.refine_rounds)
+        if round_ is None:
+            logger.info(
+                "first run: device %r is ready and refined (predictor version %d)",
+                device.name,
+                predictor.version,
+            )
+            return None
+        spec = refine_input(bootstrap_input(settings, device.id), round_)
+        job = queue_refine(session, spec, settings.worker, resumed=round_ > 1)
+        logger.info(
+            "first run: device %r is ready (predictor version %d); %s in the background (job %d)",
+            device.name,
+            predictor.version,
+            spec.stage,
+            job.id,
+        )
+    elif job.status == JobStatus.RUNNING and lease_holder_gone(job.lease_owner):
+        _requeue(session, job, settings)
+        device.status = queued_refine_status(job.id, RefineInput.model_validate(job.input), resumed=True)
+        logger.info(
+            "first run: resuming refine job %d for device %r (the server running it stopped); predictor "
+            "version %d serves meanwhile",
+            job.id,
+            device.name,
+            predictor.version,
+        )
+    else:
+        logger.info("first run: refine job %d for device %r is %s", job.id, device.name, job.status)
+    return job
+
+
+def _stop_refining(session: Session, device: Device, job: Job) -> None:
+    """Fail a refine job that no live worker holds, since refining is turned off (the caller commits)."""
+    if job.status == JobStatus.RUNNING and not lease_holder_gone(job.lease_owner):
+        logger.info("first run: refine job %d is running elsewhere; it finishes its round", job.id)
+        return
+    message = "refining was turned off (LPNET_FIRST_RUN__REFINE_MINUTES=0)"
+    session.execute(
+        update(Job).where(Job.id == job.id).values(**failure_values(JOBS, message, utcnow(), requeue=False))
+    )
+    device.status = None
+    logger.info("first run: %s; refine job %d stopped", message, job.id)
 
 
 def _local_device(session: Session, settings: Settings) -> Device | None:
@@ -277,15 +309,19 @@ def _requeue(session: Session, job: Job, settings: Settings) -> None:
     The deadline counts from now: the time the server was down is not the job's.
     """
     now = utcnow()
-    timeout = job_timeout_seconds(JobKind.BOOTSTRAP, job.input, settings.worker)
+    timeout = job_timeout_seconds(job.kind, job.input, settings.worker)
+    # A job deferred while it gave way to other jobs (a refining round) has no holder.
+    holder = Job.lease_owner.is_(None) if job.lease_owner is None else Job.lease_owner == job.lease_owner
+    held_by = f" ({job.lease_owner})" if job.lease_owner else ""
     session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_owner == job.lease_owner)
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING, holder)
         .values(
             status=JobStatus.QUEUED,
             lease_owner=None,
             lease_expires_at=None,
-            error=f"the server running attempt {job.attempts} ({job.lease_owner}) stopped; resumed",
+            not_before=None,
+            error=f"the server running attempt {job.attempts}{held_by} stopped; resumed",
             deadline_at=now + timedelta(seconds=timeout),
             updated_at=now,
         )
@@ -293,39 +329,6 @@ def _requeue(session: Session, job: Job, settings: Settings) -> None:
 
 
 # The job -----------------------------------------------------------------------------------------------
-
-
-def profiling_seconds(session: Session, device_id: int) -> float:
-    """Measuring time the device's profile runs have spent: from each run's start to its last measurement."""
-    ends: dict[int, datetime] = {}
-    for model in (NetworkMeasurement, LayerMeasurement):
-        rows = session.execute(
-            select(model.run_id, func.max(model.created_at))
-            .where(model.device_id == device_id, model.run_id.is_not(None))
-            .group_by(model.run_id)
-        )
-        for run_id, value in rows:
-            newest = _as_datetime(value)
-            if newest is not None and (run_id not in ends or newest > ends[run_id]):
-                ends[run_id] = newest
-    total = 0.0
-    for run_id, value in session.execute(
-        select(ProfileRun.id, ProfileRun.started_at).where(ProfileRun.device_id == device_id)
-    ):
-        end = ends.get(run_id)
-        started = _as_datetime(value)
-        if end is not None and started is not None:
-            total += max(0.0, (end - started).total_seconds())
-    return total
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    """A naive UTC datetime (SQLite returns aggregates of timestamps as text)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
 
 
 def run_bootstrap_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
@@ -348,10 +351,10 @@ def run_bootstrap_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
         profile_s = 0.0
     else:
         profile_s = max(profile_s, MIN_PROFILE_SHARE * budget_s)
-    tracker = BootstrapProgress(context, device.name, spent, profile_s, estimated_fit_seconds(spec.fit))
+    tracker = FirstRunProgress(context, device.name, spent, profile_s, estimated_fit_seconds(spec.fit))
     summaries: list[RunSummary] = []
     if profile_s > 0:
-        summaries.append(_profile(device, spec, context, tracker, spec.kinds, seconds=profile_s))
+        summaries.append(profile_local_device(device, spec, context, tracker, spec.kinds, seconds=profile_s))
         summaries.extend(_top_up(device, spec, context, tracker))
     context.check()
 
@@ -364,6 +367,7 @@ def run_bootstrap_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
     tracker.fitting_started(len(samples.samples))
     fitted = fit_from_samples(samples, tracker.fitting, spec.fit)
     context.check()
+    worker = get_settings().worker
 
     def store(session: Session) -> dict[str, Any]:
         predictor = store_predictor(session, device.id, fitted)
@@ -374,6 +378,15 @@ def run_bootstrap_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
             fitted.samples,
             format_duration(fitted.seconds),
         )
+        if spec.refine_minutes > 0 and active_job(session, JobKind.REFINE, device.id) is None:
+            refining = queue_refine(session, refine_input(spec, 1), worker)
+            logger.info(
+                "first run: refining device %r in the background for %s in %d round(s) (job %d)",
+                device.name,
+                format_duration(spec.refine_minutes * 60),
+                spec.refine_rounds,
+                refining.id,
+            )
         return {"predictor_id": predictor.id, "version": predictor.version}
 
     result = {
@@ -390,7 +403,7 @@ def run_bootstrap_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
 
 
 def _top_up(
-    device: Device, spec: BootstrapInput, context: JobContext, tracker: BootstrapProgress
+    device: Device, spec: BootstrapInput, context: JobContext, tracker: FirstRunProgress
 ) -> list[RunSummary]:
     """Measure the networks a fit still lacks once the budget is spent (a slow or busy machine).
 
@@ -406,82 +419,11 @@ def _top_up(
         per_network = tracker.seconds_per_measurement()
         logger.info("first run: the budget measured too few networks for a fit; measuring %d more", missing)
         tracker.extend(missing * per_network)
-        summary = _profile(device, spec, context, tracker, ["network"], max_samples=missing)
+        summary = profile_local_device(device, spec, context, tracker, ["network"], max_samples=missing)
         summaries.append(summary)
         if summary.measured == 0:  # the families have no network samples left
             break
     return summaries
-
-
-def _profile(
-    device: Device,
-    spec: BootstrapInput,
-    context: JobContext,
-    tracker: BootstrapProgress,
-    kinds: list[str],
-    *,
-    seconds: float | None = None,
-    max_samples: int | None = None,
-) -> RunSummary:
-    """Measure the device for `seconds` (or `max_samples`) into the database, skipping what is stored."""
-    # Imported here: the profiler pulls in torch and torchvision, which start-up does not need.
-    from profiler.agent.options import AgentOptions, build_sampler
-    from profiler.batch import MeasurementKind
-    from profiler.environment import apply_allocator_policy
-    from profiler.runner import make_run_context, run_profile
-
-    options = AgentOptions(
-        families=list(spec.families),
-        kinds=[MeasurementKind(kind) for kind in kinds],
-        backend=device.backend,
-        threads=device.threads,
-        batch_size=device.batch_size,
-        dtype=device.dtype,
-        hardware=device.hardware,  # sample keys follow the registered spec exactly
-        image_size=spec.image_size,
-        budget_minutes=None if seconds is None else seconds / 60,
-        quick_protocol=spec.quick_protocol,
-        allocator=AllocatorPolicy(device.allocator),
-        progress=False,
-    )
-    # The device's policy, which verified plans measure under too (service.plans.local_measure).
-    apply_allocator_policy(options.allocator)
-    device_spec = options.device()
-    backend = device_spec.create_backend()
-    sampler = build_sampler(options, device_spec)
-    protocol = options.protocol()
-    if protocol.max_seconds > MAX_SECONDS_PER_MEASUREMENT:
-        protocol = protocol.model_copy(update={"max_seconds": MAX_SECONDS_PER_MEASUREMENT})
-    sink = DatabaseSink(context.factory, device, make_run_context(device_spec, protocol, backend))
-    tracker.start()
-    summary: RunSummary | None = None
-    status = RunStatus.FAILED
-    try:
-        summary = run_profile(
-            device_spec,
-            sampler,
-            sink,
-            protocol,
-            budget_minutes=options.budget_minutes,
-            progress=False,
-            backend=backend,
-            max_samples=max_samples,
-            on_measurement=tracker,
-        )
-        status = RunStatus.INTERRUPTED if summary.interrupted else RunStatus.COMPLETED
-    except LeaseLost:
-        status = RunStatus.INTERRUPTED
-        raise
-    finally:
-        sink.close(status, summary.to_dict() if summary is not None else None)
-    assert summary is not None  # run_profile returned, or the exception above propagated
-    logger.info(
-        "first run: profiled %r: %d measurement(s) in %s",
-        device.name,
-        summary.measured,
-        format_duration(summary.seconds),
-    )
-    return summary
 
 
 def bootstrap_failed(factory: sessionmaker[Session], job: ClaimedJob, error: str) -> None:

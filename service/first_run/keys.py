@@ -141,7 +141,7 @@ def try_it_lines(settings: Settings) -> list[str]:
     ).replace('"BUDGET"', "'\"$BUDGET\"'")
     return [
         f"API={api}",
-        "# progress of the local device (profiling -> fitting -> ready):",
+        "# progress of the local device (profiling -> fitting -> refining -> ready):",
         f"curl -s $API/v1/devices/{device} {auth}",
         "# latency of resnet50 (409 with the progress until the device is ready):",
         f"curl -s -X POST $API/v1/latency {auth} {body} -d '{architecture('resnet50')}'",

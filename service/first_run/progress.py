@@ -1,9 +1,10 @@
-"""The progress of a first-run bootstrap: profiling then fitting, as one percentage and ETA."""
+"""The progress of a first-run job (the bootstrap, or a round of refining) as one percentage and ETA."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service.jobs.context import JobContext
@@ -25,22 +26,37 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
-class BootstrapProgress(ProgressReporter):
-    """Progress over the whole bootstrap, profiling then fitting, as one percentage and ETA.
+class FirstRunProgress(ProgressReporter):
+    """Progress of a first-run job, profiling then fitting, as one percentage and ETA.
 
-    Written to the job and the device's status (rate-limited by the job context), and logged every
-    `LOG_INTERVAL_S`.
+    The percentage and ETA span the work before the job and after it as well: the bootstrap's earlier
+    runs, or a refining round's earlier and later rounds. Written to the job and the device's status
+    (rate-limited by the job context), and logged every `LOG_INTERVAL_S`.
 
     Args:
         context: The running job.
         device_name: For the log lines.
-        spent_s: Profiling time spent by earlier runs of the device.
+        spent_s: Time of the work done before this run.
         profile_s: Profiling time of this run (0: none).
         fit_s: Estimated fitting time.
+        later_s: Estimated time of the work after this job.
+        stage: What the job is, heading its messages and log lines.
+        device_phase: The device's phase throughout; by default the job's (profiling, then fitting).
+        check: Called with every measurement before it is reported, e.g. to give way to other jobs.
     """
 
     def __init__(
-        self, context: JobContext, device_name: str, spent_s: float, profile_s: float, fit_s: float
+        self,
+        context: JobContext,
+        device_name: str,
+        spent_s: float,
+        profile_s: float,
+        fit_s: float,
+        *,
+        later_s: float = 0.0,
+        stage: str = "first run",
+        device_phase: str | None = None,
+        check: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
             context.factory, context.job.device_id or 0, profile_s / 60 if profile_s else None, None
@@ -50,11 +66,20 @@ class BootstrapProgress(ProgressReporter):
         self.spent_s = spent_s
         self.profile_s = profile_s
         self.fit_s = fit_s
+        self.later_s = later_s
+        self.stage = stage
+        self.device_phase = device_phase
+        self.check = check
         self._profiled_s = 0.0
         self._fit_started = 0.0
         self._last_log = 0.0
         self._profiling_started = False
         self._percent = 0.0
+
+    @property
+    def percent(self) -> float:
+        """The percentage reported last."""
+        return self._percent
 
     def extend(self, seconds: float) -> None:
         """Profile for `seconds` more than planned."""
@@ -76,12 +101,14 @@ class BootstrapProgress(ProgressReporter):
         self._report(
             "profiling",
             self._share(0.0),
-            self.profile_s + self.fit_s,
-            "first run: profiling started",
+            self.profile_s + self.fit_s + self.later_s,
+            "profiling started",
             force=True,
         )
 
     def __call__(self, _measurement: Measurement) -> None:
+        if self.check is not None:
+            self.check()
         self.count += 1
         elapsed = time.monotonic() - self.started
         # The budget ends profiling: the inherited estimate is the share of it spent, and what is left.
@@ -91,8 +118,8 @@ class BootstrapProgress(ProgressReporter):
         self._report(
             "profiling",
             self._share(done),
-            left + self.fit_s,
-            f"first run: profiling, {self.count} measurement(s) this run",
+            left + self.fit_s + self.later_s,
+            f"profiling, {self.count} measurement(s) this run",
         )
 
     def fitting_started(self, networks: int) -> None:
@@ -102,8 +129,8 @@ class BootstrapProgress(ProgressReporter):
         self._report(
             "fitting",
             self._fit_percent(0.0, self.fit_s),
-            self.fit_s,
-            f"first run: fitting the predictor on {networks} measured networks",
+            self.fit_s + self.later_s,
+            f"fitting the predictor on {networks} measured networks",
             force=True,
         )
 
@@ -115,33 +142,36 @@ class BootstrapProgress(ProgressReporter):
         self._report(
             "fitting",
             self._fit_percent(share, fit_total),
-            fit_total * (1 - share),
-            f"first run: fitting the predictor, step {step} of {total}",
+            fit_total * (1 - share) + self.later_s,
+            f"fitting the predictor, step {step} of {total}",
         )
 
     def finish(self) -> None:
-        """Nothing to clear: storing the predictor makes the device ready."""
+        """Nothing to clear: storing the predictor sets the device's status."""
 
     def _share(self, profiled_s: float) -> float:
-        total = self.spent_s + self.profile_s + self.fit_s
+        total = self.spent_s + self.profile_s + self.fit_s + self.later_s
         return 100.0 * (self.spent_s + profiled_s) / total
 
     def _fit_percent(self, share: float, fit_total: float) -> float:
         before = self.spent_s + self._profiled_s
-        return 100.0 * (before + share * fit_total) / max(before + fit_total, 1e-6)
+        return 100.0 * (before + share * fit_total) / max(before + fit_total + self.later_s, 1e-6)
 
-    def _report(self, phase: str, percent: float, eta: float, message: str, *, force: bool = False) -> None:
+    def _report(self, phase: str, percent: float, eta: float, what: str, *, force: bool = False) -> None:
         # Estimates change as the run learns its real speed; the percentage still never goes back.
         percent = self._percent = max(self._percent, min(99.9, percent))
-        self.context.progress(phase, percent, eta, message, device_phase=phase, force=force)
+        message = f"{self.stage}: {what}"
+        device_phase = self.device_phase or phase
+        self.context.progress(phase, percent, eta, message, device_phase=device_phase, force=force)
         now = time.monotonic()
         if force or now - self._last_log >= LOG_INTERVAL_S:
             self._last_log = now
             logger.info(
-                "first run: %s %r, %.0f %% done, about %s left (%s)",
+                "%s: %s %r, %.0f %% done, about %s left (%s)",
+                self.stage,
                 phase,
                 self.device_name,
                 min(100.0, percent),
                 format_duration(eta),
-                message.removeprefix("first run: "),
+                what,
             )

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy, FiniteJson
 from service.schemas.common import NAME_PATTERN, RequestModel, not_an_id
 
-DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "failed"]
+DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "refining", "failed"]
 ALLOCATOR_DESCRIPTION = (
     "The allocator policy the device's latencies hold under: retain (freed memory kept by the process; "
     "faster on memory-heavy networks, and more repeatable) or system (the C library's default). Run the "
@@ -81,7 +81,8 @@ class AllocatorRead(BaseModel):
 
 
 class DeviceStatus(BaseModel):
-    """Where a device stands: registered, being profiled or fitted (with progress), ready."""
+    """Where a device stands: registered, being profiled or fitted (with progress), ready, or ready and
+    being refined in the background (with progress)."""
 
     phase: DevicePhase
     percent: float | None = Field(default=None, ge=0, le=100, description="Progress of the phase.")
@@ -89,6 +90,15 @@ class DeviceStatus(BaseModel):
     message: str | None = None
     job_id: int | None = Field(default=None, description="The job doing the work, if any.")
     updated_at: datetime | None = None
+    predictor_version: int | None = Field(
+        default=None, description="The predictor version latency answers use now, once there is one."
+    )
+    refined: bool | None = Field(
+        default=None,
+        description="Whether the first run's background refining of this device is done: false while it "
+        "refines (or after a failed round, which the next start resumes), true once its last round stored "
+        "a predictor; null on devices it does not refine.",
+    )
 
 
 class StatusCounts(BaseModel):

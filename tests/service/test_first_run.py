@@ -45,7 +45,8 @@ KEY_LINE = re.compile(r"^\s*ADMIN=(lpn_[A-Za-z0-9_-]+)\s*$", re.MULTILINE)
 ARCH = {"torchvision": "resnet18", "input_shape": [1, 3, 32, 32]}
 
 # Whole resnet18 networks at 32x32 with a loose timing protocol: a few per second. Whatever the
-# budget measures, the first run tops it up to the 26 networks a fit needs.
+# budget measures, the first run tops it up to the 26 networks a fit needs; one round of refining of
+# a few seconds follows.
 TINY_FIRST_RUN = {
     "LPNET_FIRST_RUN__ENABLED": "true",
     "LPNET_FIRST_RUN__BUDGET_MINUTES": "0.2",
@@ -55,6 +56,8 @@ TINY_FIRST_RUN = {
     "LPNET_FIRST_RUN__QUICK_PROTOCOL": "true",
     "LPNET_FIRST_RUN__FIT__STEPS": "60",
     "LPNET_FIRST_RUN__FIT__MEMBERS": "2",
+    "LPNET_FIRST_RUN__REFINE_MINUTES": "0.05",
+    "LPNET_FIRST_RUN__REFINE_ROUNDS": "1",
 }
 
 
@@ -144,8 +147,8 @@ def _latency(client: httpx.Client) -> httpx.Response:
     return client.post("/v1/latency", json={"device": DEVICE, "architecture": ARCH})
 
 
-def _bootstrap_jobs(client: httpx.Client) -> list[dict[str, Any]]:
-    response = client.get("/v1/jobs", params={"kind": "bootstrap"})
+def _jobs(client: httpx.Client, kind: str) -> list[dict[str, Any]]:
+    response = client.get("/v1/jobs", params={"kind": kind})
     assert response.status_code == 200, response.text
     jobs: list[dict[str, Any]] = response.json()
     return jobs
@@ -169,7 +172,9 @@ def _network_count(client: httpx.Client) -> int:
 
 
 @pytest.mark.slow
-def test_first_run_profiles_fits_resumes_after_a_kill_and_is_ready_at_once_later(tmp_path: Path) -> None:
+def test_first_run_profiles_fits_resumes_after_a_kill_refines_and_is_ready_at_once_later(
+    tmp_path: Path,
+) -> None:
     """Three starts of `lpnet serve` on one database, each checking what the first run did."""
     data_dir = tmp_path / "data"
 
@@ -218,20 +223,21 @@ def test_first_run_profiles_fits_resumes_after_a_kill_and_is_ready_at_once_later
             answer = _latency(client).json()
             assert answer["total_ms"] > 0 and answer["low_ms"] <= answer["total_ms"] <= answer["high_ms"]
             assert {"profiling", "fitting"} <= phases
-            device = _device(client)
-            assert device["status"]["phase"] == "ready" and device["predictor"]["version"] == 1
-            [resumed] = _bootstrap_jobs(client)
+            [resumed] = _jobs(client, "bootstrap")
             assert resumed["id"] == jobs_before[0]
             assert resumed["status"] == "succeeded" and resumed["result"]["samples"] >= measured_before
+
+            _assert_refined_in_the_background(server, client)
         assert re.search(r"first run: resuming job \d+", server.stderr)
         assert re.search(r"first run: profiling 'local-cpu', \d+ % done, about .* left", server.stderr)
 
-    # 3. Ready at once: nothing queued, no key printed; the printed curl lines work.
+    # 3. Ready and refined at once: nothing queued, no key printed; the printed curl lines work.
     with lpnet_serve(data_dir, tmp_path, "ready", TINY_FIRST_RUN) as server:
         assert "lpn_" not in server.stdout
         with server.client(admin) as client:
             assert _latency(client).status_code == 200
-            assert [job["status"] for job in _bootstrap_jobs(client)] == ["succeeded"]
+            assert [job["status"] for job in _jobs(client, "bootstrap")] == ["succeeded"]
+            assert [job["status"] for job in _jobs(client, "refine")] == ["succeeded"]
         port = int(server.url.rsplit(":", 1)[1])
         settings = Settings(port=port, first_run=FirstRunSettings(image_size=32))
         script = "\n".join(["set -e", f"ADMIN={admin}", *try_it_lines(settings)[:-1]])
@@ -239,6 +245,23 @@ def test_first_run_profiles_fits_resumes_after_a_kill_and_is_ready_at_once_later
         assert tried.returncode == 0, tried.stderr
         assert '"phase":"ready"' in tried.stdout and '"total_ms"' in tried.stdout
         assert '"kind":"plan","status":"queued"' in tried.stdout
+
+
+def _assert_refined_in_the_background(server: Server, client: httpx.Client) -> None:
+    """Ready on version 1, the device refines in the background and then answers with version 2."""
+    phases = set()
+
+    def refined() -> bool:
+        status = _device(client)["status"]
+        phases.add(status["phase"])
+        return status["refined"] is True
+
+    _wait_until(refined, 120, lambda: f"not refined: {_device(client)}\n{server.stderr[-3000:]}")
+    device = _device(client)
+    assert "refining" in phases and device["status"]["phase"] == "ready"
+    assert device["predictor"]["version"] == device["status"]["predictor_version"] == 2
+    assert _latency(client).json()["predictor"]["version"] == 2
+    assert [job["status"] for job in _jobs(client, "refine")] == ["succeeded"]
 
 
 def _network_count_offline(data_dir: Path) -> int:
