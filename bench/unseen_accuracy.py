@@ -42,7 +42,7 @@ import numpy as np
 
 from bench.predictor_accuracy import load
 from lpnet.arch.from_torch import network_from_torchvision
-from lpnet.arch.generator import EVALUATION_SEEDS, PROFILING_FAMILY, generate_networks
+from lpnet.arch.generator import DEVELOPMENT_SEEDS, EVALUATION_SEEDS, PROFILING_FAMILY, generate_networks
 from lpnet.arch.ir import Network
 from lpnet.predictor.baselines import FlopsLinear, LayerForestSum
 from lpnet.predictor.model import LPNetConfig
@@ -50,7 +50,7 @@ from lpnet.predictor.samples import merge_replicates
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import MeasurementKind
 from profiler.device import local_device_spec
-from profiler.environment import retain_freed_memory
+from profiler.environment import cpu_model, retain_freed_memory
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
 from profiler.sampling import SamplingConfig, StratifiedSampler
@@ -75,6 +75,13 @@ UNSEEN_TORCHVISION = (
 # norm, attention): never profiled by any family above.
 NEW_OPERATORS = ("mnasnet1_0", "shufflenet_v2_x1_0", "convnext_tiny", "vit_b_16", "swin_t")
 GENERATED_EVAL = 12
+# The development set: what design decisions about the predictor are judged on, so the sets above
+# are judged once, never tuned to. Torchvision families in none of the sets above, and generated
+# networks of seeds that neither profiling nor evaluation ever draws.
+DEVELOPMENT_TORCHVISION = ("alexnet", "inception_v3", "regnet_y_400mf", "regnet_y_1_6gf", "efficientnet_v2_s")
+GENERATED_DEVELOPMENT = 12
+EVALUATION_SETS = ("profiled-unpruned", "torchvision-unseen", "new-operators", "generated-eval")
+DEVELOPMENT_SETS = ("development-torchvision", "development-generated")
 # The first run's protocol: the default, each network capped at 6 s.
 PROTOCOL = TimingProtocol().model_copy(update={"max_seconds": 6.0})
 
@@ -107,7 +114,17 @@ class Case:
     network: Network
 
 
-def cases() -> list[Case]:
+def cases(development: bool) -> list[Case]:
+    """The evaluation sets, or with `development` the development sets."""
+    if development:
+        out = [
+            Case("development-torchvision", n, f"tv:{n}", network_from_torchvision(n))
+            for n in DEVELOPMENT_TORCHVISION
+        ]
+        for net in generate_networks(DEVELOPMENT_SEEDS, GENERATED_DEVELOPMENT):
+            seed = (net.name or "").removeprefix("gen-")
+            out.append(Case("development-generated", net.name or "", f"gen:{seed}", net))
+        return out
     out = [Case("profiled-unpruned", n, f"tv:{n}", network_from_torchvision(n)) for n in PROFILED]
     out += [Case("torchvision-unseen", n, f"tv:{n}", network_from_torchvision(n)) for n in UNSEEN_TORCHVISION]
     out += [Case("new-operators", n, f"tv:{n}", network_from_torchvision(n)) for n in NEW_OPERATORS]
@@ -200,7 +217,7 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=6.0)
     parser.add_argument("--cache", type=Path, default=RESULTS / "unseen_profile_cache.jsonl")
     parser.add_argument("--skip-profile", action="store_true")
-    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--no-retain-memory", action="store_true")
@@ -210,9 +227,18 @@ def main() -> None:
         help="take the fresh-process timings of the networks an earlier result file has instead of "
         "timing them again (the others are timed)",
     )
+    parser.add_argument(
+        "--development",
+        action="store_true",
+        help="judge on the development sets (what predictor design is decided on) instead of the "
+        "evaluation sets; saves unseen_accuracy_development.json",
+    )
     parser.add_argument("--time-one", help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=RESULTS / "unseen_accuracy.json")
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    output = args.output or RESULTS / (
+        "unseen_accuracy_development.json" if args.development else "unseen_accuracy.json"
+    )
     retain = not args.no_retain_memory
     if args.time_one:
         print(json.dumps(time_one(args.time_one, retain, args.min_seconds)))
@@ -230,10 +256,16 @@ def main() -> None:
     for baseline in baselines:
         baseline.fit(samples)
 
-    all_cases = cases()
+    all_cases = cases(args.development)
     truth: dict[str, list[float]] = {}
     if args.reuse_truth is not None:
         earlier = json.loads(args.reuse_truth.read_text())
+        timed_on = earlier["protocol"].get("cpu_model")
+        if timed_on != cpu_model():
+            parser.error(
+                f"{args.reuse_truth} holds labels timed on {timed_on or 'an unnamed CPU'}, not on this "
+                f"machine's {cpu_model()}: latencies only compare on the machine that timed them"
+            )
         by_name = {row["network"]: row["process_medians_ms"] for row in earlier["rows"]}
         truth = {case.spec: by_name[case.name] for case in all_cases if case.name in by_name}
     missing = [case for case in all_cases if case.spec not in truth]
@@ -262,7 +294,7 @@ def main() -> None:
             }
         )
     summary: dict[str, Any] = {}
-    for set_name in ("profiled-unpruned", "torchvision-unseen", "new-operators", "generated-eval", "all"):
+    for set_name in (*(DEVELOPMENT_SETS if args.development else EVALUATION_SETS), "all"):
         chosen = [r for r in rows if set_name in ("all", r["set"])]
         summary[set_name] = {
             "lpnet": judge(chosen, "lpnet_ms"),
@@ -300,15 +332,16 @@ def main() -> None:
             "truth": f"median of {args.processes} fresh processes, each the median of >= 10 forwards over "
             f">= {args.min_seconds} s; torch eager, 1 thread, batch 1, inference_mode, random weights",
             "allocator": "freed memory retained (mallopt)" if retain else "glibc default",
+            "cpu_model": cpu_model(),
             "truth_reused_from": str(args.reuse_truth.name) if args.reuse_truth else None,
             "profile_cache_rows": sum(1 for _ in args.cache.open()) if args.cache.exists() else 0,
         },
         "summary": summary,
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"\nsaved {args.output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    print(f"\nsaved {output}")
 
 
 if __name__ == "__main__":

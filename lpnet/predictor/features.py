@@ -74,6 +74,13 @@ NUMERIC_FEATURES: tuple[str, ...] = (
     "out_sin16",
 )
 _F = {name: i for i, name in enumerate(NUMERIC_FEATURES)}
+# What a layer's base rates (per MAC, per element moved, per call) are kept for: every op, and a
+# convolution by its kernel kind, since a 1x1, a grouped and a depthwise convolution run different
+# kernels whose throughput differs by several times.
+CONV_KINDS: tuple[str, ...] = ("conv2d_pointwise", "conv2d_grouped", "conv2d_depthwise")
+RATE_KINDS: tuple[str, ...] = (*(op.value for op in OPS), *CONV_KINDS)
+RATE_KIND_INDEX: dict[str, int] = {kind: i for i, kind in enumerate(RATE_KINDS)}
+
 # Basis functions of a channel count: log, and its position within blocks of 8 and 16 channels
 # (SIMD and cache blocking make latency a staircase in the channel count; a smooth periodic
 # encoding lets the model learn the steps while keeping gradients defined for continuous counts).
@@ -98,6 +105,25 @@ def work_terms(features: torch.Tensor) -> torch.Tensor:
     picked = features[..., _WORK_FEATURES]
     moved = torch.logsumexp(picked[..., 1:], dim=-1)
     return torch.stack([picked[..., 0], moved], dim=-1)
+
+
+def rate_kinds(ops: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The rate kind of every layer: ops (L,), raw features (..., L, F) -> (..., L) indices into RATE_KINDS.
+
+    A convolution's kind comes from features that do not depend on the widths (depthwise, groups,
+    kernel area), so it stays the same for every width vector.
+    """
+    conv = ops == OP_INDEX[Op.CONV2D]
+    depthwise = features[..., _F["depthwise"]] > 0.5
+    grouped = features[..., _F["log_groups"]] > 1e-6
+    pointwise = (features[..., _F["kernel_area"]] - 1.0 / 9.0).abs() < 1e-6
+    base = len(OPS)
+    kind = torch.where(
+        depthwise,
+        base + 2,
+        torch.where(grouped, base + 1, torch.where(pointwise, base, OP_INDEX[Op.CONV2D])),
+    )
+    return torch.where(conv, kind, ops.expand_as(kind))
 
 
 def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

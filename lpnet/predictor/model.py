@@ -3,10 +3,11 @@ the network latency. An ensemble of members gives an interval.
 
 Each layer's time is a physical base times a bounded learned correction:
 
-    ms = (e^a[op] * MACs + e^b[op] * elements moved + e^d[op]) * exp(B * tanh(mlp(features) / B))
+    ms = (e^a[kind] * MACs + e^b[kind] * elements moved + e^d[kind]) * exp(B * tanh(mlp(features) / B))
 
-The base is work over throughput: a compute rate, a memory rate and a per-call cost per operator,
-fitted on the device's measurements. The MLP learns what the base cannot (SIMD staircases in the
+The base is work over throughput: a compute rate, a memory rate and a per-call cost per rate kind
+(the operator, and for a convolution its kernel kind: dense, 1x1, grouped, depthwise), fitted on the
+device's measurements. The MLP learns what the base cannot (SIMD staircases in the
 channel count, cache effects, kernel choice), but only within a factor e^B either way. Far from the
 training data the correction saturates and the prediction falls back to the base, which scales with
 the work instead of exploding or collapsing the way an unconstrained network on log features does.
@@ -20,7 +21,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lpnet.predictor.features import NUMERIC_FEATURES, OPS, TensorizedNetwork, channel_basis, work_terms
+from lpnet.predictor.features import (
+    NUMERIC_FEATURES,
+    OPS,
+    RATE_KINDS,
+    TensorizedNetwork,
+    channel_basis,
+    rate_kinds,
+    work_terms,
+)
 
 # Channel counts are packed into 16-bit fields of one int64 key by the fast batch path.
 _CHANNEL_BITS = 16
@@ -69,8 +78,8 @@ class LayerLatencyMLP(nn.Module):
         with torch.no_grad():  # the correction starts at zero: the member starts as its base
             self.head.weight.zero_()
             self.head.bias.zero_()
-        # log ms per MAC, per element moved and per call, by op (set from the data before fitting).
-        self.log_rates = nn.Parameter(torch.zeros(len(OPS), BASE_TERMS))
+        # log ms per MAC, per element moved and per call, by rate kind (set from the data before fitting).
+        self.log_rates = nn.Parameter(torch.zeros(len(RATE_KINDS), BASE_TERMS))
         # Per-node framework overhead (ms) by op, and a per-network constant: the part of a
         # network's latency that its layers, timed in context, do not account for.
         self.node_overhead = nn.Parameter(torch.zeros(len(OPS)))
@@ -82,13 +91,12 @@ class LayerLatencyMLP(nn.Module):
         hidden = self.deeper(self.first(x))
         return bounded_correction(self.head(torch.nn.functional.silu(hidden)).squeeze(-1))
 
-    def base_log_ms(self, work: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
-        """log of the base time; work (..., 2) log MACs and log elements moved, ops (...,) -> (...)."""
-        return base_log_ms(work, self.log_rates[ops])
-
-    def layer_log_ms(self, features: torch.Tensor, work: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
-        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 2), ops (...,) -> (...)."""
-        return self.base_log_ms(work, ops) + self.correction(features, ops)
+    def layer_log_ms(
+        self, features: torch.Tensor, work: torch.Tensor, ops: torch.Tensor, kinds: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 2) log MACs and log
+        elements moved, ops and rate kinds (...,) -> (...)."""
+        return base_log_ms(work, self.log_rates[kinds]) + self.correction(features, ops)
 
     def overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer share of the framework overhead (...,) in ms."""
@@ -127,6 +135,8 @@ class LPNet(nn.Module):
 
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
+    feature_low: torch.Tensor
+    feature_high: torch.Tensor
     interval_scale: torch.Tensor
     interval_floor: torch.Tensor
 
@@ -136,6 +146,11 @@ class LPNet(nn.Module):
         self._members = nn.ModuleList(LayerLatencyMLP(config) for _ in range(config.members))
         self.register_buffer("feature_mean", torch.zeros(len(NUMERIC_FEATURES)))
         self.register_buffer("feature_std", torch.ones(len(NUMERIC_FEATURES)))
+        # The range of every raw feature in training. The correction sees features held inside it:
+        # beyond what was measured the correction stays at its value on the edge, and the base
+        # alone carries the prediction further, in proportion to the work.
+        self.register_buffer("feature_low", torch.full((len(NUMERIC_FEATURES),), -math.inf))
+        self.register_buffer("feature_high", torch.full((len(NUMERIC_FEATURES),), math.inf))
         # The interval's log half-width is interval_scale * (member spread + interval_floor): the
         # floor is the typical spread, so networks the members happen to agree on still get the
         # error the calibration networks showed, and the scale makes the stated coverage.
@@ -151,18 +166,21 @@ class LPNet(nn.Module):
         return self.interval_scale * (member_log_spread(totals) + self.interval_floor)
 
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.feature_mean) / self.feature_std
+        """Raw features (..., F) held inside the training range, then standardised."""
+        held = torch.minimum(torch.maximum(features, self.feature_low), self.feature_high)
+        return (held - self.feature_mean) / self.feature_std
 
     def member_layer_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
         x = self.normalise(features)
         work = work_terms(features)
+        kinds = rate_kinds(ops, features)  # (B, L)
         if self.config.depth == 1:
-            rates = torch.stack([m.log_rates[ops] for m in self.members])  # (K, L, 3)
-            base = base_log_ms(work.unsqueeze(0), rates.unsqueeze(1))  # (K, B, L)
+            rates = torch.stack([m.log_rates[kinds] for m in self.members])  # (K, B, L, 3)
+            base = base_log_ms(work.unsqueeze(0), rates)  # (K, B, L)
             return torch.exp(base + self._stacked_correction(x, ops))
         ops_b = ops.expand(x.shape[:-1])
-        return torch.stack([torch.exp(m.layer_log_ms(x, work, ops_b)) for m in self.members])
+        return torch.stack([torch.exp(m.layer_log_ms(x, work, ops_b, kinds)) for m in self.members])
 
     def _stacked_correction(self, x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """`correction` of every one-hidden-layer member at once: x (B, L, F) normalised -> (K, B, L).
@@ -222,8 +240,9 @@ class LPNet(nn.Module):
             x = self.normalise(features)
             work = work_terms(features)  # (U, 2)
             u_ops = tn.ops[u_layer]
+            u_kinds = rate_kinds(u_ops, features)
             results = []
             for member in self.members:
-                layer_ms = torch.exp(member.layer_log_ms(x, work, u_ops))  # (U,)
+                layer_ms = torch.exp(member.layer_log_ms(x, work, u_ops, u_kinds))  # (U,)
                 results.append(layer_ms[triple_of].reshape(batch, num_layers).sum(-1))  # (B,)
             return torch.stack(results) + self.member_overhead_ms(tn.ops)[:, None]

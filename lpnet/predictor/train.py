@@ -12,7 +12,15 @@ from sklearn.linear_model import LinearRegression
 
 from lpnet.arch.ir import Op
 from lpnet.errors import LpnetError
-from lpnet.predictor.features import OP_CLASS, OP_INDEX, OPS, work_terms
+from lpnet.predictor.features import (
+    CONV_KINDS,
+    OP_CLASS,
+    OPS,
+    RATE_KIND_INDEX,
+    RATE_KINDS,
+    rate_kinds,
+    work_terms,
+)
 from lpnet.predictor.model import LPNet, LPNetConfig, member_log_spread
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
@@ -71,6 +79,8 @@ def _fit_packed(
     model = LPNet(config)
     model.feature_mean.copy_(packed.features.mean(0))
     model.feature_std.copy_(packed.features.std(0).clamp_min(1e-3))
+    model.feature_low.copy_(packed.features.min(0).values)
+    model.feature_high.copy_(packed.features.max(0).values)
     fit_part = packed.subset(fitting)
     rates = initial_log_rates(fit_part)
     with torch.no_grad():
@@ -86,7 +96,7 @@ def _fit_packed(
                 progress(k * train.steps + step, total_steps)
 
         _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
-    _fill_unseen_ops(model, {OPS[i] for i in fit_part.ops.unique().tolist()})
+    _fill_unseen_ops(model, fit_part)
     _calibrate_interval(model, packed.subset(calibration))
     model.eval()
     return model
@@ -127,20 +137,21 @@ def _calibration_split(
 
 
 def initial_log_rates(data: PackedSamples) -> torch.Tensor:
-    """log (ms per MAC, ms per element moved, ms per call) of every op, (len(OPS), 3).
+    """log (ms per MAC, ms per element moved, ms per call) of every rate kind, (len(RATE_KINDS), 3).
 
     A non-negative least-squares fit: one set of rates for every layer from whole-network times (each
-    network's time against its summed MACs, elements and layer count), then per op from the op's
+    network's time against its summed MACs, elements and layer count), then per rate kind from its
     in-context layer times where at least `_MIN_OP_ROWS` layers were timed.
     """
     work = torch.exp(work_terms(data.features)).double()  # (N, 2)
     design = torch.cat([work, torch.ones(work.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, 3)
     per_network = torch.zeros(data.num_networks, 3, dtype=torch.float64).index_add(0, data.segment, design)
     overall = _non_negative_fit(per_network, data.network_target_ms.double())
-    rates = overall.expand(len(OPS), 3).clone()
+    rates = overall.expand(len(RATE_KINDS), 3).clone()
     timed = ~torch.isnan(data.layer_target_ms)
-    for index in data.ops[timed].unique().tolist():
-        rows = timed & (data.ops == index)
+    kinds = rate_kinds(data.ops, data.features)
+    for index in kinds[timed].unique().tolist():
+        rows = timed & (kinds == index)
         if int(rows.sum()) >= _MIN_OP_ROWS:
             rates[index] = _non_negative_fit(design[rows], data.layer_target_ms[rows].double())
     return torch.log(rates.clamp_min(1e-12)).float()
@@ -161,26 +172,37 @@ def _non_negative_fit(design: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return coef
 
 
-def _fill_unseen_ops(model: LPNet, seen: set[Op]) -> None:
-    """Give every op training never saw the mean embedding and overhead of the seen ops of its class.
+def _rate_kind_class(kind: str) -> str:
+    """The class of a rate kind: a convolution's kernel kinds are convolutions, an op's is its class."""
+    return OP_CLASS[Op.CONV2D] if kind in CONV_KINDS else OP_CLASS.get(Op(kind), "")
 
-    Their own rows never received a gradient: left as initialised they would predict noise. An op
-    with no seen peer keeps the rates fitted to every layer (`initial_log_rates`).
+
+def _fill_unseen_ops(model: LPNet, data: PackedSamples) -> None:
+    """Give every op and rate kind training never saw the mean parameters of the seen ones of its class.
+
+    Their own rows never received a gradient: left as initialised they would predict noise. One with
+    no seen peer keeps the rates fitted to every layer (`initial_log_rates`).
     """
+    seen_ops = set(data.ops.unique().tolist())
+    seen_kinds = set(rate_kinds(data.ops, data.features).unique().tolist())
     with torch.no_grad():
-        for op in OPS:
-            if op in seen:
-                continue
-            peers = [OP_INDEX[o] for o in OPS if o in seen and OP_CLASS.get(o) == OP_CLASS.get(op, "")]
-            if not peers:
+        for index, op in enumerate(OPS):
+            peers = [i for i in seen_ops if OP_CLASS.get(OPS[i]) == OP_CLASS.get(op, "")]
+            if index in seen_ops or not peers:
                 continue
             for member in model.members:
-                member.embed.weight[OP_INDEX[op]] = member.embed.weight[peers].mean(0)
-                member.node_overhead[OP_INDEX[op]] = member.node_overhead[peers].mean()
+                member.embed.weight[index] = member.embed.weight[peers].mean(0)
+                member.node_overhead[index] = member.node_overhead[peers].mean()
+        for kind in RATE_KINDS:
+            index = RATE_KIND_INDEX[kind]
+            peers = [i for i in seen_kinds if _rate_kind_class(RATE_KINDS[i]) == _rate_kind_class(kind)]
+            if index in seen_kinds or not peers:
+                continue
+            for member in model.members:
                 # The mean of the peers' rates (not of their logs: a rate fitted to zero would
                 # otherwise cancel its peer's).
                 peer_rates = member.log_rates[peers]
-                member.log_rates[OP_INDEX[op]] = torch.logsumexp(peer_rates, 0) - math.log(len(peers))
+                member.log_rates[index] = torch.logsumexp(peer_rates, 0) - math.log(len(peers))
 
 
 def _fit_member(
@@ -195,6 +217,7 @@ def _fit_member(
     member = model.members[index]
     features = model.normalise(data.features)
     work = work_terms(data.features)
+    kinds = rate_kinds(data.ops, data.features)
     log_net = torch.log(data.network_target_ms)
     log_layer = torch.log(data.layer_target_ms.clamp_min(1e-4))  # NaN where a layer was not timed
     counts = torch.bincount(data.segment, minlength=data.num_networks)
@@ -210,7 +233,7 @@ def _fit_member(
         rows = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in chosen.tolist()])
         segment = torch.repeat_interleave(torch.arange(batch_size), counts[chosen])
         ops = data.ops[rows]
-        layer_log = member.layer_log_ms(features[rows], work[rows], ops)  # (R,)
+        layer_log = member.layer_log_ms(features[rows], work[rows], ops, kinds[rows])  # (R,)
         per_layer = torch.exp(layer_log) + member.overhead_ms(ops)
         network = torch.zeros(batch_size).index_add(0, segment, per_layer) + member.network_overhead
         # Huber in log space: a measurement disturbed by a load spike must not steer the fit.
@@ -247,9 +270,11 @@ def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:
     """Network latency (ms) of every member for packed samples: (K, S)."""
     features = model.normalise(data.features)
     work = work_terms(data.features)
+    kinds = rate_kinds(data.ops, data.features)
     rows = []
     for member in model.members:
-        per_layer = torch.exp(member.layer_log_ms(features, work, data.ops)) + member.overhead_ms(data.ops)
+        layer_ms = torch.exp(member.layer_log_ms(features, work, data.ops, kinds))
+        per_layer = layer_ms + member.overhead_ms(data.ops)
         rows.append(
             torch.zeros(data.num_networks).index_add(0, data.segment, per_layer) + member.network_overhead
         )

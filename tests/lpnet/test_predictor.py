@@ -20,7 +20,7 @@ from lpnet.predictor.artifact import (
     read_header,
 )
 from lpnet.predictor.baselines import FlopsLinear
-from lpnet.predictor.features import OP_INDEX, tensorize, work_terms
+from lpnet.predictor.features import OP_INDEX, RATE_KIND_INDEX, RATE_KINDS, rate_kinds, tensorize, work_terms
 from lpnet.predictor.metrics import accuracy_metrics
 from lpnet.predictor.model import CORRECTION_FACTOR, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
@@ -228,16 +228,18 @@ def test_an_unseen_activation_is_predicted_like_the_activations_training_saw(
     predictor: LatencyPredictor,
 ) -> None:
     # Training saw relu and relu6, never tanh: tanh gets their mean embedding and overhead, not the
-    # untrained row it was initialised with.
-    from lpnet.arch.ir import Op
-    from lpnet.predictor.features import OP_INDEX
-
+    # untrained row it was initialised with. Likewise grouped convolutions, which neither family has,
+    # get the mean rates of the convolution kinds training saw (dense, pointwise, depthwise).
     tanh, relu, relu6 = OP_INDEX[Op.TANH], OP_INDEX[Op.RELU], OP_INDEX[Op.RELU6]
+    seen_convs = [RATE_KIND_INDEX[k] for k in ("conv2d", "conv2d_pointwise", "conv2d_depthwise")]
     for member in predictor.model.members:
         mean = (member.embed.weight[relu] + member.embed.weight[relu6]) / 2
         assert torch.allclose(member.embed.weight[tanh].detach(), mean.detach())
         overhead = (member.node_overhead[relu] + member.node_overhead[relu6]) / 2
         assert float(member.node_overhead[tanh].detach()) == pytest.approx(float(overhead.detach()))
+        rates = torch.exp(member.log_rates.detach())
+        grouped = rates[RATE_KIND_INDEX["conv2d_grouped"]]
+        assert torch.allclose(grouped, rates[seen_convs].mean(0), rtol=1e-4)
 
     def net(activation: type[nn.Module]) -> Network:
         module = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), activation(), nn.Conv2d(32, 32, 3, padding=1))
@@ -286,6 +288,28 @@ def test_far_outside_training_the_prediction_scales_with_the_work(predictor: Lat
     factor = CORRECTION_FACTOR**2
     assert 64 / factor < large.total_ms / small.total_ms < 64 * factor
     assert any("outside the training range" in w for w in large.warnings)
+    # Beyond the training range the correction holds its value on the edge: two maps both past it
+    # differ by the base alone, which is linear in the work (4x the area, 4x the time).
+    larger = predictor.predict(conv_at(768))
+    assert larger.per_layer[0].ms / large.per_layer[0].ms == pytest.approx(4.0, rel=0.02)
+
+
+def test_convolutions_get_rates_by_kernel_kind_that_no_width_changes() -> None:
+    module = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),  # dense
+        nn.Conv2d(32, 64, 1),  # pointwise
+        nn.Conv2d(64, 64, 3, padding=1, groups=8),  # grouped
+        nn.Conv2d(64, 64, 5, padding=2, groups=64),  # depthwise
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    network = network_from_module(module, (1, 3, 16, 16), name="kinds")
+    tn = tensorize(network)
+    full = torch.tensor([channel_layout(network).full_widths], dtype=torch.float32)
+    kinds = rate_kinds(tn.ops, tn.layer_features(torch.cat([full, (full * 0.5).round()])))
+    names = [[RATE_KINDS[int(k)] for k in row] for row in kinds]
+    assert names[0][:4] == ["conv2d", "conv2d_pointwise", "conv2d_grouped", "conv2d_depthwise"]
+    assert names[0][4:] == ["adaptive_avgpool2d", "flatten", "linear"]
+    assert names[1] == names[0]
 
 
 def test_initial_rates_recover_a_known_cost_model() -> None:
@@ -300,7 +324,10 @@ def test_initial_rates_recover_a_known_cost_model() -> None:
         work = torch.exp(work_terms(tn.layer_features(torch.zeros(1, 0))[0]))  # (L, 2)
         per_layer = {name: float(2e-7 * w[0] + 0.01) for name, w in zip(tn.layer_names, work, strict=True)}
         samples.append(NetworkSample(network, sum(per_layer.values()), per_layer))
-    rates = torch.exp(initial_log_rates(pack_samples(samples)))[OP_INDEX[Op.CONV2D]]
-    assert float(rates[0]) == pytest.approx(2e-7, rel=0.05)
-    assert float(rates[1]) < 1e-9
-    assert float(rates[2]) == pytest.approx(0.01, rel=0.05)
+    # The 3x3 and the 1x1 convolutions are fitted apart (rate kinds), both to the same law.
+    rates = torch.exp(initial_log_rates(pack_samples(samples)))
+    for kind in ("conv2d", "conv2d_pointwise"):
+        fitted = rates[RATE_KIND_INDEX[kind]]
+        assert float(fitted[0]) == pytest.approx(2e-7, rel=0.05)
+        assert float(fitted[1]) < 1e-9
+        assert float(fitted[2]) == pytest.approx(0.01, rel=0.05)
