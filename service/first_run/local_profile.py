@@ -25,8 +25,8 @@ from service.jobs.queue import Deferred
 from service.profiling import DatabaseSink
 
 if TYPE_CHECKING:
-    from profiler.adaptive import NetworkScorer
     from profiler.runner import RunSummary
+    from profiler.sampling import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,14 @@ def profile_local_device(
     *,
     seconds: float | None = None,
     max_samples: int | None = None,
-    scorer: NetworkScorer | None = None,
+    scorer: Scorer | None = None,
 ) -> RunSummary:
     """Measure the device for `seconds` (or `max_samples`) into the database, skipping what is stored.
 
-    With a `scorer`, the generated family's networks are picked adaptively (`profiler.adaptive`).
+    With a `scorer`, each sample is the one it rates highest of a pool of candidates (the sampler's
+    adaptive mode, `profiler.sampling.Sampler.next_batch`).
     """
     # Imported here: the profiler pulls in torch and torchvision, which start-up does not need.
-    from profiler.adaptive import AdaptiveSampler
     from profiler.agent.options import AgentOptions, build_sampler
     from profiler.batch import MeasurementKind
     from profiler.environment import apply_allocator_policy
@@ -143,8 +143,6 @@ def profile_local_device(
     device_spec = options.device()
     backend = device_spec.create_backend()
     sampler: Sampler = build_sampler(options, device_spec)
-    if scorer is not None:
-        sampler = AdaptiveSampler(sampler, scorer)
     protocol = options.protocol()
     if protocol.max_seconds > MAX_SECONDS_PER_MEASUREMENT:
         protocol = protocol.model_copy(update={"max_seconds": MAX_SECONDS_PER_MEASUREMENT})
@@ -162,6 +160,7 @@ def profile_local_device(
             progress=False,
             backend=backend,
             max_samples=max_samples,
+            scorer=scorer,
             on_measurement=tracker,
         )
         status = RunStatus.INTERRUPTED if summary.interrupted else RunStatus.COMPLETED

@@ -4,7 +4,7 @@ The first predictor comes from a few minutes of profiling. Refining goes on for
 ``LPNET_FIRST_RUN__REFINE_MINUTES`` more, in ``LPNET_FIRST_RUN__REFINE_ROUNDS`` rounds; each round is
 one ``refine`` job that profiles the first run's families and kinds for its share of the time, with
 the generated networks picked where the newest predictor's ensemble disagrees most (nn-Meter's
-adaptive sampling: `profiler.adaptive`, scored by `LatencyPredictor.log_spread`), then refits on
+adaptive sampling: the sampler's scorer hook, rating candidates by `LatencyPredictor.log_spread`), then refits on
 everything measured and stores the next predictor version. Latency answers use the newest version, so
 each round's predictor serves as soon as it is stored.
 
@@ -26,8 +26,8 @@ in use; then ``ready`` with ``refined: true``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 from sqlalchemy import or_, select
@@ -56,6 +56,10 @@ from service.predictors import (
     store_predictor,
     training_samples,
 )
+
+if TYPE_CHECKING:
+    from lpnet.predictor.predict import LatencyPredictor
+    from profiler.sampling import Sample, Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +213,7 @@ def run_refine_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
     measured = 0
     if profile_s > 0:
         summary = profile_local_device(
-            device, spec, context, tracker, spec.kinds, seconds=profile_s, scorer=predictor.log_spread
+            device, spec, context, tracker, spec.kinds, seconds=profile_s, scorer=disagreement(predictor)
         )
         measured, spent = summary.measured, spent + summary.seconds
     context.check()
@@ -284,3 +288,12 @@ def refine_failed(factory: sessionmaker[Session], job: ClaimedJob, error: str) -
             job_id=job.id,
             refined=False,
         )
+
+
+def disagreement(predictor: LatencyPredictor) -> Scorer:
+    """Rates candidate samples by how much the predictor's ensemble members disagree on their network."""
+
+    def score(candidates: Sequence[Sample]) -> list[float]:
+        return [0.0 if s.network is None else predictor.log_spread(s.network) for s in candidates]
+
+    return score
