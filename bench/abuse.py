@@ -471,7 +471,6 @@ def prepare(database_url: str, samples: int) -> Prepared:
 
     from lpnet.arch.from_torch import network_from_module
     from lpnet.arch.onnx_io import export_onnx
-    from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
     from profiler.batch import MeasurementKind
     from profiler.device import DeviceSpec
     from profiler.environment import AllocatorPolicy, apply_allocator_policy
@@ -487,6 +486,7 @@ def prepare(database_url: str, samples: int) -> Prepared:
     from service.first_run.keys import ensure_configured_key
     from service.predictors import fit_from_samples, store_predictor, training_samples
     from service.profiling import DatabaseSink
+    from service.train.smallnet import SmallResNet, SmallResNetConfig
 
     torch.set_num_threads(1)
     upgrade(database_url, "head")

@@ -38,7 +38,7 @@ from bench.wgates_digits import restart_batch_order, train_base_model
 from lpnet.arch.groups import channel_layout
 from lpnet.gates.budget import width_grid
 from lpnet.gates.criteria import get_criterion
-from lpnet.gates.training import evaluate_accuracy, train_epochs
+from lpnet.gates.supervised import evaluate_accuracy, train_epochs
 from lpnet.pruning import prune_module
 from profiler.environment import collect_environment
 

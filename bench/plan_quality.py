@@ -60,7 +60,9 @@ from lpnet.arch.ir import Network  # noqa: E402
 from lpnet.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.allocation import AllocationBand, AllocationPolicy, BandedFit  # noqa: E402
 from lpnet.gates.chart import layer_latency_chart  # noqa: E402
-from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan  # noqa: E402
+from lpnet.gates.options import PlanMode  # noqa: E402
+from lpnet.gates.planner import PlanOptions, plan  # noqa: E402
+from lpnet.gates.problem import PlanningProblem  # noqa: E402
 from lpnet.gates.result import PlanResult  # noqa: E402
 from lpnet.gates.training import planned_widths  # noqa: E402
 from lpnet.predictor.artifact import dump_predictor, load_predictor  # noqa: E402

@@ -25,7 +25,7 @@ Every final network is measured again separately. Accuracy is on the held-out di
 of the 1,797; 360 at the default 0.2, one image is 0.28 %), so differences of a few tenths of a
 percent are noise: use `--seeds` to see the spread. Plain digits are too easy to tell methods apart
 (every one scores 99-100 %); `--distortion` rotates, shears, shifts and adds noise to every image
-(a fixed draw per seed, `lpnet.gates.datasets.distort_digits`), which leaves room below 100 %.
+(a fixed draw per seed, `service.train.datasets.distort_digits`), which leaves room below 100 %.
 The predictor is fitted here on measured width variants of the network.
 
 Timings on this machine (2 cores, 1 thread): `--quick` about 2-4 minutes; the default (15 base
@@ -65,15 +65,9 @@ from lpnet.arch.ir import Network  # noqa: E402
 from lpnet.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.budget import width_grid  # noqa: E402
 from lpnet.gates.criteria import PruningCriterion, get_criterion, match_latency  # noqa: E402
-from lpnet.gates.datasets import DataLoaders, digits_loaders  # noqa: E402
-from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig  # noqa: E402
-from lpnet.gates.training import (  # noqa: E402
-    ALLOCATIONS,
-    TrainPruneConfig,
-    evaluate_accuracy,
-    train_and_prune,
-    train_epochs,
-)
+from lpnet.gates.options import Allocation  # noqa: E402
+from lpnet.gates.supervised import evaluate_accuracy, train_epochs  # noqa: E402
+from lpnet.gates.training import TrainPruneConfig, train_and_prune  # noqa: E402
 from lpnet.predictor.model import LPNetConfig  # noqa: E402
 from lpnet.predictor.predict import LatencyPredictor  # noqa: E402
 from lpnet.predictor.train import TrainConfig, fit_predictor  # noqa: E402
@@ -83,6 +77,8 @@ from profiler.environment import retain_freed_memory  # noqa: E402
 from profiler.protocol import TimingProtocol  # noqa: E402
 from profiler.variants import measure_width_variants  # noqa: E402
 from profiler.verification import NetworkMeter  # noqa: E402
+from service.train.datasets import DataLoaders, digits_loaders  # noqa: E402
+from service.train.smallnet import SmallResNet, SmallResNetConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("uniform", "l1-global", "l1-layer", "taylor")
@@ -444,7 +440,10 @@ def main() -> None:
     )
     parser.add_argument("--val-share", type=float, default=0.2, help="share of the digits held out")
     parser.add_argument(
-        "--allocation", choices=sorted(ALLOCATIONS), default="planned", help="W-Gates' group counts"
+        "--allocation",
+        choices=sorted(a.value for a in Allocation),
+        default="planned",
+        help="W-Gates' group counts",
     )
     parser.add_argument(
         "--max-skew",

@@ -25,7 +25,8 @@ from lpnet.arch.from_torch import DEFAULT_INPUT_SHAPE, network_from_module, netw
 from lpnet.arch.ir import Network
 from lpnet.arch.onnx_io import network_from_onnx
 from lpnet.errors import InvalidArchitecture, InvalidPlanOptions, PruningFailed
-from lpnet.gates.planner import MeasureFn, PlanMode, PlanOptions
+from lpnet.gates.options import PlanMode
+from lpnet.gates.planner import MeasureFn, PlanOptions
 from lpnet.gates.planner import plan as plan_widths
 from lpnet.gates.result import PlanResult
 from lpnet.predictor.artifact import load_predictor as load_predictor_bytes
@@ -35,8 +36,6 @@ from lpnet.pruning import ir_state_dict, prune_module
 NetworkSource = str | bytes | os.PathLike[str] | Mapping[str, Any] | nn.Module | Network
 """Anything `network` accepts."""
 
-# The REST API names the architecture-only mode "architecture"; both spellings are accepted here.
-_MODE_ALIASES = {"architecture": PlanMode.ARCHITECTURE_ONLY}
 _PLAN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(PlanOptions) if f.name != "mode")
 
 
@@ -189,23 +188,9 @@ def plan(
             f"unknown plan option(s) {', '.join(unknown)}; the options are {', '.join(_PLAN_OPTION_NAMES)}",
             {"unknown": unknown},
         )
-    plan_options = PlanOptions(mode=_plan_mode(mode), **options)
+    plan_options = PlanOptions(mode=None if mode is None else PlanMode.named(mode), **options)
     state = ir_state_dict(weights, net) if isinstance(weights, nn.Module) else weights
     return plan_widths(net, predictor, budget_ms, plan_options, weights=state, measure=measure)
-
-
-def _plan_mode(mode: str | None) -> PlanMode | None:
-    if mode is None:
-        return None
-    if mode in _MODE_ALIASES:
-        return _MODE_ALIASES[mode]
-    try:
-        return PlanMode(mode)
-    except ValueError:
-        known = [m.value for m in PlanMode if m is not PlanMode.TRAIN]
-        raise InvalidPlanOptions(
-            f"unknown plan mode {mode!r}; use one of {', '.join(known)}", {"mode": mode}
-        ) from None
 
 
 def prune(module: nn.Module, plan: PlanResult, *, selection: str = "l1") -> nn.Module:

@@ -184,9 +184,3 @@ class PruningFailed(LpnetError):
     """Physical pruning produced a module whose channels differ from the plan, or could not run."""
 
     code = "pruning_failed"
-
-
-class DatasetUnavailable(LpnetError):
-    """A dataset helper could not find its files (nothing is ever downloaded)."""
-
-    code = "dataset_unavailable"

@@ -44,6 +44,12 @@ class NotFound(ServiceError):
     status_code = 404
 
 
+class DatasetUnavailable(NotFound):
+    """A dataset's files are not where they were said to be (`lpnet train`; nothing is ever downloaded)."""
+
+    code = "dataset_unavailable"
+
+
 class Conflict(ServiceError):
     """The resource exists already or the change clashes with the current state."""
 

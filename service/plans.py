@@ -12,6 +12,7 @@ its agent measures, and any key that may plan may ask for it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.arch.ir import Network
 from lpnet.errors import InvalidPlanOptions
+from lpnet.gates.options import PlanMode
 from service.agents.verify import cancel_verify_tasks, remote_measure
 from service.config import QuotaSettings, Settings, get_settings
 from service.db.base import utcnow
@@ -50,23 +52,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# API mode names -> the planner's.
-PLANNER_MODES = {"architecture": "architecture-only", "weights": "weights", "train": "train"}
 # A key at its limit of plans at once is told to retry after this long: a plan takes seconds to minutes.
 ACTIVE_PLANS_RETRY_SECONDS = 30
 QUOTA_WINDOW = timedelta(hours=1)
 
 
 def planner_options(options: PlanOptions) -> PlannerOptions:
-    """The planner's options for the API's."""
-    from lpnet.gates.planner import PlanMode
+    """The planner's options for the API's: the mode by its planner name, and every field both have."""
     from lpnet.gates.planner import PlanOptions as PlannerOptions
 
+    shared = ({f.name for f in dataclasses.fields(PlannerOptions)} & set(PlanOptions.model_fields)) - {"mode"}
     return PlannerOptions(
-        mode=PlanMode(PLANNER_MODES[options.mode]),
-        round_to=options.round_to,
-        max_skew=options.max_skew,
-        min_keep_ratio=options.min_keep_ratio,
+        mode=PlanMode.named(options.mode), **{name: getattr(options, name) for name in shared}
     )
 
 
@@ -107,7 +104,6 @@ def check_plan_request(
     """
     from lpnet.arch.groups import channel_layout
     from lpnet.errors import NoPrunableGroups
-    from lpnet.gates.allocation import AllocationPolicy
     from lpnet.gates.budget import check_feasible, width_grid
 
     options = spec.options
@@ -145,8 +141,8 @@ def check_plan_request(
     model = latency.predictor(session, predictor.id)
     tn = latency.tensorized_with_groups(network)
     # Feasible down to the grid's floor: under the allocation band's minimum a plan warns, not fails.
-    policy = AllocationPolicy(options.max_skew, options.min_keep_ratio)
-    grid = width_grid(layout, options.round_to, policy.grid_floor_ratio)
+    planner = planner_options(options)
+    grid = width_grid(layout, planner.round_to, planner.band_policy.grid_floor_ratio)
     check_feasible(grid, lambda widths: model.latency(tn, widths), spec.budget_ms)
     return device, predictor.id, network
 

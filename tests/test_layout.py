@@ -23,19 +23,13 @@ MODULE_LIMIT_EXEMPT = ("migrations/",)
 
 # Path -> lines, for modules over MAX_MODULE_LINES.
 ALLOWED_MODULES: dict[str, int] = {
-    "lpnet/gates/planner.py": 637,
     "profiler/sampling.py": 629,
 }
 
 # "path:qualified.name" -> lines from `def` to the function's last line, for functions over MAX_FUNCTION_LINES.
 ALLOWED_FUNCTIONS: dict[str, int] = {
-    "lpnet/gates/planner.py:build_result": 89,
-    "lpnet/gates/planner.py:plan": 119,
-    "lpnet/gates/planner.py:verification_loop": 88,
-    "lpnet/gates/training.py:train_and_prune": 199,
     "migrations/versions/0001_initial.py:upgrade": 242,
     "profiler/runner.py:run_profile": 92,
-    "service/commands/train.py:run_train": 112,
     "service/main.py:create_app": 83,
     "tests/test_compose.py:test_the_services_run_against_postgres": 93,
 }

@@ -30,15 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lpnet.errors import InvalidPlanOptions
+from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, check_options
 from lpnet.gates.result import AllocationSummary
 
 if TYPE_CHECKING:
     from lpnet.gates.budget import WidthGrid
-    from lpnet.gates.planner import PlanningProblem
+    from lpnet.gates.problem import PlanningProblem
 
-DEFAULT_MAX_SKEW = 1.25
-DEFAULT_MIN_KEEP_RATIO = 0.25
 # The grid's own floor: no plan keeps less than this share of a group, even to meet a budget (a lower
 # `min_keep_ratio` lowers it too).
 GRID_FLOOR_RATIO = 0.05
@@ -58,24 +56,17 @@ class AllocationPolicy:
         min_keep_ratio: no group keeps less than this share of its channels (in (0, 1]) unless the
             budget needs a uniform ratio under it.
 
+    Both are declared from `lpnet.gates.options` (`MAX_SKEW`, `MIN_KEEP_RATIO`).
+
     Raises:
         InvalidPlanOptions: `max_skew` under 1 or not finite, `min_keep_ratio` outside (0, 1].
     """
 
-    max_skew: float | None = DEFAULT_MAX_SKEW
-    min_keep_ratio: float = DEFAULT_MIN_KEEP_RATIO
+    max_skew: float | None = MAX_SKEW.field()
+    min_keep_ratio: float = MIN_KEEP_RATIO.field()
 
     def __post_init__(self) -> None:
-        if self.max_skew is not None and not 1.0 <= self.max_skew < float("inf"):
-            raise InvalidPlanOptions(
-                f"max_skew must be at least 1 (a factor around the uniform keep ratio), got {self.max_skew}",
-                {"max_skew": self.max_skew},
-            )
-        if not 0.0 < self.min_keep_ratio <= 1.0:
-            raise InvalidPlanOptions(
-                f"min_keep_ratio must be in (0, 1] (a share of each group's channels), got {self.min_keep_ratio}",
-                {"min_keep_ratio": self.min_keep_ratio},
-            )
+        check_options(self)
 
     @property
     def grid_floor_ratio(self) -> float:

@@ -33,33 +33,31 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 
 import torch
+from torch import nn
 
 from lpnet.arch.counting import network_cost
-from lpnet.arch.groups import ChannelLayout, apply_width_vector, channel_layout
+from lpnet.arch.groups import apply_width_vector
 from lpnet.arch.ir import Network
-from lpnet.errors import BudgetInfeasible, InvalidPlanOptions, NoPrunableGroups
-from lpnet.gates.allocation import (
-    DEFAULT_MAX_SKEW,
-    DEFAULT_MIN_KEEP_RATIO,
-    GRID_FLOOR_RATIO,
-    AllocationBand,
-    AllocationPolicy,
-    BandedFit,
-    unbanded_summary,
-)
-from lpnet.gates.budget import (
-    AugmentedLagrangian,
-    WidthGrid,
-    check_feasible,
-    fit_widths_to_budget,
-    predicted_latency,
-    width_grid,
-)
-from lpnet.gates.capacity import CapacityProxy
+from lpnet.errors import BudgetInfeasible, InvalidPlanOptions
+from lpnet.gates.allocation import AllocationBand, AllocationPolicy, BandedFit, unbanded_summary
+from lpnet.gates.budget import AugmentedLagrangian
 from lpnet.gates.datafree import DataFreeConfig, optimise_gates_datafree, synthesize_inputs
+from lpnet.gates.options import (
+    ACCEPT_BAND,
+    MAX_ROUNDS,
+    MAX_SKEW,
+    MIN_KEEP_RATIO,
+    ROUND_TO,
+    SAFETY_MARGIN,
+    SEED,
+    VERIFY_MARGIN,
+    VERIFY_TIMINGS,
+    PlanMode,
+    check_options,
+)
+from lpnet.gates.problem import PlanningProblem
 from lpnet.gates.result import (
     CostSummary,
     GroupPlan,
@@ -70,8 +68,7 @@ from lpnet.gates.result import (
     VerificationRound,
 )
 from lpnet.gates.wgates import GateSet, WGateConfig
-from lpnet.predictor.features import TensorizedNetwork, tensorize
-from lpnet.predictor.predict import LatencyPredictor
+from lpnet.predictor.predict import LatencyPredictor, Prediction
 from lpnet.pruning import group_l1_scores, module_with_weights, top_k_indices
 
 logger = logging.getLogger(__name__)
@@ -79,190 +76,63 @@ logger = logging.getLogger(__name__)
 MeasureFn = Callable[[Network], float | MeasuredLatency]
 """Measures a (pruned) network: its median in ms, or a `MeasuredLatency` when speed-probed."""
 
-
-class PlanMode(StrEnum):
-    ARCHITECTURE_ONLY = "architecture-only"
-    WEIGHTS = "weights"
-    TRAIN = "train"
+WidthSolver = Callable[[float], list[int]]
+"""Grid widths for an internal budget (ms): one verification round's plan."""
 
 
 @dataclass(frozen=True)
-class PlanOptions:
-    """How to plan.
+class SharedPlanOptions:
+    """The options every mode shares: the width grid, the allocation band, verification and the seed.
+
+    Each field is declared from its spec in `lpnet.gates.options`, which says what it does and
+    bounds it: `round_to`, `max_skew` and `min_keep_ratio` (the grid and the allocation band),
+    `max_rounds`, `verify_margin`, `verify_timings` and `accept_band` (verification, when a `measure`
+    callable is given; see `verification_loop`), and `seed`.
+    """
+
+    round_to: int = ROUND_TO.field()
+    max_skew: float | None = MAX_SKEW.field()
+    min_keep_ratio: float = MIN_KEEP_RATIO.field()
+    max_rounds: int = MAX_ROUNDS.field()
+    verify_margin: float = VERIFY_MARGIN.field()
+    verify_timings: int = VERIFY_TIMINGS.field()
+    accept_band: float = ACCEPT_BAND.field()
+    seed: int = SEED.field()
+
+    @property
+    def band_policy(self) -> AllocationPolicy:
+        """The allocation band's policy (raises InvalidPlanOptions for a skew under 1 or a minimum
+        outside (0, 1])."""
+        return AllocationPolicy(self.max_skew, self.min_keep_ratio)
+
+    def check(self) -> None:
+        """Raises InvalidPlanOptions naming the first field outside its spec's bounds."""
+        check_options(self)
+
+
+@dataclass(frozen=True)
+class PlanOptions(SharedPlanOptions):
+    """How to plan: the options every mode shares (`SharedPlanOptions`), and the planner's own.
 
     Attributes:
         mode: None picks `weights` when weights are given, else `architecture-only`.
-        round_to: kept counts are multiples of this (and of each group's divisor).
-        max_skew: each group's keep ratio stays within this factor (at least 1) of the uniform keep
-            ratio that meets the budget (None: no such bound); see `lpnet.gates.allocation`.
-        min_keep_ratio: no group keeps less than this share of its channels, in (0, 1], unless the
-            budget needs a uniform keep ratio under it (the plan then warns).
-        safety_margin: plan for budget * (1 - margin) from the first round (0: rely on verification).
-        max_rounds: plan-and-measure rounds when a `measure` callable is given.
-        verify_margin: verified plans aim at measuring budget * (1 - margin) (timing noise).
-        verify_timings: a plan whose first timing is at or under the budget is timed this many
-            times in all and judged on the median (see `verification_loop`).
-        accept_band: a round measuring within this share under the budget ends verification.
+        safety_margin: plan for budget * (1 - margin) from the first round (`SAFETY_MARGIN`).
         steps: optimisation steps of the architecture-only mode.
         learning_rate: its Adam learning rate (on the logits of the keep ratios).
         rho: augmented-Lagrangian penalty weight.
         dual_rate: multiplier step per optimisation step, per unit of relative violation.
         gates: W-Gate network settings (weights mode).
         datafree: synthesis and gate-training settings (weights mode).
-        seed: random seed.
     """
 
     mode: PlanMode | None = None
-    round_to: int = 8
-    max_skew: float | None = DEFAULT_MAX_SKEW
-    min_keep_ratio: float = DEFAULT_MIN_KEEP_RATIO
-    safety_margin: float = 0.0
-    max_rounds: int = 5
-    verify_margin: float = 0.04
-    verify_timings: int = 2
-    accept_band: float = 0.10
+    safety_margin: float = SAFETY_MARGIN.field()
     steps: int = 300
     learning_rate: float = 0.1
     rho: float = 20.0
     dual_rate: float = 1.0
     gates: WGateConfig = field(default_factory=WGateConfig)
     datafree: DataFreeConfig = field(default_factory=DataFreeConfig)
-    seed: int = 0
-
-    @property
-    def allocation(self) -> AllocationPolicy:
-        """The allocation band's policy (raises InvalidPlanOptions for a skew under 1 or a minimum
-        outside (0, 1])."""
-        return AllocationPolicy(self.max_skew, self.min_keep_ratio)
-
-
-@dataclass
-class PlanningProblem:
-    """Everything a plan needs about one network and one predictor, computed once."""
-
-    network: Network
-    predictor: LatencyPredictor
-    layout: ChannelLayout
-    tn: TensorizedNetwork
-    grid: WidthGrid
-    capacity: CapacityProxy
-
-    @classmethod
-    def build(
-        cls,
-        network: Network,
-        predictor: LatencyPredictor,
-        round_to: int = 8,
-        floor_ratio: float = GRID_FLOOR_RATIO,
-    ) -> PlanningProblem:
-        """Resolve groups, tensorise, and lay out the width grid (no group under `floor_ratio` of its
-        channels, `AllocationPolicy.grid_floor_ratio`).
-
-        Raises:
-            NoPrunableGroups: the network has nothing to prune.
-        """
-        layout = channel_layout(network)
-        if not layout.groups:
-            raise NoPrunableGroups(
-                f"network {network.name or network.content_hash[:12]!r} has no prunable channel groups "
-                "(every conv/linear output is the network's output or feeds it unchanged)"
-            )
-        tn = tensorize(network)
-        grid = width_grid(layout, round_to, floor_ratio)
-        return cls(network, predictor, layout, tn, grid, CapacityProxy(network, tn))
-
-    def __post_init__(self) -> None:
-        self._step = torch.as_tensor(self.grid.step, dtype=torch.float32)  # (G,)
-        self._low = torch.as_tensor(self.grid.min_widths, dtype=torch.float32)  # (G,)
-        self._full = torch.as_tensor(self.grid.full_widths, dtype=torch.float32)  # (G,)
-
-    def snap(self, widths: torch.Tensor) -> torch.Tensor:
-        """The nearest grid widths (B, G) of continuous widths (B, G), no gradient."""
-        with torch.no_grad():
-            return torch.minimum(
-                torch.maximum(torch.round(widths / self._step) * self._step, self._low), self._full
-            )
-
-    def latency(self, widths: torch.Tensor) -> torch.Tensor:
-        """Differentiable predicted latency (B,) of continuous width vectors (B, G), for optimisation.
-
-        LPNet is evaluated at the nearest grid widths, with a straight-through gradient: predictors
-        are fitted on measured networks whose widths are multiples of 8, and between those points
-        their staircase features can extrapolate wildly (orders of magnitude), while plans only ever
-        land on grid widths. The ensemble is summarised by the geometric mean of its members so one
-        diverging member cannot dominate the gradient; budgets are checked on the reported
-        prediction (the members' arithmetic mean), see `reported_latency`.
-        """
-        snapped = widths + (self.snap(widths) - widths).detach()  # grid values forward, identity backward
-        return self._geometric_latency(snapped)
-
-    def step_latency(self, widths: torch.Tensor) -> torch.Tensor:
-        """`latency`'s value with the secant slope across one grid step each way as its gradient.
-
-        Latency is a staircase in each width, and the predictor's derivative at a grid point says
-        nothing of whether the next step costs a millisecond or nothing at all. Gates that follow
-        it shut channels that cost no time (e.g. 24 -> 8 channels of an early layer whose latency is
-        flat there) and the final rounding hands them back untrained; the gate modes use this
-        instead. It costs 2G width vectors per row (`grid_slopes`), which the architecture-only
-        mode's hundreds of steps on a large network do not need.
-        """
-        snapped = self.snap(widths)  # (B, G), no gradient
-        with torch.no_grad():
-            value = self._geometric_latency(snapped)  # (B,)
-        if not widths.requires_grad:
-            return value
-        linear = (widths * self.grid_slopes(snapped)).sum(-1)  # (B,): gradient = slopes
-        return value + linear - linear.detach()
-
-    def grid_slopes(self, snapped: torch.Tensor) -> torch.Tensor:
-        """Latency per channel (B, G) across one grid step down and one up from grid widths (B, G).
-
-        One-sided at the ends of a group's range; 0 for a group that cannot move. One batched
-        predictor call of 2G width vectors per row.
-        """
-        batch, groups = snapped.shape
-        eye = torch.eye(groups, dtype=snapped.dtype)  # (G, G)
-        up = torch.minimum(snapped[:, None, :] + eye * self._step, self._full)  # (B, G, G)
-        down = torch.maximum(snapped[:, None, :] - eye * self._step, self._low)  # (B, G, G)
-        # A step that leaves the grid (e.g. past a full width that is not a multiple of the step)
-        # is clamped, so the run is measured between the clamped ends.
-        run = torch.diagonal(up, dim1=1, dim2=2) - torch.diagonal(down, dim1=1, dim2=2)  # (B, G)
-        with torch.no_grad():
-            lat = self._geometric_latency(torch.cat([up, down], 1).reshape(-1, groups))
-        lat = lat.reshape(batch, 2 * groups)
-        rise = lat[:, :groups] - lat[:, groups:]  # (B, G)
-        return torch.where(run > 0, rise / run.clamp_min(1e-6), torch.zeros_like(rise))
-
-    def _geometric_latency(self, widths: torch.Tensor) -> torch.Tensor:
-        members = self.predictor.latency(self.tn, widths, members=True)  # (K, B)
-        return torch.exp(torch.log(members.clamp_min(1e-4)).mean(0))  # (B,)
-
-    def reported_latency(self, widths: torch.Tensor) -> torch.Tensor:
-        """The latency (B,) a plan reports (`predict(...).total_ms`, no gradient).
-
-        The ensemble's reported centre and the mean the optimiser differentiates can differ; budgets
-        are checked on what is reported, so a plan never reports a prediction over its budget.
-        """
-        return self.predictor.predict_widths(self.tn, widths).total_ms
-
-    def fit(
-        self,
-        target: Sequence[float],
-        budget_ms: float,
-        ceiling: Sequence[float] | None = None,
-        floor: Sequence[float] | None = None,
-    ) -> list[int]:
-        """Grid widths near `target` predicted at or under `budget_ms` (see `fit_widths_to_budget`)."""
-        return fit_widths_to_budget(
-            target, self.grid, self.reported_latency, self.capacity, budget_ms, ceiling, floor
-        )
-
-    def check_feasible(self, budget_ms: float) -> float:
-        """The predicted latency at minimum widths; raises BudgetInfeasible when over `budget_ms`."""
-        return check_feasible(self.grid, self.reported_latency, budget_ms)
-
-    def predicted_ms(self, widths: Sequence[int]) -> float:
-        return float(predicted_latency(self.reported_latency, widths)[0])
 
 
 def plan(
@@ -288,107 +158,122 @@ def plan(
             `measure` callable: below the measured latency of the minimum-width network).
         NoPrunableGroups: nothing in the network can be pruned.
         WeightsMismatch: a weight tensor is missing, unknown or mis-shaped.
-        InvalidPlanOptions: e.g. the weights mode without weights, the train mode, or an allocation
-            band that cannot be (`max_skew` under 1, `min_keep_ratio` outside (0, 1]).
+        InvalidPlanOptions: e.g. the weights mode without weights, the train mode, or an option
+            outside its bounds (`max_skew` under 1, `min_keep_ratio` outside (0, 1], ...).
     """
     options = options or PlanOptions()
-    policy = options.allocation
     start = time.perf_counter()
-    if options.mode is not None:
-        mode = PlanMode(options.mode)  # also accepts the mode's string value, e.g. from a JSON request
-    else:
-        mode = PlanMode.WEIGHTS if weights is not None else PlanMode.ARCHITECTURE_ONLY
-    if mode is PlanMode.TRAIN:
-        raise InvalidPlanOptions(
-            "the train mode needs a dataset: call lpnet.gates.training.train_and_prune with data loaders"
-        )
-    if mode is PlanMode.WEIGHTS and weights is None:
-        raise InvalidPlanOptions("the weights mode needs weights (a safetensors state dict)")
-    if budget_ms <= 0:
-        raise InvalidPlanOptions(f"budget_ms must be positive, got {budget_ms}")
-    if options.verify_timings < 1:
-        raise InvalidPlanOptions(f"verify_timings must be at least 1, got {options.verify_timings}")
-    if not 0.0 <= options.safety_margin < 1.0:
-        raise InvalidPlanOptions(f"safety_margin must be in [0, 1), got {options.safety_margin}")
+    mode = plan_mode(options, weights is not None, budget_ms)
+    policy = options.band_policy
     torch.manual_seed(options.seed)
     problem = PlanningProblem.build(network, predictor, options.round_to, policy.grid_floor_ratio)
-    notes: list[str] = []
-    try:
-        min_ms = problem.check_feasible(budget_ms)
-        first_budget = max(min_ms, budget_ms * (1.0 - options.safety_margin))
-    except BudgetInfeasible as infeasible:
-        if measure is None:
-            raise
-        # The predictor's word against the device's: measure the narrowest network before refusing.
-        min_ms = infeasible.min_achievable_ms
-        measured_min = MeasuredLatency.of(measure(apply_width_vector(network, problem.grid.min_widths))).ms
-        if measured_min > budget_ms:
-            raise BudgetInfeasible(
-                budget_ms, measured_min, infeasible.details.get("unpruned_ms"), True
-            ) from None
-        first_budget = max(min_ms, budget_ms * (1.0 - options.safety_margin) * min_ms / measured_min)
-        notes.append(
-            f"the predictor puts the minimum-width network at {min_ms:.3f} ms, over the budget, but it "
-            f"measured {measured_min:.3f} ms; planned with internal budgets scaled by their ratio"
-        )
-
+    min_ms, first_budget, notes = starting_budget(problem, budget_ms, options.safety_margin, measure)
     module = module_with_weights(network, weights) if weights is not None else None
-    scores: list[torch.Tensor] | None = None
     banded = BandedFit(problem, policy)
-    if mode is PlanMode.WEIGHTS:
-        assert module is not None
-        # The gates keep the band's lower edge open: channels under it never become a plan.
-        gate_set = GateSet(module, network, options.gates, min_kept=banded.band(first_budget).low)
-        inputs = synthesize_inputs(module, network, options.datafree)
-        outcome = optimise_gates_datafree(
-            module, gate_set, problem.step_latency, first_budget, inputs, options.datafree
-        )
-        scores = outcome.scores
-        gate_target = outcome.counts
-
-        def solve(internal_ms: float) -> list[int]:
-            return banded(gate_target, internal_ms)
-    else:
-
-        def solve(internal_ms: float) -> list[int]:
-            return banded(optimise_widths(problem, internal_ms, options), internal_ms)
-
-    widths, rounds, met = verification_loop(
-        problem,
-        budget_ms,
-        first_budget,
-        min_ms,
-        solve,
-        measure,
-        options.max_rounds,
-        options.verify_margin,
-        options.accept_band,
-        timings=options.verify_timings,
-    )
+    solve, scores = width_solver(mode, problem, banded, module, options, first_budget)
+    verified = verification_loop(problem, budget_ms, first_budget, min_ms, solve, measure, options)
     if scores is None and module is not None:
         scores = group_l1_scores(module, network)
-    kept = [top_k_indices(s, k) for s, k in zip(scores, widths, strict=True)] if scores is not None else None
+    kept = (
+        None
+        if scores is None
+        else [top_k_indices(s, k) for s, k in zip(scores, verified.widths, strict=True)]
+    )
+    band = banded.band(verified.internal_budget_ms)
     result = build_result(
-        problem,
-        mode.value,
-        budget_ms,
-        options.round_to,
-        widths,
-        kept,
-        rounds,
-        met,
-        min_ms,
-        start,
-        scores,
-        banded.band(selected_budget(rounds)),
+        problem, mode.value, budget_ms, options.round_to, verified, kept, min_ms, start, scores, band
     )
     result.warnings.extend(notes)
     return result
 
 
-def selected_budget(rounds: Sequence[VerificationRound]) -> float:
-    """The internal budget the selected round planned for (its plan's band is the one reported)."""
-    return next(r.internal_budget_ms for r in rounds if r.selected)
+def plan_mode(options: PlanOptions, has_weights: bool, budget_ms: float) -> PlanMode:
+    """The mode `plan` runs, once the options and the budget are checked.
+
+    Raises:
+        InvalidPlanOptions: an option outside its bounds, an unknown mode, the train mode, the
+            weights mode without weights, or a budget that is not positive.
+    """
+    options.check()
+    if options.mode is not None:
+        mode = PlanMode.named(options.mode)  # also the mode's name as a string, e.g. from a JSON request
+    else:
+        mode = PlanMode.WEIGHTS if has_weights else PlanMode.ARCHITECTURE_ONLY
+    if mode is PlanMode.TRAIN:
+        raise InvalidPlanOptions(
+            "the train mode needs a dataset: call lpnet.gates.training.train_and_prune with data loaders"
+        )
+    if mode is PlanMode.WEIGHTS and not has_weights:
+        raise InvalidPlanOptions("the weights mode needs weights (a safetensors state dict)")
+    if budget_ms <= 0:
+        raise InvalidPlanOptions(f"budget_ms must be positive, got {budget_ms}")
+    return mode
+
+
+def starting_budget(
+    problem: PlanningProblem, budget_ms: float, safety_margin: float, measure: MeasureFn | None
+) -> tuple[float, float, list[str]]:
+    """The predicted latency at minimum widths, the first round's internal budget, and notes for the plan.
+
+    A budget under the predicted latency at minimum widths is refused unless the narrowest network,
+    measured, meets it: then the predictor's word gives way to the device's, and internal budgets are
+    scaled by their ratio.
+
+    Raises:
+        BudgetInfeasible: the budget is below the minimum-width latency (measured, with `measure`).
+    """
+    try:
+        min_ms = problem.check_feasible(budget_ms)
+    except BudgetInfeasible as infeasible:
+        if measure is None:
+            raise
+        min_ms = infeasible.min_achievable_ms
+        narrowest = apply_width_vector(problem.network, problem.grid.min_widths)
+        measured_min = MeasuredLatency.of(measure(narrowest)).ms
+        if measured_min > budget_ms:
+            raise BudgetInfeasible(
+                budget_ms, measured_min, infeasible.details.get("unpruned_ms"), True
+            ) from None
+        note = (
+            f"the predictor puts the minimum-width network at {min_ms:.3f} ms, over the budget, but it "
+            f"measured {measured_min:.3f} ms; planned with internal budgets scaled by their ratio"
+        )
+        return min_ms, max(min_ms, budget_ms * (1.0 - safety_margin) * min_ms / measured_min), [note]
+    return min_ms, max(min_ms, budget_ms * (1.0 - safety_margin)), []
+
+
+def width_solver(
+    mode: PlanMode,
+    problem: PlanningProblem,
+    banded: BandedFit,
+    module: nn.Module | None,
+    options: PlanOptions,
+    first_budget_ms: float,
+) -> tuple[WidthSolver, list[torch.Tensor] | None]:
+    """How each verification round plans its widths, and the filter scores of the weights mode.
+
+    The weights mode trains its gates once, for the first internal budget; every round then fits their
+    counts into the band at its own budget. The architecture-only mode optimises afresh each round.
+    """
+    if mode is PlanMode.WEIGHTS:
+        assert module is not None
+        # The gates keep the band's lower edge open: channels under it never become a plan.
+        gate_set = GateSet(module, problem.network, options.gates, min_kept=banded.band(first_budget_ms).low)
+        inputs = synthesize_inputs(module, problem.network, options.datafree)
+        outcome = optimise_gates_datafree(
+            module, gate_set, problem.step_latency, first_budget_ms, inputs, options.datafree
+        )
+        gate_target = outcome.counts
+
+        def fit_gates(internal_ms: float) -> list[int]:
+            return banded(gate_target, internal_ms)
+
+        return fit_gates, outcome.scores
+
+    def optimise(internal_ms: float) -> list[int]:
+        return banded(optimise_widths(problem, internal_ms, options), internal_ms)
+
+    return optimise, None
 
 
 def optimise_widths(problem: PlanningProblem, budget_ms: float, options: PlanOptions) -> list[float]:
@@ -415,34 +300,24 @@ def optimise_widths(problem: PlanningProblem, budget_ms: float, options: PlanOpt
     return [float(v) for v in result]
 
 
-def calibrated_budget(
-    problem: PlanningProblem,
-    budget_ms: float,
-    min_ms: float,
-    measure: MeasureFn,
-    margin: float,
-    policy: AllocationPolicy | None = None,
-) -> tuple[float, str]:
-    """The predicted latency to aim a long optimisation at so that its plan *measures* near the aim.
+@dataclass(frozen=True)
+class Verification:
+    """What verification settles on.
 
-    The train mode's joint allocation learns its counts over epochs of training under the gates,
-    and can verify them only afterwards; a verification round that then moves the widths far from
-    them prunes channels the network relied on (or restores ones it learnt without). (The planned
-    allocation verifies its widths before training instead.) One measurement first: the
-    architecture-only plan for the budget (inside the band of `policy`) is measured, and the
-    predictor's bias there, measured / predicted, scales the aim (budget * (1 - margin)) into
-    predicted milliseconds. Returns that internal budget (never under `min_ms`) and a note.
+    Attributes:
+        widths: the selected round's widths.
+        rounds: every round, the selected one marked.
+        met: whether the selected round measured at or under the budget (None: nothing was measured).
     """
-    banded = BandedFit(problem, policy or AllocationPolicy())
-    widths = banded(optimise_widths(problem, budget_ms, PlanOptions()), budget_ms)
-    predicted = problem.predicted_ms(widths)
-    measured = MeasuredLatency.of(measure(apply_width_vector(problem.network, widths))).ms
-    internal = max(min_ms, predicted * budget_ms * (1.0 - margin) / measured)
-    note = (
-        f"a calibration plan predicted at {predicted:.3f} ms measured {measured:.3f} ms; the gates "
-        f"were trained for {internal:.3f} ms predicted"
-    )
-    return internal, note
+
+    widths: list[int]
+    rounds: list[VerificationRound]
+    met: bool | None
+
+    @property
+    def internal_budget_ms(self) -> float:
+        """The internal budget the selected round planned for (its plan's band is the one reported)."""
+        return next(r.internal_budget_ms for r in self.rounds if r.selected)
 
 
 def verification_loop(
@@ -450,28 +325,21 @@ def verification_loop(
     budget_ms: float,
     first_budget_ms: float,
     min_ms: float,
-    solve: Callable[[float], list[int]],
+    solve: WidthSolver,
     measure: MeasureFn | None,
-    max_rounds: int = 3,
-    margin: float = 0.04,
-    band: float = 0.10,
+    options: SharedPlanOptions,
     min_step: float = 0.05,
-    timings: int = 2,
-) -> tuple[list[int], list[VerificationRound], bool | None]:
-    """Plan, measure, re-plan; returns the selected widths, every round, and whether the budget was met.
+) -> Verification:
+    """Plan, measure, re-plan for at most `options.max_rounds` rounds (one round without `measure`).
 
-    Each round aims the measured latency at `budget * (1 - margin)`: re-timing one network moves it by
-    a few percent, so a plan measured exactly at the budget would be over it half the time. A round
-    measuring within `band` under the budget (and under the aim) ends the loop. Otherwise the next
-    round plans for `predicted * aim / measured`: near a plan, measured latency is roughly a constant
-    multiple of the predicted one, so this corrects the predictor's bias there, tightening when it
-    was optimistic and loosening when a plan left more than `band` of the budget unused. Because a
-    predictor's bias changes from one width vector to the next, each move is at least `min_step` of
-    the internal budget, and once one internal budget measured over the aim and another under it,
-    the next lies strictly between them (their geometric mean when the correction falls outside).
+    Each round aims the measured latency at `budget * (1 - verify_margin)`: re-timing one network
+    moves it by a few percent, so a plan measured exactly at the budget would be over it half the
+    time. A round measuring within `accept_band` under the budget (and under the aim) ends the loop.
+    Otherwise the next round plans for an internal budget corrected by the measurement
+    (`InternalBudgets`).
 
     A plan whose first timing is at or under the budget could end the loop or be selected, so it is
-    timed `timings` times in all and judged on the median. Stopping at the first timing that lands
+    timed `verify_timings` times in all and judged on the median. Stopping at the first timing that lands
     under the aim would favour lucky timings (one network's latency moves by a few percent from one
     timing to the next even at the nominal probe speed); a second, independent timing takes most of
     that luck out. Plans timed over the budget are re-planned anyway and timed once.
@@ -479,24 +347,18 @@ def verification_loop(
     The selected round is the slowest one measured at or under the aim, else the slowest at or under
     the budget, else the fastest (and the budget was not met).
     """
-    aim = budget_ms * (1.0 - margin)
+    aim = budget_ms * (1.0 - options.verify_margin)
     rounds: list[VerificationRound] = []
     internal = first_budget_ms
-    fits_below: float | None = None  # the largest internal budget whose plan measured at or under the aim
-    over_above: float | None = None  # the smallest internal budget whose plan measured over the aim
-    total = max(1, max_rounds) if measure is not None else 1
+    budgets = InternalBudgets(aim, min_step)
+    total = max(1, options.max_rounds) if measure is not None else 1
     for index in range(total):
         began = time.perf_counter()
         widths = solve(internal)
         if any(r.widths == widths for r in rounds):
             break  # the same plan again: measuring it twice would not tell anything new
         predicted = problem.predicted_ms(widths)
-        series: list[MeasuredLatency] = []
-        if measure is not None:
-            pruned = apply_width_vector(problem.network, widths)
-            series.append(MeasuredLatency.of(measure(pruned)))
-            if series[0].ms <= budget_ms:
-                series += [MeasuredLatency.of(measure(pruned)) for _ in range(timings - 1)]
+        series = time_plan(problem, widths, measure, budget_ms, options.verify_timings)
         round_ = VerificationRound.timed(
             index + 1, internal, predicted, widths, time.perf_counter() - began, series
         )
@@ -512,27 +374,69 @@ def verification_loop(
             measured,
             budget_ms,
         )
-        if budget_ms * (1.0 - band) <= measured <= aim:
+        accepted = budget_ms * (1.0 - options.accept_band) <= measured <= aim
+        if accepted or _cannot_move(problem, widths, measured, aim):
             break
-        if measured > aim and widths == problem.grid.min_widths:
-            break
-        if measured < aim and widths == problem.grid.full_widths:
-            break
-        proposal = predicted * aim / measured
-        if measured > aim:
-            over_above = internal if over_above is None else min(over_above, internal)
-            proposal = min(proposal, internal * (1.0 - min_step))
-        else:
-            fits_below = internal if fits_below is None else max(fits_below, internal)
-            proposal = max(proposal, internal * (1.0 + min_step))
-        if fits_below is not None and over_above is not None and not fits_below < proposal < over_above:
-            proposal = (fits_below * over_above) ** 0.5
-        internal = max(min_ms, proposal)
+        internal = max(min_ms, budgets.next(internal, predicted, measured))
     chosen = _select_round(rounds, budget_ms, aim)
     rounds = [replace(r, selected=i == chosen) for i, r in enumerate(rounds)]
     measured_ms = rounds[chosen].measured_ms
     met = None if measured_ms is None else measured_ms <= budget_ms
-    return list(rounds[chosen].widths), rounds, met
+    return Verification(list(rounds[chosen].widths), rounds, met)
+
+
+def _cannot_move(problem: PlanningProblem, widths: list[int], measured_ms: float, aim_ms: float) -> bool:
+    """Whether a plan measured over the aim at minimum widths, or under it at full widths."""
+    if measured_ms > aim_ms:
+        return widths == problem.grid.min_widths
+    if measured_ms < aim_ms:
+        return widths == problem.grid.full_widths
+    return False
+
+
+def time_plan(
+    problem: PlanningProblem, widths: list[int], measure: MeasureFn | None, budget_ms: float, timings: int
+) -> list[MeasuredLatency]:
+    """The timings of a plan: none without `measure`, one when over the budget, else `timings`."""
+    if measure is None:
+        return []
+    pruned = apply_width_vector(problem.network, widths)
+    series = [MeasuredLatency.of(measure(pruned))]
+    if series[0].ms <= budget_ms:
+        series += [MeasuredLatency.of(measure(pruned)) for _ in range(timings - 1)]
+    return series
+
+
+@dataclass
+class InternalBudgets:
+    """The internal budgets verification plans for, each corrected by what the last one measured.
+
+    Near a plan, measured latency is roughly a constant multiple of the predicted one, so the next
+    round plans for `predicted * aim / measured`: this corrects the predictor's bias there,
+    tightening when it was optimistic and loosening when a plan left budget unused. Because a
+    predictor's bias changes from one width vector to the next, each move is at least `min_step` of
+    the internal budget, and once one internal budget measured over the aim and another under it,
+    the next lies strictly between them (their geometric mean when the correction falls outside).
+    """
+
+    aim_ms: float
+    min_step: float
+    fits_below: float | None = None  # the largest internal budget whose plan measured at or under the aim
+    over_above: float | None = None  # the smallest internal budget whose plan measured over the aim
+
+    def next(self, internal_ms: float, predicted_ms: float, measured_ms: float) -> float:
+        """The internal budget after one planned for `internal_ms` measured `measured_ms`."""
+        proposal = predicted_ms * self.aim_ms / measured_ms
+        if measured_ms > self.aim_ms:
+            self.over_above = internal_ms if self.over_above is None else min(self.over_above, internal_ms)
+            proposal = min(proposal, internal_ms * (1.0 - self.min_step))
+        else:
+            self.fits_below = internal_ms if self.fits_below is None else max(self.fits_below, internal_ms)
+            proposal = max(proposal, internal_ms * (1.0 + self.min_step))
+        low, high = self.fits_below, self.over_above
+        if low is not None and high is not None and not low < proposal < high:
+            proposal = (low * high) ** 0.5
+        return proposal
 
 
 def _select_round(rounds: Sequence[VerificationRound], budget_ms: float, aim_ms: float) -> int:
@@ -551,22 +455,52 @@ def build_result(
     mode: str,
     budget_ms: float,
     round_to: int,
-    widths: list[int],
+    verified: Verification,
     kept: list[list[int]] | None,
-    rounds: list[VerificationRound],
-    met: bool | None,
     min_ms: float,
     start: float,
     scores: Sequence[torch.Tensor] | None = None,
     band: AllocationBand | None = None,
 ) -> PlanResult:
-    """Assemble a `PlanResult` for final widths: predictions, costs, per-layer detail, and how uneven
-    the widths are against `band` (the band the plan was held to; None: none), warning when they
-    leave it."""
+    """Assemble a `PlanResult` for the verified widths: predictions, costs, per-layer detail, and how
+    uneven the widths are against `band` (the band the plan was held to; None: none), warning when
+    they leave it."""
     network = problem.network
+    widths, rounds, met = verified.widths, verified.rounds, verified.met
     pruned = apply_width_vector(network, widths)
     before = problem.predictor.predict(network)
     after = problem.predictor.predict(pruned)
+    warnings = list(after.warnings) + plan_warnings(problem, budget_ms, widths, rounds, met)
+    if band is not None:
+        warnings.extend(band.warnings(widths))
+    with torch.no_grad():
+        capacity = float(problem.capacity(torch.as_tensor([widths], dtype=torch.float32))[0])
+    return PlanResult(
+        mode=mode,
+        network_name=network.name,
+        network_hash=network.content_hash,
+        budget_ms=budget_ms,
+        round_to=round_to,
+        widths=list(widths),
+        groups=group_plans(problem, widths, kept, scores),
+        layers=layer_plans(network, pruned, before, after),
+        predicted=LatencyEstimate.of(after),
+        unpruned_predicted=LatencyEstimate.of(before),
+        min_achievable_ms=min_ms,
+        cost_before=CostSummary.of(network_cost(network)),
+        cost_after=CostSummary.of(network_cost(pruned)),
+        rounds=rounds,
+        met_budget=met,
+        capacity=capacity,
+        plan_seconds=time.perf_counter() - start,
+        pruned_network=pruned,
+        warnings=warnings,
+        allocation=band.summary(widths) if band is not None else unbanded_summary(problem.grid, widths),
+    )
+
+
+def layer_plans(network: Network, pruned: Network, before: Prediction, after: Prediction) -> list[LayerPlan]:
+    """Every layer's channels and predicted latency before and after pruning."""
     ms_before = {p.name: p.ms for p in before.per_layer}
     ms_after = {p.name: p.ms for p in after.per_layer}
     layers = []
@@ -585,7 +519,17 @@ def build_result(
                 predicted_ms_after=ms_after[layer.name],
             )
         )
-    groups = [
+    return layers
+
+
+def group_plans(
+    problem: PlanningProblem,
+    widths: list[int],
+    kept: list[list[int]] | None,
+    scores: Sequence[torch.Tensor] | None,
+) -> list[GroupPlan]:
+    """Every group's kept count, and with weights which filters stay and their scores."""
+    return [
         GroupPlan(
             index=g.index,
             channels=g.channels,
@@ -597,7 +541,17 @@ def build_result(
         )
         for g, k in zip(problem.layout.groups, widths, strict=True)
     ]
-    warnings = list(after.warnings)
+
+
+def plan_warnings(
+    problem: PlanningProblem,
+    budget_ms: float,
+    widths: list[int],
+    rounds: list[VerificationRound],
+    met: bool | None,
+) -> list[str]:
+    """What a plan must warn about besides the predictor and the band: a missed budget, no pruning."""
+    warnings = []
     if met is False:
         best = min(r.measured_ms for r in rounds if r.measured_ms is not None)
         warnings.append(
@@ -609,29 +563,4 @@ def build_result(
         warnings.append(
             "the budget is at or above the unpruned network's predicted latency: nothing is pruned"
         )
-    if band is not None:
-        warnings.extend(band.warnings(widths))
-    with torch.no_grad():
-        capacity = float(problem.capacity(torch.as_tensor([widths], dtype=torch.float32))[0])
-    return PlanResult(
-        mode=mode,
-        network_name=network.name,
-        network_hash=network.content_hash,
-        budget_ms=budget_ms,
-        round_to=round_to,
-        widths=list(widths),
-        groups=groups,
-        layers=layers,
-        predicted=LatencyEstimate.of(after),
-        unpruned_predicted=LatencyEstimate.of(before),
-        min_achievable_ms=min_ms,
-        cost_before=CostSummary.of(network_cost(network)),
-        cost_after=CostSummary.of(network_cost(pruned)),
-        rounds=rounds,
-        met_budget=met,
-        capacity=capacity,
-        plan_seconds=time.perf_counter() - start,
-        pruned_network=pruned,
-        warnings=warnings,
-        allocation=band.summary(widths) if band is not None else unbanded_summary(problem.grid, widths),
-    )
+    return warnings

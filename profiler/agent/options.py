@@ -1,11 +1,13 @@
 """A profiling run's options, its sampler, and the run itself into any sink.
 
 The standalone agent (`profiler.agent.standalone`), the agent's campaigns and the service's
-`lpnet profile` command all build their runs from these pieces.
+`lpnet profile` command all build their runs from these pieces; the two commands read their flags
+into options with `options_from_args`.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 from profiler.batch import MeasurementKind
@@ -63,6 +65,55 @@ class AgentOptions:
 
 def _given_or(value: int | None, default: int) -> int:
     return default if value is None else value
+
+
+def options_from_args(args: argparse.Namespace) -> AgentOptions:
+    """The options a profiling command's flags give.
+
+    `python -m profiler.agent.standalone` and `lpnet profile` define the same flags: `--families` and
+    `--kinds` (comma-separated names; unset: `DEFAULT_FAMILIES` and every kind), the device spec
+    (`--backend`, `--threads`, `--batch-size`, `--dtype`, `--hardware`, and `--allocator`, unset:
+    retain), the per-family counts, `--image-size`, `--budget-minutes`, `--seed`, `--quick` and
+    `--no-progress`.
+
+    Raises:
+        ValueError: an unknown kind, or a list of families or kinds with no name in it.
+    """
+    families = list(DEFAULT_FAMILIES) if args.families is None else _names(args.families, "families")
+    kinds = list(MeasurementKind) if args.kinds is None else [_kind(k) for k in _names(args.kinds, "kinds")]
+    return AgentOptions(
+        families=families,
+        kinds=kinds,
+        backend=args.backend,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        hardware=args.hardware,
+        image_size=args.image_size,
+        budget_minutes=args.budget_minutes,
+        network_samples=args.network_samples,
+        in_context_samples=args.in_context_samples,
+        isolated_samples=args.isolated_samples,
+        seed=args.seed,
+        quick_protocol=args.quick,
+        allocator=AllocatorPolicy(args.allocator or AllocatorPolicy.RETAIN),
+        progress=not args.no_progress,
+    )
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"no {what} in {text!r}: give comma-separated names")
+    return names
+
+
+def _kind(name: str) -> MeasurementKind:
+    try:
+        return MeasurementKind(name)
+    except ValueError:
+        known = ", ".join(kind.value for kind in MeasurementKind)
+        raise ValueError(f"unknown kind {name!r}; choose from {known}") from None
 
 
 def build_sampler(options: AgentOptions, device: DeviceSpec) -> StratifiedSampler:

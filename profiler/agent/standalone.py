@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lpnet.errors import LpnetError
-from profiler.agent.options import AgentOptions, run_agent
+from profiler.agent.options import options_from_args, run_agent
 from profiler.backends.base import registered_backends
 from profiler.batch import MeasurementKind
 from profiler.environment import AllocatorPolicy, apply_allocator_policy
@@ -36,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--families",
-        default=",".join(DEFAULT_FAMILIES),
-        help="comma-separated torchvision names, or op_coverage (every IR operator)",
+        help="comma-separated torchvision names, or op_coverage (every IR operator) "
+        f"(default: {','.join(DEFAULT_FAMILIES)})",
     )
     parser.add_argument(
-        "--kinds", default=",".join(k.value for k in MeasurementKind), help="network,in_context,isolated"
+        "--kinds", help=f"comma-separated kinds (default: {','.join(k.value for k in MeasurementKind)})"
     )
     parser.add_argument("--backend", default="torch-cpu", choices=registered_backends())
     parser.add_argument("--threads", type=int, default=1)
@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allocator",
         choices=[policy.value for policy in AllocatorPolicy],
-        default=AllocatorPolicy.RETAIN.value,
         help="allocator policy to measure under; with --url, the service device's (default: retain)",
     )
     parser.add_argument("--no-progress", action="store_true")
@@ -69,38 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace) -> AgentOptions:
-    try:
-        kinds = [MeasurementKind(k.strip()) for k in args.kinds.split(",") if k.strip()]
-    except ValueError as exc:
-        raise SystemExit(f"--kinds: {exc}; valid: {', '.join(k.value for k in MeasurementKind)}") from exc
-    return AgentOptions(
-        families=[f.strip() for f in args.families.split(",") if f.strip()],
-        kinds=kinds,
-        backend=args.backend,
-        threads=args.threads,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        hardware=args.hardware,
-        image_size=args.image_size,
-        budget_minutes=args.budget_minutes,
-        network_samples=args.network_samples,
-        in_context_samples=args.in_context_samples,
-        isolated_samples=args.isolated_samples,
-        seed=args.seed,
-        quick_protocol=args.quick,
-        allocator=AllocatorPolicy(args.allocator),
-        progress=not args.no_progress,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if (args.jsonl is None) == (args.url is None):
         parser.error("give exactly one of --jsonl or --url")
-    options = options_from_args(args)
+    try:
+        options = options_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         apply_allocator_policy(options.allocator)  # before the run's context is fingerprinted
         device = options.device()

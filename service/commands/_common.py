@@ -6,12 +6,14 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from lpnet.gates.options import OptionSpec
 from service.config import Settings
 from service.db.migrate import ensure_schema
 from service.db.session import make_engine, make_session_factory, session_scope
@@ -134,3 +136,41 @@ def share(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
     return value
+
+
+def option_argument(parser: argparse._ActionsContainer, spec: OptionSpec[Any]) -> None:
+    """Add the flag of an lpnet option (`lpnet.gates.options`): ``--its-name``, its default, and its
+    description as help.
+
+    A value outside the option's bounds is refused as argparse refuses any bad value; an option that
+    may be null also takes ``none``; an enum option takes its values as choices.
+    """
+    flag = "--" + spec.name.replace("_", "-")
+    shown = "none" if spec.default is None else str(spec.default)
+    nullable = "; none for null" if spec.nullable and spec.default is not None else ""
+    help_text = f"{spec.description} (default: {shown}{nullable})".replace("%", "%%")
+    kind = spec.value_type
+    if issubclass(kind, Enum):
+        parser.add_argument(flag, type=kind, choices=list(kind), default=spec.default, help=help_text)
+    else:
+        parser.add_argument(flag, type=option_value(spec, kind), default=spec.default, help=help_text)
+
+
+def option_value(spec: OptionSpec[Any], kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type for a value of `spec`, read by `kind` (``int``, ``float``) and checked against
+    the option's bounds."""
+
+    def read(text: str) -> Any:
+        if spec.nullable and text.lower() in ("none", "null"):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        problem = spec.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    return read

@@ -12,9 +12,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from service.commands._common import CommandError, database_session, info, print_table
+from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName, PlanMode
+from service.commands._common import CommandError, database_session, info, option_argument, print_table
 from service.commands.predict import input_shape, load_network
 from service.config import Settings
 
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 
 SERVER_ENV = "LPNET_SERVER"
 KEY_ENV = "LPNET_API_KEY"
+# The planner's options `lpnet plan` sets, each a flag of the same name.
+PLAN_OPTIONS = (MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO)
+# The modes a plan request can run here: the train mode is `lpnet train`.
+MODES = tuple(name for name in get_args(ModeName) if PlanMode.named(name) is not PlanMode.TRAIN)
 
 
 def register(subparsers: SubParsers) -> None:
@@ -44,16 +49,15 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument("--budget-ms", type=float, required=True, help="the latency budget in ms")
     parser.add_argument(
         "--mode",
-        choices=("architecture", "weights"),
+        choices=MODES,
         help="architecture: widths only; weights: also which filters stay (default: weights with --weights)",
     )
     parser.add_argument(
         "--weights", type=Path, help="a .safetensors state dict of the network (weights mode)"
     )
     parser.add_argument("--verify", action="store_true", help="prune, measure on the device and re-plan")
-    parser.add_argument("--max-skew", type=float, help="allocation band factor around the uniform keep ratio")
-    parser.add_argument("--min-keep-ratio", type=float, help="the smallest share of a group a plan keeps")
-    parser.add_argument("--round-to", type=int, help="kept channels are multiples of this")
+    for spec in PLAN_OPTIONS:
+        option_argument(parser, spec)
     parser.add_argument(
         "--out", type=Path, help="directory for plan.json (and the pruned model with --weights)"
     )
@@ -68,12 +72,7 @@ def register(subparsers: SubParsers) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for name in ("max_skew", "min_keep_ratio", "round_to"):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
-    return options
+    return {spec.name: getattr(args, spec.name) for spec in PLAN_OPTIONS}
 
 
 def _mode(args: argparse.Namespace) -> str:

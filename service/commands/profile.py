@@ -9,14 +9,15 @@ process measures under the device's allocator policy: a local device's own, or `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from profiler.batch import MeasurementKind
 from profiler.environment import AllocatorPolicy, apply_allocator_policy
 from service.commands._common import (
     CommandError,
-    comma_list,
     database_session,
     display_url,
     info,
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from service.commands._common import SubParsers
 
 API_KEY_ENV = "LPNET_API_KEY"
-KIND_NAMES = ("network", "in_context", "isolated")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -47,11 +47,10 @@ def register(subparsers: SubParsers) -> None:
     )
     parser.add_argument("--device", required=True, help="device name (or id on the server with --submit)")
     parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
+    parser.add_argument("--families", help="comma-separated torchvision models (default: ten common ones)")
     parser.add_argument(
-        "--families", type=comma_list, help="comma-separated torchvision models (default: ten common ones)"
-    )
-    parser.add_argument(
-        "--kinds", type=comma_list, help=f"comma-separated kinds to measure (default: {','.join(KIND_NAMES)})"
+        "--kinds",
+        help=f"comma-separated kinds to measure (default: {','.join(k.value for k in MeasurementKind)})",
     )
     parser.add_argument("--network-samples", type=non_negative_int, help="width vectors per family")
     parser.add_argument("--in-context-samples", type=non_negative_int, help="in-context networks per family")
@@ -78,37 +77,14 @@ def register(subparsers: SubParsers) -> None:
     parser.set_defaults(handler=run_profile_command)
 
 
-def _options(
-    args: argparse.Namespace, backend: str, threads: int, batch_size: int, dtype: str, allocator: str
-) -> AgentOptions:
-    from profiler.agent.options import AgentOptions
-    from profiler.batch import MeasurementKind
-    from profiler.sampling import DEFAULT_FAMILIES
+def _options(args: argparse.Namespace) -> AgentOptions:
+    """The run's options from the flags (`profiler.agent.options.options_from_args`)."""
+    from profiler.agent.options import options_from_args
 
-    kinds = []
-    for name in args.kinds or KIND_NAMES:
-        try:
-            kinds.append(MeasurementKind(name))
-        except ValueError:
-            raise CommandError(f"unknown kind {name!r}; choose from {', '.join(KIND_NAMES)}", 2) from None
-    return AgentOptions(
-        families=list(args.families or DEFAULT_FAMILIES),
-        kinds=kinds,
-        backend=backend,
-        threads=threads,
-        batch_size=batch_size,
-        dtype=dtype,
-        hardware=args.hardware,
-        image_size=args.image_size,
-        budget_minutes=args.budget_minutes,
-        network_samples=args.network_samples,
-        in_context_samples=args.in_context_samples,
-        isolated_samples=args.isolated_samples,
-        seed=args.seed,
-        quick_protocol=args.quick,
-        allocator=AllocatorPolicy(allocator),
-        progress=not args.no_progress,
-    )
+    try:
+        return options_from_args(args)
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from None
 
 
 def run_profile_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -140,10 +116,16 @@ def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
         session.expunge(device)
     if args.hardware and args.hardware != device.hardware:
         raise CommandError(f"--hardware differs from device {device.name!r}'s ({device.hardware!r})", 2)
-    options = _options(
-        args, device.backend, device.threads, device.batch_size, device.dtype, device.allocator
+    # The registered spec, exactly: sample keys follow it.
+    options = dataclasses.replace(
+        _options(args),
+        backend=device.backend,
+        threads=device.threads,
+        batch_size=device.batch_size,
+        dtype=device.dtype,
+        hardware=device.hardware,
+        allocator=AllocatorPolicy(device.allocator),
     )
-    options.hardware = device.hardware  # sample keys follow the registered spec exactly
     apply_allocator_policy(options.allocator)
     spec = options.device()
     backend = spec.create_backend()
@@ -193,14 +175,7 @@ def _profile_to_server(args: argparse.Namespace, settings: Settings) -> int:
     token = args.token or os.environ.get(API_KEY_ENV)
     if not token:
         raise CommandError(f"--submit needs the device's agent key: --token KEY or ${API_KEY_ENV}", 2)
-    options = _options(
-        args,
-        args.backend,
-        args.threads,
-        args.batch_size,
-        args.dtype,
-        args.allocator or AllocatorPolicy.RETAIN,
-    )
+    options = _options(args)
     # Before anything is fingerprinted: the batches' environment states the policy they ran under.
     apply_allocator_policy(options.allocator)
     spec = options.device()

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
+from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName, OptionSpec
 from service.db.models import JobStatus
 from service.schemas.architectures import Architecture
 from service.schemas.common import MAX_ID, DeviceRef, RequestModel
 from service.schemas.devices import AllocatorRead
 
-PlanMode = Literal["architecture", "weights", "train"]
+
+def planner_field(spec: OptionSpec[Any]) -> Any:
+    """A request field with the planner option's default, bounds and description (`lpnet.gates.options`)."""
+    return Field(
+        default=spec.default, ge=spec.ge, gt=spec.gt, le=spec.le, lt=spec.lt, description=spec.description
+    )
 
 
+# The fields the planner has too are derived from its option specs; `service.plans.planner_options`
+# hands them over by name.
 class PlanOptions(RequestModel):
     """How to plan."""
 
-    mode: PlanMode = Field(
+    mode: ModeName = Field(
         default="architecture",
         description="architecture: widths only; weights: also which filters to keep (needs model_id); "
         "train: W-Gates trained with the network.",
     )
-    round_to: int = Field(default=8, ge=1, le=256, description="Kept channels are multiples of this.")
+    round_to: int = planner_field(ROUND_TO)
     verify: bool = Field(
         default=False,
         description="Measure the pruned network on the device and re-plan until it fits. On a local device "
@@ -34,21 +42,8 @@ class PlanOptions(RequestModel):
     model_id: int | None = Field(
         default=None, ge=1, le=MAX_ID, description="Uploaded weights (POST /v1/models)."
     )
-    max_skew: float | None = Field(
-        default=1.25,
-        ge=1,
-        description="Allocation band: each group's keep ratio stays within this factor of the uniform keep "
-        "ratio that meets the budget, and its pruned share within this factor of the uniform pruned share "
-        "(1: uniform widths; null: no band around the uniform ratio, only the minimum). A plan that cannot "
-        "meet the budget inside the band says so in result.warnings.",
-    )
-    min_keep_ratio: float = Field(
-        default=0.25,
-        gt=0,
-        le=1,
-        description="Least share of its channels any group keeps, unless the budget needs a uniform keep "
-        "ratio under it (the plan then warns).",
-    )
+    max_skew: float | None = planner_field(MAX_SKEW)
+    min_keep_ratio: float = planner_field(MIN_KEEP_RATIO)
 
 
 class PlanCreate(RequestModel):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from profiler.agent.options import AgentOptions
-from profiler.agent.standalone import main
+from profiler.agent.options import AgentOptions, options_from_args
+from profiler.agent.standalone import build_parser, main
 from profiler.batch import MeasurementKind
 from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy
 from profiler.sinks import read_jsonl
@@ -57,6 +57,30 @@ def test_budget_mode_lifts_the_count_caps() -> None:
     assert config.network_samples == 5
     assert config.isolated_samples >= 10_000
     assert config.kinds == (MeasurementKind.NETWORK,)
+
+
+def test_both_profiling_commands_read_their_flags_into_the_same_options() -> None:
+    from service.cli import build_parser as lpnet_parser
+
+    flags = ["--families", "resnet18, mobilenet_v2", "--kinds", "network,isolated", "--image-size", "64"]
+    flags += ["--network-samples", "3", "--seed", "4", "--quick", "--no-progress", "--threads", "2"]
+    flags += ["--allocator", "system", "--budget-minutes", "1.5"]
+    standalone = options_from_args(build_parser().parse_args([*flags, "--jsonl", "x.jsonl"]))
+    profile = lpnet_parser().parse_args(["profile", "--device", "d", *flags, "--submit", "http://x"])
+    assert options_from_args(profile) == standalone
+    assert standalone.families == ["resnet18", "mobilenet_v2"]
+    assert standalone.kinds == [MeasurementKind.NETWORK, MeasurementKind.ISOLATED]
+    assert (standalone.threads, standalone.seed, standalone.image_size) == (2, 4, 64)
+    assert standalone.allocator is AllocatorPolicy.SYSTEM and standalone.quick_protocol
+    assert not standalone.progress and standalone.budget_minutes == 1.5
+    defaults = options_from_args(build_parser().parse_args(["--jsonl", "x.jsonl"]))
+    assert defaults == AgentOptions()
+    for kinds, words in (
+        ("network,nope", "unknown kind 'nope'; choose from network, in_context, isolated"),
+        (" , ", "no kinds in ' , '"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            options_from_args(build_parser().parse_args(["--kinds", kinds]))
 
 
 def run_standalone(tmp_path: Path, environ: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:

@@ -129,6 +129,14 @@ def api(migrated_url: str) -> Iterator[Api]:
 
 
 @pytest.fixture
+def sqlite_api(sqlite_migrated_url: str) -> Iterator[Api]:
+    """`api` on SQLite only: for slow flows whose behaviour does not depend on the database (the
+    database layer itself is exercised on both backends by the tests that use `api`)."""
+    with api_client(sqlite_migrated_url) as harness:
+        yield harness
+
+
+@pytest.fixture
 def api_with_predictor(api: Api, tiny_profile: TinyProfile) -> Api:
     """`api` whose device has the tiny measurements and a predictor fitted on them."""
     api.store_measurements(api.device_id, tiny_profile.measurements)

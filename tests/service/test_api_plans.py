@@ -60,7 +60,7 @@ def test_plans_report_the_allocation_band_they_were_held_to(
     api_with_predictor: Api, tiny_profile: TinyProfile
 ) -> None:
     from lpnet.gates.allocation import AllocationBand, AllocationPolicy
-    from lpnet.gates.planner import PlanningProblem
+    from lpnet.gates.problem import PlanningProblem
     from lpnet.predictor.artifact import load_predictor
 
     budget = budget_at(tiny_profile, 0.5)
@@ -129,8 +129,9 @@ def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_
 
 
 def test_verified_plans_judge_at_the_speed_the_predictor_was_fitted_at(
-    api: Api, tiny_profile: TinyProfile
+    sqlite_api: Api, tiny_profile: TinyProfile
 ) -> None:
+    api = sqlite_api
     from service.config import FitSettings
     from service.predictors import fit_from_samples, training_samples
 
@@ -217,6 +218,31 @@ def test_bad_options_are_refused(
     )
     error = assert_error_shape(response, 404 if code == "not_found" else 422, code)
     assert words in str(error["message"])
+
+
+def test_plan_request_options_are_the_planners_own() -> None:
+    from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, PlanMode
+    from lpnet.gates.planner import PlanOptions as PlannerOptions
+    from service.plans import planner_options
+    from service.schemas.plans import PlanOptions
+
+    # The request schema states the planner's defaults, bounds and descriptions ...
+    schema = PlanOptions.model_json_schema()["properties"]
+    for spec in (ROUND_TO, MAX_SKEW, MIN_KEEP_RATIO):
+        assert (schema[spec.name]["default"], schema[spec.name]["description"]) == (
+            spec.default,
+            spec.description,
+        )
+    assert (schema["round_to"]["minimum"], schema["round_to"]["maximum"]) == (ROUND_TO.ge, ROUND_TO.le)
+    assert schema["min_keep_ratio"]["exclusiveMinimum"] == MIN_KEEP_RATIO.gt
+    # ... and hands every field the planner has over to it, under the planner's name for the mode.
+    assert planner_options(PlanOptions()) == PlannerOptions(mode=PlanMode.ARCHITECTURE_ONLY)
+    request = PlanOptions(
+        mode="weights", model_id=3, verify=True, round_to=16, max_skew=None, min_keep_ratio=0.5
+    )
+    assert planner_options(request) == PlannerOptions(
+        mode=PlanMode.WEIGHTS, round_to=16, max_skew=None, min_keep_ratio=0.5
+    )
 
 
 def test_verify_on_a_remote_device_is_queued_for_its_agent(

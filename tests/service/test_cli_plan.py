@@ -9,8 +9,10 @@ import pytest
 from safetensors.torch import save_file
 
 from lpnet.arch.groups import channel_layout
+from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO
 from lpnet.predictor.artifact import load_predictor
 from lpnet.pruning import load_pruned
+from service.cli import build_parser
 from service.config import Settings
 from service.main import create_app
 from service.testing.tiny import TinyProfile, tiny_module
@@ -114,3 +116,24 @@ def test_a_remote_plan_through_the_client(
     assert plan["predicted"]["total_ms"] <= budget
     assert plan["predictor_id"] > 0
     assert "GROUP" in out and "succeeded" in err
+
+
+def test_plan_flags_take_the_planners_defaults_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["plan", "--device", "tiny-cpu", "resnet18", "--budget-ms", "1"]
+    args = build_parser().parse_args(base)
+    assert (args.round_to, args.max_skew, args.min_keep_ratio) == (
+        ROUND_TO.default,
+        MAX_SKEW.default,
+        MIN_KEEP_RATIO.default,
+    )
+    args = build_parser().parse_args([*base, "--max-skew", "none", "--round-to", "16"])
+    assert (args.max_skew, args.round_to) == (None, 16)
+    for flags, words in (
+        (["--min-keep-ratio", "0"], "argument --min-keep-ratio: must be in (0, 1], got 0"),
+        (["--round-to", "512"], "argument --round-to: must be in [1, 256], got 512"),
+        (["--max-skew", "wide"], "argument --max-skew: expected a number, got 'wide'"),
+        (["--mode", "train"], "argument --mode: invalid choice: 'train'"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([*base, *flags])
+        assert exited.value.code == 2 and words in capsys.readouterr().err

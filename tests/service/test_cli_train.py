@@ -1,4 +1,5 @@
-"""`lpnet train`: the train mode end to end on scikit-learn's digits, as a real process."""
+"""`lpnet train`: the train mode end to end on scikit-learn's digits, as a real process, and the requests
+`service.train.run.run_train` refuses before it loads or measures anything."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from lpnet.arch.from_torch import network_from_module
-from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
+from lpnet.predictor.artifact import load_predictor
 from lpnet.pruning import check_channels, load_pruned
 from profiler.variants import width_variants
+from service.errors import DatasetUnavailable, InvalidInput
+from service.testing.tiny import TinyProfile
+from service.train.run import TrainRequest, run_train
+from service.train.smallnet import SmallResNet, SmallResNetConfig
 
 # At 24x24 the smallest widths run in about a third of the unpruned time; at 8x8 framework overhead
 # left them at about half, too close to a budget of 0.6 for a noisy measurement of the unpruned net.
@@ -135,7 +140,7 @@ def test_train_needs_a_data_path_for_image_folders(tmp_path: Path) -> None:
         str(tmp_path),
     )
     assert result.returncode == 2
-    assert "--data" in result.stderr
+    assert "the imagefolder dataset is read from disk: give its data folder" in result.stderr
 
 
 def test_train_rejects_a_budget_share_above_one(tmp_path: Path) -> None:
@@ -149,11 +154,34 @@ def test_train_rejects_a_skew_below_one(tmp_path: Path) -> None:
         "train", "--fit-variants", "20", "--budget-ms", "1", "--max-skew", "0.5", "--output", str(tmp_path)
     )
     assert result.returncode == 2
-    assert "--max-skew: must be 1 or more, got 0.5" in result.stderr
+    assert "--max-skew: must be at least 1, got 0.5" in result.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_train_needs_enough_variants_to_fit_a_predictor(tmp_path: Path) -> None:
     result = lpnet("train", "--fit-variants", "5", "--budget-ms", "1", "--output", str(tmp_path))
     assert result.returncode == 2
-    assert "--fit-variants must be at least 20" in result.stderr
+    assert "fit_variants must be at least 20" in result.stderr
+
+
+def test_a_train_request_is_refused_before_anything_loads_or_runs(
+    tmp_path: Path, tiny_profile: TinyProfile
+) -> None:
+    predictor = load_predictor(tiny_profile.fitted.artifact)
+    for request, words in (
+        (TrainRequest(fit_variants=20), "exactly one of budget_ms and budget_share"),
+        (TrainRequest(budget_ms=1.0, budget_share=0.5, fit_variants=20), "exactly one of budget_ms"),
+        (TrainRequest(budget_ms=1.0), "exactly one of a predictor and fit_variants"),
+        (TrainRequest(budget_ms=1.0, predictor=predictor, fit_variants=20), "exactly one of a predictor"),
+        (TrainRequest(budget_ms=1.0, fit_variants=5), "fit_variants must be at least 20"),
+        (TrainRequest(budget_ms=1.0, fit_variants=20, dataset="cifar10"), "give its data folder"),
+        (TrainRequest(budget_ms=1.0, fit_variants=20, dataset="mnist"), "unknown dataset 'mnist'"),
+        (
+            TrainRequest(budget_ms=1.0, fit_variants=20, dataset="cifar10", data=tmp_path, image_size=64),
+            "CIFAR-10 images are 32x32, not 64",
+        ),
+    ):
+        with pytest.raises(InvalidInput, match=words):
+            run_train(request)
+    with pytest.raises(DatasetUnavailable, match="cifar-10-batches-py"):
+        run_train(TrainRequest(budget_ms=1.0, fit_variants=20, dataset="cifar10", data=tmp_path))

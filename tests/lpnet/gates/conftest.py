@@ -14,7 +14,6 @@ import torch
 
 from lpnet.arch.from_torch import network_from_module, network_from_torchvision
 from lpnet.arch.ir import Network
-from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import TrainConfig, fit_predictor
@@ -22,6 +21,7 @@ from profiler.backends.base import get_backend
 from profiler.measure import measure_network
 from profiler.protocol import TimingProtocol
 from profiler.variants import measure_width_variants
+from service.train.smallnet import SmallResNet, SmallResNetConfig
 
 TINY_CONFIG = SmallResNetConfig(in_channels=3, num_classes=10, widths=(32, 64, 128))
 TINY_INPUT = (1, 3, 32, 32)

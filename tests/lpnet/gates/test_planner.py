@@ -16,7 +16,9 @@ from lpnet.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.allocation import AllocationBand, AllocationPolicy, BandedFit, uniform_ratio, uniform_widths
 from lpnet.gates.chart import layer_latency_chart
 from lpnet.gates.datafree import DataFreeConfig
-from lpnet.gates.planner import PlanMode, PlanningProblem, PlanOptions, plan
+from lpnet.gates.options import PlanMode
+from lpnet.gates.planner import PlanOptions, plan
+from lpnet.gates.problem import PlanningProblem
 from lpnet.gates.result import MeasuredLatency, PlanResult
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices

@@ -11,23 +11,26 @@ import torch
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
 from lpnet.arch.ir import Network
-from lpnet.errors import DatasetUnavailable, InvalidPlanOptions
+from lpnet.errors import InvalidPlanOptions
 from lpnet.gates.allocation import AllocationBand, AllocationPolicy
-from lpnet.gates.datasets import (
+from lpnet.gates.planner import PlanOptions, optimise_widths
+from lpnet.gates.problem import PlanningProblem
+from lpnet.gates.supervised import CosineSpan, evaluate_accuracy
+from lpnet.gates.training import TrainPruneConfig, train_and_prune
+from lpnet.predictor.model import LPNetConfig
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.predictor.train import TrainConfig, fit_predictor
+from lpnet.pruning import check_channels
+from profiler.variants import measure_width_variants
+from service.errors import DatasetUnavailable
+from service.train.datasets import (
     DataLoaders,
     cifar10_loaders,
     digits_loaders,
     distort_digits,
     image_folder_loaders,
 )
-from lpnet.gates.planner import PlanningProblem, PlanOptions, optimise_widths
-from lpnet.gates.smallnet import SmallResNet, SmallResNetConfig
-from lpnet.gates.training import CosineSpan, TrainPruneConfig, evaluate_accuracy, train_and_prune
-from lpnet.predictor.model import LPNetConfig
-from lpnet.predictor.predict import LatencyPredictor
-from lpnet.predictor.train import TrainConfig, fit_predictor
-from lpnet.pruning import check_channels
-from profiler.variants import measure_width_variants
+from service.train.smallnet import SmallResNet, SmallResNetConfig
 from tests.lpnet.gates.conftest import Measure
 
 

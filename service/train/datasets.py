@@ -1,4 +1,4 @@
-"""Dataset helpers for the train mode: scikit-learn's digits, an ImageFolder tree, CIFAR-10 on disk.
+"""Datasets for the train mode: scikit-learn's digits, an ImageFolder tree, CIFAR-10 on disk.
 
 Nothing is downloaded: digits ship with scikit-learn, and the others read files the caller already has.
 """
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lpnet.errors import DatasetUnavailable
+from service.errors import DatasetUnavailable, InvalidInput
+from service.train import DATASETS
 
 # Per-channel statistics of CIFAR-10's training set, the usual normalisation.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -31,6 +32,30 @@ class DataLoaders:
     val: DataLoader
     input_chw: tuple[int, int, int]
     num_classes: int
+
+
+def load_dataset(
+    name: str, root: Path | None, image_size: int | None, batch_size: int, seed: int = 0
+) -> DataLoaders:
+    """The dataset `name` (one of `DATASETS`), read from `root` unless it is digits.
+
+    `image_size` defaults to 16 for digits and 224 for an image folder; CIFAR-10 is 32 only.
+
+    Raises:
+        InvalidInput: an unknown dataset, no `root` for one read from disk, or another size for CIFAR-10.
+        DatasetUnavailable: the files are not under `root`.
+    """
+    if name not in DATASETS:
+        raise InvalidInput(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}", {"dataset": name})
+    if name == "digits":
+        return digits_loaders(batch_size=batch_size, image_size=image_size or 16, seed=seed)
+    if root is None:
+        raise InvalidInput(f"the {name} dataset is read from disk: give its data folder", {"dataset": name})
+    if name == "imagefolder":
+        return image_folder_loaders(root, image_size=image_size or 224, batch_size=batch_size, seed=seed)
+    if image_size not in (None, 32):
+        raise InvalidInput(f"CIFAR-10 images are 32x32, not {image_size}", {"image_size": image_size})
+    return cifar10_loaders(root, batch_size=batch_size, seed=seed)
 
 
 def digits_loaders(
