@@ -26,9 +26,10 @@ from lpnet.arch.ir import Network
 from lpnet.arch.onnx_io import network_from_onnx
 from lpnet.errors import InvalidArchitecture, InvalidPlanOptions, PruningFailed
 from lpnet.gates.options import PlanMode
-from lpnet.gates.planner import MeasureFn, PlanOptions
+from lpnet.gates.planner import PlanOptions
 from lpnet.gates.planner import plan as plan_widths
 from lpnet.gates.result import PlanResult
+from lpnet.measurement import MeasureFn
 from lpnet.predictor.artifact import load_predictor as load_predictor_bytes
 from lpnet.predictor.predict import LatencyPredictor, Prediction
 from lpnet.pruning import ir_state_dict, prune_module

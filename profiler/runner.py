@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -18,7 +18,7 @@ from profiler.device import DeviceSpec
 from profiler.environment import collect_environment
 from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
-from profiler.sampling import Sampler, Scorer
+from profiler.sampling import BucketKey, Sampler, Scorer
 from profiler.sinks import MeasurementSink
 from profiler.speed import SpeedProbe
 
@@ -165,19 +165,9 @@ def run_profile(
     backend = backend or device.create_backend()
     if backend.name != device.backend:
         raise ValueError(f"backend {backend.name!r} does not match the device spec's {device.backend!r}")
-    buckets = sampler.buckets()
-    if not backend.supports_layerwise:
-        dropped = [b for b in buckets if b[1] is MeasurementKind.IN_CONTEXT]
-        if dropped:
-            logger.warning(
-                "backend %s cannot time layers in context; skipping %d in_context bucket(s)",
-                backend.name,
-                len(dropped),
-            )
-        buckets = [b for b in buckets if b[1] is not MeasurementKind.IN_CONTEXT]
     _warn_if_busy(backend.threads)
     probe = SpeedProbe().run if speed_probe and backend.runs_on_cpu else None
-    planner = BudgetPlanner.from_minutes(buckets, budget_minutes)
+    planner = BudgetPlanner.from_minutes(_measurable_buckets(sampler, backend), budget_minutes)
     summary = RunSummary(device=device, budget_minutes=budget_minutes)
     done = set(sink.done_keys())
     started = time.perf_counter()
@@ -207,11 +197,7 @@ def run_profile(
             summary.add(measurement, seconds)
             if on_measurement is not None:
                 on_measurement(measurement)
-            summary.skipped = sampler.skipped
-            total = _estimated_total(sampler, planner, summary)
-            if total is not None:
-                bar.total = max(total, summary.measured)
-            bar.update(1)
+            _advance(bar, sampler, planner, summary)
     except KeyboardInterrupt:
         summary.interrupted = True
         logger.warning("interrupted after %d measurement(s); rerun to resume", summary.measured)
@@ -220,6 +206,30 @@ def run_profile(
         summary.skipped = sampler.skipped
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _advance(bar: tqdm[Any], sampler: Sampler, planner: BudgetPlanner, summary: RunSummary) -> None:
+    """Count a finished sample in the summary and the progress bar, re-estimating the bar's total."""
+    summary.skipped = sampler.skipped
+    total = _estimated_total(sampler, planner, summary)
+    if total is not None:
+        bar.total = max(total, summary.measured)
+    bar.update(1)
+
+
+def _measurable_buckets(sampler: Sampler, backend: Backend) -> list[BucketKey]:
+    """The sampler's buckets the backend can measure (in-context layers need layer-wise timing)."""
+    buckets = sampler.buckets()
+    if backend.supports_layerwise:
+        return buckets
+    dropped = [b for b in buckets if b[1] is MeasurementKind.IN_CONTEXT]
+    if dropped:
+        logger.warning(
+            "backend %s cannot time layers in context; skipping %d in_context bucket(s)",
+            backend.name,
+            len(dropped),
+        )
+    return [b for b in buckets if b[1] is not MeasurementKind.IN_CONTEXT]
 
 
 def _warn_if_busy(threads: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from lpnet.arch.ir import Network
-from lpnet.gates.result import MeasuredLatency
+from lpnet.measurement import MeasuredLatency
 from profiler.backends.base import Backend
 from profiler.measure import measure_network
 from profiler.protocol import TimingProtocol, TimingResult

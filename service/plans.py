@@ -46,9 +46,8 @@ from service.schemas.plans import PlanCreate, PlanOptions, PlanRead
 from service.uploads import get_model_upload, load_weights
 
 if TYPE_CHECKING:
-    from lpnet.gates.planner import MeasureFn
     from lpnet.gates.planner import PlanOptions as PlannerOptions
-    from lpnet.gates.result import MeasuredLatency
+    from lpnet.measurement import MeasuredLatency, MeasureFn
 
 logger = logging.getLogger(__name__)
 

@@ -63,18 +63,16 @@ from lpnet.gates.result import (
     GroupPlan,
     LatencyEstimate,
     LayerPlan,
-    MeasuredLatency,
     PlanResult,
     VerificationRound,
 )
 from lpnet.gates.wgates import GateSet, WGateConfig
+from lpnet.measurement import MeasuredLatency, MeasureFn
 from lpnet.predictor.predict import LatencyPredictor, Prediction
 from lpnet.pruning import group_l1_scores, module_with_weights, top_k_indices
 
 logger = logging.getLogger(__name__)
 
-MeasureFn = Callable[[Network], float | MeasuredLatency]
-"""Measures a (pruned) network: its median in ms, or a `MeasuredLatency` when speed-probed."""
 
 WidthSolver = Callable[[float], list[int]]
 """Grid widths for an internal budget (ms): one verification round's plan."""

@@ -45,7 +45,6 @@ from lpnet.gates.options import (
     PlanMode,
 )
 from lpnet.gates.planner import (
-    MeasureFn,
     PlanOptions,
     SharedPlanOptions,
     Verification,
@@ -54,7 +53,7 @@ from lpnet.gates.planner import (
     verification_loop,
 )
 from lpnet.gates.problem import PlanningProblem
-from lpnet.gates.result import MeasuredLatency, PlanResult
+from lpnet.gates.result import PlanResult
 from lpnet.gates.supervised import (
     Batches,
     CosineSpan,
@@ -64,6 +63,7 @@ from lpnet.gates.supervised import (
     train_epochs,
 )
 from lpnet.gates.wgates import GateSet, WGateConfig
+from lpnet.measurement import MeasuredLatency, MeasureFn
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import PrunedModel, prune_module, top_k_indices
 

@@ -19,7 +19,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.arch.ir import Network
-from lpnet.gates.result import MeasuredLatency
+from lpnet.measurement import MeasuredLatency
 from profiler.protocol import TimingProtocol
 from profiler.speed import PROBE_VERSION
 from service.agents.tasks import FINISHED_STATUSES, OPEN_STATUSES, cancel_task, cancel_tasks
@@ -32,7 +32,7 @@ from service.jobs.queue import Deferred
 
 if TYPE_CHECKING:
     # Only the type: the planner module imports onnx, which the service loads when it first needs it.
-    from lpnet.gates.planner import MeasureFn
+    from lpnet.measurement import MeasureFn
 
 logger = logging.getLogger(__name__)
 

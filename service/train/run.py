@@ -22,9 +22,9 @@ from torch import nn
 
 from lpnet.arch.ir import Network
 from lpnet.gates.chart import layer_latency_chart
-from lpnet.gates.result import MeasuredLatency
 from lpnet.gates.supervised import evaluate_accuracy, train_epochs
 from lpnet.gates.training import TrainedPlan, TrainPruneConfig, train_and_prune
+from lpnet.measurement import MeasuredLatency
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import MIN_NETWORK_SAMPLES, TrainConfig, fit_predictor
 from lpnet.pruning import dump_pruned, export_pruned_onnx

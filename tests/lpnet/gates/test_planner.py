@@ -19,7 +19,8 @@ from lpnet.gates.datafree import DataFreeConfig
 from lpnet.gates.options import PlanMode
 from lpnet.gates.planner import PlanOptions, plan
 from lpnet.gates.problem import PlanningProblem
-from lpnet.gates.result import MeasuredLatency, PlanResult
+from lpnet.gates.result import PlanResult
+from lpnet.measurement import MeasuredLatency
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.pruning import ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
