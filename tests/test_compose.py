@@ -428,14 +428,8 @@ def http_ok(url: str, key: str | None = None) -> httpx.Response | None:
     return response if response.status_code == 200 else None
 
 
-@pytest.mark.postgres
-@pytest.mark.slow
-def test_the_services_run_against_postgres(
-    postgres_url: str, tmp_path: Path, started: Started, tiny_profile: TinyProfile
-) -> None:
-    local = Localized(postgres_url, tmp_path)
-
-    # postgres: its healthcheck (pg_isready on 127.0.0.1, the container's own address there) answers.
+def check_postgres_healthcheck(local: Localized) -> None:
+    """postgres: its healthcheck (pg_isready on 127.0.0.1, the container's own address there) answers."""
     check = local.service("postgres")["healthcheck"]["test"]
     assert check[0] == "CMD-SHELL"
     if (
@@ -447,7 +441,9 @@ def test_the_services_run_against_postgres(
         result = subprocess.run(["sh", "-c", check[1]], env=env, capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
 
-    # api: migrate, then serve (on loopback here, not 0.0.0.0).
+
+def start_api(local: Localized, started: Started) -> tuple[str, str]:
+    """api: migrate, then serve (on loopback here, not 0.0.0.0); its URL and admin key."""
     api_env = {**local.env("api"), "LPNET_HOST": "127.0.0.1", "LPNET_PORT": str(local.api_port)}
     started.start("api", local.command("api"), api_env)
     base = f"http://127.0.0.1:{local.api_port}"
@@ -458,6 +454,45 @@ def test_the_services_run_against_postgres(
     assert result.returncode == 0, result.stderr
     admin_key = api_env["LPNET_ADMIN_KEY"]
     assert http_ok(f"{base}/v1/devices", admin_key) is not None, "LPNET_ADMIN_KEY is not an admin key"
+    return base, admin_key
+
+
+def check_agent_takes_its_campaign(
+    local: Localized, started: Started, base: str, admin_key: str, tmp_path: Path
+) -> None:
+    """The agent registers its device with the admin key, switches to an agent key of its own kept in
+    the (localized) state volume, and leases the campaign of the budget it was given. Measuring for
+    that budget is the agent's own test (tests/profiler); here it is stopped once the campaign is its.
+    Started after the plan: once it leases its campaign it measures, and would slow everything else."""
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    agent_command = local.command("agent")
+    assert agent_command[agent_command.index("--server") + 1] == base
+    started.start("agent", agent_command, local.env("agent"))
+
+    def campaign_leased() -> dict[str, Any] | None:
+        answer = http_ok(f"{base}/v1/devices/container-cpu/tasks", admin_key)
+        tasks = answer.json() if answer is not None else []
+        return tasks[0] if tasks and tasks[0]["status"] == "leased" else None
+
+    task = wait_for("the agent's campaign", campaign_leased, 60, started, ["api", "agent"])
+    assert task["kind"] == "profile_campaign" and task["payload"]["budget_minutes"] == 0.05
+    state_dir = Path(local.env("agent")["LPNET_AGENT_STATE_DIR"])
+    assert state_dir.is_relative_to(tmp_path)
+    state = json.loads((state_dir / "agent.json").read_text())
+    assert state["device_name"] == "container-cpu" and state["agent_key"] != admin_key
+    assert task["lease_owner"] == state["agent_id"]
+    device = httpx.get(f"{base}/v1/devices/container-cpu", headers=headers, timeout=5)
+    assert device.status_code == 200 and device.json()["is_local"] is False, device.text
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_the_services_run_against_postgres(
+    postgres_url: str, tmp_path: Path, started: Started, tiny_profile: TinyProfile
+) -> None:
+    local = Localized(postgres_url, tmp_path)
+    check_postgres_healthcheck(local)
+    base, admin_key = start_api(local, started)
 
     # Two workers (`--scale worker=2`) and the agent, each with its own command and environment.
     workers = ("worker-1", "worker-2")
@@ -493,28 +528,7 @@ def test_the_services_run_against_postgres(
     owner = job_owner(postgres_url, int(accepted.json()["job_id"]))
     assert int(owner.split(":")[-2]) in {started.processes[name].pid for name in workers}
 
-    # Started after the plan: once it leases its campaign it measures, and would slow everything else.
-    agent_command = local.command("agent")
-    assert agent_command[agent_command.index("--server") + 1] == base
-    started.start("agent", agent_command, local.env("agent"))
-
-    # The agent: it registers its device with the admin key, switches to an agent key of its own kept in
-    # the (localized) state volume, and leases the campaign of the budget it was given. Measuring for
-    # that budget is the agent's own test (tests/profiler); here it is stopped once the campaign is its.
-    def campaign_leased() -> dict[str, Any] | None:
-        answer = http_ok(f"{base}/v1/devices/container-cpu/tasks", admin_key)
-        tasks = answer.json() if answer is not None else []
-        return tasks[0] if tasks and tasks[0]["status"] == "leased" else None
-
-    task = wait_for("the agent's campaign", campaign_leased, 60, started, ["api", "agent"])
-    assert task["kind"] == "profile_campaign" and task["payload"]["budget_minutes"] == 0.05
-    state_dir = Path(local.env("agent")["LPNET_AGENT_STATE_DIR"])
-    assert state_dir.is_relative_to(tmp_path)
-    state = json.loads((state_dir / "agent.json").read_text())
-    assert state["device_name"] == "container-cpu" and state["agent_key"] != admin_key
-    assert task["lease_owner"] == state["agent_id"]
-    device = httpx.get(f"{base}/v1/devices/container-cpu", headers=headers, timeout=5)
-    assert device.status_code == 200 and device.json()["is_local"] is False, device.text
+    check_agent_takes_its_campaign(local, started, base, admin_key, tmp_path)
 
     # Everything stops cleanly on SIGTERM (what `docker compose stop` sends). uvicorn exits by the
     # signal it got once its shutdown completed.
