@@ -9,16 +9,8 @@ from lpnet.arch.groups import channel_groups
 from lpnet.arch.ir import Layer, Network, Op
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
-from profiler.sampling import (
-    ListSampler,
-    Sample,
-    SamplingConfig,
-    StratifiedSampler,
-    latin_hypercube,
-    sample_key,
-    scale_layer,
-    widths_from_ratios,
-)
+from profiler.sampling import ListSampler, Sample, SamplingConfig, StratifiedSampler, sample_key
+from profiler.variation import latin_hypercube, scale_layer, widths_from_ratios
 
 NET, CTX, ISO = MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT, MeasurementKind.ISOLATED
 
