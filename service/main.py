@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_fastapi_instrumentator import Instrumentator
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.deps import scoped
 from service.api.errors import install_error_handlers
@@ -104,19 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)
         # The child process that traces torchvision names imports torch and torchvision: start it now.
         app.state.latency.tracer.start()
-        pool: WorkerPool | None = None
         if settings.first_run.enabled:
             # Before the workers start: a bootstrap job left running by a killed server is requeued first.
             start_first_run(settings, session_factory)
-        if settings.worker.embedded:
-            pool = WorkerPool(
-                session_factory,
-                serving_registry(),
-                threads=settings.worker.threads,
-                lease_seconds=settings.worker.lease_seconds,
-                poll_seconds=settings.worker.poll_seconds,
-            )
-            pool.start()
+        pool = _embedded_workers(settings, session_factory)
         app.state.worker_pool = pool
         try:
             yield
@@ -155,6 +147,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrumentator.instrument(app)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _embedded_workers(settings: Settings, session_factory: sessionmaker[Session]) -> WorkerPool | None:
+    """The serving process's own worker threads, started (None with ``LPNET_WORKER__EMBEDDED=false``)."""
+    if not settings.worker.embedded:
+        return None
+    pool = WorkerPool(
+        session_factory,
+        serving_registry(),
+        threads=settings.worker.threads,
+        lease_seconds=settings.worker.lease_seconds,
+        poll_seconds=settings.worker.poll_seconds,
+    )
+    pool.start()
+    return pool
 
 
 def _body_limits(settings: Settings) -> tuple[BodyLimit, dict[Any, BodyLimit]]:

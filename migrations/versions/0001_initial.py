@@ -22,6 +22,14 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    _create_devices_keys_and_uploads()
+    _create_jobs_tasks_and_runs()
+    _create_layer_measurements()
+    _create_network_measurements_and_batches()
+
+
+def _create_devices_keys_and_uploads() -> None:
+    """Devices, model uploads and API keys."""
     op.create_table(
         "device",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -77,6 +85,9 @@ def upgrade() -> None:
     op.create_index(op.f("ix_api_key_device_id"), "api_key", ["device_id"], unique=False)
     op.create_index(op.f("ix_api_key_prefix"), "api_key", ["prefix"], unique=False)
 
+
+def _create_jobs_tasks_and_runs() -> None:
+    """Jobs, agent tasks and profile runs."""
     op.create_table(
         "job",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -146,6 +157,9 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_profile_run_device_id"), "profile_run", ["device_id"], unique=False)
 
+
+def _create_layer_measurements() -> None:
+    """Layer measurements."""
     op.create_table(
         "layer_measurement",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -193,6 +207,10 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_layer_measurement_run_id"), "layer_measurement", ["run_id"], unique=False)
 
+
+
+def _create_network_measurements_and_batches() -> None:
+    """Network measurements and profile batches."""
     op.create_table(
         "network_measurement",
         sa.Column("id", sa.Integer(), nullable=False),
