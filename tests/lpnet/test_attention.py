@@ -4,7 +4,7 @@ merging, MaxViT's window and grid attention.
 Traced from tiny torchvision configurations, validated, costed (against torch's own FLOP counter
 of the rebuilt module), rebuilt, grouped for pruning and read back from torch.onnx.export files
 (in detail in test_onnx_io_attention.py and test_onnx_io_windows.py); the ONNX export of a rebuilt
-module's attention is refused by name.
+module's attention reads back as the same network.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
+import onnx
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,11 +184,61 @@ def test_only_mlp_widths_of_a_transformer_are_prunable() -> None:
     assert build_module(pruned)(torch.zeros(SHAPE)).shape == (2, 10)
 
 
-def test_onnx_exports_of_attention_are_refused_by_name() -> None:
-    network = network_from_module(tiny_vit(), SHAPE)
-    data = export_onnx(build_module(network), SHAPE)
-    with pytest.raises(UnsupportedOperator, match="unsupported operator 'attention'"):
-        network_from_onnx(data)
+# Attention layers as each transformer has them: global over a token sequence (ViT), in windows
+# padded to whole windows and shifted with a position bias (Swin), in windows dilated over the map
+# without biases (MaxViT's grid attention, here with a shift too).
+ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
+    "global": {"hw": (1, 17), "kernel": (1, 17)},
+    "shifted windows": {"hw": (6, 7), "kernel": (4, 4), "shift": (2, 2), "position_bias": True},
+    "dilated windows": {
+        "hw": (8, 8), "kernel": (2, 2), "dilation": (4, 4), "shift": (1, 0), "bias": False,
+        "position_bias": True,
+    },
+}  # fmt: skip
+
+
+def attention_network(hw: tuple[int, int], **fields: Any) -> Network:
+    """A layer norm, attention, the residual add and a second attention: the first one reads the
+    normalised map channels last in the export (the exporter drops the two transposes between them),
+    the second one the map channels first."""
+    common = {"in_channels": 8, "out_channels": 8, "in_hw": hw, "out_hw": hw}
+    attention = {"op": Op.ATTENTION, "groups": 2, "bias": True, **common, **fields}
+    layers = [
+        Layer(name="norm", op=Op.LAYERNORM, inputs=["input"], **common),
+        Layer(name="attend", inputs=["norm"], **attention),
+        Layer(name="residual", op=Op.ADD, inputs=["input", "attend"], **common),
+        Layer(name="again", inputs=["residual"], **attention),
+    ]
+    return Network(input_shape=(2, 8, *hw), layers=layers, outputs=["again"])
+
+
+@pytest.mark.parametrize("variant", ATTENTION_VARIANTS)
+def test_the_onnx_export_of_a_built_attention_reads_back_as_the_same_network(variant: str) -> None:
+    fields = dict(ATTENTION_VARIANTS[variant])
+    network = attention_network(**fields)
+    again = network_from_onnx(export_onnx(build_module(network), network.input_shape))
+    assert again.content_hash == network.content_hash
+    other = attention_network(**(fields | {"position_bias": not fields.get("position_bias", False)}))
+    assert network_from_onnx(export_onnx(build_module(other), other.input_shape)).content_hash != (
+        network.content_hash
+    )
+
+
+def test_a_traced_maxvit_built_and_exported_reads_back_as_itself() -> None:
+    network = network_from_module(tiny_maxvit(), SHAPE)
+    assert network_from_onnx(export_onnx(build_module(network), SHAPE)).content_hash == network.content_hash
+
+
+def test_a_built_attention_export_differing_in_one_node_is_refused_naming_it() -> None:
+    network = attention_network(**ATTENTION_VARIANTS["shifted windows"])
+    model = onnx.load_from_string(export_onnx(build_module(network), network.input_shape))
+    (softmax,) = [node for node in model.graph.node if node.name == "/attend/Softmax"]
+    softmax.attribute[0].i = 2  # over the queries, not the keys
+    with pytest.raises(UnsupportedOperator) as refused:
+        network_from_onnx(model.SerializeToString())
+    assert refused.value.op == "attention"
+    assert "does not match at node '/attend/Softmax'" in refused.value.message
+    assert LPNET_ERROR_STATUS[type(refused.value)] == 422
 
 
 @pytest.mark.parametrize(

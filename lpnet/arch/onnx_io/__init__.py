@@ -14,7 +14,8 @@ arithmetic on the static input shape, Swin's masks and position biases) are fold
 operator family (`windows`, `affine`, `elementwise`, `normalisation`, `views`, `tokens`). Subgraphs
 torch.onnx.export writes for one module are found first (`subgraphs`) and read as one layer or view
 each: the self-attention of nn.MultiheadAttention (`attention`), Swin's shifted-window attention and
-patch merging (`shifted_windows`), MaxViT's partitions and attention (`partitions`).
+patch merging (`shifted_windows`), MaxViT's partitions and attention (`partitions`), and the IR's own
+attention module as `export_onnx` writes a built network (`built_attention`).
 """
 
 from lpnet.arch.onnx_io.export import export_onnx

@@ -1,7 +1,8 @@
 """A folded, shape-inferred graph converted node by node into IR layers, by the rule of each operator.
 
 Subgraphs read as one layer or one view are found first: self-attention (ViT's in `attention`,
-Swin's in `shifted_windows`, MaxViT's in `partitions`), Swin's patch merging and MaxViT's partitions.
+Swin's in `shifted_windows`, MaxViT's in `partitions`, the IR's own module's in `built_attention`),
+Swin's patch merging and MaxViT's partitions.
 Each is converted at its last node, and its other nodes are skipped.
 """
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from lpnet.arch.ir import NETWORK_INPUT, Network, architecture_error
 from lpnet.arch.onnx_io import (
     affine,
+    built_attention,
     elementwise,
     normalisation,
     partitions,
@@ -64,8 +66,8 @@ _LAYER_RULES: dict[str, LayerRule] = {
 }
 # The attention subgraphs read as `attention` layers.
 ATTENTION_PATTERNS = (
-    "the self-attention of nn.MultiheadAttention (ViT's), Swin's shifted-window attention or MaxViT's "
-    "attention as torch.onnx.export writes them"
+    "the self-attention of nn.MultiheadAttention (ViT's), Swin's shifted-window attention, MaxViT's "
+    "attention or lpnet's own attention module as torch.onnx.export writes them"
 )
 # What the subgraphs that view their input in another layout (or merge its positions) are read as.
 _PATCH_MERGING = "slices of a map concatenated along its channels are read only as Swin's patch merging"
@@ -186,9 +188,10 @@ def find_subgraphs(state: Conversion) -> Subgraphs:
         products = node.op_type in ("MatMul", "Einsum") and not any(v in state.constants for v in node.input)
         if found.claims(position) or not products:
             continue
-        match: SubgraphMatcher = (
-            shifted_windows.match_attention if node.op_type == "MatMul" else partitions.match_attention
-        )
+        match: SubgraphMatcher = partitions.match_attention
+        if node.op_type == "MatMul":
+            built = built_attention.is_candidate(index, node)
+            match = built_attention.match_attention if built else shifted_windows.match_attention
         try:
             found.add(match(state, index, position), state.graph)
         except Mismatch as exc:

@@ -82,6 +82,9 @@ class ConstantFolder:
     Results of at most MAX_FOLDED_ELEMENTS elements computed from inputs with values are evaluated by
     onnx's reference evaluator; the others (weights cast, reshaped or filled in by ConstantOfShape)
     keep their type and shape only. Shape and Size of a tensor whose shape is static read that shape.
+    A Constant node holding a tensor is that tensor, read without inference or evaluation. Nodes of one
+    operator with the same attributes share one evaluator (exporters repeat the same Unsqueeze, Gather
+    and Concat of shapes hundreds of times).
     The nodes that are kept are typed the same way, in graph order, so that a shape computed from the
     output of one of them (Swin's padding and window sizes, block after block) folds in the same pass.
     """
@@ -97,6 +100,8 @@ class ConstantFolder:
             for name, tensor in self.constants.items()
             if numel(tuple(tensor.dims)) <= MAX_FOLDED_ELEMENTS
         }
+        # An evaluator of one node by its operator, attributes and which inputs and outputs it has.
+        self.evaluators: dict[tuple[object, ...], ReferenceEvaluator] = {}
         # The element type and dimensions of every tensor with a static shape.
         self.static_shapes: dict[str, tuple[int, tuple[int, ...]]] = {}
         for value in itertools.chain(self.graph.input, self.graph.value_info):
@@ -134,6 +139,9 @@ class ConstantFolder:
         return all(value in self.constants for value in inputs)
 
     def _fold(self, node: onnx.NodeProto) -> list[TensorProto]:
+        held = self._held_tensor(node)
+        if held is not None:
+            return [held]
         inputs = [value for value in node.input if value]
         valued = {value: self.constants[value] for value in inputs if value in self.with_values}
         types = {value: helper.make_tensor_type_proto(*self._signature(value)) for value in inputs}
@@ -144,6 +152,31 @@ class ConstantFolder:
             self.with_values.update(tensor.name for tensor in results)
             return results
         return [TensorProto(name=out, data_type=elem, dims=dims) for out, (elem, dims) in outputs.items()]
+
+    def _held_tensor(self, node: onnx.NodeProto) -> TensorProto | None:
+        """The tensor a Constant node holds in its `value` attribute, named as its output; None for other
+        nodes and other forms of Constant, which are inferred and evaluated."""
+        attrs = node.attribute
+        if node.op_type != "Constant" or len(attrs) != 1 or attrs[0].name != "value" or len(node.output) != 1:
+            return None
+        held = attrs[0].t
+        if held.data_type == TensorProto.UNDEFINED or held.data_location == TensorProto.EXTERNAL:
+            return None
+        where, out, dims = node_name(node), node.output[0], tuple(held.dims)
+        subject = f"constant {out!r} computed by node {where!r}"
+        check_rank(len(dims), subject)
+        check_elements(dims, subject)
+        if numel(dims) > MAX_FOLDED_ELEMENTS:  # its data was dropped with the weights'
+            return TensorProto(name=out, data_type=held.data_type, dims=dims)
+        try:
+            tensor = numpy_helper.from_array(numpy_helper.to_array(held), out)
+        except Exception as exc:  # data that does not fit its declared type and shape
+            raise InvalidArchitecture(
+                f"ONNX constant node {where!r} (Constant) could not be evaluated: {exc}",
+                {"node": where, "op": node.op_type},
+            ) from exc
+        self.with_values.add(out)
+        return tensor
 
     def _type_kept(self, node: onnx.NodeProto) -> None:
         """Record the static shapes of a kept node's outputs when its inputs' shapes are static.
@@ -223,21 +256,13 @@ class ConstantFolder:
     ) -> list[TensorProto]:
         """Run `node` with onnx's reference evaluator; every output is within MAX_FOLDED_ELEMENTS."""
         where = node_name(node)
-        inputs = [value for value in node.input if value]
-        untyped = onnx.TypeProto()
-        graph = helper.make_graph(
-            [node],
-            "fold",
-            [helper.make_value_info(value, untyped) for value in inputs],
-            [helper.make_value_info(out, untyped) for out in outputs],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         try:
-            feeds = {value: self._feed(value, valued) for value in inputs}
+            evaluator = self._evaluator(node)
+            feeds = {f"i{k}": self._feed(value, valued) for k, value in enumerate(node.input) if value}
             # Overflow or division by zero is the file's arithmetic, not an error of the reader: a
             # folded weight's values are never used, and a folded shape is checked where it is used.
             with np.errstate(all="ignore"):
-                results = ReferenceEvaluator(model).run(None, feeds)
+                results = evaluator.run(None, feeds)
             tensors = []
             for (out, (elem, dims)), result in zip(outputs.items(), results, strict=True):
                 array = np.asarray(result, dtype=helper.tensor_dtype_to_np_dtype(elem))
@@ -250,6 +275,27 @@ class ConstantFolder:
                 {"node": where, "op": node.op_type},
             ) from exc
         return tensors
+
+    def _evaluator(self, node: onnx.NodeProto) -> ReferenceEvaluator:
+        """The evaluator of `node` with its inputs and outputs renamed by position (i0, i1, ... and o0,
+        o1, ...), shared by the nodes of the same operator, attributes and present inputs and outputs."""
+        inputs = [f"i{k}" if value else "" for k, value in enumerate(node.input)]
+        outputs = [f"o{k}" if out else "" for k, out in enumerate(node.output)]
+        attributes = tuple(attr.SerializeToString(deterministic=True) for attr in node.attribute)
+        key = (node.op_type, node.domain, attributes, tuple(inputs), tuple(outputs))
+        if key not in self.evaluators:
+            renamed = helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
+            renamed.attribute.extend(node.attribute)
+            untyped = onnx.TypeProto()
+            graph = helper.make_graph(
+                [renamed],
+                "fold",
+                [helper.make_value_info(value, untyped) for value in inputs if value],
+                [helper.make_value_info(out, untyped) for out in outputs if out],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+            self.evaluators[key] = ReferenceEvaluator(model)
+        return self.evaluators[key]
 
     def _feed(self, value: str, valued: dict[str, TensorProto]) -> np.ndarray:
         if value in valued:

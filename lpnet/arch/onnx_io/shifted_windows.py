@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import onnx
 
 from lpnet.arch.ir import Op
 from lpnet.arch.onnx_io.conversion import Conversion
-from lpnet.arch.onnx_io.nodes import Attributes, constant_values, node_name, node_scope
+from lpnet.arch.onnx_io.nodes import node_scope
 from lpnet.arch.onnx_io.subgraphs import GraphIndex, Subgraph, SubgraphWalk
 from lpnet.errors import UnsupportedOperator
 
@@ -99,7 +98,7 @@ def match_patch_merging(state: Conversion, index: GraphIndex, concat: int) -> Su
     if sorted(quarters) != _QUARTERS or len(sources) != 1:
         walk.refuse(node, f"expected the quarters {_QUARTERS} of one map, got {quarters}")
     pad = walk.producer(node, sources.pop(), {"Pad"})
-    n, height, width, channels = _zero_end_padding(walk, pad, (2, 2))
+    n, height, width, channels = walk.zero_end_padding(pad, (2, 2))
     half = (n, -(-height // 2), -(-width // 2))
     for value in node.input:
         walk.shape(walk.producer(node, value, {"Slice"}), (*half, channels))
@@ -207,44 +206,12 @@ class _WindowAttention(SubgraphWalk):
         first = self.producer(split, split.input[0], {"Concat", "Pad"})
         pad, shift = first, (0, 0)
         if first.op_type == "Concat":
-            shift_w, rolled = self._roll(first, 2, padded[1])
-            second = self.producer(first, rolled, {"Concat"})
-            shift_h, rolled = self._roll(second, 1, padded[0])
-            pad, shift = self.producer(second, rolled, {"Pad"}), (shift_h, shift_w)
-            if shift_h >= wh or shift_w >= ww:
+            shift, along_h, rolled = self.map_roll(first, padded)
+            pad = self.producer(along_h, rolled, {"Pad"})
+            if shift[0] >= wh or shift[1] >= ww:
                 self.refuse(first, f"the shift {shift} must be below the window {(wh, ww)}")
-        map_shape = _zero_end_padding(self, pad, (wh, ww))
+        map_shape = self.zero_end_padding(pad, (wh, ww))
         return _Windows(pad.input[0], map_shape, padded, (wh, ww), shift, first.op_type == "Concat")
-
-    def _roll(self, concat: onnx.NodeProto, axis: int, size: int) -> tuple[int, str]:
-        """The amount a of a roll along `axis` (of `size`) and the tensor x it rolls: Concat(x[a:], x[:a]),
-        x itself first for a roll by 0."""
-        if self.attribute(concat, "axis", 0) % 4 != axis or len(concat.input) != 2:
-            self.refuse(concat, f"expected a roll along axis {axis}: the Concat of two slices along it")
-        second = self.producer(concat, concat.input[1], {"Slice"})
-        rolled, (second_axis, start, amount, step) = second.input[0], self.slice_of(second)
-        first_span: tuple[int, ...] = (axis, 0, size, 1)
-        if concat.input[0] != rolled:
-            first = self.producer(concat, concat.input[0], {"Slice"})
-            first_span = self.slice_of(first) if first.input[0] == rolled else ()
-        if (second_axis, start, step) != (axis, 0, 1) or first_span != (axis, amount, size, 1):
-            self.refuse(concat, f"expected a roll along axis {axis}: x[a:], then x[:a], of one tensor x")
-        return amount, rolled
-
-    def _roll_of(self, node: onnx.NodeProto) -> onnx.NodeProto:
-        """The Concat of the roll of the output of `node`, read by it and a Slice or by two Slices."""
-        value = node.output[0]
-        readers = self.index.readers.get(value, [])
-        kinds = sorted(self.index.graph.node[reader].op_type for reader in readers)
-        if kinds not in (["Concat", "Slice"], ["Slice", "Slice"]) or value in self.index.outputs:
-            self.refuse(node, f"expected its output {value!r} rolled back: read by the slices of a roll")
-        first = self.index.graph.node[readers[0]]
-        if kinds == ["Slice", "Slice"]:
-            self.nodes.add(readers[0])
-            return self.consumer(first, {"Concat"})
-        (concat,) = (reader for reader in readers if self.index.graph.node[reader].op_type == "Concat")
-        self.nodes.add(concat)
-        return self.index.graph.node[concat]
 
     def _attend(
         self, scores: onnx.NodeProto, heads: _Heads, windows: _Windows, cosine: bool
@@ -296,12 +263,7 @@ class _WindowAttention(SubgraphWalk):
         node = self.consumer(node, {"Reshape"})
         self.shape(node, (n, padded_h, padded_w, channels))
         if windows.rolled:
-            for axis, size, shift in ((1, padded_h, windows.shift[0]), (2, padded_w, windows.shift[1])):
-                concat = self._roll_of(node)
-                amount, rolled = self._roll(concat, axis, size)
-                if rolled != node.output[0] or amount != (size - shift) % size:
-                    self.refuse(concat, f"expected the roll back by the shift {windows.shift}")
-                node = concat
+            node = self.map_rolled_back(node, windows.padded, windows.shift)
         crop = node
         for axis, size in ((1, height), (2, width)):
             crop = self.consumer(crop, {"Slice"})
@@ -309,32 +271,6 @@ class _WindowAttention(SubgraphWalk):
                 self.refuse(crop, f"expected the map cropped to its size {(height, width)} along axis {axis}")
         self.shape(crop, windows.shape)
         return crop
-
-
-def _zero_end_padding(walk: SubgraphWalk, pad: onnx.NodeProto, multiple: tuple[int, int]) -> tuple[int, ...]:
-    """The (N, H, W, C) shape of the map `pad` pads with zeros at the end of H and W, to multiples of
-    `multiple`, as torchvision's Swin does."""
-    shape = walk.state.shapes.get(pad.input[0], ())
-    if len(shape) != 4:
-        walk.refuse(pad, f"expected a Pad of a channels-last (N, H, W, C) map, got {shape}")
-    n, height, width, channels = shape
-    attrs = Attributes(pad, node_name(pad))
-    pads = constant_values(walk.constant(pad, pad.input[1] if len(pad.input) > 1 else ""), attrs).ravel()
-    ends = [(size - extent % size) % size for extent, size in zip((height, width), multiple, strict=True)]
-    expected = np.array([0, 0, 0, 0, 0, *ends, 0])
-    value = pad.input[2] if len(pad.input) > 2 else ""
-    zero = not value or walk.number(pad, value) == 0
-    constant = attrs.get_string("mode", "constant") == "constant"
-    if (
-        pads.shape != expected.shape
-        or (pads != expected).any()
-        or not zero
-        or not constant
-        or len(pad.input) > 3
-    ):
-        walk.refuse(pad, f"expected a zero Pad of the end of H and W by {ends}: pads {expected.tolist()}")
-    walk.shape(pad, (n, height + ends[0], width + ends[1], channels))
-    return shape
 
 
 def _add_layer(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -191,6 +192,83 @@ class SubgraphWalk:
             min(max(v + size if v < 0 else v, 0), size) for v in (arguments.starts[0], arguments.ends[0])
         )
         return axis, start, end, arguments.steps[0]
+
+    def roll(self, concat: onnx.NodeProto, axis: int, size: int) -> tuple[int, str]:
+        """The amount a of a roll along `axis` (of `size`) and the tensor x it rolls: Concat(x[a:], x[:a]),
+        x itself first for a roll by 0."""
+        if self.attribute(concat, "axis", 0) % 4 != axis or len(concat.input) != 2:
+            self.refuse(concat, f"expected a roll along axis {axis}: the Concat of two slices along it")
+        second = self.producer(concat, concat.input[1], {"Slice"})
+        rolled, (second_axis, start, amount, step) = second.input[0], self.slice_of(second)
+        first_span: tuple[int, ...] = (axis, 0, size, 1)
+        if concat.input[0] != rolled:
+            first = self.producer(concat, concat.input[0], {"Slice"})
+            first_span = self.slice_of(first) if first.input[0] == rolled else ()
+        if (second_axis, start, step) != (axis, 0, 1) or first_span != (axis, amount, size, 1):
+            self.refuse(concat, f"expected a roll along axis {axis}: x[a:], then x[:a], of one tensor x")
+        return amount, rolled
+
+    def map_roll(
+        self, concat: onnx.NodeProto, padded: tuple[int, int]
+    ) -> tuple[tuple[int, int], onnx.NodeProto, str]:
+        """The roll of an (N, pH, pW, C) map by (-sh, -sw), along H and then along W, whose last Concat
+        is `concat`: the shift (sh, sw), the Concat along H and the map it rolls."""
+        shift_w, rolled = self.roll(concat, 2, padded[1])
+        first = self.producer(concat, rolled, {"Concat"})
+        shift_h, rolled = self.roll(first, 1, padded[0])
+        return (shift_h, shift_w), first, rolled
+
+    def map_rolled_back(
+        self, node: onnx.NodeProto, padded: tuple[int, int], shift: tuple[int, int]
+    ) -> onnx.NodeProto:
+        """The last Concat of the roll back by `shift` of the (N, pH, pW, C) output of `node`."""
+        for axis, size, amount_back in ((1, padded[0], shift[0]), (2, padded[1], shift[1])):
+            concat = self.roll_of(node)
+            amount, rolled = self.roll(concat, axis, size)
+            if rolled != node.output[0] or amount != (size - amount_back) % size:
+                self.refuse(concat, f"expected the roll back by the shift {shift}")
+            node = concat
+        return node
+
+    def roll_of(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        """The Concat of the roll of the output of `node`, read by it and a Slice or by two Slices."""
+        value = node.output[0]
+        readers = self.index.readers.get(value, [])
+        kinds = sorted(self.index.graph.node[reader].op_type for reader in readers)
+        if kinds not in (["Concat", "Slice"], ["Slice", "Slice"]) or value in self.index.outputs:
+            self.refuse(node, f"expected its output {value!r} rolled back: read by the slices of a roll")
+        first = self.index.graph.node[readers[0]]
+        if kinds == ["Slice", "Slice"]:
+            self.nodes.add(readers[0])
+            return self.consumer(first, {"Concat"})
+        (concat,) = (reader for reader in readers if self.index.graph.node[reader].op_type == "Concat")
+        self.nodes.add(concat)
+        return self.index.graph.node[concat]
+
+    def zero_end_padding(self, pad: onnx.NodeProto, multiple: tuple[int, int]) -> tuple[int, ...]:
+        """The (N, H, W, C) shape of the map `pad` pads with zeros at the end of H and W, to multiples of
+        `multiple`."""
+        shape = self.state.shapes.get(pad.input[0], ())
+        if len(shape) != 4:
+            self.refuse(pad, f"expected a Pad of a channels-last (N, H, W, C) map, got {shape}")
+        n, height, width, channels = shape
+        attrs = Attributes(pad, node_name(pad))
+        pads = constant_values(self.constant(pad, pad.input[1] if len(pad.input) > 1 else ""), attrs).ravel()
+        ends = [(size - extent % size) % size for extent, size in zip((height, width), multiple, strict=True)]
+        expected = np.array([0, 0, 0, 0, 0, *ends, 0])
+        value = pad.input[2] if len(pad.input) > 2 else ""
+        zero = not value or self.number(pad, value) == 0
+        constant = attrs.get_string("mode", "constant") == "constant"
+        if (
+            pads.shape != expected.shape
+            or (pads != expected).any()
+            or not zero
+            or not constant
+            or len(pad.input) > 3
+        ):
+            self.refuse(pad, f"expected a zero Pad of the end of H and W by {ends}: pads {expected.tolist()}")
+        self.shape(pad, (n, height + ends[0], width + ends[1], channels))
+        return shape
 
     def close(self, source: str, end: onnx.NodeProto, convert: SubgraphConversion) -> Subgraph:
         """The subgraph ending at `end`, once checked that it reads nothing from outside it but `source`
