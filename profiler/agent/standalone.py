@@ -19,12 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lpnet.errors import LpnetError
+from profiler.agent.flags import add_device_arguments, add_sampling_arguments
 from profiler.agent.options import options_from_args, run_agent
-from profiler.backends.base import registered_backends
-from profiler.batch import MeasurementKind
-from profiler.environment import AllocatorPolicy, apply_allocator_policy
+from profiler.environment import apply_allocator_policy
 from profiler.runner import make_run_context
-from profiler.sampling import DEFAULT_FAMILIES
 from profiler.sinks import HttpSink, JsonlSink, MeasurementSink
 
 API_KEY_ENV = "LPNET_API_KEY"
@@ -34,32 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m profiler.agent.standalone", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--families",
-        help="comma-separated torchvision names, or op_coverage (every IR operator) "
-        f"(default: {','.join(DEFAULT_FAMILIES)})",
+    add_sampling_arguments(parser)
+    add_device_arguments(
+        parser, "allocator policy to measure under; with --url, the service device's (default: retain)"
     )
-    parser.add_argument(
-        "--kinds", help=f"comma-separated kinds (default: {','.join(k.value for k in MeasurementKind)})"
-    )
-    parser.add_argument("--backend", default="torch-cpu", choices=registered_backends())
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--hardware", help="device name to record (default: the CPU model)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--budget-minutes", type=float, help="stop after this much measuring time")
-    parser.add_argument("--network-samples", type=int, help="per family")
-    parser.add_argument("--in-context-samples", type=int, help="per family")
-    parser.add_argument("--isolated-samples", type=int, help="per family")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="loose timing protocol (smoke runs only)")
-    parser.add_argument(
-        "--allocator",
-        choices=[policy.value for policy in AllocatorPolicy],
-        help="allocator policy to measure under; with --url, the service device's (default: retain)",
-    )
-    parser.add_argument("--no-progress", action="store_true")
     target = parser.add_argument_group("where measurements go (one of)")
     target.add_argument("--jsonl", type=Path, help="append to this JSONL file")
     target.add_argument("--url", help="service base URL; the API key comes from $" + API_KEY_ENV)

@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from lpnet.gates.options import OptionSpec
+from profiler.agent.flags import non_negative_int, positive_float
 from service.config import Settings
 from service.db.migrate import ensure_schema
 from service.db.session import make_engine, make_session_factory, session_scope
@@ -84,33 +85,11 @@ def database_session(settings: Settings) -> Iterator[Session]:
 # argparse types ---------------------------------------------------------------------------------
 
 
-def positive_float(text: str) -> float:
-    """argparse type for a positive number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def at_least_one(text: str) -> float:
     """argparse type for a factor of 1 or more."""
     value = positive_float(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type for a count."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 

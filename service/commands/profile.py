@@ -14,16 +14,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from profiler.batch import MeasurementKind
+from profiler.agent.flags import add_device_arguments, add_sampling_arguments
 from profiler.environment import AllocatorPolicy, apply_allocator_policy
-from service.commands._common import (
-    CommandError,
-    database_session,
-    display_url,
-    info,
-    non_negative_int,
-    positive_float,
-)
+from service.commands._common import CommandError, database_session, display_url, info
 from service.config import Settings
 
 if TYPE_CHECKING:
@@ -46,33 +39,15 @@ def register(subparsers: SubParsers) -> None:
         ),
     )
     parser.add_argument("--device", required=True, help="device name (or id on the server with --submit)")
-    parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
-    parser.add_argument("--families", help="comma-separated torchvision models (default: ten common ones)")
-    parser.add_argument(
-        "--kinds",
-        help=f"comma-separated kinds to measure (default: {','.join(k.value for k in MeasurementKind)})",
-    )
-    parser.add_argument("--network-samples", type=non_negative_int, help="width vectors per family")
-    parser.add_argument("--in-context-samples", type=non_negative_int, help="in-context networks per family")
-    parser.add_argument("--isolated-samples", type=non_negative_int, help="isolated layers per family")
-    parser.add_argument("--image-size", type=int, default=224, help="input height and width (default: 224)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--quick", action="store_true", help="a loose timing protocol, for smoke runs only")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sampling_arguments(parser)
     remote = parser.add_argument_group("posting to a server instead of the local database")
     remote.add_argument("--submit", metavar="URL", help="base URL of an lpnet server")
     remote.add_argument("--token", help=f"the device's agent key (default: ${API_KEY_ENV})")
     remote.add_argument("--spool-dir", type=Path, help="undelivered batches (default: in LPNET_DATA_DIR)")
-    remote.add_argument("--backend", default="torch-cpu", help="backend measured with (default: torch-cpu)")
-    remote.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
-    remote.add_argument("--batch-size", type=int, default=1, help="batch size (default: 1)")
-    remote.add_argument("--dtype", default="float32", help="dtype (default: float32)")
-    remote.add_argument("--hardware", help="hardware name to record (default: this CPU's model)")
-    remote.add_argument(
-        "--allocator",
-        choices=[policy.value for policy in AllocatorPolicy],
-        help="the server device's allocator policy, measured under (default: retain); a local device "
-        "is measured under its own",
+    add_device_arguments(
+        remote,
+        "the server device's allocator policy, measured under (default: retain); a local device is "
+        "measured under its own",
     )
     parser.set_defaults(handler=run_profile_command)
 
