@@ -207,15 +207,15 @@ def require_scope(key: ApiKey, allowed: Iterable[str]) -> None:
 
 
 def require_device_key(key: ApiKey, device: Device) -> None:
-    """Check that an agent key belongs to `device` (admin keys may submit for any device).
+    """Check that an agent key belongs to `device` (admin keys may act for any device).
 
     Raises:
         PermissionDenied: An agent key of another device.
     """
     if key.scope == KeyScope.AGENT and key.device_id != device.id:
         raise PermissionDenied(
-            f"API key {key.prefix} is the agent key of another device; it may only submit measurements "
-            f"for its own device, not {device.name!r}",
+            f"API key {key.prefix} is the agent key of another device; it may only act for its own "
+            f"device, not {device.name!r}",
             {"device": device.name},
         )
 

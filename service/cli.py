@@ -20,6 +20,7 @@ from service.config import get_settings
 from service.db.session import describe_database_error
 from service.errors import ServiceError
 from service.log import configure_logging
+from service.version import package_version
 
 PROG = "lpnet"
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latency prediction and latency-budgeted pruning for CNNs.",
         epilog="Settings come from LPNET_* environment variables, e.g. LPNET_DATABASE_URL, LPNET_DATA_DIR.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in COMMAND_GROUPS:
         register(subparsers)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib import metadata
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -41,6 +40,7 @@ from service.job_handlers import serving_registry
 from service.jobs.worker import WorkerPool
 from service.latency import LatencyService
 from service.log import install_request_id_record_factory
+from service.version import package_version
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,6 @@ ROUTERS: tuple[APIRouter, ...] = (
 # Room in an upload's body for the form's other fields next to the file: the largest is an
 # architecture IR as JSON (under 300 KiB for a 700-layer network), plus the multipart framing.
 FORM_FIELDS_ALLOWANCE = 1024 * 1024
-
-
-def _version() -> str:
-    try:
-        return metadata.version("lpnet")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -120,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="lpnet",
-        version=_version(),
+        version=package_version(),
         summary="Latency prediction and latency-budgeted pruning for CNNs.",
         lifespan=lifespan,
         docs_url="/docs",

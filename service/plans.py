@@ -30,7 +30,7 @@ from service.config import QuotaSettings, Settings, get_settings
 from service.db.base import utcnow
 from service.db.models import ApiKey, Device, Job, JobStatus, KeyScope
 from service.devices import resolve_device
-from service.errors import InvalidInput, PermissionDenied, QuotaExceeded, Unauthenticated
+from service.errors import Conflict, InvalidInput, PermissionDenied, QuotaExceeded, Unauthenticated
 from service.jobs.context import JobContext
 from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, enqueue, get_job
@@ -42,18 +42,25 @@ from service.predictors import (
     predictor_nominal_probe_ms,
 )
 from service.schemas.devices import AllocatorRead
-from service.schemas.plans import PlanCreate, PlanOptions, PlanRead
+from service.schemas.plans import PlanCreate, PlanModelFormat, PlanOptions, PlanRead
 from service.uploads import get_model_upload, load_weights
 
 if TYPE_CHECKING:
     from lpnet.gates.planner import PlanOptions as PlannerOptions
     from lpnet.measurement import MeasuredLatency, MeasureFn
+    from lpnet.pruning import PrunedModel
 
 logger = logging.getLogger(__name__)
 
 # A key at its limit of plans at once is told to retry after this long: a plan takes seconds to minutes.
 ACTIVE_PLANS_RETRY_SECONDS = 30
 QUOTA_WINDOW = timedelta(hours=1)
+
+
+class PlanHasNoModel(Conflict):
+    """The plan has no pruned model: it has not succeeded, or it chose widths without weights."""
+
+    code = "plan_has_no_model"
 
 
 def planner_options(options: PlanOptions) -> PlannerOptions:
@@ -269,6 +276,47 @@ def describe_plan(job: Job) -> PlanRead:
         deadline_at=job.deadline_at,
         finished_at=job.finished_at,
     )
+
+
+def pruned_plan_model(session: Session, plan_id: int) -> PrunedModel:
+    """The uploaded weights of a succeeded weights-mode plan, pruned to the filters it kept.
+
+    Raises:
+        NotFound: No such plan, or its uploaded weights are gone.
+        PlanHasNoModel: The plan has not succeeded, or it was made in another mode than weights.
+    """
+    from lpnet.pruning import module_with_weights, prune_module
+
+    job = get_plan(session, plan_id)
+    options = PlanOptions.model_validate(job.input.get("options", {}))
+    if options.mode != "weights" or options.model_id is None:
+        raise PlanHasNoModel(
+            f"plan {plan_id} was made in mode {options.mode!r}, which chooses widths without weights; "
+            "a pruned model comes from a plan with mode 'weights' and uploaded weights (options.model_id)",
+            {"plan_id": plan_id, "mode": options.mode},
+        )
+    if job.status != JobStatus.SUCCEEDED or job.result is None:
+        raise PlanHasNoModel(
+            f"plan {plan_id} is {job.status}; its pruned model exists once it has succeeded",
+            {"plan_id": plan_id, "status": job.status},
+        )
+    network = Network.model_validate(job.input["architecture"])
+    module = module_with_weights(network, load_weights(session, options.model_id))
+    kept = [group["kept_indices"] for group in job.result["groups"]]
+    return prune_module(module, network, job.result["widths"], kept)
+
+
+def plan_model_bytes(session: Session, plan_id: int, model_format: PlanModelFormat) -> bytes:
+    """`pruned_plan_model` serialised: safetensors with the pruned IR in its header, or ONNX.
+
+    Raises:
+        NotFound: No such plan, or its uploaded weights are gone.
+        PlanHasNoModel: The plan has not succeeded, or it was made in another mode than weights.
+    """
+    from lpnet.pruning import dump_pruned, export_pruned_onnx
+
+    pruned = pruned_plan_model(session, plan_id)
+    return export_pruned_onnx(pruned) if model_format == "onnx" else dump_pruned(pruned)
 
 
 def local_measure(device: Device, nominal_probe_ms: float | None = None) -> MeasureFn:

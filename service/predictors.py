@@ -7,6 +7,8 @@ the job succeeded (or, from the CLI, in one short transaction of its own).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -18,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.arch.ir import Network
-from lpnet.predictor.artifact import dump_predictor, load_predictor
+from lpnet.predictor.artifact import ArtifactError, dump_predictor, load_predictor, read_header
 from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
@@ -28,7 +30,7 @@ from service.config import FitSettings
 from service.db.base import utcnow
 from service.db.models import Device, Job, MeasurementStatus, NetworkMeasurement, Predictor
 from service.devices import describe_device, latest_predictor, set_device_status
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidInput, NotFound
 from service.jobs.context import JobContext
 from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 PREDICTOR_KIND = "lpnet"
 # Share of architectures a fit holds out to report its accuracy on.
 HELD_OUT_SHARE = 0.2
+# The longest training fingerprint a predictor row holds.
+FINGERPRINT_MAX_LENGTH = 128
 
 ProgressFn = Callable[[int, int], None]
 
@@ -47,6 +51,12 @@ class NoPredictor(Conflict):
     """The device has no fitted predictor yet, so there is no number to give."""
 
     code = "no_predictor"
+
+
+class InvalidPredictorArtifact(InvalidInput):
+    """Imported bytes that this lpnet cannot read as a predictor (format, versions, tensors)."""
+
+    code = ArtifactError.code
 
 
 @dataclass(frozen=True)
@@ -418,9 +428,54 @@ def predictor_nominal_probe_ms(session: Session, predictor_id: int) -> float | N
     return float(nominal) if isinstance(nominal, int | float) and nominal > 0 else None
 
 
-def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredictor:
-    """Deserialise a stored predictor (safetensors, never pickle)."""
+def predictor_artifact(session: Session, predictor_id: int) -> bytes:
+    """The stored artifact of a predictor: safetensors with its versions, metrics and fingerprint.
+
+    Raises:
+        NotFound: No such predictor.
+    """
     artifact = session.scalar(select(Predictor.artifact).where(Predictor.id == predictor_id))
     if artifact is None:
         raise NotFound(f"no predictor with id {predictor_id}", {"predictor_id": predictor_id})
-    return load_predictor(artifact)
+    return artifact
+
+
+def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredictor:
+    """Deserialise a stored predictor (safetensors, never pickle)."""
+    return load_predictor(predictor_artifact(session, predictor_id))
+
+
+def import_predictor(session: Session, device: Device, data: bytes) -> Predictor:
+    """Store an exported predictor artifact as the device's next version (the caller commits).
+
+    The artifact is loaded first, so one this lpnet cannot use is refused rather than stored; its
+    metrics and training fingerprint come from its header (the artifact's SHA-256 when it has none).
+
+    Raises:
+        InvalidPredictorArtifact: Not a predictor artifact, one of a version or feature schema this
+            lpnet does not read, or tensors that do not match its config.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        load_predictor(data)
+        extra = json.loads(read_header(data).get("extra", "{}"))
+    except ArtifactError as exc:
+        raise InvalidPredictorArtifact(exc.message, exc.details) from exc
+    except (SafetensorError, KeyError, TypeError, ValueError) as exc:
+        raise InvalidPredictorArtifact(f"not a readable lpnet predictor artifact: {exc}") from exc
+    extra = extra if isinstance(extra, dict) else {}
+    metrics = extra.get("metrics")
+    fingerprint = extra.get("training_fingerprint")
+    fitted = FittedPredictor(
+        artifact=data,
+        metrics=json_safe(metrics) if isinstance(metrics, dict) else {},
+        plot_png=None,
+        fingerprint=fingerprint
+        if isinstance(fingerprint, str) and len(fingerprint) <= FINGERPRINT_MAX_LENGTH
+        else hashlib.sha256(data).hexdigest(),
+        feature_schema_version=FEATURE_SCHEMA_VERSION,
+        samples=0,
+        seconds=0.0,
+    )
+    return store_predictor(session, device.id, fitted)

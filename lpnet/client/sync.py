@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
@@ -260,6 +260,11 @@ class Client:
         """
         return _wait(lambda: self.plan(plan_id), progress, poll_seconds, timeout)
 
+    def plan_model(self, plan_id: int, format: Literal["safetensors", "onnx"] = "safetensors") -> bytes:
+        """The pruned model of a succeeded weights-mode plan: safetensors (`lpnet.pruning.load_pruned`
+        reads it) or ONNX."""
+        return self._request("GET", f"/v1/plans/{int(plan_id)}/model", params={"format": format}).content
+
     def job(self, job_id: int) -> Job:
         """A background job (a fit or a plan) by id."""
         return Job.model_validate(self._request("GET", f"/v1/jobs/{int(job_id)}").json())
@@ -297,6 +302,22 @@ class Client:
     def predictor_plot(self, predictor_id: int) -> bytes:
         """The PNG of a predictor's predicted-vs-measured latencies."""
         return self._request("GET", f"/v1/predictors/{int(predictor_id)}/plot.png").content
+
+    def predictor_artifact(self, predictor_id: int) -> bytes:
+        """A predictor's safetensors artifact, as `lpnet.load_predictor` and `import_predictor` take it."""
+        return self._request("GET", f"/v1/predictors/{int(predictor_id)}/artifact").content
+
+    def import_predictor(self, device: int | str, artifact: bytes | os.PathLike[str]) -> Predictor:
+        """Store an exported predictor artifact as the device's next version (admin key, or the
+        device's agent key)."""
+        data = artifact if isinstance(artifact, bytes) else Path(artifact).read_bytes()
+        response = self._request(
+            "POST",
+            f"/v1/devices/{_ref(device)}/predictors/import",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return Predictor.model_validate(response.json())
 
     # Models -------------------------------------------------------------------------------------
 

@@ -16,9 +16,10 @@ from service.commands._common import (
     info,
     print_table,
 )
+from service.commands.remote import remote_client, server_arguments
 from service.config import Settings
 from service.devices import create_device, describe_devices, list_devices, local_device
-from service.schemas.devices import DeviceCreate, DeviceStatus
+from service.schemas.devices import DeviceCreate, DeviceRead, DeviceStatus
 
 if TYPE_CHECKING:
     from service.commands._common import SubParsers
@@ -58,6 +59,7 @@ def register(subparsers: SubParsers) -> None:
     add.set_defaults(handler=run_add)
 
     listing = actions.add_parser("list", help="list devices")
+    server_arguments(listing)
     listing.set_defaults(handler=run_list)
 
 
@@ -117,25 +119,33 @@ def _status_text(status: DeviceStatus) -> str:
     return " ".join(parts)
 
 
-def run_list(_args: argparse.Namespace, settings: Settings) -> int:
-    """Print the devices with their status, measurements and predictor version."""
+def _devices(args: argparse.Namespace, settings: Settings) -> list[DeviceRead]:
+    """The devices of the local database or, with ``--server``, of that server."""
+    if args.server:
+        with remote_client(args) as client:
+            return [DeviceRead.model_validate(device.model_dump(mode="json")) for device in client.devices()]
     with database_session(settings) as session:
-        rows = [
-            (
-                device.name,
-                device.backend,
-                device.threads,
-                device.batch_size,
-                device.dtype,
-                "local" if device.is_local else "remote",
-                device.allocator.value,
-                device.hardware,
-                device.profiling.network.ok,
-                device.predictor.version if device.predictor is not None else None,
-                _status_text(device.status),
-            )
-            for device in describe_devices(session, list_devices(session))
-        ]
+        return describe_devices(session, list_devices(session))
+
+
+def run_list(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the devices with their status, measurements and predictor version."""
+    rows = [
+        (
+            device.name,
+            device.backend,
+            device.threads,
+            device.batch_size,
+            device.dtype,
+            "local" if device.is_local else "remote",
+            device.allocator.value,
+            device.hardware,
+            device.profiling.network.ok,
+            device.predictor.version if device.predictor is not None else None,
+            _status_text(device.status),
+        )
+        for device in _devices(args, settings)
+    ]
     if not rows:
         info("no devices; add one with `lpnet device add NAME`")
         return 0

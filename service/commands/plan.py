@@ -2,14 +2,14 @@
 
 Locally the plan is made in this process with the device's newest predictor from the database (the
 same planner a `POST /v1/plans` job runs); with `--server URL` (or `LPNET_SERVER`) it is requested
-from that server through `lpnet.client` and waited for.
+from that server through `lpnet.client` and waited for. With `--weights` and `--out` the pruned model
+is written too (pruned.safetensors and pruned.onnx): pruned here, or downloaded from the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, Any, get_args
 from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName, PlanMode
 from service.commands._common import CommandError, database_session, info, option_argument, print_table
 from service.commands.predict import input_shape, load_network
+from service.commands.remote import remote_client, server_arguments
 from service.config import Settings
 
 if TYPE_CHECKING:
     from service.commands._common import SubParsers
 
-SERVER_ENV = "LPNET_SERVER"
-KEY_ENV = "LPNET_API_KEY"
 # The planner's options `lpnet plan` sets, each a flag of the same name.
 PLAN_OPTIONS = (MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO)
 # The modes a plan request can run here: the train mode is `lpnet train`.
@@ -64,10 +63,7 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument(
         "--json-output", action="store_true", help="print the plan as JSON instead of a table"
     )
-    parser.add_argument(
-        "--server", default=os.environ.get(SERVER_ENV), help=f"a remote lpnet server (${SERVER_ENV})"
-    )
-    parser.add_argument("--key", default=os.environ.get(KEY_ENV), help=f"the server's API key (${KEY_ENV})")
+    server_arguments(parser)
     parser.set_defaults(handler=run_plan)
 
 
@@ -143,16 +139,16 @@ def _write_pruned(network: Any, weights: dict[str, Any], result: Any, out: Path)
     module = module_with_weights(network, weights)
     kept = [g.kept_indices for g in result.groups] if all(g.kept_indices for g in result.groups) else None
     pruned = prune_module(module, network, result.widths, kept)
-    (out / "pruned.safetensors").write_bytes(dump_pruned(pruned))
-    (out / "pruned.onnx").write_bytes(export_pruned_onnx(pruned))
+    _write_pruned_files(out, dump_pruned(pruned), export_pruned_onnx(pruned))
+
+
+def _write_pruned_files(out: Path, safetensors: bytes, onnx: bytes) -> None:
+    (out / "pruned.safetensors").write_bytes(safetensors)
+    (out / "pruned.onnx").write_bytes(onnx)
     info(f"wrote {out / 'pruned.safetensors'} and {out / 'pruned.onnx'}")
 
 
 def _remote_plan(args: argparse.Namespace) -> dict[str, Any]:
-    from lpnet.client import ApiError, Client, ClientError
-
-    if not args.key:
-        raise CommandError(f"--server needs an API key: --key or ${KEY_ENV}", 2)
     if args.verify:
         raise CommandError(
             "--verify with --server: the server verifies on the device; not from the CLI yet", 2
@@ -167,20 +163,19 @@ def _remote_plan(args: argparse.Namespace) -> dict[str, Any]:
         architecture = network_from_onnx(args.onnx.read_bytes(), name=args.onnx.stem)
     else:
         architecture = args.model
-    with Client(args.server, args.key) as client:
-        try:
-            options = _options(args) | {"mode": mode}
-            if args.weights is not None:
-                upload = client.upload_model(args.weights.stem, args.weights, architecture=architecture)
-                options["model_id"] = upload.id
-            accepted = client.create_plan(
-                args.device, architecture, args.budget_ms, input_shape=args.input_shape, **options
+    with remote_client(args) as client:
+        options = _options(args) | {"mode": mode}
+        if args.weights is not None:
+            upload = client.upload_model(args.weights.stem, args.weights, architecture=architecture)
+            options["model_id"] = upload.id
+        accepted = client.create_plan(
+            args.device, architecture, args.budget_ms, input_shape=args.input_shape, **options
+        )
+        plan = client.wait_plan(accepted.job_id, progress=_progress)
+        if args.weights is not None and args.out is not None:
+            _write_pruned_files(
+                args.out, client.plan_model(plan.id), client.plan_model(plan.id, format="onnx")
             )
-            plan = client.wait_plan(accepted.job_id, progress=_progress)
-        except ApiError as exc:
-            raise CommandError(f"{exc.status} {exc.code}: {exc.message}") from exc
-        except ClientError as exc:
-            raise CommandError(str(exc)) from exc
     result: dict[str, Any] = dict(plan.result or {})
     return result
 

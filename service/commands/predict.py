@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.commands._common import CommandError, database_session, print_table
+from service.commands.remote import remote_client, server_arguments
 from service.config import Settings
 
 if TYPE_CHECKING:
     from lpnet.arch.ir import Network
     from service.commands._common import SubParsers
+    from service.schemas.latency import LatencyRead
 
 
 def input_shape(text: str) -> tuple[int, int, int, int]:
@@ -41,6 +43,7 @@ def register(subparsers: SubParsers) -> None:
         "--input-shape", type=input_shape, default=(1, 3, 224, 224), help="N,C,H,W (default: 1,3,224,224)"
     )
     parser.add_argument("--top", type=int, help="show only the N slowest layers")
+    server_arguments(parser)
     parser.set_defaults(handler=run_predict)
 
 
@@ -60,21 +63,8 @@ def load_network(args: argparse.Namespace, batch_size: int = 1) -> Network:
 
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the prediction."""
-    import torch
-
-    from service.devices import get_device
-    from service.latency import LatencyService
-
-    torch.set_num_threads(settings.torch_threads)
-    service = LatencyService.from_settings(settings)
-    with database_session(settings) as session:
-        from service.predictors import current_predictor
-
-        device = get_device(session, args.device)
-        predictor = current_predictor(session, device)
-        network = load_network(args, device.batch_size)
-        read = service.predict_network(session, device, predictor, network)
+    """Print the prediction, made here or, with ``--server``, by that server."""
+    read = _remote_prediction(args) if args.server else _local_prediction(args, settings)
     print(
         f"{read.network_name or read.network_hash[:12]} on {read.device}: {read.total_ms:.3f} ms "
         f"(interval {read.low_ms:.3f} .. {read.high_ms:.3f} ms; predictor version {read.predictor.version})"
@@ -91,3 +81,32 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     for warning in read.warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def _local_prediction(args: argparse.Namespace, settings: Settings) -> LatencyRead:
+    import torch
+
+    from service.devices import get_device
+    from service.latency import LatencyService
+    from service.predictors import current_predictor
+
+    torch.set_num_threads(settings.torch_threads)
+    service = LatencyService.from_settings(settings)
+    with database_session(settings) as session:
+        device = get_device(session, args.device)
+        predictor = current_predictor(session, device)
+        network = load_network(args, device.batch_size)
+        return service.predict_network(session, device, predictor, network)
+
+
+def _remote_prediction(args: argparse.Namespace) -> LatencyRead:
+    """The server's prediction (a JSON or ONNX file is sent as it is), read into the schema it answered
+    with."""
+    from service.schemas.latency import LatencyRead
+
+    architecture = args.json or args.onnx or args.model
+    if not architecture:
+        raise CommandError("name a torchvision model, or give --json FILE or --onnx FILE", 2)
+    with remote_client(args) as client:
+        answer = client.latency(args.device, architecture, input_shape=args.input_shape)
+    return LatencyRead.model_validate(answer.model_dump(mode="json"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -12,6 +12,14 @@ from service.db.models import JobStatus
 from service.schemas.architectures import Architecture
 from service.schemas.common import MAX_ID, DeviceRef, RequestModel
 from service.schemas.devices import AllocatorRead
+
+# What GET /v1/plans/{id}/model serves: the pruned weights with their IR, or the pruned network in ONNX.
+PlanModelFormat = Literal["safetensors", "onnx"]
+# The media type of each format, as the answer's Content-Type and as an Accept header asks for it.
+PLAN_MODEL_MEDIA_TYPES: dict[PlanModelFormat, str] = {
+    "safetensors": "application/octet-stream",
+    "onnx": "application/onnx",
+}
 
 
 def planner_field(spec: OptionSpec[Any]) -> Any:

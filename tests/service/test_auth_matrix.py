@@ -66,7 +66,11 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             "/v1/models", files={"file": ("w.safetensors", weights)}, data={"name": "tiny"}
         ).json()["id"]
         plan = api.post("/v1/plans", key="reader", json=_plan_body(profile)).json()
-        Worker(api.factory, default_registry()).run_once()
+        weights_body = _plan_body(profile) | {"options": {"mode": "weights", "model_id": model_id}}
+        weights_plan = api.post("/v1/plans", key="reader", json=weights_body).json()
+        worker = Worker(api.factory, default_registry())
+        while worker.run_once() is not None:
+            pass
         keys: dict[str, str | None] = {
             "none": None,
             "invalid": "lpn_" + "x" * 43,
@@ -82,6 +86,7 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             "predictor": predictor_id,
             "model": model_id,
             "plan": plan["job_id"],
+            "weights_plan": weights_plan["job_id"],
             "onnx": export_onnx(tiny_module().eval(), TINY_INPUT_SHAPE),
             "full_widths": channel_layout(profile.network).full_widths,
             "environment": collect_environment().model_dump(mode="json"),
@@ -185,8 +190,27 @@ ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
         lambda m: ("GET", f"/v1/predictors/{m.ids['predictor']}/plot.png", {}),
         {"reader", "admin"},
     ),
+    "predictor artifact": (
+        lambda m: ("GET", f"/v1/predictors/{m.ids['predictor']}/artifact", {}),
+        {"reader", "admin"},
+    ),
+    "import predictor": (
+        lambda m: (
+            "POST",
+            f"/v1/devices/{m.ids['device']}/predictors/import",
+            {
+                "content": m.profile.fitted.artifact,
+                "headers": {"Content-Type": "application/octet-stream"},
+            },
+        ),
+        {"agent", "admin"},
+    ),
     "request plan": (lambda m: ("POST", "/v1/plans", {"json": _plan_body(m.profile)}), {"reader", "admin"}),
     "show plan": (lambda m: ("GET", f"/v1/plans/{m.ids['plan']}", {}), {"reader", "admin"}),
+    "plan model": (
+        lambda m: ("GET", f"/v1/plans/{m.ids['weights_plan']}/model", {}),
+        {"reader", "admin"},
+    ),
     "list jobs": (lambda _m: ("GET", "/v1/jobs", {}), {"reader", "admin"}),
     "show job": (lambda m: ("GET", f"/v1/jobs/{m.ids['plan']}", {}), {"reader", "admin"}),
     "upload model": (
@@ -253,7 +277,7 @@ def test_auth_matrix(matrix: Matrix, endpoint: str, scope: str) -> None:
     build, allowed = ENDPOINTS[endpoint]
     method, path, kwargs = build(matrix)
     key = matrix.keys[scope]
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = ({"Authorization": f"Bearer {key}"} if key else {}) | kwargs.pop("headers", {})
     response = matrix.api.client.request(method, path, headers=headers, **kwargs)
     if scope in ("none", "invalid", "revoked"):
         expected = 401

@@ -3,8 +3,9 @@
 Generated requests, each sent with an admin key, a reader key and no key, must never get a 5xx, a
 status code or content type the schema does not document, or an answer slower than two seconds; a
 request without a key must be refused with 401 whatever else it holds. A stateful run follows links
-from answers to later requests (a created device to its pages, a queued plan to its status, a created
-key to its revocation); the schema declares no links of its own, so this file adds them to its copy.
+from answers to later requests (a created device to its pages, a queued plan to its status and model,
+a created key to its revocation); the schema declares no links of its own, so this file adds them to
+its copy.
 
 Kept small for CI: a few examples per operation and a few short sequences, derandomized so that a
 failure repeats, against a device with a real predictor, so that well-formed requests reach the
@@ -60,12 +61,14 @@ LINKS: list[tuple[tuple[str, str, str], tuple[str, str], dict[str, str]]] = [
         for target in [
             ("/v1/devices/{device}/predictors", "get"),
             ("/v1/devices/{device}/predictors", "post"),
+            ("/v1/devices/{device}/predictors/import", "post"),
             ("/v1/devices/{device}/profiles", "post"),
             ("/v1/devices/{device}/campaigns", "post"),
             ("/v1/devices/{device}/tasks", "get"),
         ]
     ),
     (QUEUED_PLAN, ("/v1/plans/{plan_id}", "get"), {"plan_id": "$response.body#/job_id"}),
+    (QUEUED_PLAN, ("/v1/plans/{plan_id}/model", "get"), {"plan_id": "$response.body#/job_id"}),
     (QUEUED_PLAN, ("/v1/jobs/{job_id}", "get"), {"job_id": "$response.body#/job_id"}),
     (("/v1/keys", "post", "201"), ("/v1/keys/{prefix}", "delete"), {"prefix": "$response.body#/prefix"}),
 ]

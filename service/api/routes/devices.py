@@ -1,13 +1,14 @@
-"""Devices: register (with the agent key), list, show; start a fit of a device's predictor."""
+"""Devices: register (with the agent key), list, show; fit or import a device's predictor."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Body, Path
 
-from service.api.deps import AdminKey, ReaderKey, SessionDep, SettingsDep
+from service.api.deps import AdminKey, AgentKey, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses
+from service.auth import require_device_key
 from service.devices import (
     describe_created_device,
     describe_device,
@@ -17,7 +18,7 @@ from service.devices import (
     resolve_device,
 )
 from service.jobs.queue import job_accepted
-from service.predictors import list_device_predictors, request_fit
+from service.predictors import describe_predictors, import_predictor, list_device_predictors, request_fit
 from service.schemas.devices import DeviceCreate, DeviceCreated, DeviceRead
 from service.schemas.jobs import JobAccepted
 from service.schemas.predictors import PredictorRead
@@ -77,3 +78,34 @@ def fit_predictor(
 def get_device_predictors(device: DevicePath, session: SessionDep, _key: ReaderKey) -> list[PredictorRead]:
     """Every predictor version of the device, newest first."""
     return list_device_predictors(session, resolve_device(session, device))
+
+
+@router.post(
+    "/{device}/predictors/import",
+    status_code=201,
+    summary="Import a predictor",
+    responses=error_responses(404, 413),
+)
+def import_device_predictor(
+    device: DevicePath,
+    artifact: Annotated[
+        bytes,
+        Body(
+            media_type="application/octet-stream",
+            description="A predictor artifact (GET /v1/predictors/{id}/artifact); LPNET_MAX_JSON_BYTES at most.",
+        ),
+    ],
+    session: SessionDep,
+    key: AgentKey,
+) -> PredictorRead:
+    """Store an exported predictor as the device's next version, with the device's agent key or an
+    admin key.
+
+    The artifact is loaded first: 422 `predictor_artifact_unreadable` naming the version or feature
+    schema it has and those this server reads, or what else is wrong with it.
+    """
+    target = resolve_device(session, device)
+    require_device_key(key, target)
+    predictor = import_predictor(session, target, artifact)
+    session.commit()
+    return describe_predictors(session, [predictor])[0]

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from service.api.deps import LatencyDep, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses
 from service.api.json_body import json_body, json_body_openapi
 from service.jobs.queue import job_accepted
-from service.plans import describe_plan, get_plan, request_plan
+from service.plans import describe_plan, get_plan, plan_model_bytes, request_plan
 from service.schemas.common import MAX_ID
 from service.schemas.jobs import JobAccepted
-from service.schemas.plans import PlanCreate, PlanRead
+from service.schemas.plans import PLAN_MODEL_MEDIA_TYPES, PlanCreate, PlanModelFormat, PlanRead
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"], responses=error_responses(400, 401, 403, 422))
 
 # An architecture of up to megabytes, parsed and validated in the thread pool (`service.api.json_body`).
 PlanBody = Annotated[PlanCreate, json_body(PlanCreate)]
+PlanId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 @router.post(
@@ -45,8 +46,42 @@ def create_plan(
 
 
 @router.get("/{plan_id}", summary="Show a plan", responses=error_responses(404, 422))
-def get_plan_route(
-    plan_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep, _key: ReaderKey
-) -> PlanRead:
+def get_plan_route(plan_id: PlanId, session: SessionDep, _key: ReaderKey) -> PlanRead:
     """The plan's status; once succeeded its result (widths, per-layer ratios, latencies), or its error."""
     return describe_plan(get_plan(session, plan_id))
+
+
+@router.get(
+    "/{plan_id}/model",
+    summary="Download a plan's pruned model",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {media_type: {} for media_type in PLAN_MODEL_MEDIA_TYPES.values()},
+            "description": "The pruned model: safetensors (the pruned IR in its header) or ONNX.",
+        },
+        **error_responses(404, 409, 422),
+    },
+)
+def get_plan_model(
+    plan_id: PlanId,
+    session: SessionDep,
+    _key: ReaderKey,
+    model_format: Annotated[
+        PlanModelFormat | None,
+        Query(alias="format", description="safetensors (default) or onnx; wins over the Accept header."),
+    ] = None,
+    accept: Annotated[str | None, Header(description="application/onnx asks for ONNX.")] = None,
+) -> Response:
+    """The uploaded weights of a succeeded weights-mode plan, physically pruned to the filters it kept.
+
+    409 `plan_has_no_model` when the plan was made in architecture mode (widths without weights) or
+    has not succeeded yet. The safetensors file loads with `lpnet.pruning.load_pruned`.
+    """
+    if model_format is None:
+        model_format = "onnx" if accept and PLAN_MODEL_MEDIA_TYPES["onnx"] in accept else "safetensors"
+    return Response(
+        content=plan_model_bytes(session, plan_id, model_format),
+        media_type=PLAN_MODEL_MEDIA_TYPES[model_format],
+        headers={"Content-Disposition": f'attachment; filename="plan-{plan_id}-pruned.{model_format}"'},
+    )
