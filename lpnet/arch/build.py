@@ -76,10 +76,10 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 
 
 class Tokens(nn.Module):
-    """A (N, C, H, W) map as the token sequence of its positions, (N, C, 1, H*W): one reshape."""
+    """A (N, C, H, W) map as the token sequence of its positions, (N, C, 1, H*W)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], 1, -1)
+        return x.flatten(2).unsqueeze(2)
 
 
 class ClassToken(nn.Module):
@@ -113,19 +113,17 @@ class TokenSelect(nn.Module):
 
 class SpaceToDepth(nn.Module):
     """Swin's patch merging on an NCHW map: an odd H or W zero-padded, each 2x2 block of positions
-    stacked into the channels in the order (0, 0), (1, 0), (0, 1), (1, 1). Its input is (H, W).
-
-    It computes channels last as torchvision's Swin does (permute, pad, four strided slices, concat,
-    permute back), so that its ONNX export is the patch merging the ONNX reader knows."""
+    stacked into the channels in the order (0, 0), (1, 0), (0, 1), (1, 1). Its input is (H, W)."""
 
     def __init__(self, hw: tuple[int, int]) -> None:
         super().__init__()
-        self.padding = (0, 0, 0, hw[1] % 2, 0, hw[0] % 2)
+        self.padding = (0, hw[1] % 2, 0, hw[0] % 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x.permute(0, 2, 3, 1), self.padding)
-        blocks = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
-        return torch.cat(blocks, dim=-1).permute(0, 3, 1, 2)
+        if any(self.padding):
+            x = F.pad(x, self.padding)
+        blocks = [x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]]
+        return torch.cat(blocks, dim=1)
 
 
 class WindowAttention(nn.Module):

@@ -2,7 +2,7 @@
 
 Subgraphs read as one layer or one view are found first: self-attention (ViT's in `attention`,
 Swin's in `shifted_windows`, MaxViT's in `partitions`, the IR's own module's in `built_attention`),
-Swin's patch merging, MaxViT's partitions and the read-out of a map's first position (`tokens`).
+Swin's patch merging and MaxViT's partitions.
 Each is converted at its last node, and its other nodes are skipped.
 """
 
@@ -176,9 +176,8 @@ def find_subgraphs(state: Conversion) -> Subgraphs:
 
     A MatMul or Einsum of two computed tensors outside them is refused as `attention`, naming why the
     attention around it does not match; a Concat of strided slices along the channels that is not
-    Swin's patch merging, a reshape of a map into 6 dimensions that is not a MaxViT partition, or a
-    Gather of a map along its rows that is not the read-out of its first position, is refused by its
-    operator.
+    Swin's patch merging, or a reshape of a map into 6 dimensions that is not a MaxViT partition, is
+    refused by its operator.
     """
     attention = find_attention(state)
     found = Subgraphs(inner=set(attention.inner))
@@ -220,8 +219,7 @@ def _view_subgraph(
 ) -> tuple[SubgraphMatcher, str] | None:
     """The matcher of the subgraph `node` ends or starts, and what it reads: Swin's patch merging for a
     Concat of four slices along the last axis of a 4-D tensor, a MaxViT partition or departition for a
-    reshape of a 4-D tensor into 6 dimensions, the read-out of a map's first position for a Gather of a
-    computed 4-D tensor along axis 2; None for other nodes."""
+    reshape of a 4-D tensor into 6 dimensions; None for other nodes."""
     out_rank = len(state.shapes.get(node.output[0], ())) if node.output else 0
     if node.op_type == "Concat" and out_rank == 4 and len(node.input) == 4:
         axis = Attributes(node, node_name(node)).get_int("axis", 0)
@@ -231,12 +229,6 @@ def _view_subgraph(
         )
         if axis % 4 == 3 and sliced:
             return shifted_windows.match_patch_merging, _PATCH_MERGING
-    in_rank = len(state.shapes.get(node.input[0], ())) if node.input else 0
-    if node.op_type == "Reshape" and out_rank == 6 and in_rank == 4:
+    if node.op_type == "Reshape" and out_rank == 6 and len(state.shapes.get(node.input[0], ())) == 4:
         return partitions.match_partition, _PARTITION
-    computed = bool(node.input) and node.input[0] not in state.constants
-    if node.op_type == "Gather" and in_rank == 4 and computed:
-        axis = Attributes(node, node_name(node)).get_int("axis", 0)
-        if axis % 4 == 2:
-            return tokens.match_token_select, tokens.TOKEN_SELECT
     return None

@@ -45,8 +45,7 @@ from lpnet.errors import UnsupportedOperator
 
 _SCALE_TOLERANCE = 1e-3
 _EPSILON_BOUND = 1e-3  # the largest lower bound of the norm read as F.normalize's epsilon
-# The (row, column) of the first position of each quarter, in the order they are concatenated.
-_QUARTERS = [(0, 0), (1, 0), (0, 1), (1, 1)]
+_QUARTERS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ def match_patch_merging(state: Conversion, index: GraphIndex, concat: int) -> Su
             walk.refuse(columns, "expected every second row, then every second column, of the padded map")
         quarters.append((row, column))
         sources.add(rows.input[0])
-    if quarters != _QUARTERS or len(sources) != 1:
+    if sorted(quarters) != _QUARTERS or len(sources) != 1:
         walk.refuse(node, f"expected the quarters {_QUARTERS} of one map, got {quarters}")
     pad = walk.producer(node, sources.pop(), {"Pad"})
     n, height, width, channels = walk.zero_end_padding(pad, (2, 2))

@@ -91,9 +91,8 @@ def reshape(state: Conversion, node: onnx.NodeProto, attrs: Attributes, source: 
         ):
             state.grouped[out] = (state.alias[source], out_shape[1], False)
             return True
-        # The sequence of the map's positions: (N, C, L) as ViT writes it, (N, C, 1, L) as the IR does.
-        tokens = (n, c, 1, h * w)
-        if out_shape in ((n, c, h * w), tokens):
+        if out_shape == (n, c, h * w):  # the sequence of the map's positions (ViT's patches)
+            tokens = (n, c, 1, h * w)
             state.alias[out] = state.add_layer(
                 attrs.where, Op.TOKENS, [state.alias[source]], in_shape, tokens, {}
             )
