@@ -31,8 +31,11 @@ class PostgresUnreachable(RuntimeError):
 
 
 @contextmanager
-def scratch_database(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
-    """Create a uniquely named, empty PostgreSQL database; yield its URL; drop it afterwards.
+def scratch_database(admin_url: str = POSTGRES_ADMIN_URL, template: str | None = None) -> Iterator[str]:
+    """Create a uniquely named PostgreSQL database; yield its URL; drop it afterwards.
+
+    The database is empty, or a copy of the database named `template` (which nothing may be
+    connected to while it is copied).
 
     Raises:
         PostgresUnreachable: The server at `admin_url` cannot be reached.
@@ -45,7 +48,8 @@ def scratch_database(admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
     name = f"lpnet_test_{uuid.uuid4().hex[:16]}"
     try:
         with engine.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
+            copy_of = f' TEMPLATE "{template}"' if template is not None else ""
+            connection.execute(text(f'CREATE DATABASE "{name}"{copy_of}'))
     except OperationalError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0]

@@ -30,19 +30,13 @@ def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterat
         if name.startswith("LPNET_") and not name.startswith("LPNET_TEST_"):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LPNET_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("LPNET_ENV_FILE", "")  # a `.env` where the tests run must not change their settings
     # The first-run bootstrap (register, profile and fit this machine) is for `lpnet serve`; tests that
     # want it turn it on themselves (tests/service/test_first_run.py).
     monkeypatch.setenv("LPNET_FIRST_RUN__ENABLED", "false")
     get_settings.cache_clear()
     yield data_dir
     get_settings.cache_clear()
-
-
-@pytest.fixture
-def migrated_url(db_url: str) -> str:
-    """`db_url` migrated to the newest schema."""
-    upgrade(db_url, "head")
-    return db_url
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +69,6 @@ def session(request: pytest.FixtureRequest) -> Iterator[Session]:
             yield db_session
         transaction.rollback()
     engine.dispose()
-
-
-@pytest.fixture
-def sqlite_migrated_url(sqlite_url: str) -> str:
-    """A fresh SQLite file migrated to the newest schema, for tests that need only one backend."""
-    upgrade(sqlite_url, "head")
-    return sqlite_url
 
 
 @pytest.fixture
