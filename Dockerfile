@@ -12,13 +12,14 @@ WORKDIR /app
 # change. They are the pins of pyproject.toml (other pairs break torchvision's operators).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 
-# Editable install: `lpnet db upgrade` finds alembic.ini and migrations/ next to the package.
+# Editable install with the server extra (the agent's included): `lpnet db upgrade` finds alembic.ini
+# and migrations/ next to the package.
 COPY pyproject.toml README.md alembic.ini ./
 COPY migrations ./migrations
 COPY lpnet ./lpnet
 COPY profiler ./profiler
 COPY service ./service
-RUN pip install -e . \
+RUN pip install -e '.[server]' \
     && useradd --create-home --uid 10001 lpnet \
     && mkdir -p /data /var/lib/lpnet-agent \
     && chown lpnet:lpnet /data /var/lib/lpnet-agent

@@ -23,6 +23,7 @@ from service.config import admin_key_problem
 from service.db.base import utcnow
 from service.db.models import ApiKey, Device, KeyScope
 from service.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from service.pagination import Keyset, Page, PageRequest, paginate
 
 KEY_MARKER = "lpn_"
 PREFIX_LENGTH = len(KEY_MARKER) + 8
@@ -120,6 +121,15 @@ def list_api_keys(session: Session, *, include_revoked: bool = True) -> list[Api
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
     return list(session.scalars(query))
+
+
+# Keys are listed oldest first: in the order of their ids.
+API_KEY_LIST = Keyset("keys", ApiKey.id)
+
+
+def page_api_keys(session: Session, page: PageRequest) -> Page[ApiKey]:
+    """A page of the API keys, oldest first."""
+    return paginate(session, select(ApiKey), API_KEY_LIST, page)
 
 
 def revoke_api_key(session: Session, prefix: str, *, now: datetime | None = None) -> ApiKey:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from lpnet.errors import LpnetError
 from service.commands import COMMAND_GROUPS
 from service.commands._common import CommandError, describe_validation_error
-from service.config import get_settings
+from service.config import get_settings, load_env_file
 from service.db.session import describe_database_error
 from service.errors import ServiceError
 from service.log import configure_logging
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Latency prediction and latency-budgeted pruning for CNNs.",
-        epilog="Settings come from LPNET_* environment variables, e.g. LPNET_DATABASE_URL, LPNET_DATA_DIR.",
+        epilog="Settings come from LPNET_* environment variables, e.g. LPNET_DATABASE_URL, LPNET_DATA_DIR, "
+        "and from a .env file in the working directory for those not set ($LPNET_ENV_FILE names another file).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -53,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        load_env_file()
         settings = get_settings()
+    except FileNotFoundError as exc:
+        return _fail(str(exc), 2)
     except ValidationError as exc:
         return _fail(describe_validation_error("LPNET_* settings", exc), 2)
     configure_logging(settings.log_level)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
+from dotenv import dotenv_values
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -274,6 +276,12 @@ class Settings(BaseSettings):
         # Resolved once so the derived SQLite URL does not change if the process changes directory.
         return value.expanduser().resolve()
 
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_admin_key_is_unset(cls, value: object) -> object:
+        # `.env.example` lists LPNET_ADMIN_KEY with no value: an empty key means none was set.
+        return None if value == "" else value
+
     @field_validator("admin_key")
     @classmethod
     def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -329,6 +337,35 @@ def admin_key_problem(key: str) -> str | None:
 def sqlite_url_for(path: Path) -> str:
     """Return the SQLAlchemy URL of an SQLite database file."""
     return f"sqlite:///{path.expanduser().resolve().as_posix()}"
+
+
+# Names the file `load_env_file` reads ("" reads none); `.env` in the working directory when unset.
+ENV_FILE_VARIABLE = "LPNET_ENV_FILE"
+
+
+def load_env_file() -> Path | None:
+    """Put the variables of the `.env` file into the environment, where they are not set already.
+
+    The file is `.env` in the working directory, or the one `$LPNET_ENV_FILE` names (empty: none). It
+    is the file Compose reads (`.env.example` lists its variables), so `lpnet` run beside
+    `docker-compose.yml` sees the same LPNET_* settings and keys. Variables already in the environment
+    win. Returns the file read, or None when there was none.
+
+    Raises:
+        FileNotFoundError: `$LPNET_ENV_FILE` names a file that does not exist.
+    """
+    named = os.environ.get(ENV_FILE_VARIABLE)
+    if named == "":
+        return None
+    path = Path(named) if named is not None else Path(".env")
+    if not path.is_file():
+        if named is not None:
+            raise FileNotFoundError(f"{ENV_FILE_VARIABLE} names {named!r}, which is not a file")
+        return None
+    for name, value in dotenv_values(path).items():
+        if value is not None and name not in os.environ:
+            os.environ[name] = value
+    return path
 
 
 @lru_cache(maxsize=1)

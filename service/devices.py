@@ -23,6 +23,7 @@ from service.db.models import (
     Predictor,
 )
 from service.errors import Conflict, NotFound
+from service.pagination import Keyset, Page, PageRequest, paginate
 from service.schemas.common import MAX_ID, reads_as_id
 from service.schemas.devices import (
     DeviceCreate,
@@ -76,6 +77,15 @@ def get_device(session: Session, name: str) -> Device:
 def list_devices(session: Session) -> list[Device]:
     """Return every device, by name."""
     return list(session.scalars(select(Device).order_by(Device.name)))
+
+
+# Devices are listed by name, which is unique.
+DEVICE_LIST = Keyset("devices", Device.name)
+
+
+def page_devices(session: Session, page: PageRequest) -> Page[Device]:
+    """A page of the devices, by name."""
+    return paginate(session, select(Device), DEVICE_LIST, page)
 
 
 def resolve_device(session: Session, ref: int | str) -> Device:

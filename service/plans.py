@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from lpnet.arch.ir import Network
 from lpnet.errors import InvalidPlanOptions
@@ -35,6 +35,7 @@ from service.jobs.context import JobContext
 from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, enqueue, get_job
 from service.latency import LatencyService
+from service.pagination import Keyset, Page, PageRequest, paginate
 from service.predictors import (
     current_predictor,
     json_safe,
@@ -103,7 +104,7 @@ def check_plan_request(
         NotFound: Unknown device or model.
         PermissionDenied: ``verify`` on a local device without an admin key.
         NoPredictor: The device has no predictor yet.
-        InvalidPlanOptions: A mode the API cannot run, or a mode without what it needs.
+        InvalidPlanOptions: A mode without what it needs, or options it does not use.
         InvalidInput: Weights for another network.
         BudgetInfeasible: The budget is below the predicted latency at minimum widths.
         NoPrunableGroups: Nothing in the network can be pruned.
@@ -117,11 +118,6 @@ def check_plan_request(
     if options.verify:
         check_verify_allowed(key, device)
     predictor = current_predictor(session, device)
-    if options.mode == "train":
-        raise InvalidPlanOptions(
-            "the train mode trains W-Gates together with the network on a dataset, which a plan request "
-            "cannot carry; use mode 'weights' with uploaded weights, or lpnet.gates.training in Python"
-        )
     if options.mode == "weights" and options.model_id is None:
         raise InvalidPlanOptions(
             "the weights mode needs options.model_id: upload weights with POST /v1/models"
@@ -258,6 +254,29 @@ def get_plan(session: Session, plan_id: int) -> Job:
         NotFound: No such plan.
     """
     return get_job(session, plan_id, kind=JobKind.PLAN)
+
+
+PLAN_LIST = Keyset("plans", Job.id, descending=True)
+
+
+def list_plans(
+    session: Session,
+    key: ApiKey,
+    page: PageRequest,
+    *,
+    device: Device | None = None,
+    status: JobStatus | None = None,
+) -> Page[PlanRead]:
+    """A page of the plans `key` requested, newest first, of one device and in one status if given."""
+    query = (
+        select(Job).where(Job.kind == JobKind.PLAN, Job.key_id == key.id).options(selectinload(Job.device))
+    )
+    if device is not None:
+        query = query.where(Job.device_id == device.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    filters = {"key": key.id, "device": device.id if device is not None else None, "status": status}
+    return paginate(session, query, PLAN_LIST, page, filters).map(lambda jobs: list(map(describe_plan, jobs)))
 
 
 def describe_plan(job: Job) -> PlanRead:

@@ -34,6 +34,7 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.jobs.context import JobContext
 from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
+from service.pagination import Keyset, Page, PageRequest, paginate
 from service.schemas.predictors import PredictorRead
 
 logger = logging.getLogger(__name__)
@@ -395,14 +396,15 @@ def describe_predictors(session: Session, predictors: list[Predictor]) -> list[P
     ]
 
 
-def list_device_predictors(session: Session, device: Device) -> list[PredictorRead]:
-    """Every predictor version of `device`, newest first."""
-    rows = list(
-        session.scalars(
-            select(Predictor).where(Predictor.device_id == device.id).order_by(Predictor.version.desc())
-        )
-    )
-    return describe_predictors(session, rows)
+# A device's predictors are listed newest version first; versions are unique per device.
+PREDICTOR_LIST = Keyset("device_predictors", Predictor.version, descending=True)
+
+
+def list_device_predictors(session: Session, device: Device, page: PageRequest) -> Page[PredictorRead]:
+    """A page of `device`'s predictor versions, newest first."""
+    query = select(Predictor).where(Predictor.device_id == device.id)
+    rows = paginate(session, query, PREDICTOR_LIST, page, {"device": device.id})
+    return rows.map(lambda predictors: describe_predictors(session, predictors))
 
 
 def predictor_plot(session: Session, predictor_id: int) -> bytes:

@@ -150,7 +150,7 @@ def test_the_services_share_one_image_built_from_the_dockerfile() -> None:
     assert all(services[name]["build"] == "." for name in LPNET_SERVICES)
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
-    assert "torch==2.14.1 torchvision==0.29.1" in dockerfile and "pip install -e ." in dockerfile
+    assert "torch==2.14.1 torchvision==0.29.1" in dockerfile and "pip install -e '.[server]'" in dockerfile
 
 
 def test_healthchecks_and_start_order() -> None:
@@ -471,7 +471,7 @@ def check_agent_takes_its_campaign(
 
     def campaign_leased() -> dict[str, Any] | None:
         answer = http_ok(f"{base}/v1/devices/container-cpu/tasks", admin_key)
-        tasks = answer.json() if answer is not None else []
+        tasks = answer.json()["items"] if answer is not None else []
         return tasks[0] if tasks and tasks[0]["status"] == "leased" else None
 
     task = wait_for("the agent's campaign", campaign_leased, 60, started, ["api", "agent"])

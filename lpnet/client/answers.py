@@ -187,6 +187,13 @@ class Job(_Finishing):
     finished_at: datetime | None = None
 
 
+class Page(Answer):
+    """One page of a list answer: its items, and the cursor of the next page (None on the last)."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None = None
+
+
 class ModelUpload(Answer):
     """Uploaded weights: name, checksum, size and the architecture they belong to."""
 

@@ -6,14 +6,14 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from lpnet.client.answers import (
     BatchLatency,
@@ -23,6 +23,7 @@ from lpnet.client.answers import (
     JobAccepted,
     Latency,
     ModelUpload,
+    Page,
     Plan,
     Predictor,
     ProfileSubmission,
@@ -110,9 +111,13 @@ class Client:
 
     # Devices and profiles -----------------------------------------------------------------------
 
-    def devices(self) -> list[Device]:
-        """Every device with its profiling counts, newest predictor and status."""
-        return _parse_list(Device, self._request("GET", "/v1/devices"))
+    def devices(self, *, limit: int | None = None) -> list[Device]:
+        """Every device with its profiling counts, newest predictor and status, by name.
+
+        Args:
+            limit: Devices per request (1 to 500; the server's default without); every page is read.
+        """
+        return list(self._pages(Device, "/v1/devices", limit=limit))
 
     def device(self, device: int | str) -> Device:
         """One device by id or name."""
@@ -265,6 +270,26 @@ class Client:
         reads it) or ONNX."""
         return self._request("GET", f"/v1/plans/{int(plan_id)}/model", params={"format": format}).content
 
+    def plans(
+        self, *, device: int | str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[Plan]:
+        """The plans requested with this client's key, newest first, of one device and in one status
+        if given; `limit` is the plans per request, as for `devices`."""
+        return list(self._pages(Plan, "/v1/plans", limit=limit, device=device, status=status))
+
+    def jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        device_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Job]:
+        """The jobs, newest first, filtered by status, kind and device; `limit` is the jobs per request,
+        as for `devices`."""
+        filters = {"status": status, "kind": kind, "device_id": device_id}
+        return list(self._pages(Job, "/v1/jobs", limit=limit, **filters))
+
     def job(self, job_id: int) -> Job:
         """A background job (a fit or a plan) by id."""
         return Job.model_validate(self._request("GET", f"/v1/jobs/{int(job_id)}").json())
@@ -287,9 +312,10 @@ class Client:
         response = self._request("POST", f"/v1/devices/{_ref(device)}/predictors")
         return JobAccepted.model_validate(response.json())
 
-    def predictors(self, device: int | str) -> list[Predictor]:
-        """Every predictor version of a device, newest first."""
-        return _parse_list(Predictor, self._request("GET", f"/v1/devices/{_ref(device)}/predictors"))
+    def predictors(self, device: int | str, *, limit: int | None = None) -> list[Predictor]:
+        """Every predictor version of a device, newest first; `limit` is the versions per request, as
+        for `devices`."""
+        return list(self._pages(Predictor, f"/v1/devices/{_ref(device)}/predictors", limit=limit))
 
     def predictor(self, predictor_id: int) -> Predictor:
         """One predictor: version, metrics and training fingerprint."""
@@ -362,6 +388,27 @@ class Client:
 
     # Requests -----------------------------------------------------------------------------------
 
+    def _pages(
+        self, model: type[ModelT], path: str, *, limit: int | None, **filters: str | int | None
+    ) -> Iterator[ModelT]:
+        """Every item of a list, page after page: each request passes the previous page's
+        ``next_cursor`` with the same filters, until a page has none."""
+        params: dict[str, str | int] = {name: value for name, value in filters.items() if value is not None}
+        if limit is not None:
+            params["limit"] = limit
+        cursor: str | None = None
+        while True:
+            query = params if cursor is None else {**params, "cursor": cursor}
+            body = self._request("GET", path, params=query).json()
+            # A server from before lists had pages answers the whole list at once.
+            page = Page(items=body) if isinstance(body, list) else Page.model_validate(body)
+            yield from (model.model_validate(item) for item in page.items)
+            if page.next_cursor is None:
+                return
+            if page.next_cursor == cursor:
+                raise ClientError(f"GET {path}: the server answered the same next_cursor twice")
+            cursor = page.next_cursor
+
     def _request(
         self,
         method: str,
@@ -408,10 +455,6 @@ class Client:
 def _ref(device: int | str) -> str:
     """A device id or name as one path segment."""
     return urllib.parse.quote(str(device), safe="")
-
-
-def _parse_list(model: type[ModelT], response: httpx.Response) -> list[ModelT]:
-    return TypeAdapter(list[model]).validate_python(response.json())  # type: ignore[valid-type]
 
 
 FinishingT = TypeVar("FinishingT", Plan, Job)

@@ -140,8 +140,11 @@ class PlanMode(StrEnum):
             ) from None
 
 
-ModeName = Literal["architecture", "weights", "train"]
-"""A mode as plan requests name it (the REST API, `lpnet plan`): `architecture` is `architecture-only`."""
+ModeName = Literal["architecture", "weights"]
+"""A mode as plan requests name it (the REST API, `lpnet plan`): `architecture` is `architecture-only`.
+
+The train mode is not among them: it trains on a dataset, which a plan request cannot carry (`lpnet
+train` and `lpnet.gates.training` run it)."""
 _REQUEST_ALIASES = {"architecture": PlanMode.ARCHITECTURE_ONLY.value}
 
 

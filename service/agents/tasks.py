@@ -57,6 +57,7 @@ from service.jobs.queue import (
     update_held,
     wake_job,
 )
+from service.pagination import Keyset, Page, PageRequest, paginate
 from service.predictors import request_fit
 from service.schemas.agent import (
     AgentDeviceRead,
@@ -110,23 +111,25 @@ def describe_task(task: AgentTask, now: datetime | None = None, *, resumed: bool
     )
 
 
+TASK_LIST = Keyset("device_tasks", AgentTask.id, descending=True)
+
+
 def list_device_tasks(
     session: Session,
     device: Device,
+    page: PageRequest,
     *,
     status: TaskStatus | None = None,
     kind: TaskKind | None = None,
-    limit: int = 100,
-) -> list[AgentTask]:
-    """The device's tasks, newest first."""
-    query = (
-        select(AgentTask).where(AgentTask.device_id == device.id).order_by(AgentTask.id.desc()).limit(limit)
-    )
+) -> Page[AgentTask]:
+    """A page of the device's tasks, newest first."""
+    query = select(AgentTask).where(AgentTask.device_id == device.id)
     if status is not None:
         query = query.where(AgentTask.status == status)
     if kind is not None:
         query = query.where(AgentTask.kind == kind)
-    return list(session.scalars(query))
+    filters = {"device": device.id, "status": status, "kind": kind}
+    return paginate(session, query, TASK_LIST, page, filters)
 
 
 def open_campaign(session: Session, device_id: int) -> AgentTask | None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName, PlanMode
+from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName
 from service.commands._common import CommandError, database_session, info, option_argument, print_table
 from service.commands.predict import input_shape, load_network
 from service.commands.remote import remote_client, server_arguments
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 # The planner's options `lpnet plan` sets, each a flag of the same name.
 PLAN_OPTIONS = (MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO)
-# The modes a plan request can run here: the train mode is `lpnet train`.
-MODES = tuple(name for name in get_args(ModeName) if PlanMode.named(name) is not PlanMode.TRAIN)
+# The modes a plan request runs (the train mode is `lpnet train`).
+MODES: tuple[str, ...] = get_args(ModeName)
 
 
 def register(subparsers: SubParsers) -> None:
@@ -120,7 +120,15 @@ def _local_plan(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if weights is not None and args.out is not None:
         _write_pruned(network, weights, result, args.out)
     payload: dict[str, Any] = result.to_dict()
+    payload["allocator"] = allocator_document(device.allocator)
     return payload
+
+
+def allocator_document(policy: str) -> dict[str, Any]:
+    """The allocator policy the plan's latencies hold under, as the REST answer gives it."""
+    from service.schemas.devices import AllocatorRead
+
+    return AllocatorRead.of(policy).model_dump(mode="json")
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
@@ -177,6 +185,8 @@ def _remote_plan(args: argparse.Namespace) -> dict[str, Any]:
                 args.out, client.plan_model(plan.id), client.plan_model(plan.id, format="onnx")
             )
     result: dict[str, Any] = dict(plan.result or {})
+    if plan.allocator is not None:
+        result["allocator"] = plan.allocator.model_dump(mode="json")
     return result
 
 
@@ -221,5 +231,10 @@ def print_plan(result: dict[str, Any]) -> None:
                 f"min_keep_ratio {allocation['min_keep_ratio']})"
             )
         print(f"keep ratios {allocation['keep_ratio_min']:.2f}..{allocation['keep_ratio_max']:.2f}{band}")
+    allocator = result.get("allocator")
+    if allocator:
+        settings = " ".join(f"{name}={value}" for name, value in allocator.get("environment", {}).items())
+        how = f"; run the deployment with {settings}" if settings else ""
+        print(f"latencies hold under the allocator policy {allocator['policy']}{how}")
     for warning in result.get("warnings", []):
         print(f"warning: {warning}")

@@ -34,6 +34,7 @@ from service.db.base import utcnow
 from service.db.models import AgentTask, Job, JobStatus, TaskStatus
 from service.errors import NotFound
 from service.jobs.kinds import job_timeout_seconds
+from service.pagination import Keyset, Page, PageRequest, paginate
 from service.schemas.jobs import JobAccepted
 
 logger = logging.getLogger(__name__)
@@ -564,20 +565,23 @@ def job_accepted(job: Job, status_path: str = "/v1/jobs") -> JobAccepted:
     )
 
 
+JOB_LIST = Keyset("jobs", Job.id, descending=True)
+
+
 def list_jobs(
     session: Session,
+    page: PageRequest,
     *,
     status: str | None = None,
     kind: str | None = None,
     device_id: int | None = None,
-    limit: int = 100,
-) -> list[Job]:
-    """The newest jobs first, filtered by status, kind and device."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
+) -> Page[Job]:
+    """A page of the jobs, newest first, filtered by status, kind and device."""
+    query = select(Job)
     if status is not None:
         query = query.where(Job.status == status)
     if kind is not None:
         query = query.where(Job.kind == kind)
     if device_id is not None:
         query = query.where(Job.device_id == device_id)
-    return list(session.scalars(query))
+    return paginate(session, query, JOB_LIST, page, {"status": status, "kind": kind, "device_id": device_id})

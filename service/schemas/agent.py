@@ -6,11 +6,14 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from profiler.environment import AllocatorPolicy, Environment, FiniteJson
+from profiler.protocol import TimingProtocol
 from service.db.models import TaskKind, TaskStatus
 from service.schemas.common import DeviceRef, RequestModel
+from service.schemas.documents import LenientDocument, SchemaOf, StoredDocument, document_of_kind
+from service.schemas.plan_results import NetworkDocument
 
 AgentId = Annotated[
     str,
@@ -106,6 +109,112 @@ class AgentDeviceRead(BaseModel):
     is_local: bool
 
 
+# What a task holds: its payload, the agent's progress and its result, by task kind ----------------------
+
+
+class CampaignPayload(LenientDocument, CampaignCreate):
+    """A profile campaign's payload: the campaign as it was queued."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
+
+
+class VerifyPayload(StoredDocument):
+    """A verify task's payload: the network to measure for a plan, and how to time it.
+
+    The server always queues both the network and its hash; they are optional here so that a payload
+    missing one is still answered as stored (its agent then fails the task, naming what is missing).
+    """
+
+    architecture: NetworkDocument | None = Field(
+        default=None, description="The pruned network, in the JSON IR."
+    )
+    network_hash: str | None = Field(default=None, description="Its content_hash; the result must name it.")
+    protocol: Annotated[dict[str, Any], SchemaOf(TimingProtocol)] | None = Field(
+        default=None, description="The timing protocol to measure with."
+    )
+
+
+class AgentTaskProgress(LenientDocument):
+    """What an agent reported with its last heartbeat; agents may add keys of their own.
+
+    A campaign reports its counts over all its leases (measured, failed, elapsed_seconds) and, once it
+    can tell, percent and eta_seconds; a verify task reports phase measuring and the network's hash.
+    """
+
+    phase: str | None = None
+    percent: float | None = Field(default=None, description="Share done, 0 to 100.")
+    eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
+    measured: int | None = Field(default=None, description="Samples measured so far.")
+    failed: int | None = Field(default=None, description="Of those, configurations that failed to run.")
+    elapsed_seconds: float | None = Field(default=None, description="Measuring time so far.")
+    network_hash: str | None = Field(default=None, description="The network being measured.")
+
+
+class VerifyResult(RequestModel):
+    """What an agent measured for a verify task."""
+
+    measured_ms: float = Field(gt=0, description="Median latency of the whole network.")
+    p10_ms: float | None = Field(default=None, gt=0)
+    p90_ms: float | None = Field(default=None, gt=0)
+    repetitions: int | None = Field(default=None, ge=1)
+    network_hash: str = Field(min_length=64, max_length=64, description="content_hash of what was measured.")
+    probe_ms: float | None = Field(default=None, gt=0, description="Speed probe's median around the samples.")
+    relative_latency: float | None = Field(default=None, gt=0, description="Median of sample / probe.")
+    probe_version: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _probe_fields_together(self) -> VerifyResult:
+        given = [self.probe_ms is not None, self.relative_latency is not None, self.probe_version is not None]
+        if any(given) and not all(given):
+            raise ValueError("probe_ms, relative_latency and probe_version go together: give all or none")
+        return self
+
+
+class CampaignResult(RequestModel):
+    """What an agent reports at the end of a profile campaign (the measurements went as profile batches)."""
+
+    measured: int = Field(ge=0, description="Samples measured for this campaign, over all its leases.")
+    failed: int = Field(default=0, ge=0, description="Of those, configurations that failed to run.")
+    skipped: int = Field(default=0, ge=0, description="Samples the device had already.")
+    seconds: float = Field(default=0.0, ge=0, description="Measuring time over all leases.")
+    rejected_batches: int = Field(default=0, ge=0, description="Batches the server refused.")
+
+
+class VerifyResultRead(LenientDocument, VerifyResult):
+    """What an agent measured for a verify task, as stored."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
+
+
+class CampaignFit(StoredDocument):
+    """Whether the fit a campaign asked for (fit_after) was queued once it succeeded."""
+
+    queued: bool
+    job_id: int | None = Field(
+        default=None, description="The fit job queued, or the one on the way that kept it from being queued."
+    )
+    reason: str | None = Field(default=None, description="Why no fit was queued.")
+
+
+class CampaignResultRead(LenientDocument, CampaignResult):
+    """What an agent reported at the end of a profile campaign, and the fit queued after it."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
+
+    fit: CampaignFit | None = Field(default=None, description="With fit_after: the fit queued after it.")
+
+
+# The payload and result model of each task kind.
+TASK_PAYLOADS: dict[str, type[StoredDocument]] = {
+    TaskKind.PROFILE_CAMPAIGN: CampaignPayload,
+    TaskKind.VERIFY: VerifyPayload,
+}
+TASK_RESULTS: dict[str, type[StoredDocument]] = {
+    TaskKind.PROFILE_CAMPAIGN: CampaignResultRead,
+    TaskKind.VERIFY: VerifyResultRead,
+}
+
+
 class AgentTaskRead(BaseModel):
     """A task of a device agent."""
 
@@ -113,10 +222,14 @@ class AgentTaskRead(BaseModel):
     device_id: int
     kind: TaskKind
     status: TaskStatus
-    payload: dict[str, Any]
-    result: dict[str, Any] | None
+    payload: CampaignPayload | VerifyPayload = Field(
+        description="What to do: CampaignPayload for a profile_campaign, VerifyPayload for a verify task."
+    )
+    result: CampaignResultRead | VerifyResultRead | None = Field(
+        description="Once succeeded: CampaignResultRead for a profile_campaign, VerifyResultRead for a verify task."
+    )
     error: str | None
-    progress: dict[str, Any] | None
+    progress: AgentTaskProgress | None = Field(description="What the agent last reported with a heartbeat.")
     job_id: int | None = Field(description="The plan job a verify task measures for.")
     lease_owner: str | None
     lease_expires_at: datetime | None
@@ -130,6 +243,12 @@ class AgentTaskRead(BaseModel):
     resumed: bool = Field(
         default=False, description="On a lease: the agent already held this task (it restarted)."
     )
+
+    @field_validator("payload", "result", mode="before")
+    @classmethod
+    def _document_of_its_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        models = TASK_PAYLOADS if info.field_name == "payload" else TASK_RESULTS
+        return document_of_kind(models, value, info)
 
 
 class AgentHelloRead(BaseModel):
@@ -185,36 +304,6 @@ class TaskFail(RequestModel):
     agent_id: AgentId
     error: str = Field(min_length=1, max_length=4000)
     retry: bool = Field(default=False, description="Put it back in the queue if attempts are left.")
-
-
-class VerifyResult(RequestModel):
-    """What an agent measured for a verify task."""
-
-    measured_ms: float = Field(gt=0, description="Median latency of the whole network.")
-    p10_ms: float | None = Field(default=None, gt=0)
-    p90_ms: float | None = Field(default=None, gt=0)
-    repetitions: int | None = Field(default=None, ge=1)
-    network_hash: str = Field(min_length=64, max_length=64, description="content_hash of what was measured.")
-    probe_ms: float | None = Field(default=None, gt=0, description="Speed probe's median around the samples.")
-    relative_latency: float | None = Field(default=None, gt=0, description="Median of sample / probe.")
-    probe_version: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _probe_fields_together(self) -> VerifyResult:
-        given = [self.probe_ms is not None, self.relative_latency is not None, self.probe_version is not None]
-        if any(given) and not all(given):
-            raise ValueError("probe_ms, relative_latency and probe_version go together: give all or none")
-        return self
-
-
-class CampaignResult(RequestModel):
-    """What an agent reports at the end of a profile campaign (the measurements went as profile batches)."""
-
-    measured: int = Field(ge=0, description="Samples measured for this campaign, over all its leases.")
-    failed: int = Field(default=0, ge=0, description="Of those, configurations that failed to run.")
-    skipped: int = Field(default=0, ge=0, description="Samples the device had already.")
-    seconds: float = Field(default=0.0, ge=0, description="Measuring time over all leases.")
-    rejected_batches: int = Field(default=0, ge=0, description="Batches the server refused.")
 
 
 class SampleKeysRead(BaseModel):

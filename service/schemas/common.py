@@ -1,8 +1,9 @@
-"""Schemas shared by several resources: the base of request bodies, probes, device and predictor references."""
+"""Schemas shared by several resources: the base of request bodies, probes, device and predictor references,
+and the page of every list."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +13,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 # Ids are 32-bit on every backend; a larger number cannot name a row.
 MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+ItemT = TypeVar("ItemT")
 
 
 def reads_as_id(ref: str) -> bool:
@@ -70,3 +73,12 @@ class PredictorRef(BaseModel):
 
     id: int
     version: int
+
+
+class Page(BaseModel, Generic[ItemT]):
+    """One page of a list. Ask for the next one with ``cursor=next_cursor`` and the same filters."""
+
+    items: list[ItemT]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` (with the same filters) for the next page; null on the last page."
+    )

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy, FiniteJson
 from service.schemas.common import NAME_PATTERN, RequestModel, not_an_id
+from service.schemas.fits import PredictorMetrics
 
 DevicePhase = Literal["registered", "profiling", "profiled", "fitting", "ready", "refining", "failed"]
 ALLOCATOR_DESCRIPTION = (
@@ -129,7 +130,10 @@ class PredictorSummary(BaseModel):
     version: int
     kind: str
     feature_schema_version: int
-    metrics: dict[str, Any]
+    metrics: PredictorMetrics = Field(
+        description="Accuracy on held-out networks beside the baselines; an imported predictor has what its "
+        "artifact brought."
+    )
     training_fingerprint: str
     created_at: datetime
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName, OptionSpec
 from service.db.models import JobStatus
 from service.schemas.architectures import Architecture
 from service.schemas.common import MAX_ID, DeviceRef, RequestModel
 from service.schemas.devices import AllocatorRead
+from service.schemas.documents import LenientDocument
+from service.schemas.jobs import JobProgress
+from service.schemas.plan_results import PlanResultRead
 
 # What GET /v1/plans/{id}/model serves: the pruned weights with their IR, or the pruned network in ONNX.
 PlanModelFormat = Literal["safetensors", "onnx"]
@@ -36,8 +39,8 @@ class PlanOptions(RequestModel):
 
     mode: ModeName = Field(
         default="architecture",
-        description="architecture: widths only; weights: also which filters to keep (needs model_id); "
-        "train: W-Gates trained with the network.",
+        description="architecture: widths only; weights: also which filters to keep (needs model_id). "
+        "The train mode, which trains W-Gates with the network on a dataset, is `lpnet train`.",
     )
     round_to: int = planner_field(ROUND_TO)
     verify: bool = Field(
@@ -52,6 +55,12 @@ class PlanOptions(RequestModel):
     )
     max_skew: float | None = planner_field(MAX_SKEW)
     min_keep_ratio: float = planner_field(MIN_KEEP_RATIO)
+
+
+class PlanOptionsRead(LenientDocument, PlanOptions):
+    """The options a plan was requested with, as stored: a plan stored before an option existed lacks it."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
 
 
 class PlanCreate(RequestModel):
@@ -78,9 +87,9 @@ class PlanRead(BaseModel):
         "(null when the plan's device no longer exists)."
     )
     budget_ms: float
-    options: dict[str, Any]
-    progress: dict[str, Any] | None = Field(description="phase, message (percent while computing).")
-    result: dict[str, Any] | None = Field(
+    options: PlanOptionsRead
+    progress: JobProgress | None = Field(description="phase, message (percent while computing).")
+    result: PlanResultRead | None = Field(
         description="The plan (widths, per-layer ratios, latencies, warnings). result.allocation reports how "
         "uneven it is: keep_ratio_min and keep_ratio_max over the groups, and the band it was held to "
         "(uniform_keep_ratio, band_low, band_high, max_skew, min_keep_ratio, groups_outside_band)."

@@ -104,9 +104,12 @@ def test_a_campaign_is_leased_renewed_completed_once(api: Api, environment: dict
     assert_error_shape(call(api, task["id"], "heartbeat", "a1"), 409, "task_finished")
     assert api.get("/v1/devices/tiny-cpu").json()["status"]["phase"] == "registered"
 
-    listed = api.get("/v1/devices/tiny-cpu/tasks", key="reader").json()
+    listed = api.get("/v1/devices/tiny-cpu/tasks", key="reader").json()["items"]
     assert [t["id"] for t in listed] == [task["id"]] and listed[0]["status"] == "succeeded"
-    assert api.get("/v1/devices/tiny-cpu/tasks?status=queued", key="reader").json() == []
+    assert api.get("/v1/devices/tiny-cpu/tasks?status=queued", key="reader").json() == {
+        "items": [],
+        "next_cursor": None,
+    }
 
 
 def test_a_campaign_may_ask_for_the_op_coverage_family(api: Api) -> None:
@@ -124,7 +127,7 @@ def test_hello_queues_one_first_campaign_when_asked(api: Api, environment: dict[
     assert campaign["payload"]["budget_minutes"] == 5 and campaign["payload"]["fit_after"] is True
     second = api.post("/v1/agent/hello", key="agent", json=body).json()
     assert second["campaign_queued"] is False and second["campaign"]["id"] == campaign["id"]
-    assert len(api.get("/v1/devices/tiny-cpu/tasks").json()) == 1
+    assert len(api.get("/v1/devices/tiny-cpu/tasks").json()["items"]) == 1
 
 
 def test_no_first_campaign_for_a_device_with_a_predictor(
@@ -310,7 +313,7 @@ def test_a_verify_plan_without_an_agent_fails_after_the_timeout(
     assert plan["status"] == "failed"
     assert "no agent of device 'remote-cpu' measured the pruned network within 0.5 s" in plan["error"]
     assert "lpnet agent" in plan["error"]
-    tasks = api.get("/v1/devices/remote-cpu/tasks").json()
+    tasks = api.get("/v1/devices/remote-cpu/tasks").json()["items"]
     assert len(tasks) == 1 and tasks[0]["kind"] == "verify" and tasks[0]["status"] == "cancelled"
     assert tasks[0]["job_id"] == plan_id
 

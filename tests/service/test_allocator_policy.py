@@ -59,7 +59,9 @@ def test_a_device_registered_with_system_stores_and_shows_it(api: Api) -> None:
         row = session.get(DeviceRow, created["id"])
         assert row is not None and row.allocator == "system"
     assert register(api, "edge-default", is_local=False)["allocator"] == "retain"
-    listed = [Device.model_validate(device) for device in api.get("/v1/devices", key="reader").json()]
+    listed = [
+        Device.model_validate(device) for device in api.get("/v1/devices", key="reader").json()["items"]
+    ]
     assert {device.name: device.allocator for device in listed} == {
         "edge-default": "retain",
         "edge-system": "system",

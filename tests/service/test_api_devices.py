@@ -33,7 +33,8 @@ def test_list_and_show_by_id_or_name(api: Api) -> None:
     api.add_device("laptop-1t")
     listed = api.get("/v1/devices", key="reader")
     assert listed.status_code == 200
-    assert [device["name"] for device in listed.json()] == ["laptop-1t", "tiny-cpu"]
+    assert [device["name"] for device in listed.json()["items"]] == ["laptop-1t", "tiny-cpu"]
+    assert listed.json()["next_cursor"] is None
     by_id = api.get(f"/v1/devices/{api.device_id}", key="reader").json()
     by_name = api.get("/v1/devices/tiny-cpu", key="reader").json()
     assert by_id == by_name and by_id["id"] == api.device_id
@@ -81,7 +82,7 @@ def test_status_follows_measurements_and_predictor(api: Api, tiny_profile: TinyP
     second = api.store_predictor(api.device_id, tiny_profile.fitted)
     device = api.get(f"/v1/devices/{api.device_id}", key="reader").json()
     assert device["predictor"]["id"] == second and device["predictor"]["version"] == 2
-    versions = api.get(f"/v1/devices/{api.device_id}/predictors", key="reader").json()
+    versions = api.get(f"/v1/devices/{api.device_id}/predictors", key="reader").json()["items"]
     assert [p["version"] for p in versions] == [2, 1]
 
 

@@ -56,7 +56,7 @@ def test_fit_job_stores_a_new_version(fit_api: Api, tiny_profile: TinyProfile) -
 
     api.post(f"/v1/devices/{api.device_id}/predictors")
     Worker(api.factory, default_registry()).run_once()
-    versions = api.get(f"/v1/devices/{api.device_id}/predictors", key="reader").json()
+    versions = api.get(f"/v1/devices/{api.device_id}/predictors", key="reader").json()["items"]
     assert [v["version"] for v in versions] == [2, 1]
 
 
@@ -71,7 +71,7 @@ def test_too_few_measurements_are_422_saying_how_many_more(fit_api: Api, tiny_pr
     )
     assert error["details"]["have"] == 5  # type: ignore[index]
     assert f"measure {error['details']['missing']} more" in str(error["message"])  # type: ignore[index]
-    assert api.get("/v1/jobs", key="reader").json() == []
+    assert api.get("/v1/jobs", key="reader").json() == {"items": [], "next_cursor": None}
 
 
 def test_unknown_predictor_and_missing_plot_are_404(
@@ -97,4 +97,4 @@ def test_the_embedded_worker_runs_fits_in_the_server(migrated_url: str, tiny_pro
             time.sleep(0.2)
             job = api.get(f"/v1/jobs/{job_id}", key="reader").json()
         assert job["status"] == "succeeded", job
-        assert api.get("/v1/jobs?kind=fit&status=succeeded", key="reader").json()[0]["id"] == job_id
+        assert api.get("/v1/jobs?kind=fit&status=succeeded", key="reader").json()["items"][0]["id"] == job_id

@@ -206,6 +206,7 @@ ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
         {"agent", "admin"},
     ),
     "request plan": (lambda m: ("POST", "/v1/plans", {"json": _plan_body(m.profile)}), {"reader", "admin"}),
+    "list plans": (lambda _m: ("GET", "/v1/plans", {}), {"reader", "admin"}),
     "show plan": (lambda m: ("GET", f"/v1/plans/{m.ids['plan']}", {}), {"reader", "admin"}),
     "plan model": (
         lambda m: ("GET", f"/v1/plans/{m.ids['weights_plan']}/model", {}),

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from safetensors.torch import save_file
 
 from lpnet.arch.groups import channel_layout
-from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO
+from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName
 from lpnet.predictor.artifact import load_predictor
 from lpnet.pruning import load_pruned
 from service.cli import build_parser
+from service.commands.plan import MODES
 from service.config import Settings
 from service.main import create_app
 from service.testing.tiny import TinyProfile, tiny_module
@@ -52,6 +54,9 @@ def test_a_local_plan_prints_the_table_and_writes_plan_json(
     assert out.splitlines()[0].split()[:4] == ["GROUP", "CHANNELS", "KEPT", "KEEP"]
     assert f"for a budget of {budget:.3f} ms" in out
     assert "keep ratios" in out  # the allocation band's summary
+    policy = cli_with_predictor.get("/v1/devices/tiny-cpu").json()["allocator"]
+    assert plan["allocator"]["policy"] == policy
+    assert f"allocator policy {policy}" in out
 
     code, out, err = run_cli(capsys, *args, "--json-output")
     assert code == 0, err
@@ -115,7 +120,8 @@ def test_a_remote_plan_through_the_client(
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["predicted"]["total_ms"] <= budget
     assert plan["predictor_id"] > 0
-    assert "GROUP" in out and "succeeded" in err
+    assert plan["allocator"]["policy"] == cli_with_predictor.get("/v1/devices/tiny-cpu").json()["allocator"]
+    assert "GROUP" in out and "succeeded" in err and "allocator policy" in out
 
 
 def test_plan_flags_take_the_planners_defaults_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,3 +143,14 @@ def test_plan_flags_take_the_planners_defaults_and_bounds(capsys: pytest.Capture
         with pytest.raises(SystemExit) as exited:
             build_parser().parse_args([*base, *flags])
         assert exited.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_plan_modes_are_the_plan_requests_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    # The train mode is `lpnet train`; `lpnet plan --mode` offers what a plan request runs.
+    assert MODES == get_args(ModeName) == ("architecture", "weights")
+    base = ["plan", "--device", "tiny-cpu", "resnet18", "--budget-ms", "1"]
+    assert build_parser().parse_args([*base, "--mode", "weights"]).mode == "weights"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--mode", "train"])
+    choices = capsys.readouterr().err.partition("choose from")[2]
+    assert "architecture" in choices and "weights" in choices and "train" not in choices

@@ -150,7 +150,7 @@ def _latency(client: httpx.Client) -> httpx.Response:
 def _jobs(client: httpx.Client, kind: str) -> list[dict[str, Any]]:
     response = client.get("/v1/jobs", params={"kind": kind})
     assert response.status_code == 200, response.text
-    jobs: list[dict[str, Any]] = response.json()
+    jobs: list[dict[str, Any]] = response.json()["items"]
     return jobs
 
 
@@ -186,7 +186,7 @@ def test_first_run_profiles_fits_resumes_after_a_kill_refines_and_is_ready_at_on
         admin = keys[0]
         assert "curl -s -X POST $API/v1/latency" in server.stdout
         with server.client(admin) as client:
-            assert [d["name"] for d in client.get("/v1/devices").json()] == [DEVICE]
+            assert [d["name"] for d in client.get("/v1/devices").json()["items"]] == [DEVICE]
             device = _device(client)
             assert device["is_local"] and device["backend"] == "torch-cpu" and device["threads"] == 1
             _assert_progress_409(_latency(client))
@@ -206,7 +206,7 @@ def test_first_run_profiles_fits_resumes_after_a_kill_refines_and_is_ready_at_on
     with lpnet_serve(data_dir, tmp_path, "resuming", TINY_FIRST_RUN) as server:
         assert "lpn_" not in server.stdout and "active admin key(s) exist" in server.stderr
         with server.client(admin) as client:
-            assert len(client.get("/v1/devices").json()) == 1
+            assert len(client.get("/v1/devices").json()["items"]) == 1
             assert _network_count(client) >= measured_before
             phases = set()
 
@@ -314,13 +314,13 @@ def test_a_failed_first_run_is_shown_on_the_device_and_retried_at_the_next_start
     assert "next `lpnet serve` retries" in status["message"]
     refused = client.post("/v1/latency", json={"device": DEVICE, "architecture": ARCH})
     assert refused.status_code == 409 and refused.json()["error"]["details"]["status"]["phase"] == "failed"
-    assert [job["status"] for job in client.get("/v1/jobs").json()] == ["failed"]
+    assert [job["status"] for job in client.get("/v1/jobs").json()["items"]] == ["failed"]
 
     # The next start queues a new job for the same device (and would do so until one succeeds).
     retry = start_first_run(settings, factory)
     assert retry is not None and retry != job_id
     assert start_first_run(settings, factory) == retry  # one job at a time, not one per start
-    assert [d["name"] for d in client.get("/v1/devices").json()] == [DEVICE]
+    assert [d["name"] for d in client.get("/v1/devices").json()["items"]] == [DEVICE]
     assert client.get(f"/v1/devices/{DEVICE}").json()["status"]["phase"] == "profiling"
 
 

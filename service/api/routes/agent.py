@@ -23,6 +23,7 @@ from service.agents.tasks import (
 )
 from service.api.deps import AdminKey, AgentKey, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses
+from service.api.pagination import PageQuery
 from service.api.routes.devices import DevicePath
 from service.api.routes.profiles import REPLAY_HEADER
 from service.db.models import TaskKind, TaskStatus
@@ -38,7 +39,7 @@ from service.schemas.agent import (
     TaskHeartbeat,
     TaskLeaseRequest,
 )
-from service.schemas.common import MAX_ID
+from service.schemas.common import MAX_ID, Page
 
 router = APIRouter(prefix="/v1/agent", tags=["agent"], responses=error_responses(400, 401, 403, 404, 422))
 devices_router = APIRouter(
@@ -158,13 +159,13 @@ def get_device_tasks(
     device: DevicePath,
     session: SessionDep,
     _key: ReaderKey,
+    page: PageQuery,
     status: TaskStatus | None = None,
     kind: TaskKind | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> list[AgentTaskRead]:
-    """The device's campaigns and verifications, newest first, with status, progress and lease."""
-    target = resolve_device(session, device)
-    return [
-        describe_task(task)
-        for task in list_device_tasks(session, target, status=status, kind=kind, limit=limit)
-    ]
+) -> Page[AgentTaskRead]:
+    """The device's campaigns and verifications, newest first, with status, progress and lease, a page
+    at a time."""
+    tasks = list_device_tasks(session, resolve_device(session, device), page, status=status, kind=kind)
+    return Page[AgentTaskRead](
+        items=[describe_task(task) for task in tasks.rows], next_cursor=tasks.next_cursor
+    )

@@ -8,17 +8,19 @@ from fastapi import APIRouter, Body, Path
 
 from service.api.deps import AdminKey, AgentKey, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses
+from service.api.pagination import PageQuery
 from service.auth import require_device_key
 from service.devices import (
     describe_created_device,
     describe_device,
     describe_devices,
-    list_devices,
+    page_devices,
     register_device,
     resolve_device,
 )
 from service.jobs.queue import job_accepted
 from service.predictors import describe_predictors, import_predictor, list_device_predictors, request_fit
+from service.schemas.common import Page
 from service.schemas.devices import DeviceCreate, DeviceCreated, DeviceRead
 from service.schemas.jobs import JobAccepted
 from service.schemas.predictors import PredictorRead
@@ -44,9 +46,10 @@ def create_device(spec: DeviceCreate, session: SessionDep, _key: AdminKey) -> De
 
 
 @router.get("", summary="List devices")
-def get_devices(session: SessionDep, _key: ReaderKey) -> list[DeviceRead]:
-    """Every device with its profiling counts, newest predictor and status."""
-    return describe_devices(session, list_devices(session))
+def get_devices(session: SessionDep, _key: ReaderKey, page: PageQuery) -> Page[DeviceRead]:
+    """The devices by name, with their profiling counts, newest predictor and status, a page at a time."""
+    devices = page_devices(session, page).map(lambda rows: describe_devices(session, rows))
+    return Page[DeviceRead](items=devices.rows, next_cursor=devices.next_cursor)
 
 
 @router.get("/{device}", summary="Show a device", responses=error_responses(404))
@@ -75,9 +78,12 @@ def fit_predictor(
 
 
 @router.get("/{device}/predictors", summary="List a device's predictors", responses=error_responses(404))
-def get_device_predictors(device: DevicePath, session: SessionDep, _key: ReaderKey) -> list[PredictorRead]:
-    """Every predictor version of the device, newest first."""
-    return list_device_predictors(session, resolve_device(session, device))
+def get_device_predictors(
+    device: DevicePath, session: SessionDep, _key: ReaderKey, page: PageQuery
+) -> Page[PredictorRead]:
+    """The device's predictor versions, newest first, a page at a time."""
+    predictors = list_device_predictors(session, resolve_device(session, device), page)
+    return Page[PredictorRead](items=predictors.rows, next_cursor=predictors.next_cursor)
 
 
 @router.post(

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Path
 
 from service.api.deps import AdminKey, KeyCacheDep, SessionDep
 from service.api.errors import error_responses
-from service.auth import create_api_key, list_api_keys, revoke_api_key
+from service.api.pagination import PageQuery
+from service.auth import create_api_key, page_api_keys, revoke_api_key
 from service.devices import resolve_device
+from service.schemas.common import Page
 from service.schemas.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyRead
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=error_responses(400, 401, 403, 422))
@@ -25,9 +27,12 @@ def create_key(spec: ApiKeyCreate, session: SessionDep, _key: AdminKey) -> ApiKe
 
 
 @router.get("", summary="List API keys")
-def get_keys(session: SessionDep, _key: AdminKey) -> list[ApiKeyRead]:
-    """Every key's prefix, scope and dates (never the keys)."""
-    return [ApiKeyRead.model_validate(key) for key in list_api_keys(session)]
+def get_keys(session: SessionDep, _key: AdminKey, page: PageQuery) -> Page[ApiKeyRead]:
+    """The keys' prefixes, scopes and dates (never the keys), oldest first, a page at a time."""
+    keys = page_api_keys(session, page)
+    return Page[ApiKeyRead](
+        items=[ApiKeyRead.model_validate(key) for key in keys.rows], next_cursor=keys.next_cursor
+    )
 
 
 @router.delete("/{prefix}", summary="Revoke an API key", responses=error_responses(404, 409, 422))

@@ -1,4 +1,4 @@
-"""Pruning plans: request one for a latency budget, then poll it for the result."""
+"""Pruning plans: request one for a latency budget, then poll it for the result; list the caller's plans."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from service.api.deps import LatencyDep, ReaderKey, SessionDep, SettingsDep
 from service.api.errors import error_responses
 from service.api.json_body import json_body, json_body_openapi
+from service.api.pagination import PageQuery
+from service.db.models import JobStatus
+from service.devices import resolve_device
 from service.jobs.queue import job_accepted
-from service.plans import describe_plan, get_plan, plan_model_bytes, request_plan
-from service.schemas.common import MAX_ID
+from service.plans import describe_plan, get_plan, list_plans, plan_model_bytes, request_plan
+from service.schemas.common import MAX_ID, NAME_PATTERN, Page
 from service.schemas.jobs import JobAccepted
 from service.schemas.plans import PLAN_MODEL_MEDIA_TYPES, PlanCreate, PlanModelFormat, PlanRead
 
@@ -43,6 +46,29 @@ def create_plan(
     job = request_plan(session, latency, spec, key, settings)
     session.commit()
     return job_accepted(job, "/v1/plans")
+
+
+@router.get("", summary="List your plans", responses=error_responses(404))
+def get_plans(
+    session: SessionDep,
+    key: ReaderKey,
+    page: PageQuery,
+    device: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=128,
+            pattern=NAME_PATTERN,
+            description="Only this device's plans: its id or name.",
+        ),
+    ] = None,
+    status: JobStatus | None = None,
+) -> Page[PlanRead]:
+    """The plans requested with this API key, newest first, filtered by device and status, a page at a
+    time. 404 when the device filter names no device."""
+    target = resolve_device(session, device) if device is not None else None
+    plans = list_plans(session, key, page, device=target, status=status)
+    return Page[PlanRead](items=plans.rows, next_cursor=plans.next_cursor)
 
 
 @router.get("/{plan_id}", summary="Show a plan", responses=error_responses(404, 422))

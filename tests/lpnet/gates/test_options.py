@@ -84,8 +84,10 @@ def test_the_train_modes_allocation_is_one_of_its_names() -> None:
         TrainPruneConfig(allocation="x").checked_allocation()  # type: ignore[arg-type]
 
 
-def test_the_modes_requests_name_are_the_planners_modes() -> None:
-    assert {PlanMode.named(name) for name in get_args(ModeName)} == set(PlanMode)
+def test_the_modes_requests_name_are_the_planners_modes_but_train() -> None:
+    # A plan request cannot carry a dataset, so the train mode is the library's and `lpnet train`'s only.
+    assert {PlanMode.named(name) for name in get_args(ModeName)} == set(PlanMode) - {PlanMode.TRAIN}
+    assert "train" not in get_args(ModeName) and PlanMode.named("train") is PlanMode.TRAIN
     assert PlanMode.named("architecture") is PlanMode.ARCHITECTURE_ONLY
     assert PlanMode.named("architecture-only") is PlanMode.ARCHITECTURE_ONLY
     assert PlanMode.named(PlanMode.WEIGHTS) is PlanMode.WEIGHTS
