@@ -252,7 +252,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 "seconds": time.perf_counter() - started,
             }
         )
-        _print_row(rows[-1])
+        print_row(rows[-1])
         for name in args.methods:
             started = time.perf_counter()
             criterion: PruningCriterion = (
@@ -286,13 +286,13 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     "seconds": time.perf_counter() - started,
                 }
             )
-            _print_row(rows[-1])
+            print_row(rows[-1])
     return rows
 
 
-def _print_row(row: dict[str, Any]) -> None:
+def print_row(row: dict[str, Any], method_width: int = 10) -> None:
     print(
-        f"  {row['share']:.2f} {row['method']:>10}: measured {row['measured_ms']:.3f} ms "
+        f"  {row['share']:.2f} {row['method']:>{method_width}}: measured {row['measured_ms']:.3f} ms "
         f"(budget {row['budget_ms']:.3f}) accuracy {row['accuracy']:.4f} widths {row['widths']} "
         f"[{row.get('seconds', 0):.0f} s]",
         flush=True,
@@ -345,26 +345,34 @@ def paired_differences(rows: list[dict[str, Any]], methods: list[str]) -> dict[s
         pairs = [(by_seed[(s, "w-gates")], by_seed[(s, method)]) for s in seeds if (s, method) in by_seed]
         if not pairs:
             continue
-        accuracy = [w["accuracy"] - b["accuracy"] for w, b in pairs]
-        # Accuracies are shares of the same held-out split: the difference in images is exact.
-        images = [round(d * w["val_images"]) for d, (w, _) in zip(accuracy, pairs, strict=True)]
-        paired[method] = {
-            "seeds": len(pairs),
-            "accuracy_difference_mean": statistics.mean(accuracy),
-            "accuracy_difference_std_error": (
-                statistics.stdev(accuracy) / len(accuracy) ** 0.5 if len(accuracy) > 1 else None
-            ),
-            "images_won_tied_lost": [
-                sum(i > 0 for i in images),
-                sum(i == 0 for i in images),
-                sum(i < 0 for i in images),
-            ],
-            "image_difference_total": sum(images),
-            "measured_ms_difference_mean": statistics.mean(
-                w["measured_ms"] - b["measured_ms"] for w, b in pairs
-            ),
-        }
+        paired[method] = paired_accuracy(pairs)
     return paired
+
+
+def paired_accuracy(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """The first of each pair of rows minus the second (same seed, split and budget).
+
+    Returns the pairs compared, the mean accuracy difference and its standard error, wins / ties /
+    losses in held-out images, and the mean measured-latency difference (ms) and ratio.
+    """
+    accuracy = [a["accuracy"] - b["accuracy"] for a, b in pairs]
+    # Accuracies are shares of the same held-out split: the difference in images is exact.
+    images = [round(d * a["val_images"]) for d, (a, _) in zip(accuracy, pairs, strict=True)]
+    return {
+        "seeds": len(pairs),
+        "accuracy_difference_mean": statistics.mean(accuracy),
+        "accuracy_difference_std_error": (
+            statistics.stdev(accuracy) / len(accuracy) ** 0.5 if len(accuracy) > 1 else None
+        ),
+        "images_won_tied_lost": [
+            sum(i > 0 for i in images),
+            sum(i == 0 for i in images),
+            sum(i < 0 for i in images),
+        ],
+        "image_difference_total": sum(images),
+        "measured_ms_difference_mean": statistics.mean(a["measured_ms"] - b["measured_ms"] for a, b in pairs),
+        "measured_ms_ratio_mean": statistics.mean(a["measured_ms"] / b["measured_ms"] for a, b in pairs),
+    }
 
 
 def plot(rows: list[dict[str, Any]], methods: list[str], path: Path) -> None:
