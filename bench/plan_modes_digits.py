@@ -186,9 +186,24 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def paired(rows: list[dict[str, Any]], first: str, second: str) -> dict[str, Any] | None:
-    """`first` minus `second`, seed by seed at one budget (`paired_accuracy`), or None without pairs."""
-    by_seed = {(r["seed"], r["method"]): r for r in rows if "accuracy" in r}
+# A matched uniform network timed under this share of its plan's latency is a failed match (a timing
+# taken during a burst of load sent the bisection low); `matched_within` leaves those pairs out.
+MATCHED_SHARE = 0.85
+
+
+def paired(
+    rows: list[dict[str, Any]], first: str, second: str, matched_within: bool = False
+) -> dict[str, Any] | None:
+    """`first` minus `second`, seed by seed at one budget (`paired_accuracy`), or None without pairs.
+
+    With `matched_within`, only the pairs whose `second` row was matched to at least `MATCHED_SHARE` of
+    the first's latency.
+    """
+    by_seed = {
+        (r["seed"], r["method"]): r
+        for r in rows
+        if "accuracy" in r and not (matched_within and r.get("latency_vs_plan", 1.0) < MATCHED_SHARE)
+    }
     seeds = sorted(s for s, m in by_seed if m == first and (s, second) in by_seed)
     return paired_accuracy([(by_seed[(s, first)], by_seed[(s, second)]) for s in seeds]) if seeds else None
 
@@ -208,6 +223,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "keep_ratio_max": max(r["keep_ratio_max"] for r in plans),
                 "measured_over_budget": statistics.mean(r["measured_ms"] / r["budget_ms"] for r in plans),
                 "minus_uniform": paired(at, kind, f"uniform@{kind}"),
+                "minus_uniform_matched": paired(at, kind, f"uniform@{kind}", matched_within=True),
+                # The matched uniform network's latency over the plan's, timed side by side when matched
+                # (the final `measured_ms` of each are separate timings, minutes apart).
+                "uniform_latency_vs_plan_mean": statistics.mean(
+                    r["latency_vs_plan"] for r in at if r["method"] == f"uniform@{kind}"
+                ),
                 "infeasible_seeds": sum(r["method"] == kind and "infeasible" in r for r in at),
             }
         for mode in MODES:
