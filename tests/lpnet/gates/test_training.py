@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lpnet.arch.counting import network_cost
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
 from lpnet.arch.ir import Network
@@ -98,8 +99,7 @@ class DigitsCase:
     budget: float
 
 
-@pytest.fixture(scope="module")
-def digits_case(measure: Measure) -> DigitsCase:
+def _digits_case(measure: Measure) -> DigitsCase:
     torch.manual_seed(0)
     data = digits_loaders(batch_size=64, image_size=16)
     # Wide enough that the smallest widths time about 4x faster than the full ones on one thread
@@ -115,6 +115,23 @@ def digits_case(measure: Measure) -> DigitsCase:
     unpruned = problem.predicted_ms(problem.grid.full_widths)
     assert fastest < unpruned, "the fitted predictor must see the smallest widths as faster"
     return DigitsCase(module, network, predictor, data, (fastest + unpruned) / 2)
+
+
+@pytest.fixture(scope="module")
+def digits_case(measure: Measure) -> DigitsCase:
+    return _digits_case(measure)
+
+
+def _cost_model_ms(network: Network) -> float:
+    """A device whose latency is a fixed function of the network: 0.1 ms plus 1 ms per 10 M FLOPs."""
+    return 0.1 + network_cost(network).flops / 1e7
+
+
+@pytest.fixture(scope="module")
+def cost_model_case() -> DigitsCase:
+    """The digits case with a predictor fitted on `_cost_model_ms`, which no load can distort: the
+    verification loop's course then depends on the planner alone."""
+    return _digits_case(_cost_model_ms)
 
 
 def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(digits_case: DigitsCase) -> None:
@@ -179,9 +196,9 @@ def test_train_and_prune_returns_a_pruned_module_that_matches_its_plan(digits_ca
 
 
 def test_planned_widths_are_verified_before_training_and_the_gates_train_for_them(
-    digits_case: DigitsCase,
+    cost_model_case: DigitsCase,
 ) -> None:
-    network, predictor, budget = digits_case.network, digits_case.predictor, digits_case.budget
+    network, predictor, budget = cost_model_case.network, cost_model_case.predictor, cost_model_case.budget
     problem = PlanningProblem.build(network, predictor)
     timed: list[float] = []
 
@@ -194,12 +211,12 @@ def test_planned_widths_are_verified_before_training_and_the_gates_train_for_the
 
     config = TrainPruneConfig(gate_epochs=1, finetune_epochs=0, max_batches=2, max_rounds=4)
     outcome = train_and_prune(
-        digits_case.module,
+        cost_model_case.module,
         network,
         predictor,
         budget,
-        digits_case.data.train,
-        digits_case.data.val,
+        cost_model_case.data.train,
+        cost_model_case.data.val,
         config,
         device,
     )
