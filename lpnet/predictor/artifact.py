@@ -16,8 +16,8 @@ from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 
 ARTIFACT_FORMAT = "lpnet-predictor"
 # Bump when the layout of the tensors or the header changes; readers say which versions they read.
-ARTIFACT_VERSION = 3
-READABLE_ARTIFACT_VERSIONS = frozenset({3})
+ARTIFACT_VERSION = 4
+READABLE_ARTIFACT_VERSIONS = frozenset({4})
 
 
 class ArtifactError(LpnetError):

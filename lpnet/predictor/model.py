@@ -80,9 +80,9 @@ class LayerLatencyMLP(nn.Module):
             self.head.bias.zero_()
         # log ms per MAC, per element moved and per call, by rate kind (set from the data before fitting).
         self.log_rates = nn.Parameter(torch.zeros(len(RATE_KINDS), BASE_TERMS))
-        # Per-node framework overhead (ms) by op, and a per-network constant: the part of a
-        # network's latency that its layers, timed in context, do not account for.
-        self.node_overhead = nn.Parameter(torch.zeros(len(OPS)))
+        # A per-network constant (ms): the part of a network's latency that its layers, timed in
+        # context, do not account for. There is no per-layer overhead: a layer's in-context time
+        # already includes its call's dispatch, and the per-call term of the base prices it.
         self.network_overhead = nn.Parameter(torch.zeros(()))
 
     def correction(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
@@ -97,10 +97,6 @@ class LayerLatencyMLP(nn.Module):
         """Per-layer log-milliseconds: features (..., F) normalised, work (..., 2) log MACs and log
         elements moved, ops and rate kinds (...,) -> (...)."""
         return base_log_ms(work, self.log_rates[kinds]) + self.correction(features, ops)
-
-    def overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
-        """Per-layer share of the framework overhead (...,) in ms."""
-        return self.node_overhead[ops]
 
 
 def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor) -> torch.Tensor:
@@ -200,14 +196,14 @@ class LPNet(nn.Module):
         raw = torch.einsum("kblh,kh->kbl", torch.nn.functional.silu(hidden), head) + bias[:, None, None]
         return bounded_correction(raw)
 
-    def member_overhead_ms(self, ops: torch.Tensor) -> torch.Tensor:
-        """Network overhead of every member for a layer list (L,) -> (K,)."""
-        return torch.stack([m.overhead_ms(ops).sum() + m.network_overhead for m in self.members])
+    def member_overhead_ms(self) -> torch.Tensor:
+        """Network overhead of every member (K,)."""
+        return torch.stack([m.network_overhead for m in self.members])
 
     def member_network_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Network ms of every member: (K, B). Differentiable with respect to the features."""
         layer_ms = self.member_layer_ms(features, ops)  # (K, B, L)
-        return layer_ms.sum(-1) + self.member_overhead_ms(ops)[:, None]
+        return layer_ms.sum(-1) + self.member_overhead_ms()[:, None]
 
     def batch_network_ms(self, tn: TensorizedNetwork, widths: torch.Tensor) -> torch.Tensor:
         """Network ms of every member for many integer width vectors (B, G) -> (K, B), no gradient.
@@ -245,4 +241,4 @@ class LPNet(nn.Module):
             for member in self.members:
                 layer_ms = torch.exp(member.layer_log_ms(x, work, u_ops, u_kinds))  # (U,)
                 results.append(layer_ms[triple_of].reshape(batch, num_layers).sum(-1))  # (B,)
-            return torch.stack(results) + self.member_overhead_ms(tn.ops)[:, None]
+            return torch.stack(results) + self.member_overhead_ms()[:, None]

@@ -97,7 +97,7 @@ class LatencyPredictor:
         with torch.no_grad():
             features = tn.layer_features(torch.zeros(1, 0))  # (1, L, F)
             layer_ms = self.model.member_layer_ms(features, tn.ops)[:, 0]  # (K, L)
-            overheads = self.model.member_overhead_ms(tn.ops)  # (K,)
+            overheads = self.model.member_overhead_ms()  # (K,)
             totals = layer_ms.sum(-1) + overheads  # (K,)
             total, low, high = self._interval(totals[:, None])
         mean_layer = layer_ms.mean(0).tolist()

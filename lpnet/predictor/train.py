@@ -192,7 +192,6 @@ def _fill_unseen_ops(model: LPNet, data: PackedSamples) -> None:
                 continue
             for member in model.members:
                 member.embed.weight[index] = member.embed.weight[peers].mean(0)
-                member.node_overhead[index] = member.node_overhead[peers].mean()
         for kind in RATE_KINDS:
             index = RATE_KIND_INDEX[kind]
             peers = [i for i in seen_kinds if _rate_kind_class(RATE_KINDS[i]) == _rate_kind_class(kind)]
@@ -234,7 +233,7 @@ def _fit_member(
         segment = torch.repeat_interleave(torch.arange(batch_size), counts[chosen])
         ops = data.ops[rows]
         layer_log = member.layer_log_ms(features[rows], work[rows], ops, kinds[rows])  # (R,)
-        per_layer = torch.exp(layer_log) + member.overhead_ms(ops)
+        per_layer = torch.exp(layer_log)
         network = torch.zeros(batch_size).index_add(0, segment, per_layer) + member.network_overhead
         # Huber in log space: a measurement disturbed by a load spike must not steer the fit.
         loss = _robust(torch.log(network.clamp_min(1e-4)) - log_net[chosen], train.huber_delta)
@@ -274,9 +273,8 @@ def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:
     rows = []
     for member in model.members:
         layer_ms = torch.exp(member.layer_log_ms(features, work, data.ops, kinds))
-        per_layer = layer_ms + member.overhead_ms(data.ops)
         rows.append(
-            torch.zeros(data.num_networks).index_add(0, data.segment, per_layer) + member.network_overhead
+            torch.zeros(data.num_networks).index_add(0, data.segment, layer_ms) + member.network_overhead
         )
     return torch.stack(rows)
 
