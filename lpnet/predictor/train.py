@@ -16,12 +16,11 @@ from lpnet.predictor.features import (
     CONV_KINDS,
     OP_CLASS,
     OPS,
-    RATE_KIND_INDEX,
     RATE_KINDS,
     rate_kinds,
     work_terms,
 )
-from lpnet.predictor.model import LPNet, LPNetConfig, member_log_spread
+from lpnet.predictor.model import LayerLatencyMLP, LPNet, LPNetConfig, member_log_spread
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
 
@@ -83,9 +82,11 @@ def _fit_packed(
     model.feature_high.copy_(packed.features.max(0).values)
     fit_part = packed.subset(fitting)
     rates = initial_log_rates(fit_part)
+    ties = PeerTies.of(fit_part)
     with torch.no_grad():
         for member in model.members:
             member.log_rates.copy_(rates)
+            ties.apply(member)
     total_steps = train.steps * config.members
     for k in range(config.members):
         boot = torch.randint(0, fit_part.num_networks, (fit_part.num_networks,), generator=generator)
@@ -95,8 +96,7 @@ def _fit_packed(
             if progress is not None:
                 progress(k * train.steps + step, total_steps)
 
-        _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
-    _fill_unseen_ops(model, fit_part)
+        _fit_member(model, k, member_data, ties, train, seed=train.seed * 1000 + k, progress=member_progress)
     _calibrate_interval(model, packed.subset(calibration))
     model.eval()
     return model
@@ -177,37 +177,66 @@ def _rate_kind_class(kind: str) -> str:
     return OP_CLASS[Op.CONV2D] if kind in CONV_KINDS else OP_CLASS.get(Op(kind), "")
 
 
-def _fill_unseen_ops(model: LPNet, data: PackedSamples) -> None:
-    """Give every op and rate kind training never saw the mean parameters of the seen ones of its class.
+@dataclass(frozen=True)
+class PeerTies:
+    """Ops and rate kinds whose parameters are the mean of their class peers', and those peers.
 
-    Their own rows never received a gradient: left as initialised they would predict noise. One with
-    no seen peer keeps the rates fitted to every layer (`initial_log_rates`).
+    Tied rows (an op's embedding, a rate kind's rates) are never fitted on their own: their few
+    measurements would fit whatever the residuals of the networks they occur in are (one GELU timed
+    in context beside four networks containing GELUs put 0.2 ms on a GELU that takes 0.025 ms).
     """
-    seen_ops = set(data.ops.unique().tolist())
-    seen_kinds = set(rate_kinds(data.ops, data.features).unique().tolist())
-    with torch.no_grad():
-        for index, op in enumerate(OPS):
-            peers = [i for i in seen_ops if OP_CLASS.get(OPS[i]) == OP_CLASS.get(op, "")]
-            if index in seen_ops or not peers:
-                continue
-            for member in model.members:
+
+    ops: dict[int, list[int]]
+    kinds: dict[int, list[int]]
+
+    @classmethod
+    def of(cls, data: PackedSamples) -> PeerTies:
+        """An op or kind with fewer than `_MIN_OP_ROWS` layers timed in context is tied to the ops or
+        kinds of its class that have at least that many; one never seen at all, failing those, to the
+        seen ones of its class. Without such peers a row keeps its own parameters (the rates fitted
+        to every layer, `initial_log_rates`, for a rate kind)."""
+        timed = ~torch.isnan(data.layer_target_ms)
+        kinds = rate_kinds(data.ops, data.features)
+        op_rows = torch.bincount(data.ops[timed], minlength=len(OPS)).tolist()
+        kind_rows = torch.bincount(kinds[timed], minlength=len(RATE_KINDS)).tolist()
+        seen_ops = set(data.ops.unique().tolist())
+        seen_kinds = set(kinds.unique().tolist())
+
+        def ties(
+            names: list[str], rows: list[int], seen: set[int], klass: Callable[[str], str]
+        ) -> dict[int, list[int]]:
+            out: dict[int, list[int]] = {}
+            for index, name in enumerate(names):
+                if rows[index] >= _MIN_OP_ROWS:
+                    continue
+                same = [i for i in range(len(names)) if i != index and klass(names[i]) == klass(name)]
+                peers = [i for i in same if rows[i] >= _MIN_OP_ROWS]
+                if not peers and index not in seen:
+                    peers = [i for i in same if i in seen]
+                if peers:
+                    out[index] = peers
+            return out
+
+        return cls(
+            ops=ties([op.value for op in OPS], op_rows, seen_ops, lambda op: OP_CLASS.get(Op(op), "")),
+            kinds=ties(list(RATE_KINDS), kind_rows, seen_kinds, _rate_kind_class),
+        )
+
+    def apply(self, member: LayerLatencyMLP) -> None:
+        """Set every tied row of `member` to its peers' mean (rates: the mean of the rates, not of
+        their logs, so that a rate fitted to zero does not cancel its peer's)."""
+        with torch.no_grad():
+            for index, peers in self.ops.items():
                 member.embed.weight[index] = member.embed.weight[peers].mean(0)
-        for kind in RATE_KINDS:
-            index = RATE_KIND_INDEX[kind]
-            peers = [i for i in seen_kinds if _rate_kind_class(RATE_KINDS[i]) == _rate_kind_class(kind)]
-            if index in seen_kinds or not peers:
-                continue
-            for member in model.members:
-                # The mean of the peers' rates (not of their logs: a rate fitted to zero would
-                # otherwise cancel its peer's).
-                peer_rates = member.log_rates[peers]
-                member.log_rates[index] = torch.logsumexp(peer_rates, 0) - math.log(len(peers))
+            for index, peers in self.kinds.items():
+                member.log_rates[index] = torch.logsumexp(member.log_rates[peers], 0) - math.log(len(peers))
 
 
 def _fit_member(
     model: LPNet,
     index: int,
     data: PackedSamples,
+    ties: PeerTies,
     train: TrainConfig,
     seed: int,
     progress: Callable[[int], None] | None,
@@ -244,6 +273,7 @@ def _fit_member(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        ties.apply(member)
         schedule.step()
         if progress and step % 50 == 0:
             progress(step)
