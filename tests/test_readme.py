@@ -4,9 +4,10 @@ Every `lpnet` command line of a shell block parses with the CLI's own parser; ev
 command table shows belongs to its command; every endpoint of the REST table and every path a curl
 line calls is a route of the app with that method; every variable of the configuration table is a
 setting (or one the agent and the client read); every `make` target exists; every relative link
-reaches a file and, with an anchor, one of its headings. The README's latency-plan-prune block and
-its client block are docs/python-api.md's two examples, verbatim: tests/lpnet/test_public_api.py
-and tests/service/test_client.py run those as written.
+reaches a file and, with an anchor, one of its headings. The Python blocks run elsewhere:
+tests/lpnet/test_public_api.py runs the fit, example and verify blocks in a row, as a reader would;
+the example and the client block are docs/python-api.md's two, verbatim, which
+tests/service/test_client.py runs against a live server.
 """
 
 from __future__ import annotations

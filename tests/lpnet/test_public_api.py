@@ -1,8 +1,9 @@
-"""The public API (`import lpnet`): the example of docs/python-api.md runs as written, and each entry point
-accepts what it documents.
+"""The public API (`import lpnet`): the README's Python blocks and the example of docs/python-api.md
+run as written, and each entry point accepts what it documents.
 
-The predictor is fitted here on real 1-thread measurements of width variants of the example's network
-(resnet18 with 10 classes at 64x64), so the example predicts and plans inside what it was trained on.
+The predictor is the one the README's fit block makes: fitted on real 1-thread measurements of width
+variants of the example's network (resnet18 with 10 classes at 64x64), so the example predicts and
+plans inside what it was trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import chdir
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +26,11 @@ import lpnet
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.onnx_io import export_onnx
 from lpnet.errors import InvalidArchitecture, InvalidPlanOptions, PruningFailed, UnknownModel
-from lpnet.predictor.artifact import ArtifactError, dump_predictor
-from lpnet.predictor.model import LPNetConfig
-from lpnet.predictor.train import TrainConfig, fit_predictor
-from profiler.backends.base import get_backend
-from profiler.measure import measure_network
-from profiler.protocol import TimingProtocol
-from profiler.variants import measure_width_variants
+from lpnet.predictor.artifact import ArtifactError
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "python-api.md"
+README = DOC.parents[1] / "README.md"
 EXAMPLE_INPUT = (1, 3, 64, 64)
-VARIANTS = 24
 
 
 def example_model() -> nn.Module:
@@ -45,21 +42,29 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
 
 
+@dataclass
+class ReadmeFit:
+    """What the README's fit block left: its predictor file, and its names (`measure`, ...)."""
+
+    path: Path
+    namespace: dict[str, Any]
+
+
 @pytest.fixture(scope="module")
-def predictor_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def readme_fit(tmp_path_factory: pytest.TempPathFactory) -> ReadmeFit:
+    """The README's first Python block, run as written in a fresh directory: it times width variants
+    of the example's network on this CPU and writes predictor.safetensors there."""
+    directory = tmp_path_factory.mktemp("predictor")
+    namespace: dict[str, Any] = {}
+    with chdir(directory):
+        exec(compile(python_blocks(README.read_text())[0], str(README), "exec"), namespace)
+    return ReadmeFit(directory / "predictor.safetensors", namespace)
+
+
+@pytest.fixture(scope="module")
+def predictor_file(readme_fit: ReadmeFit) -> Path:
     """A predictor artifact fitted on measured width variants of the example's network."""
-    torch.set_num_threads(1)
-    backend = get_backend("torch-cpu", threads=1)
-    protocol = TimingProtocol.quick().model_copy(update={"max_seconds": 0.5})
-    network = network_from_module(example_model(), EXAMPLE_INPUT, name="resnet18-10", family="resnet18")
-    samples = measure_width_variants(
-        network, VARIANTS, lambda net: measure_network(net, backend, protocol).median_ms, seed=0
-    )
-    torch.manual_seed(0)
-    fitted = fit_predictor(samples, LPNetConfig(members=3), TrainConfig(steps=300))
-    path = tmp_path_factory.mktemp("predictor") / "predictor.safetensors"
-    path.write_bytes(dump_predictor(fitted))
-    return path
+    return readme_fit.path
 
 
 @pytest.fixture
@@ -108,6 +113,23 @@ def test_the_documented_example_predicts_plans_and_prunes(
     assert namespace["logits"].shape == (1, 10) and torch.isfinite(namespace["logits"]).all()
     # The original module is left whole.
     assert namespace["model"].fc.in_features == 512
+
+
+def test_the_readme_verify_block_plans_against_measurements(
+    readme_fit: ReadmeFit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's example and verify blocks, run after its fit block as a reader runs them."""
+    blocks = python_blocks(README.read_text())
+    namespace = dict(readme_fit.namespace)
+    with chdir(readme_fit.path.parent):
+        for block in blocks[1:3]:
+            exec(compile(block, str(README), "exec"), namespace)
+    printed = capsys.readouterr().out
+    verified = namespace["verified"]
+    assert isinstance(verified, lpnet.PlanResult) and verified.rounds
+    assert all(r.measured_ms is not None and r.measured_ms > 0 for r in verified.rounds)
+    assert f"budget met: {verified.met_budget}" in printed
+    assert printed.count("round ") == len(verified.rounds)
 
 
 def test_network_reads_every_documented_source(tmp_path: Path) -> None:
