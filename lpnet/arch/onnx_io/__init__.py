@@ -14,8 +14,9 @@ arithmetic on the static input shape, Swin's masks and position biases) are fold
 operator family (`windows`, `affine`, `elementwise`, `normalisation`, `views`, `tokens`). Subgraphs
 torch.onnx.export writes for one module are found first (`subgraphs`) and read as one layer or view
 each: the self-attention of nn.MultiheadAttention (`attention`), Swin's shifted-window attention and
-patch merging (`shifted_windows`), MaxViT's partitions and attention (`partitions`), and the IR's own
-attention module as `export_onnx` writes a built network (`built_attention`).
+patch merging (`shifted_windows`), MaxViT's partitions and attention (`partitions`), the IR's own
+attention module as `export_onnx` writes a built network (`built_attention`), and the IR's own patch
+merging and read-out of a map's first position (`shifted_windows`, `tokens`).
 """
 
 from lpnet.arch.onnx_io.export import export_onnx

@@ -66,7 +66,8 @@ def _per_channel(state: Conversion, source: str, dims: tuple[int, ...], node: on
     """A constant of `dims` broadcasts one value per channel over `source`."""
     if source not in state.alias:
         return False
-    channels = state.ir_layer_shape(source, node)[1]
     if source in state.channels_last:
+        channels = state.ir_layer_shape(source, node)[1]
         return dims in ((channels,), (1, 1, 1, channels))
-    return len(state.shape(source, node)) == 4 and dims in ((channels, 1, 1), (1, channels, 1, 1))
+    shape = state.shape(source, node)  # a map, features, or a (N, C, L) token sequence
+    return len(shape) == 4 and dims in ((shape[1], 1, 1), (1, shape[1], 1, 1))

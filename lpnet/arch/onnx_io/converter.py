@@ -2,8 +2,8 @@
 
 Subgraphs read as one layer or one view are found first: self-attention (ViT's in `attention`,
 Swin's in `shifted_windows`, MaxViT's in `partitions`, the IR's own module's in `built_attention`),
-Swin's patch merging and MaxViT's partitions.
-Each is converted at its last node, and its other nodes are skipped.
+Swin's patch merging (the IR's own module's too), MaxViT's partitions and the read-out of a map's
+first position (`tokens`). Each is converted at its last node, and its other nodes are skipped.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ _MULTI_INPUT = frozenset({"Add", "Mul", "Sum", "Concat"})
 _VIEW_RULES: dict[str, NodeRule] = {
     "Transpose": views.transpose,
     "Reshape": views.reshape,
+    "Unsqueeze": views.unsqueeze,
     "Softmax": normalisation.softmax_of_swapped,
     "LayerNormalization": normalisation.layer_norm,
 }
@@ -70,7 +71,9 @@ ATTENTION_PATTERNS = (
     "attention or lpnet's own attention module as torch.onnx.export writes them"
 )
 # What the subgraphs that view their input in another layout (or merge its positions) are read as.
-_PATCH_MERGING = "slices of a map concatenated along its channels are read only as Swin's patch merging"
+_PATCH_MERGING = (
+    "strided slices of a map concatenated along its channels are read only as Swin's patch merging"
+)
 _PARTITION = (
     "a reshape of a 4-D tensor into 6 dimensions is read only as MaxViT's window partition or departition"
 )
@@ -176,8 +179,9 @@ def find_subgraphs(state: Conversion) -> Subgraphs:
 
     A MatMul or Einsum of two computed tensors outside them is refused as `attention`, naming why the
     attention around it does not match; a Concat of strided slices along the channels that is not
-    Swin's patch merging, or a reshape of a map into 6 dimensions that is not a MaxViT partition, is
-    refused by its operator.
+    Swin's patch merging, a reshape of a map into 6 dimensions that is not a MaxViT partition, or a
+    Gather of a map along its rows that is not the read-out of its first position, is refused by its
+    operator.
     """
     attention = find_attention(state)
     found = Subgraphs(inner=set(attention.inner))
@@ -217,18 +221,29 @@ def find_subgraphs(state: Conversion) -> Subgraphs:
 def _view_subgraph(
     state: Conversion, index: GraphIndex, node: onnx.NodeProto
 ) -> tuple[SubgraphMatcher, str] | None:
-    """The matcher of the subgraph `node` ends or starts, and what it reads: Swin's patch merging for a
-    Concat of four slices along the last axis of a 4-D tensor, a MaxViT partition or departition for a
-    reshape of a 4-D tensor into 6 dimensions; None for other nodes."""
+    """The matcher of the subgraph `node` ends or starts, and what it reads: patch merging for a Concat
+    of four slices of a 4-D tensor along its last axis (Swin's, channels last) or of four slices of H or
+    W along axis 1 (the IR's module, channels first), a MaxViT partition or departition for a reshape of
+    a 4-D tensor into 6 dimensions, the read-out of a map's first position for a Gather of a computed
+    4-D tensor along axis 2; None for other nodes."""
     out_rank = len(state.shapes.get(node.output[0], ())) if node.output else 0
+    in_rank = len(state.shapes.get(node.input[0], ())) if node.input else 0
     if node.op_type == "Concat" and out_rank == 4 and len(node.input) == 4:
-        axis = Attributes(node, node_name(node)).get_int("axis", 0)
-        sliced = all(
-            value in index.producer and state.graph.node[index.producer[value]].op_type == "Slice"
-            for value in node.input
-        )
-        if axis % 4 == 3 and sliced:
+        axis = Attributes(node, node_name(node)).get_int("axis", 0) % 4
+        slices = [state.graph.node[index.producer[v]] for v in node.input if v in index.producer]
+        sliced = len(slices) == 4 and all(found.op_type == "Slice" for found in slices)
+        if sliced and (axis == 3 or (axis == 1 and all(_slices_positions(state, s) for s in slices))):
             return shifted_windows.match_patch_merging, _PATCH_MERGING
-    if node.op_type == "Reshape" and out_rank == 6 and len(state.shapes.get(node.input[0], ())) == 4:
+    if node.op_type == "Reshape" and out_rank == 6 and in_rank == 4:
         return partitions.match_partition, _PARTITION
+    computed = bool(node.input) and node.input[0] not in state.constants
+    if node.op_type == "Gather" and in_rank == 4 and computed:
+        if Attributes(node, node_name(node)).get_int("axis", 0) % 4 == 2:
+            return tokens.match_token_select, tokens.TOKEN_SELECT
     return None
+
+
+def _slices_positions(state: Conversion, node: onnx.NodeProto) -> bool:
+    """Whether the Slice `node` of an (N, C, H, W) tensor keeps its channels and takes part of H or W."""
+    in_shape, out_shape = state.shapes.get(node.input[0], ()), state.shapes.get(node.output[0], ())
+    return len(in_shape) == len(out_shape) == 4 and in_shape[:2] == out_shape[:2] and in_shape != out_shape

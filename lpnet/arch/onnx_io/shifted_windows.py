@@ -26,7 +26,8 @@ It is followed from its MatMul of q and k (`match_attention`). Its constants are
 gives, whose cost counts the projections and the products, not the normalisations.
 
 Patch merging (`match_patch_merging`) pads (N, H, W, C) with zeros to an even H and W, slices the
-four quarters x[:, r::2, c::2] and concatenates them along the channels: (N, H / 2, W / 2, 4C).
+four quarters x[:, r::2, c::2] and concatenates them along the channels: (N, H / 2, W / 2, 4C). The
+IR's own module does the same channels first, on (N, C, H, W), with a Pad only for an odd H or W.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from lpnet.errors import UnsupportedOperator
 
 _SCALE_TOLERANCE = 1e-3
 _EPSILON_BOUND = 1e-3  # the largest lower bound of the norm read as F.normalize's epsilon
-_QUARTERS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+# The (row, column) of the first position of each quarter, in the order they are concatenated: the
+# order of the IR's space_to_depth, which torchvision's Swin and the IR's module share.
+_QUARTERS = [(0, 0), (1, 0), (0, 1), (1, 1)]
 
 
 @dataclass(frozen=True)
@@ -79,31 +82,65 @@ def match_attention(state: Conversion, index: GraphIndex, scores: int) -> Subgra
 
 
 def match_patch_merging(state: Conversion, index: GraphIndex, concat: int) -> Subgraph:
-    """The patch merging whose Concat of the four quarters is node `concat`, or a Mismatch."""
+    """The patch merging whose Concat of the four quarters is node `concat`, or a Mismatch.
+
+    Swin's computes channels last and always pads; the IR's module (`lpnet.arch.build.SpaceToDepth`)
+    computes channels first and pads only an odd H or W.
+    """
     walk = SubgraphWalk(state, index, concat, "patch merging")
-    node = index.graph.node[concat]
-    if walk.attribute(node, "axis", 0) % 4 != 3 or len(node.input) != 4:
+    node = walk.start
+    channel_axis = walk.attribute(node, "axis", 0) % 4
+    if channel_axis not in (1, 3) or len(node.input) != 4:
         walk.refuse(node, "expected the four quarters of a map concatenated along its channels")
-    quarters, sources = [], set()
+    channels_first = channel_axis == 1
+    source = _quartered(walk, node, (2, 3) if channels_first else (1, 2))
+    if not channels_first or _pads_odd_map(state, index, source):
+        pad = walk.producer(node, source, {"Pad"})
+        shape = walk.zero_end_padding(pad, (2, 2), channels_first)
+        source = pad.input[0]
+    else:
+        shape = state.shapes.get(source, ())
+        if len(shape) != 4:
+            walk.refuse(node, f"expected the quarters of an (N, C, H, W) map, got {shape}")
+    n, height, width, channels = (shape[0], *shape[2:], shape[1]) if channels_first else shape
+    half = (-(-height // 2), -(-width // 2))
+    quarter, merged = (n, channels, *half), (n, 4 * channels, *half)
+    if not channels_first:
+        quarter, merged = (n, *half, channels), (n, *half, 4 * channels)
     for value in node.input:
-        columns = walk.producer(node, value, {"Slice"})
+        walk.shape(walk.producer(node, value, {"Slice"}), quarter)
+    walk.shape(node, merged)
+    convert = partial(_add_layer, source=source, op=Op.SPACE_TO_DEPTH, channels_last=not channels_first)
+    return walk.close(source, node, convert)
+
+
+def _quartered(walk: SubgraphWalk, concat: onnx.NodeProto, axes: tuple[int, int]) -> str:
+    """The map whose quarters `concat` stacks, each sliced along the rows, then along the columns
+    (`axes`), every second position from its first one, in the order of `_QUARTERS`."""
+    quarters, sources = [], set()
+    for value in concat.input:
+        columns = walk.producer(concat, value, {"Slice"})
         rows = walk.producer(columns, columns.input[0], {"Slice"})
         (row_axis, row, _, row_step), (column_axis, column, _, column_step) = map(
             walk.slice_of, (rows, columns)
         )
-        if (row_axis, row_step, column_axis, column_step) != (1, 2, 2, 2):
+        if (row_axis, row_step, column_axis, column_step) != (axes[0], 2, axes[1], 2):
             walk.refuse(columns, "expected every second row, then every second column, of the padded map")
         quarters.append((row, column))
         sources.add(rows.input[0])
-    if sorted(quarters) != _QUARTERS or len(sources) != 1:
-        walk.refuse(node, f"expected the quarters {_QUARTERS} of one map, got {quarters}")
-    pad = walk.producer(node, sources.pop(), {"Pad"})
-    n, height, width, channels = walk.zero_end_padding(pad, (2, 2))
-    half = (n, -(-height // 2), -(-width // 2))
-    for value in node.input:
-        walk.shape(walk.producer(node, value, {"Slice"}), (*half, channels))
-    walk.shape(node, (*half, 4 * channels))
-    return walk.close(pad.input[0], node, partial(_add_layer, source=pad.input[0], op=Op.SPACE_TO_DEPTH))
+    if quarters != _QUARTERS or len(sources) != 1:
+        walk.refuse(concat, f"expected the quarters {_QUARTERS} of one map, in this order, got {quarters}")
+    return sources.pop()
+
+
+def _pads_odd_map(state: Conversion, index: GraphIndex, value: str) -> bool:
+    """Whether `value` is computed by a Pad of an (N, C, H, W) map of odd H or W: the padding of the
+    IR's patch merging (a `pad` layer before it keeps an odd or even size as it is)."""
+    producer = index.producer.get(value)
+    if producer is None or index.graph.node[producer].op_type != "Pad":
+        return False
+    shape = state.shapes.get(index.graph.node[producer].input[0], ())
+    return len(shape) == 4 and (shape[2] % 2 == 1 or shape[3] % 2 == 1)
 
 
 class _WindowAttention(SubgraphWalk):
@@ -274,19 +311,24 @@ class _WindowAttention(SubgraphWalk):
 
 
 def _add_layer(
-    state: Conversion, node: onnx.NodeProto, source: str, op: Op, fields: dict[str, Any] | None = None
+    state: Conversion,
+    node: onnx.NodeProto,
+    source: str,
+    op: Op,
+    fields: dict[str, Any] | None = None,
+    channels_last: bool = True,
 ) -> None:
-    """The `op` layer of a matched subgraph reading the channels-last map `source`, made at its last node."""
+    """The `op` layer of a matched subgraph reading the map `source`, made at its last node: a
+    channels-last (N, H, W, C) map, or an (N, C, H, W) one when not `channels_last`."""
     shape = state.shapes.get(source, ())
-    if (
-        source not in state.alias
-        or source not in state.channels_last
-        or source in state.partitions
-        or len(shape) != 4
-    ):
-        raise UnsupportedOperator(
-            op.value, node_scope(node), f"its input {source!r} must be a channels-last (N, H, W, C) map"
-        )
+    layout = source in state.alias and source not in state.partitions and len(shape) == 4
+    if channels_last:
+        layout = layout and source in state.channels_last
+    else:
+        layout = layout and not state.is_permuted(source)
+    if not layout:
+        expected = "a channels-last (N, H, W, C)" if channels_last else "an (N, C, H, W)"
+        raise UnsupportedOperator(op.value, node_scope(node), f"its input {source!r} must be {expected} map")
     n, channels, height, width = in_shape = state.ir_layer_shape(source, node)
     merged = (n, 4 * channels, -(-height // 2), -(-width // 2))
     out_shape = merged if op is Op.SPACE_TO_DEPTH else in_shape
@@ -294,4 +336,5 @@ def _add_layer(
     state.alias[out] = state.add_layer(
         node_scope(node), op, [state.alias[source]], in_shape, out_shape, dict(fields or {})
     )
-    state.channels_last.add(out)
+    if channels_last:
+        state.channels_last.add(out)

@@ -245,19 +245,22 @@ class SubgraphWalk:
         self.nodes.add(concat)
         return self.index.graph.node[concat]
 
-    def zero_end_padding(self, pad: onnx.NodeProto, multiple: tuple[int, int]) -> tuple[int, ...]:
-        """The (N, H, W, C) shape of the map `pad` pads with zeros at the end of H and W, to multiples of
-        `multiple`."""
+    def zero_end_padding(
+        self, pad: onnx.NodeProto, multiple: tuple[int, int], channels_first: bool = False
+    ) -> tuple[int, ...]:
+        """The shape of the map `pad` pads with zeros at the end of H and W, to multiples of `multiple`:
+        (N, H, W, C), or (N, C, H, W) when `channels_first`."""
         shape = self.state.shapes.get(pad.input[0], ())
+        layout = "(N, C, H, W)" if channels_first else "channels-last (N, H, W, C)"
         if len(shape) != 4:
-            self.refuse(pad, f"expected a Pad of a channels-last (N, H, W, C) map, got {shape}")
-        n, height, width, channels = shape
+            self.refuse(pad, f"expected a Pad of a {layout} map, got {shape}")
+        rows, columns = (2, 3) if channels_first else (1, 2)
         attrs = Attributes(pad, node_name(pad))
-        pads = constant_values(self.constant(pad, pad.input[1] if len(pad.input) > 1 else ""), attrs).ravel()
-        ends = [(size - extent % size) % size for extent, size in zip((height, width), multiple, strict=True)]
-        expected = np.array([0, 0, 0, 0, 0, *ends, 0])
-        value = pad.input[2] if len(pad.input) > 2 else ""
-        zero = not value or self.number(pad, value) == 0
+        pads, zero = self._pads(pad, attrs)
+        extents = (shape[rows], shape[columns])
+        ends = [(size - extent % size) % size for extent, size in zip(extents, multiple, strict=True)]
+        expected = np.zeros(8, dtype=np.int64)
+        expected[[4 + rows, 4 + columns]] = ends
         constant = attrs.get_string("mode", "constant") == "constant"
         if (
             pads.shape != expected.shape
@@ -267,8 +270,23 @@ class SubgraphWalk:
             or len(pad.input) > 3
         ):
             self.refuse(pad, f"expected a zero Pad of the end of H and W by {ends}: pads {expected.tolist()}")
-        self.shape(pad, (n, height + ends[0], width + ends[1], channels))
+        padded = list(shape)
+        padded[rows] += ends[0]
+        padded[columns] += ends[1]
+        self.shape(pad, tuple(padded))
         return shape
+
+    def _pads(self, pad: onnx.NodeProto, attrs: Attributes) -> tuple[np.ndarray, bool]:
+        """The pads of a Pad (an attribute before opset 11, a constant input from 11), and whether it
+        pads with zeros."""
+        if "pads" in attrs:
+            pads = attrs.by_name["pads"].ints
+            if len(pads) > 2 * MAX_RANK:
+                self.refuse(pad, f"its pads list more than {2 * MAX_RANK} values")
+            return np.array(list(pads)), attrs.get_float("value", 0.0) == 0
+        pads_value = constant_values(self.constant(pad, pad.input[1] if len(pad.input) > 1 else ""), attrs)
+        value = pad.input[2] if len(pad.input) > 2 else ""
+        return pads_value.ravel(), not value or self.number(pad, value) == 0
 
     def close(self, source: str, end: onnx.NodeProto, convert: SubgraphConversion) -> Subgraph:
         """The subgraph ending at `end`, once checked that it reads nothing from outside it but `source`

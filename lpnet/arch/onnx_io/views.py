@@ -1,5 +1,5 @@
-"""Operators that move data: transposes and reshapes (channel shuffles, channels-last permutes, token
-sequences, flattens), and concatenations, splits and slices of channels."""
+"""Operators that move data: transposes, reshapes and unsqueezes (channel shuffles, channels-last
+permutes, token sequences, flattens), and concatenations, splits and slices of channels."""
 
 from __future__ import annotations
 
@@ -104,6 +104,25 @@ def reshape(state: Conversion, node: onnx.NodeProto, attrs: Attributes, source: 
             f"only a flatten or the reshapes of a channel shuffle are supported, got {in_shape} -> {out_shape}",
         )
     return False
+
+
+def unsqueeze(state: Conversion, node: onnx.NodeProto, attrs: Attributes, source: str) -> bool:
+    """A (N, C, L) token sequence given the axis 2 of its (N, C, 1, L) map: the map itself."""
+    if "axes" in attrs:  # before opset 13
+        axes = attrs.get_axes("axes")
+    else:
+        axes = tuple(int(v) for v in state.constant_input(node, attrs, 1, "axes").ravel())
+    shape = state.shape(source, node)
+    sequence = source in state.alias and not state.is_permuted(source) and len(shape) == 3
+    if not sequence or axes not in ((2,), (-2,)):
+        raise UnsupportedOperator(
+            node.op_type,
+            attrs.where,
+            "only an Unsqueeze of axis 2 of a (N, C, L) token sequence, its (N, C, 1, L) map, is "
+            f"supported, got axes {list(axes)} of {shape}",
+        )
+    state.alias[node.output[0]] = state.alias[source]
+    return True
 
 
 def flatten(state: Conversion, node: onnx.NodeProto, attrs: Attributes, data_inputs: list[str]) -> LayerSpec:
