@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import operator
 import re
 from typing import Any
@@ -303,7 +304,7 @@ def build_module(network: Network) -> fx.GraphModule:
 
 def _attribute_name(name: str, used: set[str]) -> str:
     base = re.sub(r"\W", "_", name)
-    if not base or base[0].isdigit():
+    if not base or base[0].isdigit() or keyword.iskeyword(base):
         base = f"m_{base}"
     attr, k = base, 1
     while attr in used:

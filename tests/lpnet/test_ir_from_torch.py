@@ -85,6 +85,26 @@ def test_built_module_computes_the_same_shapes_and_retraces_to_the_same_hash() -
     assert network_from_module(module, net.input_shape).content_hash == net.content_hash
 
 
+def test_layers_named_like_python_keywords_build() -> None:
+    # torch.fx generates Python from the module's attribute names: a layer called `class` or `lambda`
+    # must not become an attribute of that name.
+    net = network_from_torchvision("resnet18", (1, 3, 32, 32))
+    renamed = {"conv1": "class", "bn1": "lambda", "layer1.0.conv1": "import"}
+    layers = [
+        layer.model_copy(
+            update={
+                "name": renamed.get(layer.name, layer.name),
+                "inputs": [renamed.get(i, i) for i in layer.inputs],
+            }
+        )
+        for layer in net.layers
+    ]
+    keyworded = net.model_copy(update={"layers": layers})
+    module = build_module(keyworded)
+    with torch.no_grad():
+        assert module(torch.randn(keyworded.input_shape)).shape == (1, 1000)
+
+
 def test_input_shape_changes_spatial_sizes() -> None:
     small = network_from_torchvision("resnet18", (1, 3, 112, 112))
     assert small.by_name["conv1"].out_hw == (56, 56)
