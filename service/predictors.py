@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +36,7 @@ from service.jobs.context import JobContext
 from service.jobs.kinds import JobKind
 from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
 from service.pagination import Keyset, Page, PageRequest, paginate
+from service.schemas.fits import PredictorMetrics
 from service.schemas.predictors import PredictorRead
 
 logger = logging.getLogger(__name__)
@@ -447,11 +449,59 @@ def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredi
     return load_predictor(predictor_artifact(session, predictor_id))
 
 
+def _typed_metrics(metrics: Any) -> dict[str, Any]:
+    """The part of an imported artifact's metrics that `PredictorMetrics` names and types, as JSON.
+
+    An artifact's header may hold anything: keys the model does not name, and values that do not fit
+    their key's type, are left out (at any depth) and logged, so the stored metrics read back typed.
+    """
+    if not isinstance(metrics, dict):
+        if metrics is not None:
+            logger.warning("imported metrics are %s, not an object; stored none", type(metrics).__name__)
+        return {}
+    raw = json_safe(metrics)
+    kept: dict[str, Any] = _named_keys(PredictorMetrics.model_validate(raw))
+    dropped = _left_out(raw, kept)
+    if dropped:
+        logger.warning("imported metrics: left out keys unknown or of the wrong type: %s", ", ".join(dropped))
+    return kept
+
+
+def _named_keys(value: Any) -> Any:
+    """`value` as JSON, keeping of each model only the fields it names that the document had."""
+    if isinstance(value, BaseModel):
+        return {
+            name: _named_keys(getattr(value, name))
+            for name in type(value).model_fields
+            if name in value.model_fields_set
+        }
+    if isinstance(value, list):
+        return [_named_keys(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _named_keys(item) for key, item in value.items()}
+    return value
+
+
+def _left_out(raw: Any, kept: Any, where: str = "") -> list[str]:
+    """Dotted paths of the keys of `raw` that `kept` lacks (list items by index)."""
+    if isinstance(raw, dict) and isinstance(kept, dict):
+        paths: list[str] = []
+        for key, item in raw.items():
+            path = f"{where}.{key}" if where else key
+            paths += _left_out(item, kept[key], path) if key in kept else [path]
+        return paths
+    if isinstance(raw, list) and isinstance(kept, list) and len(raw) == len(kept):
+        pairs = enumerate(zip(raw, kept, strict=True))
+        return [path for i, (item, kept_item) in pairs for path in _left_out(item, kept_item, f"{where}.{i}")]
+    return []
+
+
 def import_predictor(session: Session, device: Device, data: bytes) -> Predictor:
     """Store an exported predictor artifact as the device's next version (the caller commits).
 
     The artifact is loaded first, so one this lpnet cannot use is refused rather than stored; its
-    metrics and training fingerprint come from its header (the artifact's SHA-256 when it has none).
+    metrics (what of them `PredictorMetrics` types, see `_typed_metrics`) and training fingerprint come
+    from its header (the artifact's SHA-256 when it has none).
 
     Raises:
         InvalidPredictorArtifact: Not a predictor artifact, one of a version or feature schema this
@@ -471,7 +521,7 @@ def import_predictor(session: Session, device: Device, data: bytes) -> Predictor
     fingerprint = extra.get("training_fingerprint")
     fitted = FittedPredictor(
         artifact=data,
-        metrics=json_safe(metrics) if isinstance(metrics, dict) else {},
+        metrics=_typed_metrics(metrics),
         plot_png=None,
         fingerprint=fingerprint
         if isinstance(fingerprint, str) and len(fingerprint) <= FINGERPRINT_MAX_LENGTH

@@ -66,6 +66,7 @@ from service.schemas.agent import (
     AgentTaskRead,
     CampaignCreate,
     CampaignResult,
+    HeartbeatProgress,
     VerifyResult,
 )
 
@@ -346,7 +347,7 @@ def heartbeat_task(
     task: AgentTask,
     agent_id: str,
     lease_seconds: float,
-    progress: dict[str, Any] | None = None,
+    progress: HeartbeatProgress | None = None,
     now: datetime | None = None,
 ) -> AgentTask:
     """Renew the lease and store the progress (the caller commits).
@@ -356,7 +357,8 @@ def heartbeat_task(
     """
     now = now or utcnow()
     _require_holder(task, agent_id, "renew the lease of")
-    held = update_held(session, AGENT_TASKS, task.id, agent_id, renewal_values(lease_seconds, now, progress))
+    stored = None if progress is None else progress.as_json()
+    held = update_held(session, AGENT_TASKS, task.id, agent_id, renewal_values(lease_seconds, now, stored))
     session.refresh(task)
     if not held:
         _require_holder(task, agent_id, "renew the lease of")
@@ -365,20 +367,16 @@ def heartbeat_task(
     return task
 
 
-def _campaign_progress(task: AgentTask, progress: dict[str, Any], now: datetime) -> None:
+def _campaign_progress(task: AgentTask, progress: HeartbeatProgress, now: datetime) -> None:
     """Show a campaign's progress as its device's status (profiling, percent, ETA)."""
-    percent = progress.get("percent")
-    eta = progress.get("eta_seconds")
-    measured = progress.get("measured")
+    percent, eta, measured = progress.percent, progress.eta_seconds, progress.measured
     task.device.status = {
         "phase": "profiling",
-        "percent": round(min(100.0, max(0.0, float(percent))), 1)
-        if isinstance(percent, int | float)
-        else None,
-        "eta_seconds": round(max(0.0, float(eta)), 1) if isinstance(eta, int | float) else None,
-        "message": f"agent campaign {task.id}: {measured} measurement(s)"
-        if isinstance(measured, int)
-        else f"agent campaign {task.id}",
+        "percent": None if percent is None else round(percent, 1),
+        "eta_seconds": None if eta is None else round(eta, 1),
+        "message": f"agent campaign {task.id}"
+        if measured is None
+        else f"agent campaign {task.id}: {measured} measurement(s)",
         "job_id": None,
         "updated_at": now.isoformat(),
     }

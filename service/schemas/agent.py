@@ -134,20 +134,39 @@ class VerifyPayload(StoredDocument):
     )
 
 
-class AgentTaskProgress(LenientDocument):
-    """What an agent reported with its last heartbeat; agents may add keys of their own.
+class HeartbeatProgress(RequestModel):
+    """How far an agent got with its task, sent with a heartbeat; agents may add keys of their own.
 
     A campaign reports its counts over all its leases (measured, failed, elapsed_seconds) and, once it
     can tell, percent and eta_seconds; a verify task reports phase measuring and the network's hash.
+    A named key whose value does not fit is refused; any other key may hold JSON with finite numbers.
     """
 
-    phase: str | None = None
-    percent: float | None = Field(default=None, description="Share done, 0 to 100.")
-    eta_seconds: float | None = Field(default=None, description="Estimated seconds left.")
-    measured: int | None = Field(default=None, description="Samples measured so far.")
-    failed: int | None = Field(default=None, description="Of those, configurations that failed to run.")
-    elapsed_seconds: float | None = Field(default=None, description="Measuring time so far.")
-    network_hash: str | None = Field(default=None, description="The network being measured.")
+    model_config = ConfigDict(extra="allow")
+
+    __pydantic_extra__: dict[str, FiniteJson] = Field(init=False)
+
+    phase: str | None = Field(
+        default=None, min_length=1, max_length=64, description="What the agent does, e.g. measuring."
+    )
+    percent: float | None = Field(default=None, ge=0, le=100, description="Share done, 0 to 100.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    measured: int | None = Field(default=None, ge=0, description="Samples measured so far.")
+    failed: int | None = Field(default=None, ge=0, description="Of those, configurations that failed to run.")
+    elapsed_seconds: float | None = Field(default=None, ge=0, description="Measuring time so far.")
+    network_hash: str | None = Field(
+        default=None, min_length=64, max_length=64, description="content_hash of the network being measured."
+    )
+
+    def as_json(self) -> dict[str, Any]:
+        """The keys the agent sent, as stored: a key it left out stays out."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class AgentTaskProgress(LenientDocument, HeartbeatProgress):
+    """What an agent reported with its last heartbeat, as stored."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
 
 
 class VerifyResult(RequestModel):
@@ -276,12 +295,14 @@ class TaskHeartbeat(RequestModel):
 
     agent_id: AgentId
     lease_seconds: LeaseSeconds | None = None
-    progress: dict[str, FiniteJson] | None = None
+    progress: HeartbeatProgress | None = None
 
     @field_validator("progress")
     @classmethod
-    def _small_progress(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _bounded_document(value, "progress")
+    def _small_progress(cls, value: HeartbeatProgress | None) -> HeartbeatProgress | None:
+        if value is not None:
+            _bounded_document(value.as_json(), "progress")
+        return value
 
 
 class TaskComplete(RequestModel):
