@@ -255,6 +255,13 @@ class Settings(BaseSettings):
         "A key revoked through this server's API stops working here at once; one revoked by `lpnet keys "
         "revoke` or through another server keeps working here for up to this long.",
     )
+    latency_plot_ttl_seconds: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        le=3650 * 24 * 3600.0,
+        description="How long the chart of a latency query with `plot` stays readable at its plot_url; "
+        "older ones are deleted.",
+    )
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="torch intra-op threads of the server and workers."
     )

@@ -12,24 +12,32 @@ run meanwhile. A torchvision name that cannot be traced (unknown, unsupported, b
 bounds) fails the same way every time, so its error is cached like a network. At most
 `MAX_CONCURRENT_TRACES` traces run at once; a request that would start another is answered 429 with
 Retry-After.
+
+A query may also ask for a per-layer bar chart of its answer (`store_latency_plot`): rendered in the
+request's thread, stored for the API key that asked and served at the answer's ``plot_url`` to that
+key (and admin keys) until it is older than LPNET_LATENCY_PLOT_TTL_SECONDS.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
+from datetime import timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from lpnet.arch.ir import MAX_CHANNELS, Network
 from lpnet.errors import InvalidWidthVector, LpnetError
 from service.cache import LruCache
 from service.config import Settings
-from service.db.models import Device, Predictor
+from service.db.base import utcnow
+from service.db.models import ApiKey, Device, KeyScope, LatencyPlot, Predictor
 from service.devices import resolve_device
-from service.errors import InvalidInput, TooManyRequests
+from service.errors import InvalidInput, NotFound, TooManyRequests
 from service.predictors import current_predictor, load_predictor_artifact
 from service.schemas.architectures import TorchvisionArchitecture
 from service.schemas.common import PredictorRef
@@ -172,6 +180,20 @@ class LatencyService:
             key, lambda: self.predict_network(session, device, predictor, network).model_dump_json().encode()
         )
 
+    def predict(
+        self, session: Session, device_ref: int | str, architecture: Network | TorchvisionArchitecture
+    ) -> LatencyRead:
+        """Latency of one architecture on a device, as `predict_json` answers it but not serialised.
+
+        Raises:
+            NotFound: Unknown device.
+            NoPredictor: The device has no predictor yet.
+            LpnetError: The architecture cannot be traced or predicted.
+        """
+        device = resolve_device(session, device_ref)
+        predictor = current_predictor(session, device)
+        return self.predict_network(session, device, predictor, self.network(architecture))
+
     def predict_onnx(
         self, session: Session, device_ref: int | str, data: bytes, name: str | None
     ) -> LatencyRead:
@@ -240,6 +262,55 @@ class LatencyService:
             low_ms=result.low_ms.tolist(),
             high_ms=result.high_ms.tolist(),
         )
+
+
+def store_latency_plot(session: Session, answer: LatencyRead, key: ApiKey, ttl_seconds: float) -> LatencyRead:
+    """Render the per-layer bar chart of `answer`, keep it for `key`, and return the answer with the
+    chart's ``plot_url``; plots older than `ttl_seconds` are deleted first (the caller commits)."""
+    from lpnet.gates.chart import latency_bar_chart
+
+    png = latency_bar_chart(
+        [(layer.name, layer.ms) for layer in answer.per_layer],
+        network=answer.network_name or answer.network_hash[:12],
+        total_ms=answer.total_ms,
+        low_ms=answer.low_ms,
+        high_ms=answer.high_ms,
+        device=answer.device,
+    )
+    now = utcnow()
+    session.execute(delete(LatencyPlot).where(LatencyPlot.created_at < now - timedelta(seconds=ttl_seconds)))
+    plot = LatencyPlot(id=uuid.uuid4().hex, key_id=key.id, png=png, created_at=now)
+    session.add(plot)
+    session.flush()
+    return answer.model_copy(update={"plot_url": latency_plot_url(plot.id)})
+
+
+def latency_plot_url(plot_id: str) -> str:
+    """Where a stored latency plot is served."""
+    return f"/v1/latency/plots/{plot_id}.png"
+
+
+def latency_plot_png(session: Session, plot_id: str, key: ApiKey, ttl_seconds: float) -> bytes:
+    """The PNG of latency plot `plot_id`, for the key it was made for or an admin key.
+
+    Raises:
+        NotFound: No such plot, it is older than `ttl_seconds`, or it is another key's and `key` is not
+            an admin key (answered alike, so a key learns nothing of other keys' plots).
+    """
+    query = select(LatencyPlot.png).where(
+        LatencyPlot.id == plot_id, LatencyPlot.created_at >= utcnow() - timedelta(seconds=ttl_seconds)
+    )
+    if key.scope != KeyScope.ADMIN:
+        query = query.where(LatencyPlot.key_id == key.id)
+    png = session.scalar(query)
+    if png is None:
+        raise NotFound(
+            f"no latency plot {plot_id} for API key {key.prefix}: plots are kept for the key that asked for "
+            f'{ttl_seconds:g} s (LPNET_LATENCY_PLOT_TTL_SECONDS); ask POST /v1/latency with "plot": true '
+            "again for a new one",
+            {"plot_id": plot_id},
+        )
+    return png
 
 
 def _validated_widths(network: Network, tn: TensorizedNetwork, widths: list[list[int]]) -> torch.Tensor:

@@ -43,6 +43,7 @@ from service.predictors import (
     predictor_nominal_probe_ms,
 )
 from service.schemas.devices import AllocatorRead
+from service.schemas.plan_results import PlanResultRead
 from service.schemas.plans import PlanCreate, PlanModelFormat, PlanOptions, PlanRead
 from service.uploads import get_model_upload, load_weights
 
@@ -62,6 +63,12 @@ class PlanHasNoModel(Conflict):
     """The plan has no pruned model: it has not succeeded, or it chose widths without weights."""
 
     code = "plan_has_no_model"
+
+
+class PlanNotSucceeded(Conflict):
+    """The plan has no result to show yet, or never will: it is queued, running or failed."""
+
+    code = "plan_not_succeeded"
 
 
 def planner_options(options: PlanOptions) -> PlannerOptions:
@@ -295,6 +302,46 @@ def describe_plan(job: Job) -> PlanRead:
         deadline_at=job.deadline_at,
         finished_at=job.finished_at,
     )
+
+
+def plan_layers_png(session: Session, plan_id: int) -> bytes:
+    """The per-layer chart of a succeeded plan: predicted latency and kept output channels of each
+    layer, before and after pruning (`lpnet.gates.chart.plan_layers_chart`), as PNG bytes.
+
+    Raises:
+        NotFound: No such plan.
+        PlanNotSucceeded: The plan is queued, running or failed.
+    """
+    from lpnet.gates.chart import PlanChartSummary, PlanLayerRow, plan_layers_chart
+
+    job = get_plan(session, plan_id)
+    if job.status != JobStatus.SUCCEEDED or job.result is None:
+        what = (
+            f"plan {plan_id} failed, so it has no per-layer chart; GET /v1/plans/{plan_id} has its error"
+            if job.status == JobStatus.FAILED
+            else f"plan {plan_id} is {job.status}; its per-layer chart exists once it has succeeded "
+            f"(poll GET /v1/plans/{plan_id})"
+        )
+        raise PlanNotSucceeded(what, {"plan_id": plan_id, "status": job.status})
+    result = PlanResultRead.model_validate(job.result)
+    rows = [
+        PlanLayerRow(
+            layer.name,
+            layer.predicted_ms_before,
+            layer.predicted_ms_after,
+            layer.out_channels,
+            layer.kept_out_channels,
+        )
+        for layer in result.layers
+    ]
+    summary = PlanChartSummary(
+        network=result.network_name or result.network_hash[:12],
+        mode=result.mode.value,
+        unpruned_ms=result.unpruned_predicted.total_ms,
+        planned_ms=result.predicted.total_ms,
+        budget_ms=result.budget_ms,
+    )
+    return plan_layers_chart(rows, summary)
 
 
 def pruned_plan_model(session: Session, plan_id: int) -> PrunedModel:

@@ -55,6 +55,10 @@ class Latency(Answer):
     overhead_ms: float
     per_layer: list[LayerLatency]
     warnings: list[str] = Field(default_factory=list)
+    plot_url: str | None = Field(
+        default=None,
+        description="The per-layer chart, when asked for with plot=True (`Client.latency_plot`).",
+    )
 
 
 class BatchLatency(Answer):

@@ -172,7 +172,12 @@ class Client:
     # Latency ------------------------------------------------------------------------------------
 
     def latency(
-        self, device: int | str, architecture: Architecture, *, input_shape: Sequence[int] | None = None
+        self,
+        device: int | str,
+        architecture: Architecture,
+        *,
+        input_shape: Sequence[int] | None = None,
+        plot: bool = False,
     ) -> Latency:
         """Predicted latency of an architecture on a device: total, interval and per-layer times.
 
@@ -181,22 +186,53 @@ class Client:
                 nn.Module (traced here).
             input_shape: ``(N, C, H, W)`` for a torchvision name (the server's default otherwise) or a
                 module (required).
+            plot: Also have the server render a per-layer bar chart: the answer's ``plot_url``, read
+                with `latency_plot` (by this client's key, until the server lets it expire).
         """
         onnx = onnx_bytes(architecture)
         if onnx is not None:
-            return self.latency_onnx(device, onnx, filename=onnx_filename(architecture))
-        body = {"device": device, "architecture": architecture_json(architecture, input_shape)}
+            return self.latency_onnx(device, onnx, filename=onnx_filename(architecture), plot=plot)
+        body: dict[str, Any] = {
+            "device": device,
+            "architecture": architecture_json(architecture, input_shape),
+        }
+        if plot:
+            body["plot"] = True
         return Latency.model_validate(self._request("POST", "/v1/latency", json=body).json())
 
-    def latency_onnx(self, device: int | str, data: bytes, *, filename: str = "model.onnx") -> Latency:
-        """Predicted latency of an ONNX model, uploaded as a file."""
+    def latency_onnx(
+        self, device: int | str, data: bytes, *, filename: str = "model.onnx", plot: bool = False
+    ) -> Latency:
+        """Predicted latency of an ONNX model, uploaded as a file; `plot` as for `latency`."""
+        form = {"device": str(device)}
+        if plot:
+            form["plot"] = "true"
         response = self._request(
             "POST",
             "/v1/latency/onnx",
-            data={"device": str(device)},
+            data=form,
             files={"file": (filename, data, "application/octet-stream")},
         )
         return Latency.model_validate(response.json())
+
+    def latency_plot(self, answer_or_url: Latency | str) -> bytes:
+        """The PNG of a latency answer's per-layer chart (asked for with ``plot=True``), by the answer or
+        its ``plot_url``.
+
+        Raises:
+            ValueError: The answer has no ``plot_url``, or the URL is on another server than this
+                client's (this client's key is sent to its own server only).
+            NotFound: The plot expired, or was made for another key.
+        """
+        if isinstance(answer_or_url, Latency):
+            if answer_or_url.plot_url is None:
+                raise ValueError(
+                    "this latency answer has no plot_url: ask for it with latency(..., plot=True)"
+                )
+            url = answer_or_url.plot_url
+        else:
+            url = answer_or_url
+        return self._request("GET", self._own_path(url)).content
 
     def latency_batch(
         self,
@@ -269,6 +305,15 @@ class Client:
         """The pruned model of a succeeded weights-mode plan: safetensors (`lpnet.pruning.load_pruned`
         reads it) or ONNX."""
         return self._request("GET", f"/v1/plans/{int(plan_id)}/model", params={"format": format}).content
+
+    def plan_layers_chart(self, plan_id: int) -> bytes:
+        """The PNG of a succeeded plan's layers: predicted latency and kept output channels of each,
+        before and after pruning.
+
+        Raises:
+            Conflict: The plan has not succeeded (code ``plan_not_succeeded``).
+        """
+        return self._request("GET", f"/v1/plans/{int(plan_id)}/layers.png").content
 
     def plans(
         self, *, device: int | str | None = None, status: str | None = None, limit: int | None = None
@@ -387,6 +432,24 @@ class Client:
         return ModelUpload.model_validate(self._request("GET", f"/v1/models/{int(model_id)}").json())
 
     # Requests -----------------------------------------------------------------------------------
+
+    def _own_path(self, url: str) -> str:
+        """A URL the server answered with, as a path to request from it: a path as it is, and an absolute
+        URL only when it is on this client's server.
+
+        Raises:
+            ValueError: An absolute URL on another server.
+        """
+        parsed = httpx.URL(url)
+        if not parsed.is_absolute_url:
+            return url
+        base = self._http.base_url
+        if (parsed.scheme, parsed.host, parsed.port) != (base.scheme, base.host, base.port) or not (
+            parsed.path.startswith(base.path)
+        ):
+            raise ValueError(f"{url} is not on this client's server {base}; its API key is sent there only")
+        relative = parsed.path[len(base.path.rstrip("/")) :]
+        return relative + (f"?{parsed.query.decode()}" if parsed.query else "")
 
     def _pages(
         self, model: type[ModelT], path: str, *, limit: int | None, **filters: str | int | None

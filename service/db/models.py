@@ -1,5 +1,5 @@
-"""ORM models of the service: devices, measurements, predictors, jobs, API keys, uploaded models and
-the tasks of device agents.
+"""ORM models of the service: devices, measurements, predictors, jobs, API keys, uploaded models, the
+tasks of device agents and the latency charts kept for a while.
 
 Enumerated string columns carry CHECK constraints built from the `StrEnum`s below (and the profiler's
 `AllocatorPolicy`), so the database rejects a value the code does not know, on SQLite and PostgreSQL
@@ -332,6 +332,22 @@ class ModelUpload(Base):
     sha256: Mapped[str] = mapped_column(String(SHA256_HEX_LENGTH), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LatencyPlot(Base):
+    """A per-layer latency chart (PNG) rendered for a latency query that asked for one.
+
+    Only the key that asked (and admin keys) may read it, until it is older than
+    LPNET_LATENCY_PLOT_TTL_SECONDS; expired plots are deleted whenever a new one is stored.
+    """
+
+    __tablename__ = "latency_plot"
+
+    # A uuid4 in hex: the chart's URL cannot be guessed from another one.
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_key.id", ondelete="CASCADE"), index=True)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class TaskKind(StrEnum):

@@ -16,6 +16,8 @@ WIDTH_VECTORS_CEILING = 100_000
 # A network has fewer channel groups than layers. The entries are checked against the groups by the
 # latency service, in one vectorised pass rather than one validator call per entry.
 WidthVector = Annotated[list[int], Field(max_length=MAX_LAYERS)]
+# A latency plot's id: a uuid4 in hex.
+PLOT_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 class LatencyRequest(RequestModel):
@@ -23,6 +25,11 @@ class LatencyRequest(RequestModel):
 
     device: DeviceRef
     architecture: Architecture
+    plot: bool = Field(
+        default=False,
+        description="Also render a per-layer bar chart; the answer's plot_url serves it to this key for "
+        "LPNET_LATENCY_PLOT_TTL_SECONDS (24 h by default).",
+    )
 
 
 class LayerLatency(BaseModel):
@@ -50,6 +57,11 @@ class LatencyRead(BaseModel):
     overhead_ms: float = Field(description="Framework overhead not attributed to any layer.")
     per_layer: list[LayerLatency]
     warnings: list[str] = Field(description="Non-empty when the prediction extrapolates.")
+    plot_url: str | None = Field(
+        default=None,
+        description="The per-layer bar chart (PNG) when the request asked for `plot`, readable with the "
+        "same API key until it expires; null otherwise.",
+    )
 
 
 class BatchLatencyRequest(RequestModel):

@@ -80,7 +80,17 @@ def _matrix(url: str, profile: TinyProfile) -> Iterator[Matrix]:
             "other_agent": other_agent,
             "admin": api.keys.admin,
         }
+        latency_plot = api.post(
+            "/v1/latency",
+            key="reader",
+            json={
+                "device": "tiny-cpu",
+                "architecture": profile.network.model_dump(mode="json"),
+                "plot": True,
+            },
+        ).json()["plot_url"]
         ids = {
+            "latency_plot": latency_plot,
             "device": api.device_id,
             "other_device": other_id,
             "predictor": predictor_id,
@@ -208,6 +218,11 @@ ENDPOINTS: dict[str, tuple[Request, set[str]]] = {
     "request plan": (lambda m: ("POST", "/v1/plans", {"json": _plan_body(m.profile)}), {"reader", "admin"}),
     "list plans": (lambda _m: ("GET", "/v1/plans", {}), {"reader", "admin"}),
     "show plan": (lambda m: ("GET", f"/v1/plans/{m.ids['plan']}", {}), {"reader", "admin"}),
+    "plan layers chart": (
+        lambda m: ("GET", f"/v1/plans/{m.ids['plan']}/layers.png", {}),
+        {"reader", "admin"},
+    ),
+    "latency plot": (lambda m: ("GET", m.ids["latency_plot"], {}), {"reader", "admin"}),
     "plan model": (
         lambda m: ("GET", f"/v1/plans/{m.ids['weights_plan']}/model", {}),
         {"reader", "admin"},

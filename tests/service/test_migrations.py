@@ -26,6 +26,7 @@ MODEL_TABLES = {
     "api_key",
     "model_upload",
     "agent_task",
+    "latency_plot",
 }
 
 

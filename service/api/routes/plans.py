@@ -1,4 +1,5 @@
-"""Pruning plans: request one for a latency budget, then poll it for the result; list the caller's plans."""
+"""Pruning plans: request one for a latency budget, then poll it for the result and its per-layer chart;
+list the caller's plans."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from service.api.pagination import PageQuery
 from service.db.models import JobStatus
 from service.devices import resolve_device
 from service.jobs.queue import job_accepted
-from service.plans import describe_plan, get_plan, list_plans, plan_model_bytes, request_plan
+from service.plans import (
+    describe_plan,
+    get_plan,
+    list_plans,
+    plan_layers_png,
+    plan_model_bytes,
+    request_plan,
+)
 from service.schemas.common import MAX_ID, NAME_PATTERN, Page
 from service.schemas.jobs import JobAccepted
 from service.schemas.plans import PLAN_MODEL_MEDIA_TYPES, PlanCreate, PlanModelFormat, PlanRead
@@ -75,6 +83,22 @@ def get_plans(
 def get_plan_route(plan_id: PlanId, session: SessionDep, _key: ReaderKey) -> PlanRead:
     """The plan's status; once succeeded its result (widths, per-layer ratios, latencies), or its error."""
     return describe_plan(get_plan(session, plan_id))
+
+
+@router.get(
+    "/{plan_id}/layers.png",
+    summary="Chart a plan's layers before and after pruning",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "A PNG bar chart."},
+        **error_responses(404, 409, 422),
+    },
+)
+def get_plan_layers_chart(plan_id: PlanId, session: SessionDep, _key: ReaderKey) -> Response:
+    """Per layer, in network order, the predicted latency and the kept output channels before and after
+    pruning (the slowest 80 layers when there are more). 409 `plan_not_succeeded` while the plan is
+    queued or running, or when it failed."""
+    return Response(content=plan_layers_png(session, plan_id), media_type="image/png")
 
 
 @router.get(
