@@ -1,9 +1,10 @@
 """LPNet on networks unlike anything profiled, judged against independent timings.
 
 1. Profile this CPU (1 thread) as the first run does: resnet18, resnet50, mobilenet_v2 and the
-   `generated` family (seeded random CNNs from the profiling seeds), whole networks and layers in
-   context, the default protocol capped at 6 s a network, freed memory retained, for
-   `--budget-minutes` (the first run's 6 by default). A JSONL cache makes reruns resume.
+   `generated` family (seeded random CNNs from the profiling seeds), plus any `--extra-families`,
+   whole networks and layers in context, the default protocol capped at 6 s a network, freed memory
+   retained, for `--budget-minutes` (the first run's 6 by default). A JSONL cache makes reruns
+   resume.
 2. Fit LPNet on the profile, and two baselines on the same samples: a FLOPs+params linear model and
    an nn-Meter-style per-layer RandomForest sum.
 3. Judge on three sets, none of them width variants the fit saw:
@@ -78,7 +79,14 @@ GENERATED_EVAL = 12
 # The development set: what design decisions about the predictor are judged on, so the sets above
 # are judged once, never tuned to. Torchvision families in none of the sets above, and generated
 # networks of seeds that neither profiling nor evaluation ever draws.
-DEVELOPMENT_TORCHVISION = ("alexnet", "inception_v3", "regnet_y_400mf", "regnet_y_1_6gf", "efficientnet_v2_s")
+DEVELOPMENT_TORCHVISION = (
+    "alexnet",
+    "inception_v3",
+    "regnet_y_400mf",
+    "regnet_y_1_6gf",
+    "efficientnet_v2_s",
+    "maxvit_t",
+)
 GENERATED_DEVELOPMENT = 12
 EVALUATION_SETS = ("profiled-unpruned", "torchvision-unseen", "new-operators", "generated-eval")
 DEVELOPMENT_SETS = ("development-torchvision", "development-generated")
@@ -215,6 +223,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--budget-minutes", type=float, default=6.0)
+    parser.add_argument(
+        "--extra-families",
+        nargs="*",
+        default=[],
+        help="profile these families beside the first run's (e.g. op_coverage); use another --cache",
+    )
     parser.add_argument("--cache", type=Path, default=RESULTS / "unseen_profile_cache.jsonl")
     parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument("--processes", type=int, default=5)
@@ -243,7 +257,7 @@ def main() -> None:
     if args.time_one:
         print(json.dumps(time_one(args.time_one, retain, args.min_seconds)))
         return
-    families = [*PROFILED, PROFILING_FAMILY]
+    families = [*PROFILED, PROFILING_FAMILY, *args.extra_families]
     started = time.perf_counter()
     if not args.skip_profile:
         profile(families, args.cache, args.budget_minutes, retain_memory=retain)
