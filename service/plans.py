@@ -312,7 +312,7 @@ def plan_layers_png(session: Session, plan_id: int) -> bytes:
         NotFound: No such plan.
         PlanNotSucceeded: The plan is queued, running or failed.
     """
-    from lpnet.gates.chart import PlanChartSummary, PlanLayerRow, plan_layers_chart
+    from lpnet.gates.chart import plan_chart_summary, plan_layer_rows, plan_layers_chart
 
     job = get_plan(session, plan_id)
     if job.status != JobStatus.SUCCEEDED or job.result is None:
@@ -324,24 +324,7 @@ def plan_layers_png(session: Session, plan_id: int) -> bytes:
         )
         raise PlanNotSucceeded(what, {"plan_id": plan_id, "status": job.status})
     result = PlanResultRead.model_validate(job.result)
-    rows = [
-        PlanLayerRow(
-            layer.name,
-            layer.predicted_ms_before,
-            layer.predicted_ms_after,
-            layer.out_channels,
-            layer.kept_out_channels,
-        )
-        for layer in result.layers
-    ]
-    summary = PlanChartSummary(
-        network=result.network_name or result.network_hash[:12],
-        mode=result.mode.value,
-        unpruned_ms=result.unpruned_predicted.total_ms,
-        planned_ms=result.predicted.total_ms,
-        budget_ms=result.budget_ms,
-    )
-    return plan_layers_chart(rows, summary)
+    return plan_layers_chart(plan_layer_rows(result), plan_chart_summary(result))
 
 
 def pruned_plan_model(session: Session, plan_id: int) -> PrunedModel:

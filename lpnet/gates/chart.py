@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,6 +28,45 @@ _BEFORE_COLOUR = "#9aa5b1"
 _AFTER_COLOUR = "#2f6db5"
 
 RowT = TypeVar("RowT")
+
+
+class ChartedLayer(Protocol):
+    """What a plan's chart reads of one layer: a plan computed here, or one read back from JSON."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def predicted_ms_before(self) -> float: ...
+    @property
+    def predicted_ms_after(self) -> float: ...
+    @property
+    def out_channels(self) -> int: ...
+    @property
+    def kept_out_channels(self) -> int: ...
+
+
+class ChartedTotal(Protocol):
+    @property
+    def total_ms(self) -> float: ...
+
+
+class ChartedPlan(Protocol):
+    """What a plan's chart reads of the whole plan."""
+
+    @property
+    def network_name(self) -> str | None: ...
+    @property
+    def network_hash(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def budget_ms(self) -> float: ...
+    @property
+    def layers(self) -> Sequence[ChartedLayer]: ...
+    @property
+    def predicted(self) -> ChartedTotal: ...
+    @property
+    def unpruned_predicted(self) -> ChartedTotal: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +91,7 @@ class PlanChartSummary:
     budget_ms: float
 
 
-def plan_layer_rows(result: PlanResult) -> list[PlanLayerRow]:
+def plan_layer_rows(result: ChartedPlan) -> list[PlanLayerRow]:
     """The chart rows of a plan's layers, in network order."""
     return [
         PlanLayerRow(
@@ -66,7 +105,7 @@ def plan_layer_rows(result: PlanResult) -> list[PlanLayerRow]:
     ]
 
 
-def plan_chart_summary(result: PlanResult) -> PlanChartSummary:
+def plan_chart_summary(result: ChartedPlan) -> PlanChartSummary:
     """The title and legend figures of a plan's chart."""
     return PlanChartSummary(
         network=result.network_name or result.network_hash[:12],
