@@ -83,13 +83,23 @@ STATEFUL_POSITIVE = schemathesis.Config.from_dict(
 
 
 def answers_in_time(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
-    """The client's round trip, from sending the request to reading the answer, stays under the limit."""
-    if response.elapsed > SLOWEST_ANSWER_S:
-        raise AssertionError(
-            f"{case.operation.label} answered {response.status_code} after {response.elapsed:.2f} s; "
-            f"the limit is {SLOWEST_ANSWER_S} s"
-        )
-    return None
+    """The client's round trip, from sending the request to reading the answer, stays under the limit.
+
+    A GET over the limit is sent once more: a stalled operation is slow again, while one answer held
+    up by a burst of load on the machine is not. Other methods change state, so they get one try.
+    """
+    if response.elapsed <= SLOWEST_ANSWER_S:
+        return None
+    again = None
+    if case.method.upper() == "GET":
+        again = case.call(headers=dict(response.request.headers)).elapsed
+        if again <= SLOWEST_ANSWER_S:
+            return None
+    retried = f", and {again:.2f} s when sent again" if again is not None else ""
+    raise AssertionError(
+        f"{case.operation.label} answered {response.status_code} after {response.elapsed:.2f} s{retried}; "
+        f"the limit is {SLOWEST_ANSWER_S} s"
+    )
 
 
 def refuses_anonymous(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
