@@ -201,15 +201,7 @@ def measure_sample(
     probe around each of them and go without.
     """
     start = time.perf_counter()
-    common: dict[str, object] = {
-        "sample_key": sample.sample_key,
-        "kind": sample.kind,
-        "family": sample.family,
-        "architecture": sample.network,
-        "layer": sample.layer,
-        "width_vector": list(sample.width_vector) if sample.width_vector is not None else None,
-        "load_average_1m": _load_1m(),
-    }
+    common = _sample_fields(sample)
     try:
         fields: dict[str, object]
         if sample.kind is MeasurementKind.ISOLATED:
@@ -237,6 +229,29 @@ def measure_sample(
         logger.warning(
             "sample %s (%s, %s) failed: %s", sample.sample_key, sample.kind.value, sample.family, message
         )
-        return Measurement.model_validate(
-            {**common, "status": "failed", "error": message, "duration_s": time.perf_counter() - start}
-        )
+        return failed_measurement(sample, message, time.perf_counter() - start)
+
+
+def _sample_fields(sample: Sample) -> dict[str, object]:
+    """What every measurement of `sample` carries, whether it succeeded or not."""
+    return {
+        "sample_key": sample.sample_key,
+        "kind": sample.kind,
+        "family": sample.family,
+        "architecture": sample.network,
+        "layer": sample.layer,
+        "width_vector": list(sample.width_vector) if sample.width_vector is not None else None,
+        "load_average_1m": _load_1m(),
+    }
+
+
+def failed_measurement(sample: Sample, error: str, duration_s: float) -> Measurement:
+    """A `failed` row for `sample` carrying `error` (cut to the stored length)."""
+    return Measurement.model_validate(
+        {
+            **_sample_fields(sample),
+            "status": "failed",
+            "error": error[:MAX_ERROR_CHARS],
+            "duration_s": duration_s,
+        }
+    )

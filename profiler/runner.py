@@ -15,9 +15,9 @@ from profiler.backends.base import Backend
 from profiler.batch import Measurement, MeasurementKind, RunContext
 from profiler.budget import BudgetPlanner
 from profiler.device import DeviceSpec
-from profiler.environment import collect_environment
-from profiler.measure import measure_sample
+from profiler.environment import collect_environment, process_allocator_policy
 from profiler.protocol import TimingProtocol
+from profiler.recycling import ChildSetup, InProcessMeasurer, Measurer, RecycledMeasurer
 from profiler.sampling import BucketKey, Sampler, Scorer
 from profiler.sinks import MeasurementSink
 from profiler.speed import SpeedProbe
@@ -140,12 +140,13 @@ def run_profile(
     scorer: Scorer | None = None,
     on_measurement: Callable[[Measurement], None] | None = None,
     speed_probe: bool = True,
+    seconds_per_process: float | None = None,
 ) -> RunSummary:
     """Measure samples until the sampler runs dry, the budget is spent or `max_samples` are done.
 
     Keys the sink already holds are skipped; each measurement is written to the sink as soon as it
     finishes, so Ctrl-C loses at most the one in flight. Ctrl-C is caught: the summary comes back
-    with `interrupted=True` and the caller decides the exit code. The sink is not closed here.
+    with `interrupted=True` and the caller decides the exit code. The sink stays open.
 
     Args:
         device: what is measured; its backend is built here unless `backend` is given.
@@ -154,19 +155,21 @@ def run_profile(
         protocol: timing protocol (defaults to `TimingProtocol()`).
         budget_minutes: wall-time budget shared over (family, kind) buckets; None = until dry.
         progress: show a tqdm bar with ETA.
-        backend: a ready backend (e.g. with options); must match `device.backend`.
+        backend: a ready backend; must match `device.backend`.
         max_samples: stop after this many measurements.
         scorer: adaptive mode hook, passed to `sampler.next_batch`.
         on_measurement: called with every measurement after the sink has it.
         speed_probe: time the speed probe (profiler.speed) around every sample of a network, so
             rows also carry the latency relative to the machine's speed; CPU backends only.
+        seconds_per_process: measure in child processes replaced after this many seconds
+            (profiler.recycling); None measures here with `backend`.
     """
     protocol = protocol or TimingProtocol()
     backend = backend or device.create_backend()
     if backend.name != device.backend:
         raise ValueError(f"backend {backend.name!r} does not match the device spec's {device.backend!r}")
     _warn_if_busy(backend.threads)
-    probe = SpeedProbe().run if speed_probe and backend.runs_on_cpu else None
+    measurer = _measurer(device, backend, speed_probe, seconds_per_process)
     planner = BudgetPlanner.from_minutes(_measurable_buckets(sampler, backend), budget_minutes)
     summary = RunSummary(device=device, budget_minutes=budget_minutes)
     done = set(sink.done_keys())
@@ -186,14 +189,12 @@ def run_profile(
             if not batch:
                 planner.exhaust(bucket)
                 continue
-            sample = batch[0]
-            bar.set_postfix_str(f"{sample.kind.value} {sample.family or ''}", refresh=False)
+            bar.set_postfix_str(f"{batch[0].kind.value} {batch[0].family or ''}", refresh=False)
             t0 = time.perf_counter()
-            measurement = measure_sample(sample, backend, protocol, device.batch_size, probe=probe)
+            measurement = measurer(batch[0], protocol)
             sink.write(measurement)
-            seconds = time.perf_counter() - t0
             done.add(measurement.sample_key)
-            planner.record(bucket, seconds)
+            planner.record(bucket, seconds := time.perf_counter() - t0)
             summary.add(measurement, seconds)
             if on_measurement is not None:
                 on_measurement(measurement)
@@ -202,10 +203,22 @@ def run_profile(
         summary.interrupted = True
         logger.warning("interrupted after %d measurement(s); rerun to resume", summary.measured)
     finally:
+        measurer.close()
         bar.close()
         summary.skipped = sampler.skipped
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _measurer(
+    device: DeviceSpec, backend: Backend, speed_probe: bool, seconds_per_process: float | None
+) -> Measurer:
+    """Where samples are measured: here with `backend`, or in recycled child processes."""
+    with_probe = speed_probe and backend.runs_on_cpu
+    if seconds_per_process is None:
+        return InProcessMeasurer(backend, device.batch_size, SpeedProbe().run if with_probe else None)
+    setup = ChildSetup(device=device, allocator=process_allocator_policy(), speed_probe=with_probe)
+    return RecycledMeasurer(setup, seconds_per_process)
 
 
 def _advance(bar: tqdm[Any], sampler: Sampler, planner: BudgetPlanner, summary: RunSummary) -> None:

@@ -151,6 +151,13 @@ class FirstRunSettings(BaseModel):
     quick_protocol: bool = Field(
         default=False, description="A loose timing protocol: for smoke runs and tests, not for real numbers."
     )
+    seconds_per_process: float = Field(
+        default=60.0,
+        ge=0,
+        le=24 * 3600,
+        description="Measure in child processes, each replaced after this many seconds, so every timing "
+        "comes from a young process as a deployment's does; 0 measures in the job's own process.",
+    )
     fit: FitSettings = Field(
         default_factory=FitSettings,
         description="Fit settings of the first predictor and of each refit; unset fields fall back to "

@@ -242,6 +242,7 @@ def _measure(
                 progress=False,
                 backend=setup.backend,
                 on_measurement=on_measurement,
+                seconds_per_process=setup.options.seconds_per_process,
             )
     finally:
         tracker.heartbeat.stop()

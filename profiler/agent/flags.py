@@ -12,6 +12,9 @@ import argparse
 from profiler.batch import MeasurementKind
 from profiler.environment import AllocatorPolicy
 
+# Mirrors profiler.recycling.DEFAULT_SECONDS_PER_PROCESS, which imports torch (this module must not).
+DEFAULT_SECONDS_PER_PROCESS = 60.0
+
 
 def positive_float(text: str) -> float:
     """argparse type for a positive number."""
@@ -35,6 +38,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type for a number of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
+    return value
+
+
 def add_sampling_arguments(parser: argparse._ActionsContainer) -> None:
     """What is measured and for how long: families, kinds, counts, image size, seed, protocol."""
     parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
@@ -53,6 +67,14 @@ def add_sampling_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="input height and width (default: 224)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a loose timing protocol, for smoke runs only")
+    parser.add_argument(
+        "--seconds-per-process",
+        type=non_negative_float,
+        default=DEFAULT_SECONDS_PER_PROCESS,
+        help="measure in child processes, each replaced after this many seconds, so that every timing "
+        "comes from a young process as a label's or a deployment's does; 0 measures in this process "
+        f"(default: {DEFAULT_SECONDS_PER_PROCESS:g})",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -14,6 +14,7 @@ from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec, local_device_spec
 from profiler.environment import AllocatorPolicy
 from profiler.protocol import TimingProtocol
+from profiler.recycling import DEFAULT_SECONDS_PER_PROCESS
 from profiler.runner import RunSummary, run_profile
 from profiler.sampling import DEFAULT_FAMILIES, SamplingConfig, StratifiedSampler
 from profiler.sinks import MeasurementSink
@@ -40,6 +41,8 @@ class AgentOptions:
     # The device's allocator policy: the process is put under it (`apply_allocator_policy`) before the
     # run's context is fingerprinted.
     allocator: AllocatorPolicy = AllocatorPolicy.RETAIN
+    # Measure in child processes replaced after this many seconds (profiler.recycling); None: in this one.
+    seconds_per_process: float | None = DEFAULT_SECONDS_PER_PROCESS
     progress: bool = True
 
     def device(self) -> DeviceSpec:
@@ -97,6 +100,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         seed=args.seed,
         quick_protocol=args.quick,
         allocator=AllocatorPolicy(args.allocator or AllocatorPolicy.RETAIN),
+        seconds_per_process=args.seconds_per_process or None,
         progress=not args.no_progress,
     )
 
@@ -137,4 +141,5 @@ def run_agent(options: AgentOptions, sink: MeasurementSink) -> RunSummary:
         budget_minutes=options.budget_minutes,
         progress=options.progress,
         backend=backend,
+        seconds_per_process=options.seconds_per_process,
     )

@@ -127,6 +127,7 @@ def _profile_to_database(args: argparse.Namespace, settings: Settings) -> int:
                 progress=options.progress,
                 backend=backend,
                 on_measurement=reporter,
+                seconds_per_process=options.seconds_per_process,
             )
         finally:
             interrupted = summary is None or summary.interrupted
@@ -168,6 +169,7 @@ def _profile_to_server(args: argparse.Namespace, settings: Settings) -> int:
             budget_minutes=options.budget_minutes,
             progress=options.progress,
             backend=backend,
+            seconds_per_process=options.seconds_per_process,
         )
     finally:
         sink.close()

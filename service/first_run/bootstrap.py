@@ -87,6 +87,7 @@ def bootstrap_input(settings: Settings, device_id: int) -> BootstrapInput:
         image_size=first.image_size,
         kinds=list(first.kinds),
         quick_protocol=first.quick_protocol,
+        seconds_per_process=first.seconds_per_process,
         fit=fit,
         refine_minutes=first.refine_minutes,
         refine_rounds=first.refine_rounds,

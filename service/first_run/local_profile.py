@@ -50,6 +50,7 @@ class BootstrapInput(BaseModel):
     image_size: int = Field(ge=16)
     kinds: list[str] = Field(default_factory=lambda: ["network", "in_context"], min_length=1)
     quick_protocol: bool = False
+    seconds_per_process: float = Field(default=60.0, ge=0)
     fit: FitSettings = Field(default_factory=FitSettings)
     refine_minutes: float = Field(default=0.0, ge=0)
     refine_rounds: int = Field(default=1, ge=1)
@@ -136,6 +137,7 @@ def profile_local_device(
         budget_minutes=None if seconds is None else seconds / 60,
         quick_protocol=spec.quick_protocol,
         allocator=AllocatorPolicy(device.allocator),
+        seconds_per_process=spec.seconds_per_process or None,
         progress=False,
     )
     # The device's policy, which verified plans measure under too (service.plans.local_measure).
@@ -162,6 +164,7 @@ def profile_local_device(
             max_samples=max_samples,
             scorer=scorer,
             on_measurement=tracker,
+            seconds_per_process=options.seconds_per_process,
         )
         status = RunStatus.INTERRUPTED if summary.interrupted else RunStatus.COMPLETED
     except (LeaseLost, Deferred):

@@ -64,7 +64,7 @@ def test_both_profiling_commands_read_their_flags_into_the_same_options() -> Non
 
     flags = ["--families", "resnet18, mobilenet_v2", "--kinds", "network,isolated", "--image-size", "64"]
     flags += ["--network-samples", "3", "--seed", "4", "--quick", "--no-progress", "--threads", "2"]
-    flags += ["--allocator", "system", "--budget-minutes", "1.5"]
+    flags += ["--allocator", "system", "--budget-minutes", "1.5", "--seconds-per-process", "30"]
     standalone = options_from_args(build_parser().parse_args([*flags, "--jsonl", "x.jsonl"]))
     profile = lpnet_parser().parse_args(["profile", "--device", "d", *flags, "--submit", "http://x"])
     assert options_from_args(profile) == standalone
@@ -73,8 +73,14 @@ def test_both_profiling_commands_read_their_flags_into_the_same_options() -> Non
     assert (standalone.threads, standalone.seed, standalone.image_size) == (2, 4, 64)
     assert standalone.allocator is AllocatorPolicy.SYSTEM and standalone.quick_protocol
     assert not standalone.progress and standalone.budget_minutes == 1.5
+    assert standalone.seconds_per_process == 30
     defaults = options_from_args(build_parser().parse_args(["--jsonl", "x.jsonl"]))
-    assert defaults == AgentOptions()
+    assert defaults == AgentOptions() and defaults.seconds_per_process == 60
+    in_process = build_parser().parse_args(["--jsonl", "x.jsonl", "--seconds-per-process", "0"])
+    assert options_from_args(in_process).seconds_per_process is None
+    for bad in ("-1", "inf", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--jsonl", "x.jsonl", "--seconds-per-process", bad])
     for kinds, words in (
         ("network,nope", "unknown kind 'nope'; choose from network, in_context, isolated"),
         (" , ", "no kinds in ' , '"),
