@@ -3,8 +3,9 @@
 1. Profile this CPU (1 thread) as the first run does: resnet18, resnet50, mobilenet_v2 and the
    `generated` family (seeded random CNNs from the profiling seeds), plus any `--extra-families`,
    whole networks and layers in context, the default protocol capped at 6 s a network, freed memory
-   retained, for `--budget-minutes` (the first run's 6 by default). A JSONL cache makes reruns
-   resume.
+   retained, in child processes replaced every `--seconds-per-process` (the first run's 60; 0
+   profiles in this one process), for `--budget-minutes` (the first run's 6 by default). A JSONL
+   cache makes reruns resume.
 2. Fit LPNet on the profile, and two baselines on the same samples: a FLOPs+params linear model and
    an nn-Meter-style per-layer RandomForest sum.
 3. Judge on three sets, none of them width variants the fit saw:
@@ -13,8 +14,8 @@
    - `new-operators`: torchvision families built from operators no profiled family has (global
      mean, channel shuffle, layer norm, attention);
    - `generated-eval`: networks of the generator's evaluation seeds, which profiling never samples.
-4. Truth: every network is timed in `--processes` fresh Python processes, each building the
-   network's own module (torchvision's by name; a generated network's from its IR), random weights,
+4. Truth: every network is timed in `--processes` fresh Python processes (`bench.fresh_timing`),
+   each building the network's own module (torchvision's by name; a generated network's from its IR), random weights,
    torch eager, 1 thread, batch 1, `inference_mode`, under the allocator policy the profile used;
    the label is the median of the processes' medians, and their spread is reported.
 
@@ -53,6 +54,7 @@ from profiler.batch import MeasurementKind
 from profiler.device import local_device_spec
 from profiler.environment import cpu_model, retain_freed_memory
 from profiler.protocol import TimingProtocol
+from profiler.recycling import DEFAULT_SECONDS_PER_PROCESS
 from profiler.runner import make_run_context, run_profile
 from profiler.sampling import SamplingConfig, StratifiedSampler
 from profiler.sinks import JsonlSink
@@ -94,7 +96,13 @@ DEVELOPMENT_SETS = ("development-torchvision", "development-generated")
 PROTOCOL = TimingProtocol().model_copy(update={"max_seconds": 6.0})
 
 
-def profile(families: list[str], cache: Path, budget_minutes: float, retain_memory: bool) -> None:
+def profile(
+    families: list[str],
+    cache: Path,
+    budget_minutes: float,
+    retain_memory: bool,
+    seconds_per_process: float | None,
+) -> None:
     """Measure whole networks and in-context layers of `families` into the JSONL cache."""
     import torch
 
@@ -107,7 +115,16 @@ def profile(families: list[str], cache: Path, budget_minutes: float, retain_memo
     backend = device.create_backend()
     sink = JsonlSink(cache, make_run_context(device, PROTOCOL, backend))
     try:
-        print(run_profile(device, sampler, sink, PROTOCOL, budget_minutes=budget_minutes, backend=backend))
+        summary = run_profile(
+            device,
+            sampler,
+            sink,
+            PROTOCOL,
+            budget_minutes=budget_minutes,
+            backend=backend,
+            seconds_per_process=seconds_per_process,
+        )
+        print(summary.format_table())
     finally:
         sink.close()
 
@@ -146,46 +163,6 @@ def cases(development: bool) -> list[Case]:
 # Fresh-process timing ----------------------------------------------------------------------------
 
 
-def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, float]:
-    """Run in a fresh process: build the network's own module and time its forward."""
-    import torch
-
-    from profiler.environment import retain_freed_memory
-
-    torch.set_num_threads(1)
-    if retain_memory:
-        retain_freed_memory()
-    kind, _, value = spec.partition(":")
-    if kind == "tv":
-        from lpnet.arch.from_torch import torchvision_model
-
-        module = torchvision_model(value).eval()
-        shape: Sequence[int] = (1, 3, 224, 224)
-    else:
-        from lpnet.arch.build import build_module
-        from lpnet.arch.generator import generate_network
-
-        network = generate_network(int(value))
-        module = build_module(network).eval()
-        shape = network.input_shape
-    x = torch.randn(*shape)
-    times: list[float] = []
-    with torch.inference_mode():
-        warm_end = time.perf_counter() + 0.3
-        for _ in range(3):
-            module(x)
-        while time.perf_counter() < warm_end:
-            module(x)
-        end = time.perf_counter() + min_seconds
-        while len(times) < 10 or time.perf_counter() < end:
-            start = time.perf_counter()
-            module(x)
-            times.append((time.perf_counter() - start) * 1000)
-            if len(times) >= 200:
-                break
-    return {"median_ms": statistics.median(times), "runs": float(len(times))}
-
-
 def independent_timings(
     all_cases: Sequence[Case], processes: int, retain_memory: bool, min_seconds: float
 ) -> dict[str, list[float]]:
@@ -193,7 +170,7 @@ def independent_timings(
     out: dict[str, list[float]] = {c.spec: [] for c in all_cases}
     for round_index in range(processes):
         for case in all_cases:
-            command = [sys.executable, "-m", "bench.unseen_accuracy", "--time-one", case.spec]
+            command = [sys.executable, "-m", "bench.fresh_timing", case.spec]
             command += ["--min-seconds", str(min_seconds)]
             if not retain_memory:
                 command.append("--no-retain-memory")
@@ -202,6 +179,24 @@ def independent_timings(
             out[case.spec].append(ms)
             print(f"  round {round_index + 1}/{processes} {case.name:22s} {ms:9.2f} ms", flush=True)
     return out
+
+
+def cpu_signature() -> str:
+    """The CPU as labels depend on it: model name, family, model, stepping and cache of /proc/cpuinfo.
+
+    The model name alone is not enough: two "AMD EPYC" machines of different generations timed the
+    same networks 25-63 % apart.
+    """
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return cpu_model()
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get(k, "") for k in ("model name", "cpu family", "model", "stepping", "cache size")]
+    return " / ".join(parts) if any(parts[1:]) else cpu_model()
 
 
 # Judging -----------------------------------------------------------------------------------------
@@ -231,6 +226,13 @@ def main() -> None:
     )
     parser.add_argument("--cache", type=Path, default=RESULTS / "unseen_profile_cache.jsonl")
     parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument(
+        "--seconds-per-process",
+        type=float,
+        default=DEFAULT_SECONDS_PER_PROCESS,
+        help="profile in child processes replaced after this many seconds, as the first run does; 0 "
+        "profiles in this process",
+    )
     parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--steps", type=int, default=1500)
@@ -247,20 +249,22 @@ def main() -> None:
         help="judge on the development sets (what predictor design is decided on) instead of the "
         "evaluation sets; saves unseen_accuracy_development.json",
     )
-    parser.add_argument("--time-one", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     output = args.output or RESULTS / (
         "unseen_accuracy_development.json" if args.development else "unseen_accuracy.json"
     )
     retain = not args.no_retain_memory
-    if args.time_one:
-        print(json.dumps(time_one(args.time_one, retain, args.min_seconds)))
-        return
     families = [*PROFILED, PROFILING_FAMILY, *args.extra_families]
     started = time.perf_counter()
     if not args.skip_profile:
-        profile(families, args.cache, args.budget_minutes, retain_memory=retain)
+        profile(
+            families,
+            args.cache,
+            args.budget_minutes,
+            retain_memory=retain,
+            seconds_per_process=args.seconds_per_process or None,
+        )
     profile_seconds = time.perf_counter() - started
     samples = merge_replicates(load(args.cache, "ms").samples)
     fit_started = time.perf_counter()
@@ -274,11 +278,11 @@ def main() -> None:
     truth: dict[str, list[float]] = {}
     if args.reuse_truth is not None:
         earlier = json.loads(args.reuse_truth.read_text())
-        timed_on = earlier["protocol"].get("cpu_model")
-        if timed_on != cpu_model():
+        timed_on = earlier["protocol"].get("cpu_signature")
+        if timed_on != cpu_signature():
             parser.error(
-                f"{args.reuse_truth} holds labels timed on {timed_on or 'an unnamed CPU'}, not on this "
-                f"machine's {cpu_model()}: latencies only compare on the machine that timed them"
+                f"{args.reuse_truth} holds labels timed on {timed_on or 'a CPU it does not identify'}, not "
+                f"on this machine's {cpu_signature()}: latencies only compare on the CPU that timed them"
             )
         by_name = {row["network"]: row["process_medians_ms"] for row in earlier["rows"]}
         truth = {case.spec: by_name[case.name] for case in all_cases if case.name in by_name}
@@ -340,6 +344,10 @@ def main() -> None:
         "protocol": {
             "profile_families": families,
             "profile_budget_minutes": args.budget_minutes if not args.skip_profile else None,
+            "profile_seconds_per_process": (args.seconds_per_process or None)
+            if not args.skip_profile
+            else None,
+            "profile_cache": args.cache.name,
             "profile_seconds": profile_seconds,
             "fit_seconds": fit_seconds,
             "training_networks": len(samples),
@@ -347,6 +355,7 @@ def main() -> None:
             f">= {args.min_seconds} s; torch eager, 1 thread, batch 1, inference_mode, random weights",
             "allocator": "freed memory retained (mallopt)" if retain else "glibc default",
             "cpu_model": cpu_model(),
+            "cpu_signature": cpu_signature(),
             "truth_reused_from": str(args.reuse_truth.name) if args.reuse_truth else None,
             "profile_cache_rows": sum(1 for _ in args.cache.open()) if args.cache.exists() else 0,
         },

@@ -1,0 +1,76 @@
+"""Time one network in this fresh process, as the accuracy benches' labels are taken.
+
+    python -m bench.fresh_timing tv:resnet18            # a torchvision model by name, 224x224
+    python -m bench.fresh_timing gen:2000000001         # a generated network by seed, from its IR
+
+Builds the network's own module (torchvision's, or a generated network's from its IR), random
+weights, torch eager, 1 thread, batch 1, `inference_mode`, freed memory retained unless
+`--no-retain-memory`; warms up for 0.3 s, then prints as JSON the median of at least 10 forwards
+over at least `--min-seconds`. Imports only what building and timing need, so a label costs little
+more than its own timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+
+
+def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, float]:
+    """Build the network `spec` names and time its forward in this process."""
+    import torch
+
+    from profiler.environment import retain_freed_memory
+
+    torch.set_num_threads(1)
+    if retain_memory:
+        retain_freed_memory()
+    kind, _, value = spec.partition(":")
+    if kind == "tv":
+        from lpnet.arch.from_torch import torchvision_model
+
+        module = torchvision_model(value).eval()
+        shape: Sequence[int] = (1, 3, 224, 224)
+    elif kind == "gen":
+        from lpnet.arch.build import build_module
+        from lpnet.arch.generator import generate_network
+
+        network = generate_network(int(value))
+        module = build_module(network).eval()
+        shape = network.input_shape
+    else:
+        raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name> or gen:<seed>")
+    x = torch.randn(*shape)
+    times: list[float] = []
+    with torch.inference_mode():
+        warm_end = time.perf_counter() + 0.3
+        for _ in range(3):
+            module(x)
+        while time.perf_counter() < warm_end:
+            module(x)
+        end = time.perf_counter() + min_seconds
+        while len(times) < 10 or time.perf_counter() < end:
+            start = time.perf_counter()
+            module(x)
+            times.append((time.perf_counter() - start) * 1000)
+            if len(times) >= 200:
+                break
+    return {"median_ms": statistics.median(times), "runs": float(len(times))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("spec", help="tv:<torchvision name> or gen:<generator seed>")
+    parser.add_argument("--min-seconds", type=float, default=1.5)
+    parser.add_argument("--no-retain-memory", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(time_one(args.spec, not args.no_retain_memory, args.min_seconds)))
+
+
+if __name__ == "__main__":
+    main()
