@@ -52,7 +52,7 @@ from lpnet.predictor.samples import merge_replicates
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import MeasurementKind
 from profiler.device import local_device_spec
-from profiler.environment import cpu_model, retain_freed_memory
+from profiler.environment import cpu_model, cpu_signature, retain_freed_memory
 from profiler.protocol import TimingProtocol
 from profiler.recycling import DEFAULT_SECONDS_PER_PROCESS
 from profiler.runner import make_run_context, run_profile
@@ -179,24 +179,6 @@ def independent_timings(
             out[case.spec].append(ms)
             print(f"  round {round_index + 1}/{processes} {case.name:22s} {ms:9.2f} ms", flush=True)
     return out
-
-
-def cpu_signature() -> str:
-    """The CPU as labels depend on it: model name, family, model, stepping and cache of /proc/cpuinfo.
-
-    The model name alone is not enough: two "AMD EPYC" machines of different generations timed the
-    same networks 25-63 % apart.
-    """
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return cpu_model()
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    parts = [fields.get(k, "") for k in ("model name", "cpu family", "model", "stepping", "cache size")]
-    return " / ".join(parts) if any(parts[1:]) else cpu_model()
 
 
 # Judging -----------------------------------------------------------------------------------------

@@ -3,25 +3,54 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from profiler.environment import Environment, collect_environment, non_finite_path, physical_cores
+from profiler import environment
+from profiler.environment import (
+    Environment,
+    collect_environment,
+    cpu_signature,
+    non_finite_path,
+    physical_cores,
+)
 
 
 def test_fingerprint_is_plain_serialisable_data() -> None:
     env = collect_environment({"backend": "torch-cpu", "threads": 1})
     assert env.logical_cores == os.cpu_count()
     assert 1 <= env.physical_cores <= env.logical_cores
-    assert env.cpu_model
+    assert env.cpu_model and env.cpu_signature and env.cpu_signature.startswith(env.cpu_model)
     assert env.python.count(".") >= 1
     assert {"torch", "numpy", "onnxruntime"} <= set(env.packages)
     assert env.backend_settings == {"backend": "torch-cpu", "threads": 1}
     assert env.load_average is not None and len(env.load_average) == 3
     data = json.loads(env.model_dump_json())
     assert Environment.model_validate(data) == env
+
+
+def test_the_cpu_signature_tells_generations_of_one_model_name_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = "processor\t: {n}\nmodel name\t: AMD EPYC\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+    block += "stepping\t: 1\ncache size\t: {cache} KB\n"
+    signatures = []
+    for family, model, cache in ((25, 17, 1024), (23, 49, 512)):
+        cpuinfo = tmp_path / f"cpuinfo-{family}"
+        # Two processors: the first one's fields are read.
+        text = block.format(n=0, family=family, model=model, cache=cache)
+        text += "\n" + block.format(n=1, family=99, model=99, cache=1)
+        cpuinfo.write_text(text)
+        monkeypatch.setattr(environment, "_CPUINFO", cpuinfo)
+        signatures.append(cpu_signature())
+    assert signatures == ["AMD EPYC / 25 / 17 / 1 / 1024 KB", "AMD EPYC / 23 / 49 / 1 / 512 KB"]
+    bare = tmp_path / "cpuinfo-bare"
+    bare.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    monkeypatch.setattr(environment, "_CPUINFO", bare)
+    assert cpu_signature() == "Some CPU"
 
 
 def test_physical_cores_is_at_least_one() -> None:
