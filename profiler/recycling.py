@@ -9,19 +9,26 @@ current one has lived `seconds_per_process`, so every sample is measured in a yo
 
 The child is started with ``spawn`` (no state inherited from the parent but its environment), puts
 itself under the device's allocator policy, builds the device's backend and its own speed probe, and
-ignores Ctrl-C, which the parent handles. A child that dies mid-sample turns that sample into a
-`failed` measurement and the next sample gets a new child.
+ignores Ctrl-C, which the parent handles. It dies with its parent, even a parent killed with
+SIGKILL: the kernel signals it (Linux's parent-death signal), or elsewhere a watchdog thread sees
+the parent gone within a second. A child that dies mid-sample turns that sample into a `failed`
+measurement and the next sample gets a new child.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
+import os
 import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from profiler.backends.base import Backend
@@ -67,7 +74,11 @@ class ChildSetup:
     device: DeviceSpec
     allocator: AllocatorPolicy
     speed_probe: bool
+    parent_pid: int = field(default_factory=os.getpid)
 
+
+# prctl option (linux/prctl.h): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 # The measuring state of a child process, set once by `_start_child`.
 _child_backend: Backend | None = None
@@ -78,12 +89,33 @@ def _start_child(setup: ChildSetup) -> None:
     """Initialise a measuring child: ignore Ctrl-C, apply the allocator policy, build backend and probe."""
     global _child_backend, _child_probe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(setup.parent_pid)
     apply_allocator_policy(setup.allocator)
     _child_backend = setup.device.create_backend()
     if setup.speed_probe and _child_backend.runs_on_cpu:
         from profiler.speed import SpeedProbe
 
         _child_probe = SpeedProbe().run
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this process when `parent_pid` ends, however it ends."""
+    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if (
+        libc_name is not None
+        and ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    ):
+        # The parent may have died before the signal was asked for.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def _measure_in_child(sample: Sample, protocol: TimingProtocol, batch_size: int) -> Measurement:

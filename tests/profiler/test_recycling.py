@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +92,50 @@ def test_seconds_per_process_must_be_positive(device: DeviceSpec) -> None:
     setup = ChildSetup(device=device, allocator=process_allocator_policy(), speed_probe=False)
     with pytest.raises(ValueError, match="seconds_per_process"):
         RecycledMeasurer(setup, seconds_per_process=0)
+
+
+PARENT_THAT_IS_KILLED = """
+import os, signal, sys
+from lpnet.arch.from_torch import network_from_module
+from profiler.batch import MeasurementKind
+from profiler.device import DeviceSpec
+from profiler.environment import process_allocator_policy
+from profiler.protocol import TimingProtocol
+from profiler.recycling import ChildSetup, RecycledMeasurer
+from profiler.sampling import Sample
+from service.testing.tiny import TinyResNet
+
+device = DeviceSpec(hardware="test-cpu")
+network = network_from_module(TinyResNet(), (1, 3, 32, 32), name="tiny", family="tiny")
+measurer = RecycledMeasurer(ChildSetup(device, process_allocator_policy(), speed_probe=False), 3600.0)
+sample = Sample.for_network(network, device, kind=MeasurementKind.NETWORK)
+assert measurer(sample, TimingProtocol.quick()).status == "ok"
+with open(sys.argv[1], "w") as out:
+    out.write(str(measurer.child_pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_does_not_outlive_a_parent_killed_with_sigkill(tmp_path: Path) -> None:
+    pid_file, log = tmp_path / "child.pid", tmp_path / "parent.log"
+    # Output to a file, not a pipe: a surviving child would hold a pipe open and stall the run.
+    with log.open("w") as out:
+        parent = subprocess.run(
+            [sys.executable, "-c", PARENT_THAT_IS_KILLED, str(pid_file)], stdout=out, stderr=out, timeout=300
+        )
+    assert parent.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child), f"measuring child {child} outlived its killed parent"
