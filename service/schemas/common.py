@@ -36,8 +36,10 @@ def not_an_id(name: str) -> str:
     return name
 
 
+# A name that does not match NAME_PATTERN names no device (every device name matches it), so it is
+# refused as bad input before any lookup; PostgreSQL could not even compare one holding a NUL.
 DeviceRef = Annotated[
-    Id | Annotated[str, Field(min_length=1, max_length=128)],
+    Id | Annotated[str, Field(min_length=1, max_length=128, pattern=NAME_PATTERN)],
     Field(description="The device's numeric id or its name.", examples=["laptop-1t", 3]),
 ]
 
