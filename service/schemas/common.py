@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # Names end up in URLs and on command lines, so keep them to characters that need no quoting.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -36,10 +36,20 @@ def not_an_id(name: str) -> str:
     return name
 
 
-# A name that does not match NAME_PATTERN names no device (every device name matches it), so it is
-# refused as bad input before any lookup; PostgreSQL could not even compare one holding a NUL.
+def no_nul(text: str) -> str:
+    """A string without NUL characters (a pydantic validator's body): PostgreSQL cannot compare text
+    holding one, so it is refused as bad input before any lookup.
+
+    Raises:
+        ValueError: the string holds a NUL character.
+    """
+    if "\x00" in text:
+        raise ValueError("a name cannot contain a NUL character")
+    return text
+
+
 DeviceRef = Annotated[
-    Id | Annotated[str, Field(min_length=1, max_length=128, pattern=NAME_PATTERN)],
+    Id | Annotated[str, Field(min_length=1, max_length=128), AfterValidator(no_nul)],
     Field(description="The device's numeric id or its name.", examples=["laptop-1t", 3]),
 ]
 

@@ -379,14 +379,15 @@ def test_admin_keys_act_for_a_named_device(api: Api, environment: dict[str, Any]
     assert_error_shape(api.get("/v1/agent/sample-keys", key=reader), 403, "permission_denied")
 
 
-def test_a_device_name_no_device_could_have_is_refused_before_any_lookup(
+def test_a_device_name_holding_a_nul_is_refused_before_any_lookup(
     api: Api, environment: dict[str, Any]
 ) -> None:
     # PostgreSQL cannot compare text holding a NUL; such a name must be a 422, never a 500.
-    for name in ("tiny\x00cpu", "tiny cpu", "-tiny"):
-        body = {"agent_id": "adm", "device": name, "environment": environment}
-        response = api.post("/v1/agent/hello", json=body)
-        assert_error_shape(response, 422, "validation_error")
-        assert "device" in response.text
-        latency = api.post("/v1/latency", json={"device": name, "architecture": {"torchvision": "resnet18"}})
-        assert_error_shape(latency, 422, "validation_error")
+    body = {"agent_id": "adm", "device": "tiny\x00cpu", "environment": environment}
+    response = api.post("/v1/agent/hello", json=body)
+    assert_error_shape(response, 422, "validation_error")
+    assert "NUL" in response.text
+    latency = api.post(
+        "/v1/latency", json={"device": "tiny\x00cpu", "architecture": {"torchvision": "resnet18"}}
+    )
+    assert_error_shape(latency, 422, "validation_error")
