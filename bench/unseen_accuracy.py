@@ -52,9 +52,8 @@ from lpnet.predictor.samples import merge_replicates
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import MeasurementKind
 from profiler.device import local_device_spec
-from profiler.environment import cpu_model, cpu_signature, retain_freed_memory
+from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, cpu_model, cpu_signature, retain_freed_memory
 from profiler.protocol import TimingProtocol
-from profiler.recycling import DEFAULT_SECONDS_PER_PROCESS
 from profiler.runner import make_run_context, run_profile
 from profiler.sampling import SamplingConfig, StratifiedSampler
 from profiler.sinks import JsonlSink

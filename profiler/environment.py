@@ -66,6 +66,11 @@ class AllocatorPolicy(StrEnum):
     SYSTEM = "system"
 
 
+# Profiles measure in child processes replaced after this many seconds (profiler.recycling): a
+# process that has timed networks for minutes runs them slower. Kept here, free of torch, so that
+# command lines and settings can state the default before anything heavy is imported.
+DEFAULT_SECONDS_PER_PROCESS = 60.0
+
 # The environment variables that put any process under a policy without code, set before it starts
 # (glibc's aliases of its tunables glibc.malloc.mmap_threshold and glibc.malloc.trim_threshold).
 ALLOCATOR_ENVIRONMENT: Mapping[AllocatorPolicy, Mapping[str, str]] = MappingProxyType(

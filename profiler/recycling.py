@@ -34,14 +34,12 @@ from typing import Protocol
 from profiler.backends.base import Backend
 from profiler.batch import Measurement
 from profiler.device import DeviceSpec
-from profiler.environment import AllocatorPolicy, apply_allocator_policy
+from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, AllocatorPolicy, apply_allocator_policy
 from profiler.measure import failed_measurement, measure_sample
 from profiler.protocol import ProbeFn, TimingProtocol
 from profiler.sampling import Sample
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SECONDS_PER_PROCESS = 60.0
 
 
 class Measurer(Protocol):

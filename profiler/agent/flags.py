@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 
 from profiler.batch import MeasurementKind
-from profiler.environment import AllocatorPolicy
-
-# Mirrors profiler.recycling.DEFAULT_SECONDS_PER_PROCESS, which imports torch (this module must not).
-DEFAULT_SECONDS_PER_PROCESS = 60.0
+from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, AllocatorPolicy
 
 
 def positive_float(text: str) -> float:

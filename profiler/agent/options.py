@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec, local_device_spec
-from profiler.environment import AllocatorPolicy
+from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, AllocatorPolicy
 from profiler.protocol import TimingProtocol
-from profiler.recycling import DEFAULT_SECONDS_PER_PROCESS
 from profiler.runner import RunSummary, run_profile
 from profiler.sampling import DEFAULT_FAMILIES, SamplingConfig, StratifiedSampler
 from profiler.sinks import MeasurementSink

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from profiler.environment import AllocatorPolicy
+from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, AllocatorPolicy
 from service.config import FitSettings
 from service.db.models import Device, LayerMeasurement, NetworkMeasurement, ProfileRun, RunStatus
 from service.first_run.progress import FirstRunProgress, format_duration
@@ -50,7 +50,7 @@ class BootstrapInput(BaseModel):
     image_size: int = Field(ge=16)
     kinds: list[str] = Field(default_factory=lambda: ["network", "in_context"], min_length=1)
     quick_protocol: bool = False
-    seconds_per_process: float = Field(default=60.0, ge=0)
+    seconds_per_process: float = Field(default=DEFAULT_SECONDS_PER_PROCESS, ge=0)
     fit: FitSettings = Field(default_factory=FitSettings)
     refine_minutes: float = Field(default=0.0, ge=0)
     refine_rounds: int = Field(default=1, ge=1)
