@@ -265,8 +265,14 @@ def main() -> None:
                 f"{args.reuse_truth} holds labels timed on {timed_on or 'a CPU it does not identify'}, not "
                 f"on this machine's {cpu_signature()}: latencies only compare on the CPU that timed them"
             )
-        by_name = {row["network"]: row["process_medians_ms"] for row in earlier["rows"]}
-        truth = {case.spec: by_name[case.name] for case in all_cases if case.name in by_name}
+        # A generated network keeps its name when the generator changes: a label is reused only for
+        # the same architecture.
+        by_hash = {row.get("content_hash"): row["process_medians_ms"] for row in earlier["rows"]}
+        truth = {
+            case.spec: by_hash[case.network.content_hash]
+            for case in all_cases
+            if case.network.content_hash in by_hash
+        }
     missing = [case for case in all_cases if case.spec not in truth]
     if missing:
         print(f"timing {len(missing)} networks in {args.processes} fresh processes each", flush=True)
@@ -282,6 +288,7 @@ def main() -> None:
             {
                 "set": case.set_name,
                 "network": case.name,
+                "content_hash": case.network.content_hash,
                 "measured_ms": label,
                 "process_medians_ms": measured,
                 "process_spread": (max(measured) - min(measured)) / label,

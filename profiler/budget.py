@@ -16,8 +16,8 @@ from profiler.batch import MeasurementKind
 from profiler.sampling import BucketKey
 
 DEFAULT_KIND_SHARES: Mapping[MeasurementKind, float] = {
-    MeasurementKind.NETWORK: 0.6,
-    MeasurementKind.IN_CONTEXT: 0.15,
+    MeasurementKind.NETWORK: 0.35,
+    MeasurementKind.IN_CONTEXT: 0.4,
     MeasurementKind.ISOLATED: 0.25,
 }
 # Seconds per sample before anything has been measured: a typical 1 %-precision network timing.

@@ -39,6 +39,7 @@ from profiler.batch import NETWORK_KINDS, MeasurementKind
 from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
 from profiler.device import DeviceSpec
 from profiler.errors import UnknownFamily
+from profiler.kind_coverage import KindCoverage, coverage_ordered
 from profiler.variation import ISOLATED_OPS, latin_hypercube, scale_layer, widths_from_ratios
 
 logger = logging.getLogger(__name__)
@@ -493,7 +494,12 @@ class StratifiedSampler(_QueueSampler):
 
     def _generated_stream(self, kind: MeasurementKind) -> Iterator[Sample]:
         if kind in NETWORK_KINDS:
-            for network in self.generated_networks(kind):
+            networks: Iterable[Network] = self.generated_networks(kind)
+            if kind is MeasurementKind.IN_CONTEXT:
+                # Every family's unpruned network is timed in context first: its layers count as covered.
+                covered = KindCoverage(family.network for family in self.families.values())
+                networks = coverage_ordered(networks, covered)
+            for network in networks:
                 yield Sample.for_network(network, self.device, kind, GENERATED_FAMILY, origin="generated")
             return
         seen: set[str] = set()

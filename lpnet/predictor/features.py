@@ -126,6 +126,19 @@ def rate_kinds(ops: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return torch.where(conv, kind, ops.expand_as(kind))
 
 
+def layer_rate_kind(layer: Layer) -> str:
+    """The rate kind of one layer (a name in RATE_KINDS), the kind `rate_kinds` gives its features."""
+    if layer.op is not Op.CONV2D:
+        return layer.op.value
+    if layer.is_depthwise:
+        return "conv2d_depthwise"
+    if layer.groups > 1:
+        return "conv2d_grouped"
+    if layer.kernel[0] * layer.kernel[1] == 1:
+        return "conv2d_pointwise"
+    return Op.CONV2D.value
+
+
 def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """const (L, F), in_coef (L, F, K) and out_coef (L, F, K) of every layer, vectorised."""
     n_l, n_f, n_k = len(layers), len(NUMERIC_FEATURES), len(BASIS)

@@ -20,7 +20,15 @@ from lpnet.predictor.artifact import (
     read_header,
 )
 from lpnet.predictor.baselines import FlopsLinear
-from lpnet.predictor.features import OP_INDEX, RATE_KIND_INDEX, RATE_KINDS, rate_kinds, tensorize, work_terms
+from lpnet.predictor.features import (
+    OP_INDEX,
+    RATE_KIND_INDEX,
+    RATE_KINDS,
+    layer_rate_kind,
+    rate_kinds,
+    tensorize,
+    work_terms,
+)
 from lpnet.predictor.metrics import accuracy_metrics
 from lpnet.predictor.model import CORRECTION_FACTOR, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
@@ -308,6 +316,7 @@ def test_convolutions_get_rates_by_kernel_kind_that_no_width_changes() -> None:
     assert names[0][:4] == ["conv2d", "conv2d_pointwise", "conv2d_grouped", "conv2d_depthwise"]
     assert names[0][4:] == ["adaptive_avgpool2d", "flatten", "linear"]
     assert names[1] == names[0]
+    assert [layer_rate_kind(layer) for layer in network.layers] == names[0]
 
 
 def test_initial_rates_recover_a_known_cost_model() -> None:

@@ -7,10 +7,11 @@ from profiler.budget import BudgetPlanner
 
 NET, CTX, ISO = MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT, MeasurementKind.ISOLATED
 BUCKETS = [("a", NET), ("b", NET), ("a", CTX), ("a", ISO), ("b", ISO)]
+SHARES = {NET: 0.6, CTX: 0.15, ISO: 0.25}
 
 
 def test_shares_split_kinds_evenly_over_families() -> None:
-    planner = BudgetPlanner(BUCKETS, 600.0)
+    planner = BudgetPlanner(BUCKETS, 600.0, kind_shares=SHARES)
     assert sum(planner.shares.values()) == pytest.approx(1.0)
     assert planner.shares[("a", NET)] == pytest.approx(0.3)
     assert planner.shares[("a", CTX)] == pytest.approx(0.15)
@@ -18,7 +19,7 @@ def test_shares_split_kinds_evenly_over_families() -> None:
 
 
 def test_time_follows_the_shares_and_flows_to_others_when_a_bucket_is_dry() -> None:
-    planner = BudgetPlanner(BUCKETS, 1000.0)
+    planner = BudgetPlanner(BUCKETS, 1000.0, kind_shares=SHARES)
     cost = {NET: 4.0, CTX: 8.0, ISO: 1.0}
     spent: dict[tuple[str, MeasurementKind], float] = {}
     while (bucket := planner.next_bucket()) is not None:
