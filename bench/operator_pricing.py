@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -154,6 +155,7 @@ def main() -> None:
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "load_average": os.getloadavg(),
                 "cpu_signature": cpu_signature(),
                 "cache": str(args.cache.name),
                 "networks": rows,
