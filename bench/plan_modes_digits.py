@@ -23,6 +23,11 @@ The summary gives, per budget and per plan kind, the paired accuracy difference 
 uniform widths (mean and standard error over seeds, wins/ties/losses in images), the band's paired
 effect (banded minus unbanded, same mode), and the keep-ratio spread of the plans.
 
+The uniform networks keep each group's first channels (a width multiplier), the plans the filters
+their mode chose. `--first-filters` also fine-tunes every banded plan's widths keeping the first
+channels (`<mode>/band@first`), so the summary can separate the plan's widths (`@first` minus
+uniform) from its choice of filters (the plan minus `@first`, same widths).
+
 Timings on this machine (2 cores, 1 thread): about 10-15 minutes per seed at the defaults.
 
 Run: `.venv/bin/python bench/plan_modes_digits.py --seeds 12` (writes bench/results/plan_modes_digits*.json);
@@ -149,6 +154,23 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     }
                 )
                 print_row(rows[-1], method_width=24)
+                if args.first_filters and band_name == "band":
+                    # The same widths keeping each group's first channels, as the uniform networks do:
+                    # separates the plan's widths from its choice of filters.
+                    first = prune_module(base, network, result.widths, selection="first")
+                    rows.append(
+                        {
+                            "seed": seed,
+                            "method": f"{kind}@first",
+                            "share": share,
+                            "budget_ms": budget,
+                            "measured_ms": meter(first.network).ms,
+                            "accuracy": fine_tune(first.module),
+                            "val_images": val_images,
+                            "widths": result.widths,
+                        }
+                    )
+                    print_row(rows[-1], method_width=24)
 
                 started = time.perf_counter()
                 selection, relative = match_latency(
@@ -233,6 +255,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             }
         for mode in MODES:
             entry[f"{mode}: band minus no-band"] = paired(at, f"{mode}/band", f"{mode}/no-band")
+            if any(r["method"] == f"{mode}/band@first" for r in at):
+                # Widths alone (both keep first channels), and filters alone (same widths).
+                entry[f"{mode}/band@first minus uniform"] = paired(
+                    at, f"{mode}/band@first", f"uniform@{mode}/band"
+                )
+                entry[f"{mode}/band minus {mode}/band@first"] = paired(
+                    at, f"{mode}/band", f"{mode}/band@first"
+                )
         summary[f"{share:.2f}"] = entry
     return summary
 
@@ -253,6 +283,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.45, 0.6, 0.8])
     parser.add_argument("--variants", type=int, default=40, help="measured width variants for the predictor")
     parser.add_argument("--fit-steps", type=int, default=1500)
+    parser.add_argument(
+        "--first-filters",
+        action="store_true",
+        help="also fine-tune each banded plan's widths keeping every group's first channels",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file")
     parser.add_argument("--combine", nargs="+", type=Path, help="pool these result files; run nothing")
     args = parser.parse_args()

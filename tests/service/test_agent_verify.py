@@ -343,5 +343,11 @@ def test_a_waiting_plan_past_its_deadline_fails_and_cancels_what_it_asked_the_ag
         plan = wait_until(lambda: finished(server, plan_url), 30, "the plan to fail")
         assert time.monotonic() - started < 10  # swept at the worker's next poll, not after its recheck
         assert plan["status"] == "failed" and plan["error"].startswith("timed out after ")
-        [task] = verify_tasks(server, plan_id)
-        assert task.status == TaskStatus.CANCELLED and task.error == f"plan {plan_id} failed: {plan['error']}"
+        # The sweep fails the plan, then cancels its tasks in a transaction of their own, right after.
+        [task] = wait_until(
+            lambda: [t for t in verify_tasks(server, plan_id) if t.status == TaskStatus.CANCELLED],
+            10,
+            "the verify task to be cancelled",
+        )
+        assert task.error == f"plan {plan_id} failed: {plan['error']}"
+        assert len(verify_tasks(server, plan_id)) == 1
