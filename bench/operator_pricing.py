@@ -33,7 +33,7 @@ from bench.unseen_accuracy import PROTOCOL, cases
 from lpnet.arch.from_torch import network_from_torchvision
 from lpnet.arch.generator import generate_network
 from lpnet.arch.ir import Network
-from lpnet.predictor.features import RATE_KINDS, rate_kinds, tensorize
+from lpnet.predictor.features import RATE_KINDS, layer_rate_kind, rate_kinds
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.samples import NetworkSample, merge_replicates, pack_samples
 from lpnet.predictor.train import TrainConfig, fit_predictor
@@ -50,14 +50,6 @@ def network_of(spec: str) -> Network:
     if kind == "gen":
         return generate_network(int(value))
     raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name> or gen:<seed>")
-
-
-def layer_kinds(network: Network) -> dict[str, str]:
-    """The rate kind of every layer of `network`, by layer name."""
-    tn = tensorize(network, with_groups=False)
-    features = tn.layer_features(torch.zeros(1, 0))[0]
-    kinds = rate_kinds(tn.ops, features).tolist()
-    return {name: RATE_KINDS[k] for name, k in zip(tn.layer_names, kinds, strict=True)}
 
 
 def time_in_child(spec: str) -> dict[str, Any]:
@@ -108,7 +100,7 @@ def main() -> None:
     rows = []
     for spec in specs:
         network = network_of(spec)
-        kinds = layer_kinds(network)
+        kinds = {layer.name: layer_rate_kind(layer) for layer in network.layers}
         timing = time_in_child(spec)
         prediction = predictor.predict(network)
         layer_ms = {layer.name: layer.ms for layer in prediction.per_layer}
