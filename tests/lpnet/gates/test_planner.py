@@ -482,8 +482,9 @@ def test_a_plan_that_must_leave_the_band_says_so(
     # band holds one width vector, a step above the uniform widths in the groups whose uniform share
     # is off the grid. Whether that vector is over the budget depends on the fitted predictor's
     # staircase, so the test takes the first of several budgets where it is.
+    unpruned_ms = tiny_predictor.predict(resnet18_small).total_ms
     for share in (0.6, 0.5, 0.7, 0.55, 0.65, 0.45, 0.75):
-        budget = share * tiny_predictor.predict(resnet18_small).total_ms
+        budget = share * unpruned_ms
         ratio = uniform_ratio(problem, budget)
         policy = AllocationPolicy(max_skew=1.0, min_keep_ratio=ratio * 0.999)
         band = AllocationBand.at(problem, budget, policy)
