@@ -10,14 +10,16 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from lpnet.errors import LpnetError
-from lpnet.predictor.features import FEATURE_SCHEMA_VERSION, NUMERIC_FEATURES, OPS
+from lpnet.predictor.features import FEATURE_SCHEMA_VERSION, NUMERIC_FEATURES, OPS, RATE_KINDS
 from lpnet.predictor.model import LPNet, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 
 ARTIFACT_FORMAT = "lpnet-predictor"
 # Bump when the layout of the tensors or the header changes; readers say which versions they read.
-ARTIFACT_VERSION = 4
-READABLE_ARTIFACT_VERSIONS = frozenset({4})
+ARTIFACT_VERSION = 5
+# Version 4 kept one feature range for all layers and lacks the per-kind work ranges of the training
+# domain; it still loads, its range given to every rate kind, and warns without the work ranges.
+READABLE_ARTIFACT_VERSIONS = frozenset({4, 5})
 
 
 class ArtifactError(LpnetError):
@@ -31,6 +33,9 @@ def dump_predictor(predictor: LatencyPredictor, extra: dict[str, Any] | None = N
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in predictor.model.state_dict().items()}
     tensors["domain.feature_min"] = predictor.domain.feature_min.contiguous()
     tensors["domain.feature_max"] = predictor.domain.feature_max.contiguous()
+    if predictor.domain.work_min is not None and predictor.domain.work_max is not None:
+        tensors["domain.work_min"] = predictor.domain.work_min.contiguous()
+        tensors["domain.work_max"] = predictor.domain.work_max.contiguous()
     header = {
         "format": ARTIFACT_FORMAT,
         "artifact_version": str(ARTIFACT_VERSION),
@@ -92,6 +97,10 @@ def load_predictor(data: bytes) -> LatencyPredictor:
     tensors = load_tensors(data)
     model = LPNet(config)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    for name in ("feature_low", "feature_high"):
+        if name in state and state[name].dim() == 1:
+            # Version 4 kept one feature range for every layer: every rate kind gets it.
+            state[name] = state[name].expand(len(RATE_KINDS), -1).clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
@@ -101,5 +110,7 @@ def load_predictor(data: bytes) -> LatencyPredictor:
         ops=set(json.loads(header["domain_ops"])),
         feature_min=tensors["domain.feature_min"],
         feature_max=tensors["domain.feature_max"],
+        work_min=tensors.get("domain.work_min"),
+        work_max=tensors.get("domain.work_max"),
     )
     return LatencyPredictor(model, domain)

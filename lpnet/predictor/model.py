@@ -142,11 +142,14 @@ class LPNet(nn.Module):
         self._members = nn.ModuleList(LayerLatencyMLP(config) for _ in range(config.members))
         self.register_buffer("feature_mean", torch.zeros(len(NUMERIC_FEATURES)))
         self.register_buffer("feature_std", torch.ones(len(NUMERIC_FEATURES)))
-        # The range of every raw feature in training. The correction sees features held inside it:
-        # beyond what was measured the correction stays at its value on the edge, and the base
-        # alone carries the prediction further, in proportion to the work.
-        self.register_buffer("feature_low", torch.full((len(NUMERIC_FEATURES),), -math.inf))
-        self.register_buffer("feature_high", torch.full((len(NUMERIC_FEATURES),), math.inf))
+        # The range of every raw feature over the training layers of each rate kind, (R, F). The
+        # correction sees a layer's features held inside its kind's range: beyond what was measured
+        # of that kind the correction stays at its value on the edge, and the base alone carries the
+        # prediction further, in proportion to the work. (A depthwise convolution wider than any
+        # depthwise one measured is held at the widest, even where dense convolutions were wider.)
+        shape = (len(RATE_KINDS), len(NUMERIC_FEATURES))
+        self.register_buffer("feature_low", torch.full(shape, -math.inf))
+        self.register_buffer("feature_high", torch.full(shape, math.inf))
         # The interval's log half-width is interval_scale * (member spread + interval_floor): the
         # floor is the typical spread, so networks the members happen to agree on still get the
         # error the calibration networks showed, and the scale makes the stated coverage.
@@ -161,16 +164,17 @@ class LPNet(nn.Module):
         """Log half-width of the interval for member totals (K, B) -> (B,)."""
         return self.interval_scale * (member_log_spread(totals) + self.interval_floor)
 
-    def normalise(self, features: torch.Tensor) -> torch.Tensor:
-        """Raw features (..., F) held inside the training range, then standardised."""
-        held = torch.minimum(torch.maximum(features, self.feature_low), self.feature_high)
+    def normalise(self, features: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """Raw features (..., F) of layers of rate kinds (...,) held inside their kind's training
+        range, then standardised."""
+        held = torch.minimum(torch.maximum(features, self.feature_low[kinds]), self.feature_high[kinds])
         return (held - self.feature_mean) / self.feature_std
 
     def member_layer_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
-        x = self.normalise(features)
-        work = work_terms(features)
         kinds = rate_kinds(ops, features)  # (B, L)
+        x = self.normalise(features, kinds)
+        work = work_terms(features)
         if self.config.depth == 1:
             rates = torch.stack([m.log_rates[kinds] for m in self.members])  # (K, B, L, 3)
             base = base_log_ms(work.unsqueeze(0), rates)  # (K, B, L)
@@ -233,10 +237,10 @@ class LPNet(nn.Module):
                 + torch.einsum("uk,ufk->uf", channel_basis(u_in.float()), tn.in_coef[u_layer])
                 + torch.einsum("uk,ufk->uf", channel_basis(u_out.float()), tn.out_coef[u_layer])
             )  # (U, F)
-            x = self.normalise(features)
-            work = work_terms(features)  # (U, 2)
             u_ops = tn.ops[u_layer]
             u_kinds = rate_kinds(u_ops, features)
+            x = self.normalise(features, u_kinds)
+            work = work_terms(features)  # (U, 2)
             results = []
             for member in self.members:
                 layer_ms = torch.exp(member.layer_log_ms(x, work, u_ops, u_kinds))  # (U,)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from lpnet.arch.ir import Network
-from lpnet.predictor.features import NUMERIC_FEATURES, OPS, TensorizedNetwork, tensorize
+from lpnet.arch.ir import Network, Op
+from lpnet.predictor.features import (
+    CONV_KINDS,
+    NUMERIC_FEATURES,
+    OPS,
+    RATE_KINDS,
+    TensorizedNetwork,
+    rate_kinds,
+    tensorize,
+    work_terms,
+)
 from lpnet.predictor.model import LPNet, member_log_spread
 
 _OP_NAMES: tuple[str, ...] = tuple(op.value for op in OPS)
 # How far (in units of the training range) a feature may stray before a result is flagged.
 _RANGE_MARGIN = 0.1
+# How many times more (or less) work than any layer of its rate kind in training a layer may have
+# before a result is flagged, and what share of the predicted total such layers must take: a few
+# small layers past the edge cannot move the total much.
+WORK_MARGIN = 1.5
+WORK_SHARE = 0.05
+_WORK_TERMS = ("MACs", "elements moved")
 
 
 @dataclass(frozen=True)
@@ -49,14 +65,50 @@ class BatchPrediction:
 
 @dataclass
 class TrainingDomain:
-    """What the predictor saw in training: which ops and the range of each feature."""
+    """What the predictor saw in training: which ops, the range of each feature, and per rate kind
+    the range of the work its layers did.
+
+    `work_min` and `work_max` are (len(RATE_KINDS), 2): the smallest and largest log MACs and log
+    elements moved of the training layers of each rate kind (`work_terms`); a kind no training
+    layer had has min +inf and max -inf. None when the predictor was stored without them.
+    """
 
     ops: set[str]
     feature_min: torch.Tensor
     feature_max: torch.Tensor
+    work_min: torch.Tensor | None = None
+    work_max: torch.Tensor | None = None
 
-    def warnings_for(self, tn: TensorizedNetwork, features: torch.Tensor) -> list[str]:
-        """Warnings for layers with unseen ops or features far outside the training range."""
+    @classmethod
+    def of(cls, ops: torch.Tensor, features: torch.Tensor) -> TrainingDomain:
+        """The domain of training layers: op indices (N,) and raw features (N, F)."""
+        kinds = rate_kinds(ops, features)
+        work = work_terms(features)
+        work_min = torch.full((len(RATE_KINDS), 2), float("inf"))
+        work_max = torch.full((len(RATE_KINDS), 2), float("-inf"))
+        index = kinds[:, None].expand_as(work)
+        work_min.scatter_reduce_(0, index, work, reduce="amin")
+        work_max.scatter_reduce_(0, index, work, reduce="amax")
+        return cls(
+            ops={OPS[i].value for i in ops.unique().tolist()},
+            feature_min=features.min(0).values,
+            feature_max=features.max(0).values,
+            work_min=work_min,
+            work_max=work_max,
+        )
+
+    def warnings_for(
+        self, tn: TensorizedNetwork, features: torch.Tensor, layer_ms: torch.Tensor
+    ) -> list[str]:
+        """Warnings for layers with unseen ops, features far outside the training range, or far
+        more or less work than any training layer of their rate kind; features (L, F) raw, layer_ms
+        (L,) the predicted time of each layer."""
+        warnings = self._op_warnings(tn)
+        warnings += self._work_warnings(tn, features, layer_ms)
+        warnings += self._feature_warnings(tn, features)
+        return warnings
+
+    def _op_warnings(self, tn: TensorizedNetwork) -> list[str]:
         warnings: list[str] = []
         seen = torch.tensor([op.value in self.ops for op in OPS])
         unseen_rows = (~seen[tn.ops]).nonzero().flatten().tolist()
@@ -65,9 +117,65 @@ class TrainingDomain:
             unseen.setdefault(OPS[int(tn.ops[row])].value, []).append(tn.layer_names[row])
         for op, names in unseen.items():
             warnings.append(
-                f"op {op!r} was never measured on this device (layers {', '.join(names[:3])}"
-                f"{'...' if len(names) > 3 else ''}): its latency is extrapolated"
+                f"op {op!r} was never measured on this device (layers {_names(names)}): its latency is "
+                "extrapolated"
             )
+        return warnings
+
+    def _work_warnings(
+        self, tn: TensorizedNetwork, features: torch.Tensor, layer_ms: torch.Tensor
+    ) -> list[str]:
+        """One warning per rate kind whose layers lie outside, or were never in, its training range,
+        when they take at least `WORK_SHARE` of the predicted total.
+
+        A layer of an op training saw but of a rate kind it did not (a grouped convolution when only
+        dense ones were measured) is priced at rates fitted on other kinds.
+        """
+        if self.work_min is None or self.work_max is None:
+            return []
+        kinds = rate_kinds(tn.ops, features)  # (L,)
+        work = work_terms(features)  # (L, 2)
+        low, high = self.work_min[kinds], self.work_max[kinds]  # (L, 2)
+        margin = math.log(WORK_MARGIN)
+        never = torch.isinf(low).any(-1)  # (L,)
+        seen = ~never[:, None]
+        zero = torch.zeros_like(work)
+        # Log factor by which each layer's work lies past its kind's range and the margin, (L, 2).
+        above = torch.where(seen, (work - high - margin).clamp_min(0.0), zero)
+        below = torch.where(seen, (low - work - margin).clamp_min(0.0), zero)
+        total = float(layer_ms.sum()) or 1.0
+        warnings: list[str] = []
+        for kind in kinds.unique().tolist():
+            rows = kinds == kind
+            names = [tn.layer_names[i] for i in rows.nonzero().flatten().tolist()]
+            if bool(never[rows].any()):
+                # An op training never saw is already named by `_op_warnings`.
+                if RATE_KINDS[kind] in CONV_KINDS and Op.CONV2D.value in self.ops:
+                    warnings.append(
+                        f"no {RATE_KINDS[kind]} layer was measured on this device (layers {_names(names)}): "
+                        "their latency is priced from other kinds"
+                    )
+                continue
+            for excess, direction in ((above, "more"), (below, "less")):
+                kind_excess = excess[rows]  # (n, 2)
+                flagged = (kind_excess > 0).any(-1)  # (n,)
+                share = float(layer_ms[rows][flagged].sum()) / total
+                if not bool(flagged.any()) or share < WORK_SHARE:
+                    continue
+                worst, term = divmod(int(kind_excess.argmax()), 2)
+                layer = [n for n, f in zip(names, flagged.tolist(), strict=True) if f]
+                factor = math.exp(float(kind_excess[worst, term]) + margin)
+                extreme = f"{factor:.1f}x the {_WORK_TERMS[term]} of the largest"
+                if direction == "less":
+                    extreme = f"1/{factor:.1f} of the {_WORK_TERMS[term]} of the smallest"
+                warnings.append(
+                    f"{len(layer)} {RATE_KINDS[kind]} layer(s) ({_names(layer)}), {share:.0%} of the predicted "
+                    f"time, do {direction} work than any measured on this device: {extreme}"
+                )
+        return warnings
+
+    def _feature_warnings(self, tn: TensorizedNetwork, features: torch.Tensor) -> list[str]:
+        warnings: list[str] = []
         span = (self.feature_max - self.feature_min).clamp_min(1e-6)
         low = self.feature_min - _RANGE_MARGIN * span
         high = self.feature_max + _RANGE_MARGIN * span
@@ -82,6 +190,10 @@ class TrainingDomain:
         if int(outside.any(-1).sum()) > 5:
             warnings.append(f"{int(outside.any(-1).sum())} layers in all are outside the training range")
         return warnings
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
 
 
 class LatencyPredictor:
@@ -111,7 +223,7 @@ class LatencyPredictor:
             high_ms=float(high[0]),
             overhead_ms=float(overheads.mean()),
             per_layer=per_layer,
-            warnings=self.domain.warnings_for(tn, features[0]),
+            warnings=self.domain.warnings_for(tn, features[0], layer_ms.mean(0)),
         )
 
     def log_spread(self, network: Network) -> float:

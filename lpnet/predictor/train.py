@@ -78,8 +78,9 @@ def _fit_packed(
     model = LPNet(config)
     model.feature_mean.copy_(packed.features.mean(0))
     model.feature_std.copy_(packed.features.std(0).clamp_min(1e-3))
-    model.feature_low.copy_(packed.features.min(0).values)
-    model.feature_high.copy_(packed.features.max(0).values)
+    low, high = kind_feature_ranges(packed.features, rate_kinds(packed.ops, packed.features))
+    model.feature_low.copy_(low)
+    model.feature_high.copy_(high)
     fit_part = packed.subset(fitting)
     rates = initial_log_rates(fit_part)
     ties = PeerTies.of(fit_part)
@@ -100,6 +101,19 @@ def _fit_packed(
     _calibrate_interval(model, packed.subset(calibration))
     model.eval()
     return model
+
+
+def kind_feature_ranges(features: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest raw feature over the rows of each rate kind, (R, F) each, for rows
+    (N, F) of kinds (N,). A kind without rows gets the range of all rows."""
+    index = kinds[:, None].expand_as(features)
+    shape = (len(RATE_KINDS), features.shape[1])
+    low = torch.full(shape, math.inf).scatter_reduce(0, index, features, reduce="amin")
+    high = torch.full(shape, -math.inf).scatter_reduce(0, index, features, reduce="amax")
+    absent = torch.bincount(kinds, minlength=len(RATE_KINDS)) == 0
+    low[absent] = features.min(0).values
+    high[absent] = features.max(0).values
+    return low, high
 
 
 def _calibration_split(
@@ -243,9 +257,9 @@ def _fit_member(
 ) -> None:
     torch.manual_seed(seed)
     member = model.members[index]
-    features = model.normalise(data.features)
-    work = work_terms(data.features)
     kinds = rate_kinds(data.ops, data.features)
+    features = model.normalise(data.features, kinds)
+    work = work_terms(data.features)
     log_net = torch.log(data.network_target_ms)
     log_layer = torch.log(data.layer_target_ms.clamp_min(1e-4))  # NaN where a layer was not timed
     counts = torch.bincount(data.segment, minlength=data.num_networks)
@@ -297,9 +311,9 @@ def _calibrate_interval(model: LPNet, data: PackedSamples) -> None:
 
 def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:
     """Network latency (ms) of every member for packed samples: (K, S)."""
-    features = model.normalise(data.features)
-    work = work_terms(data.features)
     kinds = rate_kinds(data.ops, data.features)
+    features = model.normalise(data.features, kinds)
+    work = work_terms(data.features)
     rows = []
     for member in model.members:
         layer_ms = torch.exp(member.layer_log_ms(features, work, data.ops, kinds))
@@ -326,9 +340,4 @@ def fit_predictor(
     packed = pack_samples(samples)
     groups = [sample.group for sample in samples]
     model = _fit_packed(packed, groups, config or LPNetConfig(), train or TrainConfig(), progress)
-    domain = TrainingDomain(
-        ops={OPS[i].value for i in packed.ops.unique().tolist()},
-        feature_min=packed.features.min(0).values,
-        feature_max=packed.features.max(0).values,
-    )
-    return LatencyPredictor(model, domain)
+    return LatencyPredictor(model, TrainingDomain.of(packed.ops, packed.features))

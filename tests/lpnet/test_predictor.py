@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from lpnet.arch.from_torch import network_from_module
@@ -225,6 +227,100 @@ def test_unseen_op_and_out_of_range_configurations_are_flagged(predictor: Latenc
     huge = network_from_module(nn.Sequential(nn.Conv2d(3, 2048, 7, padding=3)), (1, 3, 224, 224))
     assert any("outside the training range" in w for w in predictor.predict(huge).warnings)
     assert not predictor.predict(_plain()).warnings
+
+
+def test_layers_far_beyond_the_work_of_their_kind_in_training_are_flagged(
+    predictor: LatencyPredictor,
+) -> None:
+    # Every feature of this depthwise convolution lies inside the global training range (96 channels
+    # and a 48x48 map were both measured), but it does 3x the MACs of any depthwise layer training
+    # had: only the per-kind work range sees that.
+    def depthwise(channels: int, side: int) -> Network:
+        module = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels))
+        return network_from_module(module, (1, channels, side, side), name=f"dw{channels}")
+
+    beyond = predictor.predict(depthwise(96, 48)).warnings
+    assert not any("outside the training range" in w for w in beyond)
+    flagged = [w for w in beyond if "conv2d_depthwise" in w]
+    assert len(flagged) == 1 and "more work than any measured" in flagged[0]
+    factor = float(flagged[0].split(": ")[1].split("x")[0])
+    assert 2.5 < factor < 4.0  # 96 channels at 48x48 against 32 at 48x48 or 96 at 24x24
+    assert not any("conv2d_depthwise" in w for w in predictor.predict(depthwise(32, 48)).warnings)
+    assert predictor.domain.work_min is not None
+    assert predictor.domain.work_max is not None
+    dense = RATE_KIND_INDEX["conv2d"]
+    assert bool((predictor.domain.work_min[dense] <= predictor.domain.work_max[dense]).all())
+
+
+def test_layers_past_their_kinds_work_that_take_little_of_the_time_are_not_flagged(
+    predictor: LatencyPredictor,
+) -> None:
+    # A 100-way classifier does 10x the MACs of the 10-way ones training had, but next to the
+    # convolutions it takes under 5 % of the time: the work warning stays quiet. On its own it is
+    # the whole time, and named.
+    module = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 100),
+    )  # fmt: skip
+    prediction = predictor.predict(network_from_module(module, SHAPE))
+    head = next(layer.ms for layer in prediction.per_layer if layer.op == "linear")
+    assert head < 0.05 * prediction.total_ms
+    assert not any("linear layer" in w for w in prediction.warnings)
+    alone = network_from_module(nn.Sequential(nn.Flatten(), nn.Linear(64, 100)), (1, 64, 1, 1))
+    assert any("1 linear layer(s)" in w and "10.0x the MACs" in w for w in predictor.predict(alone).warnings)
+
+
+def test_a_layer_beyond_its_kinds_training_range_is_corrected_as_at_its_edge(
+    predictor: LatencyPredictor,
+) -> None:
+    # Training's linear layers all read 64 features, while its convolutions had up to 96 channels.
+    # A linear layer reading 80 or 96 lies inside the range of all layers but beyond that of linear
+    # ones: the correction sees it held at the linear edge, as if it read 64.
+    def linear_features(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        network = network_from_module(nn.Sequential(nn.Flatten(), nn.Linear(width, 10)), (1, width, 1, 1))
+        tn = tensorize(network, with_groups=False)
+        features = tn.layer_features(torch.zeros(1, 0))[0]  # (L, F)
+        row = tn.ops.tolist().index(OP_INDEX[Op.LINEAR])
+        return features[row], rate_kinds(tn.ops, features)[row]
+
+    model = predictor.model
+    edge = model.normalise(*linear_features(64))
+    for width in (80, 96):
+        features, kind = linear_features(width)
+        assert float(features[0]) <= float(model.feature_high.max(0).values[0])  # log in-channels
+        assert torch.allclose(model.normalise(features, kind), edge, atol=1e-4)
+    assert not torch.allclose(model.normalise(*linear_features(48)), edge, atol=1e-4)
+
+
+def test_a_convolution_kind_training_never_had_is_flagged(predictor: LatencyPredictor) -> None:
+    grouped = network_from_module(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4)), (1, 32, 24, 24))
+    warnings = predictor.predict(grouped).warnings
+    assert any(w.startswith("no conv2d_grouped layer was measured") for w in warnings)
+    assert not any("'conv2d' was never measured" in w for w in warnings)
+
+
+def test_a_version_4_artifact_loads_with_one_feature_range_and_no_work_ranges(
+    predictor: LatencyPredictor,
+) -> None:
+    # Version 4 stored one feature range for all layers and no per-kind work ranges.
+    data = dump_predictor(predictor)
+    header = read_header(data)
+    tensors = load_tensors(data)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("domain.work_")}
+    tensors["model.feature_low"] = tensors["model.feature_low"].min(0).values
+    tensors["model.feature_high"] = tensors["model.feature_high"].max(0).values
+    old = load_predictor(save_tensors(tensors, metadata={**header, "artifact_version": "4"}))
+    assert old.domain.work_min is None and old.model.feature_low.shape == predictor.model.feature_low.shape
+    grouped = network_from_module(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4)), (1, 32, 24, 24))
+    assert old.predict(grouped).total_ms == pytest.approx(predictor.predict(grouped).total_ms, rel=0.5)
+    assert not any("conv2d_grouped" in w for w in old.predict(grouped).warnings)
+    current = load_predictor(data)
+    assert current.predict(grouped).warnings == predictor.predict(grouped).warnings
+    assert current.predict(grouped).total_ms == predictor.predict(grouped).total_ms
 
 
 def test_too_few_measurements_say_how_many_more(measured: list[NetworkSample]) -> None:
