@@ -6,8 +6,9 @@
 Builds the network's own module (torchvision's, or a generated network's from its IR), random
 weights, torch eager, 1 thread, batch 1, `inference_mode`, freed memory retained unless
 `--no-retain-memory`; warms up for 0.3 s, then prints as JSON the median of at least 10 forwards
-over at least `--min-seconds`. Imports only what building and timing need, so a label costs little
-more than its own timing.
+over at least `--min-seconds`, and the speed probe's median time (`profiler.speed`) right before
+and right after them, so a label can be judged at a predictor's nominal probe speed. Imports only
+what building and timing need, so a label costs little more than its own timing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, fl
     import torch
 
     from profiler.environment import retain_freed_memory
+    from profiler.speed import SpeedProbe
 
     torch.set_num_threads(1)
     if retain_memory:
@@ -45,6 +47,8 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, fl
         raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name> or gen:<seed>")
     x = torch.randn(*shape)
     times: list[float] = []
+    probe = SpeedProbe()
+    probe_before = probe.median_ms()
     with torch.inference_mode():
         warm_end = time.perf_counter() + 0.3
         for _ in range(3):
@@ -58,7 +62,8 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, fl
             times.append((time.perf_counter() - start) * 1000)
             if len(times) >= 200:
                 break
-    return {"median_ms": statistics.median(times), "runs": float(len(times))}
+    probe_ms = statistics.mean([probe_before, probe.median_ms()])
+    return {"median_ms": statistics.median(times), "runs": float(len(times)), "probe_ms": probe_ms}
 
 
 def main() -> None:

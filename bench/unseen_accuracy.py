@@ -6,8 +6,9 @@
    retained, in child processes replaced every `--seconds-per-process` (the first run's 60; 0
    profiles in this one process), for `--budget-minutes` (the first run's 6 by default). A JSONL
    cache makes reruns resume.
-2. Fit LPNet on the profile, and two baselines on the same samples: a FLOPs+params linear model and
-   an nn-Meter-style per-layer RandomForest sum.
+2. Fit LPNet on the profile as the service fits a probed profile (`--labels probe`: every timing
+   at the profile's nominal speed-probe time, `profiler.speed`), and two baselines on the same
+   samples: a FLOPs+params linear model and an nn-Meter-style per-layer RandomForest sum.
 3. Judge on three sets, none of them width variants the fit saw:
    - `profiled-unpruned`: the unpruned networks of the profiled torchvision families;
    - `torchvision-unseen`: torchvision families never profiled;
@@ -17,7 +18,10 @@
 4. Truth: every network is timed in `--processes` fresh Python processes (`bench.fresh_timing`),
    each building the network's own module (torchvision's by name; a generated network's from its IR), random weights,
    torch eager, 1 thread, batch 1, `inference_mode`, under the allocator policy the profile used;
-   the label is the median of the processes' medians, and their spread is reported.
+   the label is the median of the processes' medians, and their spread is reported. Each process
+   also times the speed probe; the result gives its median (`truth_probe_ms`) beside the
+   predictor's nominal probe time, so a reader sees whether the machine ran at its nominal speed
+   while the labels were taken.
 
 Prints a table per set and saves `bench/results/unseen_accuracy.json`.
 
@@ -56,7 +60,8 @@ from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, cpu_model, cpu_sig
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
 from profiler.sampling import SamplingConfig, StratifiedSampler
-from profiler.sinks import JsonlSink
+from profiler.sinks import JsonlSink, read_jsonl
+from profiler.speed import nominal_probe_ms
 
 RESULTS = Path(__file__).parent / "results"
 PROFILED = ("resnet18", "resnet50", "mobilenet_v2")
@@ -164,9 +169,11 @@ def cases(development: bool) -> list[Case]:
 
 def independent_timings(
     all_cases: Sequence[Case], processes: int, retain_memory: bool, min_seconds: float
-) -> dict[str, list[float]]:
-    """Median of each case in `processes` fresh processes, round after round (drift spreads evenly)."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Median of each case in `processes` fresh processes, round after round (drift spreads evenly),
+    and the speed probe's time in each of those processes."""
     out: dict[str, list[float]] = {c.spec: [] for c in all_cases}
+    probes: dict[str, list[float]] = {c.spec: [] for c in all_cases}
     for round_index in range(processes):
         for case in all_cases:
             command = [sys.executable, "-m", "bench.fresh_timing", case.spec]
@@ -174,10 +181,15 @@ def independent_timings(
             if not retain_memory:
                 command.append("--no-retain-memory")
             result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
-            ms = json.loads(result.stdout.strip().splitlines()[-1])["median_ms"]
-            out[case.spec].append(ms)
-            print(f"  round {round_index + 1}/{processes} {case.name:22s} {ms:9.2f} ms", flush=True)
-    return out
+            timing = json.loads(result.stdout.strip().splitlines()[-1])
+            out[case.spec].append(timing["median_ms"])
+            probes[case.spec].append(timing["probe_ms"])
+            print(
+                f"  round {round_index + 1}/{processes} {case.name:22s} {timing['median_ms']:9.2f} ms "
+                f"(probe {timing['probe_ms']:.3f} ms)",
+                flush=True,
+            )
+    return out, probes
 
 
 # Judging -----------------------------------------------------------------------------------------
@@ -230,6 +242,13 @@ def main() -> None:
         help="judge on the development sets (what predictor design is decided on) instead of the "
         "evaluation sets; saves unseen_accuracy_development.json",
     )
+    parser.add_argument(
+        "--labels",
+        choices=("probe", "ms"),
+        default="probe",
+        help="fit on latencies at the profile's nominal speed-probe time, as the service fits a "
+        "probed profile (default), or on the milliseconds as timed",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     output = args.output or RESULTS / (
@@ -247,7 +266,8 @@ def main() -> None:
             seconds_per_process=args.seconds_per_process or None,
         )
     profile_seconds = time.perf_counter() - started
-    samples = merge_replicates(load(args.cache, "ms").samples)
+    samples = merge_replicates(load(args.cache, args.labels).samples)
+    nominal = nominal_probe_ms(read_jsonl(args.cache)[1]) if args.labels == "probe" else None
     fit_started = time.perf_counter()
     predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps))
     fit_seconds = time.perf_counter() - fit_started
@@ -257,6 +277,7 @@ def main() -> None:
 
     all_cases = cases(args.development)
     truth: dict[str, list[float]] = {}
+    label_probes: dict[str, list[float]] = {}
     if args.reuse_truth is not None:
         earlier = json.loads(args.reuse_truth.read_text())
         timed_on = earlier["protocol"].get("cpu_signature")
@@ -267,16 +288,18 @@ def main() -> None:
             )
         # A generated network keeps its name when the generator changes: a label is reused only for
         # the same architecture.
-        by_hash = {row.get("content_hash"): row["process_medians_ms"] for row in earlier["rows"]}
-        truth = {
-            case.spec: by_hash[case.network.content_hash]
-            for case in all_cases
-            if case.network.content_hash in by_hash
+        by_hash = {row.get("content_hash"): row for row in earlier["rows"]}
+        reused = [case for case in all_cases if case.network.content_hash in by_hash]
+        truth = {case.spec: by_hash[case.network.content_hash]["process_medians_ms"] for case in reused}
+        label_probes = {
+            case.spec: by_hash[case.network.content_hash].get("process_probe_ms") or [] for case in reused
         }
     missing = [case for case in all_cases if case.spec not in truth]
     if missing:
         print(f"timing {len(missing)} networks in {args.processes} fresh processes each", flush=True)
-        truth |= independent_timings(missing, args.processes, retain, args.min_seconds)
+        timed, probed = independent_timings(missing, args.processes, retain, args.min_seconds)
+        truth |= timed
+        label_probes |= probed
     rows: list[dict[str, Any]] = []
     networks = [c.network for c in all_cases]
     baseline_ms = {b.name: b.predict(networks) for b in baselines}
@@ -292,6 +315,7 @@ def main() -> None:
                 "measured_ms": label,
                 "process_medians_ms": measured,
                 "process_spread": (max(measured) - min(measured)) / label,
+                "process_probe_ms": label_probes.get(case.spec) or None,
                 "lpnet_ms": prediction.total_ms,
                 "interval_ms": [prediction.low_ms, prediction.high_ms],
                 "in_interval": prediction.low_ms <= label <= prediction.high_ms,
@@ -334,6 +358,7 @@ def main() -> None:
             f"(spread {r['process_spread']:.1%}) lpnet {r['lpnet_ms']:8.2f} ({error:+.1%}) "
             f"[{r['interval_ms'][0]:.2f}, {r['interval_ms'][1]:.2f}] warnings {r['warnings']}"
         )
+    all_probes = [ms for probes in label_probes.values() for ms in probes]
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "protocol": {
@@ -352,6 +377,11 @@ def main() -> None:
             "cpu_model": cpu_model(),
             "cpu_signature": cpu_signature(),
             "truth_reused_from": str(args.reuse_truth.name) if args.reuse_truth else None,
+            "labels": args.labels,
+            "nominal_probe_ms": nominal,
+            # How fast the machine ran while the truth was timed, next to the speed the predictor
+            # answers for (None: the truth was timed without the probe).
+            "truth_probe_ms": statistics.median(all_probes) if all_probes else None,
             "profile_cache_rows": sum(1 for _ in args.cache.open()) if args.cache.exists() else 0,
         },
         "summary": summary,
