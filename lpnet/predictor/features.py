@@ -126,6 +126,16 @@ def rate_kinds(ops: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return torch.where(conv, kind, ops.expand_as(kind))
 
 
+def kind_ranges(values: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest of each column over the rows of each rate kind: rows (N, D) of kinds
+    (N,) -> low and high, (len(RATE_KINDS), D) each; a kind without rows has low +inf, high -inf."""
+    index = kinds[:, None].expand_as(values)
+    shape = (len(RATE_KINDS), values.shape[1])
+    low = torch.full(shape, math.inf, dtype=values.dtype).scatter_reduce(0, index, values, reduce="amin")
+    high = torch.full(shape, -math.inf, dtype=values.dtype).scatter_reduce(0, index, values, reduce="amax")
+    return low, high
+
+
 def layer_rate_kind(layer: Layer) -> str:
     """The rate kind of one layer (a name in RATE_KINDS), the kind `rate_kinds` gives its features."""
     if layer.op is not Op.CONV2D:

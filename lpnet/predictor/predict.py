@@ -14,6 +14,7 @@ from lpnet.predictor.features import (
     OPS,
     RATE_KINDS,
     TensorizedNetwork,
+    kind_ranges,
     rate_kinds,
     tensorize,
     work_terms,
@@ -82,13 +83,7 @@ class TrainingDomain:
     @classmethod
     def of(cls, ops: torch.Tensor, features: torch.Tensor) -> TrainingDomain:
         """The domain of training layers: op indices (N,) and raw features (N, F)."""
-        kinds = rate_kinds(ops, features)
-        work = work_terms(features)
-        work_min = torch.full((len(RATE_KINDS), 2), float("inf"))
-        work_max = torch.full((len(RATE_KINDS), 2), float("-inf"))
-        index = kinds[:, None].expand_as(work)
-        work_min.scatter_reduce_(0, index, work, reduce="amin")
-        work_max.scatter_reduce_(0, index, work, reduce="amax")
+        work_min, work_max = kind_ranges(work_terms(features), rate_kinds(ops, features))
         return cls(
             ops={OPS[i].value for i in ops.unique().tolist()},
             feature_min=features.min(0).values,

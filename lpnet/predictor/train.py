@@ -17,6 +17,7 @@ from lpnet.predictor.features import (
     OP_CLASS,
     OPS,
     RATE_KINDS,
+    kind_ranges,
     rate_kinds,
     work_terms,
 )
@@ -106,10 +107,7 @@ def _fit_packed(
 def kind_feature_ranges(features: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Smallest and largest raw feature over the rows of each rate kind, (R, F) each, for rows
     (N, F) of kinds (N,). A kind without rows gets the range of all rows."""
-    index = kinds[:, None].expand_as(features)
-    shape = (len(RATE_KINDS), features.shape[1])
-    low = torch.full(shape, math.inf).scatter_reduce(0, index, features, reduce="amin")
-    high = torch.full(shape, -math.inf).scatter_reduce(0, index, features, reduce="amax")
+    low, high = kind_ranges(features, kinds)
     absent = torch.bincount(kinds, minlength=len(RATE_KINDS)) == 0
     low[absent] = features.min(0).values
     high[absent] = features.max(0).values
