@@ -116,6 +116,7 @@ class Profile:
     isolated: list[tuple[Layer, float]]
     counts: dict[str, int]
     timings: dict[tuple[str, str], list[float]]  # (kind, architecture hash) -> every timing, in order
+    nominal_probe_ms: float | None = None  # the probe time labels were scaled to ("probe" labels)
 
 
 def load(cache: Path, labels: str) -> Profile:
@@ -155,7 +156,7 @@ def load(cache: Path, labels: str) -> Profile:
         assert m.architecture is not None
         samples.append(NetworkSample(m.architecture, statistics.median(timings[key]), per_layer, m.family))
         first_ms.append(timings[key][0])
-    return Profile(samples, first_ms, isolated, counts, timings)
+    return Profile(samples, first_ms, isolated, counts, timings, nominal)
 
 
 def split_held_out(samples: list[NetworkSample]) -> tuple[list[int], list[int]]:

@@ -60,8 +60,7 @@ from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, cpu_model, cpu_sig
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
 from profiler.sampling import SamplingConfig, StratifiedSampler
-from profiler.sinks import JsonlSink, read_jsonl
-from profiler.speed import nominal_probe_ms
+from profiler.sinks import JsonlSink
 
 RESULTS = Path(__file__).parent / "results"
 PROFILED = ("resnet18", "resnet50", "mobilenet_v2")
@@ -266,8 +265,9 @@ def main() -> None:
             seconds_per_process=args.seconds_per_process or None,
         )
     profile_seconds = time.perf_counter() - started
-    samples = merge_replicates(load(args.cache, args.labels).samples)
-    nominal = nominal_probe_ms(read_jsonl(args.cache)[1]) if args.labels == "probe" else None
+    profiled = load(args.cache, args.labels)
+    samples = merge_replicates(profiled.samples)
+    nominal = profiled.nominal_probe_ms
     fit_started = time.perf_counter()
     predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps))
     fit_seconds = time.perf_counter() - fit_started
