@@ -95,8 +95,8 @@ DEVELOPMENT_TORCHVISION = (
 GENERATED_DEVELOPMENT = 12
 EVALUATION_SETS = ("profiled-unpruned", "torchvision-unseen", "new-operators", "generated-eval")
 DEVELOPMENT_SETS = ("development-torchvision", "development-generated")
-# The first run's protocol: the default, each network capped at 6 s.
-PROTOCOL = TimingProtocol().model_copy(update={"max_seconds": 6.0})
+# The first run's protocol.
+PROTOCOL = TimingProtocol.budgeted()
 
 
 def profile(
@@ -105,6 +105,7 @@ def profile(
     budget_minutes: float,
     retain_memory: bool,
     seconds_per_process: float | None,
+    protocol: TimingProtocol = PROTOCOL,
 ) -> None:
     """Measure whole networks and in-context layers of `families` into the JSONL cache."""
     import torch
@@ -116,13 +117,13 @@ def profile(
     config = SamplingConfig.for_budget(kinds=(MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT))
     sampler = StratifiedSampler.for_families(families, device, config)
     backend = device.create_backend()
-    sink = JsonlSink(cache, make_run_context(device, PROTOCOL, backend))
+    sink = JsonlSink(cache, make_run_context(device, protocol, backend))
     try:
         summary = run_profile(
             device,
             sampler,
             sink,
-            PROTOCOL,
+            protocol,
             budget_minutes=budget_minutes,
             backend=backend,
             seconds_per_process=seconds_per_process,
@@ -248,6 +249,17 @@ def main() -> None:
         help="fit on latencies at the profile's nominal speed-probe time, as the service fits a "
         "probed profile (default), or on the milliseconds as timed",
     )
+    parser.add_argument(
+        "--target-precision",
+        type=float,
+        default=PROTOCOL.target_precision,
+        help="the profile's stopping rule: time each sample until its median is this precise (or the cap)",
+    )
+    parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="leave the interval's calibration networks out of the final fit (TrainConfig.refit_all off)",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     output = args.output or RESULTS / (
@@ -263,13 +275,19 @@ def main() -> None:
             args.budget_minutes,
             retain_memory=retain,
             seconds_per_process=args.seconds_per_process or None,
+            protocol=PROTOCOL.model_copy(update={"target_precision": args.target_precision}),
         )
     profile_seconds = time.perf_counter() - started
+    import torch
+
+    torch.set_num_threads(1)  # the first run fits with one thread; `fit_seconds` is comparable
     profiled = load(args.cache, args.labels)
     samples = merge_replicates(profiled.samples)
     nominal = profiled.nominal_probe_ms
     fit_started = time.perf_counter()
-    predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps))
+    predictor = fit_predictor(
+        samples, LPNetConfig(), TrainConfig(steps=args.steps, refit_all=not args.no_refit)
+    )
     fit_seconds = time.perf_counter() - fit_started
     baselines: list[Any] = [FlopsLinear(), LayerForestSum()]
     for baseline in baselines:
@@ -368,6 +386,7 @@ def main() -> None:
             if not args.skip_profile
             else None,
             "profile_cache": args.cache.name,
+            "profile_target_precision": args.target_precision if not args.skip_profile else None,
             "profile_seconds": profile_seconds,
             "fit_seconds": fit_seconds,
             "training_networks": len(samples),
@@ -378,6 +397,7 @@ def main() -> None:
             "cpu_signature": cpu_signature(),
             "truth_reused_from": str(args.reuse_truth.name) if args.reuse_truth else None,
             "labels": args.labels,
+            "refit_all": not args.no_refit,
             "nominal_probe_ms": nominal,
             # How fast the machine ran while the truth was timed, next to the speed the predictor
             # answers for (None: the truth was timed without the probe).

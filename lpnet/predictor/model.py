@@ -156,6 +156,10 @@ class LPNet(nn.Module):
         self.register_buffer("interval_scale", torch.tensor(2.0))
         self.register_buffer("interval_floor", torch.tensor(0.0))
 
+    def reset_members(self) -> None:
+        """Members as built (initial weights, zero correction); normalisation and interval are kept."""
+        self._members = nn.ModuleList(LayerLatencyMLP(self.config) for _ in range(self.config.members))
+
     @property
     def members(self) -> list[LayerLatencyMLP]:
         return [m for m in self._members if isinstance(m, LayerLatencyMLP)]

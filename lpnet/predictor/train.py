@@ -50,6 +50,8 @@ class TrainConfig:
     huber_delta: float = 0.1
     batch_networks: int = 64
     seed: int = 0
+    # Fit the members again on every network once the interval is calibrated (`_fit_packed`).
+    refit_all: bool = True
 
 
 ProgressCallback = Callable[[int, int], None]
@@ -72,6 +74,16 @@ def _fit_packed(
     train: TrainConfig,
     progress: ProgressCallback | None,
 ) -> LPNet:
+    """Fit the members without the calibration networks and calibrate the interval on those; then,
+    with `train.refit_all`, when the calibration networks include architectures the fit did not
+    see, fit the members again on every network and keep that interval.
+
+    The calibration networks are mostly whole generated architectures, the most varied part of a
+    profile: left out of the final fit, which of them the split happened to take moved a short
+    profile's predictions of unseen networks by tens of points (docs/predictor.md). When they are
+    only further width variants of architectures the fit has (a train-mode fit of one network), a
+    second pass would cost as much as the first and add nothing the fit lacks.
+    """
     generator = torch.Generator().manual_seed(train.seed)
     calibration, fitting = _calibration_split(groups, train.calibration_share, generator)
 
@@ -82,26 +94,49 @@ def _fit_packed(
     low, high = kind_feature_ranges(packed.features, rate_kinds(packed.ops, packed.features))
     model.feature_low.copy_(low)
     model.feature_high.copy_(high)
-    fit_part = packed.subset(fitting)
-    rates = initial_log_rates(fit_part)
-    ties = PeerTies.of(fit_part)
-    with torch.no_grad():
-        for member in model.members:
-            member.log_rates.copy_(rates)
-            ties.apply(member)
-    total_steps = train.steps * config.members
-    for k in range(config.members):
-        boot = torch.randint(0, fit_part.num_networks, (fit_part.num_networks,), generator=generator)
-        member_data = fit_part.subset(boot.tolist()) if config.members > 1 else fit_part
+    fitted_groups = {groups[i] for i in fitting}
+    refit = train.refit_all and any(groups[i] not in fitted_groups for i in calibration)
+    passes = [packed.subset(fitting), packed] if refit else [packed.subset(fitting)]
+    total_steps = train.steps * config.members * len(passes)
+    for index, data in enumerate(passes):
+        if index:  # the final pass starts again from the same initial members
+            torch.manual_seed(train.seed)
+            model.reset_members()
 
-        def member_progress(step: int, k: int = k) -> None:
+        def pass_progress(step: int, offset: int = index * train.steps * config.members) -> None:
             if progress is not None:
-                progress(k * train.steps + step, total_steps)
+                progress(offset + step, total_steps)
 
-        _fit_member(model, k, member_data, ties, train, seed=train.seed * 1000 + k, progress=member_progress)
-    _calibrate_interval(model, packed.subset(calibration))
+        _fit_members(model, data, train, generator, pass_progress)
+        if index == 0:
+            _calibrate_interval(model, packed.subset(calibration))
     model.eval()
     return model
+
+
+def _fit_members(
+    model: LPNet,
+    data: PackedSamples,
+    train: TrainConfig,
+    generator: torch.Generator,
+    progress: Callable[[int], None],
+) -> None:
+    """Fit every member on its own bootstrap of `data`'s networks, from rates fitted to `data`."""
+    rates = initial_log_rates(data)
+    ties = PeerTies.of(data)
+    members = model.members
+    with torch.no_grad():
+        for member in members:
+            member.log_rates.copy_(rates)
+            ties.apply(member)
+    for k in range(len(members)):
+        boot = torch.randint(0, data.num_networks, (data.num_networks,), generator=generator)
+        member_data = data.subset(boot.tolist()) if len(members) > 1 else data
+
+        def member_progress(step: int, k: int = k) -> None:
+            progress(k * train.steps + step)
+
+        _fit_member(model, k, member_data, ties, train, seed=train.seed * 1000 + k, progress=member_progress)
 
 
 def kind_feature_ranges(features: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

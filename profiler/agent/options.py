@@ -51,7 +51,10 @@ class AgentOptions:
         return spec
 
     def protocol(self) -> TimingProtocol:
-        return TimingProtocol.quick() if self.quick_protocol else TimingProtocol()
+        """Quick when asked; under a time budget, the budgeted protocol (more samples, each less precise)."""
+        if self.quick_protocol:
+            return TimingProtocol.quick()
+        return TimingProtocol() if self.budget_minutes is None else TimingProtocol.budgeted()
 
     def sampling_config(self) -> SamplingConfig:
         """Per-family counts as given; unset ones default to SamplingConfig's, or unbounded under a budget."""

@@ -35,10 +35,6 @@ logger = logging.getLogger(__name__)
 # the 2-core development machine under load: 58 networks, 1500 steps x 5 members, 94 s.
 FIT_SECONDS_BASE = 5.0
 FIT_SECONDS_PER_STEP_MEMBER = 0.01
-# The default protocol times a network until its median is 1 % precise, for up to 30 s; on a quiet
-# machine that takes 1-3 s, on a busy one every network would take the full 30 s and a 6-minute budget
-# would measure a dozen. The first run caps it so that a busy machine still gets a predictor.
-MAX_SECONDS_PER_MEASUREMENT = 6.0
 
 
 class BootstrapInput(BaseModel):
@@ -64,7 +60,8 @@ def estimated_fit_seconds(fit: FitSettings) -> float:
 
     steps = fit.steps if fit.steps is not None else TrainConfig().steps
     members = fit.members if fit.members is not None else LPNetConfig().members
-    return FIT_SECONDS_BASE + steps * members * FIT_SECONDS_PER_STEP_MEMBER
+    passes = 2 if TrainConfig().refit_all else 1  # calibrate, then refit on every network
+    return FIT_SECONDS_BASE + passes * steps * members * FIT_SECONDS_PER_STEP_MEMBER
 
 
 def profiling_seconds(session: Session, device_id: int, since: datetime | None = None) -> float:
@@ -122,6 +119,7 @@ def profile_local_device(
     from profiler.agent.options import AgentOptions, build_sampler
     from profiler.batch import MeasurementKind
     from profiler.environment import apply_allocator_policy
+    from profiler.protocol import TimingProtocol
     from profiler.runner import make_run_context, run_profile
     from profiler.sampling import Sampler
 
@@ -145,9 +143,8 @@ def profile_local_device(
     device_spec = options.device()
     backend = device_spec.create_backend()
     sampler: Sampler = build_sampler(options, device_spec)
-    protocol = options.protocol()
-    if protocol.max_seconds > MAX_SECONDS_PER_MEASUREMENT:
-        protocol = protocol.model_copy(update={"max_seconds": MAX_SECONDS_PER_MEASUREMENT})
+    # The budgeted protocol, also when the run is bounded by a sample count instead of seconds.
+    protocol = TimingProtocol.quick() if spec.quick_protocol else TimingProtocol.budgeted()
     sink = DatabaseSink(context.factory, device, make_run_context(device_spec, protocol, backend))
     tracker.start()
     summary: RunSummary | None = None

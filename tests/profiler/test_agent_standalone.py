@@ -11,6 +11,7 @@ from profiler.agent.options import AgentOptions, options_from_args
 from profiler.agent.standalone import build_parser, main
 from profiler.batch import MeasurementKind
 from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy
+from profiler.protocol import TimingProtocol
 from profiler.sinks import read_jsonl
 
 
@@ -57,6 +58,15 @@ def test_budget_mode_lifts_the_count_caps() -> None:
     assert config.network_samples == 5
     assert config.isolated_samples >= 10_000
     assert config.kinds == (MeasurementKind.NETWORK,)
+
+
+def test_a_budgeted_profile_times_each_sample_less_precisely_and_a_quick_one_least() -> None:
+    unbounded = AgentOptions().protocol()
+    budgeted = AgentOptions(budget_minutes=6).protocol()
+    quick = AgentOptions(budget_minutes=6, quick_protocol=True).protocol()
+    assert budgeted == TimingProtocol.budgeted()
+    assert unbounded.target_precision < budgeted.target_precision < quick.target_precision
+    assert budgeted.max_seconds < unbounded.max_seconds
 
 
 def test_both_profiling_commands_read_their_flags_into_the_same_options() -> None:
