@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--fit-seed", type=int, default=0, help="the fit's seed (TrainConfig.seed)")
     parser.add_argument("--no-retain-memory", action="store_true")
     parser.add_argument(
         "--reuse-truth",
@@ -255,11 +256,6 @@ def main() -> None:
         default=PROTOCOL.target_precision,
         help="the profile's stopping rule: time each sample until its median is this precise (or the cap)",
     )
-    parser.add_argument(
-        "--no-refit",
-        action="store_true",
-        help="leave the interval's calibration networks out of the final fit (TrainConfig.refit_all off)",
-    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     output = args.output or RESULTS / (
@@ -285,9 +281,7 @@ def main() -> None:
     samples = merge_replicates(profiled.samples)
     nominal = profiled.nominal_probe_ms
     fit_started = time.perf_counter()
-    predictor = fit_predictor(
-        samples, LPNetConfig(), TrainConfig(steps=args.steps, refit_all=not args.no_refit)
-    )
+    predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps, seed=args.fit_seed))
     fit_seconds = time.perf_counter() - fit_started
     baselines: list[Any] = [FlopsLinear(), LayerForestSum()]
     for baseline in baselines:
@@ -397,7 +391,8 @@ def main() -> None:
             "cpu_signature": cpu_signature(),
             "truth_reused_from": str(args.reuse_truth.name) if args.reuse_truth else None,
             "labels": args.labels,
-            "refit_all": not args.no_refit,
+            "fit_seed": args.fit_seed,
+            "interval": "cross-validation+ over the members' folds",
             "nominal_probe_ms": nominal,
             # How fast the machine ran while the truth was timed, next to the speed the predictor
             # answers for (None: the truth was timed without the probe).

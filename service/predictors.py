@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
@@ -38,6 +38,9 @@ from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
 from service.pagination import Keyset, Page, PageRequest, paginate
 from service.schemas.fits import PredictorMetrics
 from service.schemas.predictors import PredictorRead
+
+if TYPE_CHECKING:
+    from lpnet.predictor.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +190,15 @@ def check_enough_measurements(session: Session, device: Device) -> None:
         )
 
 
+def fit_configs(settings: FitSettings, seed: int = 0) -> tuple[LPNetConfig, TrainConfig]:
+    """The ensemble and the optimisation of a fit: `settings` where set, lpnet's defaults elsewhere."""
+    from lpnet.predictor.train import TrainConfig
+
+    config = LPNetConfig(members=settings.members) if settings.members is not None else LPNetConfig()
+    steps = {"steps": settings.steps} if settings.steps is not None else {}
+    return config, TrainConfig(seed=seed, **steps)
+
+
 def fit_from_samples(
     samples: list[NetworkSample] | TrainingSet,
     progress: ProgressFn | None = None,
@@ -200,16 +212,13 @@ def fit_from_samples(
         NotEnoughMeasurements: Too few networks, counted after the held-out split.
     """
     from lpnet.predictor.report import fit_with_report
-    from lpnet.predictor.train import TrainConfig
 
     basis = (
         samples.describe() if isinstance(samples, TrainingSet) else {"labels": "ms", "nominal_probe_ms": None}
     )
     if isinstance(samples, TrainingSet):
         samples = samples.samples
-    settings = settings or FitSettings()
-    config = LPNetConfig(members=settings.members) if settings.members is not None else None
-    train = TrainConfig(steps=settings.steps) if settings.steps is not None else None
+    config, train = fit_configs(settings or FitSettings())
     started = time.perf_counter()
     report = fit_with_report(samples, config, train, progress=progress, test_share=HELD_OUT_SHARE)
     metrics = json_safe({**report.metrics, **basis})

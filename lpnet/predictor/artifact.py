@@ -16,10 +16,12 @@ from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 
 ARTIFACT_FORMAT = "lpnet-predictor"
 # Bump when the layout of the tensors or the header changes; readers say which versions they read.
-ARTIFACT_VERSION = 5
+ARTIFACT_VERSION = 6
 # Version 4 kept one feature range for all layers and lacks the per-kind work ranges of the training
 # domain; it still loads, its range given to every rate kind, and warns without the work ranges.
-READABLE_ARTIFACT_VERSIONS = frozenset({4, 5})
+# Versions 4 and 5 lack the interval's cross-validation residuals; they keep their scaled-spread
+# interval (`LPNet.interval_bounds`).
+READABLE_ARTIFACT_VERSIONS = frozenset({4, 5, 6})
 
 
 class ArtifactError(LpnetError):
@@ -101,6 +103,11 @@ def load_predictor(data: bytes) -> LatencyPredictor:
         if name in state and state[name].dim() == 1:
             # Version 4 kept one feature range for every layer: every rate kind gets it.
             state[name] = state[name].expand(len(RATE_KINDS), -1).clone()
+    if "interval_residuals" in state and "interval_member" in state:
+        model.set_interval_residuals(state["interval_residuals"], state["interval_member"])
+    else:
+        state["interval_residuals"] = model.interval_residuals
+        state["interval_member"] = model.interval_member
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(

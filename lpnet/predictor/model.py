@@ -39,6 +39,8 @@ _GENERAL_PATH_ROWS = 20_000
 CORRECTION_FACTOR = 4.0
 # Base terms per layer: MACs, elements moved, one call.
 BASE_TERMS = 3
+# The share of unseen networks an interval is meant to hold.
+INTERVAL_COVERAGE = 0.9
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class LPNet(nn.Module):
     feature_std: torch.Tensor
     feature_low: torch.Tensor
     feature_high: torch.Tensor
+    interval_residuals: torch.Tensor
+    interval_member: torch.Tensor
     interval_scale: torch.Tensor
     interval_floor: torch.Tensor
 
@@ -150,23 +154,48 @@ class LPNet(nn.Module):
         shape = (len(RATE_KINDS), len(NUMERIC_FEATURES))
         self.register_buffer("feature_low", torch.full(shape, -math.inf))
         self.register_buffer("feature_high", torch.full(shape, math.inf))
-        # The interval's log half-width is interval_scale * (member spread + interval_floor): the
-        # floor is the typical spread, so networks the members happen to agree on still get the
-        # error the calibration networks showed, and the scale makes the stated coverage.
+        # Cross-validation+ interval (`interval_bounds`): each calibration network's absolute log
+        # error under the one member that never saw it, and that member's index, (N,) each.
+        self.register_buffer("interval_residuals", torch.zeros(0))
+        self.register_buffer("interval_member", torch.zeros(0, dtype=torch.long))
+        # Artifacts of version 5 and older have no residuals: their interval's log half-width is
+        # interval_scale * (member spread + interval_floor).
         self.register_buffer("interval_scale", torch.tensor(2.0))
         self.register_buffer("interval_floor", torch.tensor(0.0))
 
-    def reset_members(self) -> None:
-        """Members as built (initial weights, zero correction); normalisation and interval are kept."""
-        self._members = nn.ModuleList(LayerLatencyMLP(self.config) for _ in range(self.config.members))
+    def set_interval_residuals(self, residuals: torch.Tensor, member: torch.Tensor) -> None:
+        """The calibration of `interval_bounds`: absolute log errors (N,) and the member each is of."""
+        self.interval_residuals = residuals.detach().float().clone()
+        self.interval_member = member.detach().long().clone()
 
     @property
     def members(self) -> list[LayerLatencyMLP]:
         return [m for m in self._members if isinstance(m, LayerLatencyMLP)]
 
-    def interval_half_width(self, totals: torch.Tensor) -> torch.Tensor:
-        """Log half-width of the interval for member totals (K, B) -> (B,)."""
-        return self.interval_scale * (member_log_spread(totals) + self.interval_floor)
+    def interval_bounds(self, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low and high ends (ms) of the interval for member totals (K, B) -> (B,) each.
+
+        Cross-validation+ (Barber et al., "Predictive inference with the jackknife+", 2021): every
+        calibration network i was left out of member k(i)'s fit, and r_i is that member's absolute
+        log error on it. For a new network the interval runs from the `INTERVAL_COVERAGE` lower
+        quantile of {log m_k(i) - r_i} to the upper quantile of {log m_k(i) + r_i}: each calibration
+        error applied to the member it was measured on. It widens with the members' disagreement
+        and with the errors they made on architectures they never saw, without a fitted scale.
+        """
+        logs = torch.log(totals.clamp_min(1e-4))
+        residuals = self.interval_residuals
+        if residuals.numel() == 0:
+            half = self.interval_scale * (member_log_spread(totals) + self.interval_floor)
+            center = torch.log(totals.mean(0))
+            return torch.exp(center - half), torch.exp(center + half)
+        n = residuals.shape[0]
+        alpha = 1.0 - INTERVAL_COVERAGE
+        low_rank = min(n, max(1, math.floor(alpha * (n + 1))))
+        high_rank = min(n, math.ceil((1.0 - alpha) * (n + 1)))
+        per_residual = logs[self.interval_member]  # (N, B)
+        low = torch.kthvalue(per_residual - residuals[:, None], low_rank, dim=0).values
+        high = torch.kthvalue(per_residual + residuals[:, None], high_rank, dim=0).values
+        return torch.exp(low), torch.exp(high)
 
     def normalise(self, features: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
         """Raw features (..., F) of layers of rate kinds (...,) held inside their kind's training

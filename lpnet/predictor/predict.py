@@ -244,7 +244,7 @@ class LatencyPredictor:
 
     def _interval(self, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The point prediction is the members' mean, so per-layer means plus the mean overhead add
-        # up to it exactly; the interval is the calibrated log-space spread around it.
+        # up to it exactly; the interval (`LPNet.interval_bounds`) always holds it.
         center = totals.mean(0)
-        half = self.model.interval_half_width(totals)
-        return center, center * torch.exp(-half), center * torch.exp(half)
+        low, high = self.model.interval_bounds(totals)
+        return center, torch.minimum(low, center), torch.maximum(high, center)

@@ -48,7 +48,7 @@ class PackedSamples:
     num_networks: int
 
     def subset(self, networks: Sequence[int]) -> PackedSamples:
-        """The packed rows of the listed networks, renumbered 0..len-1 (repeats allowed: bootstrap)."""
+        """The packed rows of the listed networks, renumbered 0..len-1."""
         counts = torch.bincount(self.segment, minlength=self.num_networks)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         rows = [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in networks]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,15 +22,13 @@ from lpnet.predictor.features import (
     rate_kinds,
     work_terms,
 )
-from lpnet.predictor.model import LayerLatencyMLP, LPNet, LPNetConfig, member_log_spread
+from lpnet.predictor.model import LayerLatencyMLP, LPNet, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
 
 logger = logging.getLogger(__name__)
 
 MIN_NETWORK_SAMPLES = 20
-# Intervals are calibrated on held-out architectures to cover this share of their networks.
-INTERVAL_COVERAGE = 0.9
 
 
 class NotEnoughMeasurements(LpnetError):
@@ -46,12 +45,10 @@ class TrainConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-5
     layer_loss_weight: float = 0.5
-    calibration_share: float = 0.15
+    calibration_share: float = 0.15  # held out to calibrate the interval of a one-member fit
     huber_delta: float = 0.1
     batch_networks: int = 64
     seed: int = 0
-    # Fit the members again on every network once the interval is calibrated (`_fit_packed`).
-    refit_all: bool = True
 
 
 ProgressCallback = Callable[[int, int], None]
@@ -74,19 +71,14 @@ def _fit_packed(
     train: TrainConfig,
     progress: ProgressCallback | None,
 ) -> LPNet:
-    """Fit the members without the calibration networks and calibrate the interval on those; then,
-    with `train.refit_all`, when the calibration networks include architectures the fit did not
-    see, fit the members again on every network and keep that interval.
+    """Fit the members cross-validated and calibrate the interval on what each member never saw.
 
-    The calibration networks are mostly whole generated architectures, the most varied part of a
-    profile: left out of the final fit, which of them the split happened to take moved a short
-    profile's predictions of unseen networks by tens of points (docs/predictor.md). When they are
-    only further width variants of architectures the fit has (a train-mode fit of one network), a
-    second pass would cost as much as the first and add nothing the fit lacks.
+    With K >= 2 members the networks are split into K folds (`fold_split`) and member k is fitted on
+    every fold but k: every network takes part in the fit, and every network is left out of exactly
+    one member, whose error on it calibrates the interval (`LPNet.interval_bounds`). With one member,
+    `train.calibration_share` of the networks is held out of its fit to calibrate.
     """
     generator = torch.Generator().manual_seed(train.seed)
-    calibration, fitting = _calibration_split(groups, train.calibration_share, generator)
-
     torch.manual_seed(train.seed)  # initial weights: a fit is reproducible from its data
     model = LPNet(config)
     model.feature_mean.copy_(packed.features.mean(0))
@@ -94,49 +86,47 @@ def _fit_packed(
     low, high = kind_feature_ranges(packed.features, rate_kinds(packed.ops, packed.features))
     model.feature_low.copy_(low)
     model.feature_high.copy_(high)
-    fitted_groups = {groups[i] for i in fitting}
-    refit = train.refit_all and any(groups[i] not in fitted_groups for i in calibration)
-    passes = [packed.subset(fitting), packed] if refit else [packed.subset(fitting)]
-    total_steps = train.steps * config.members * len(passes)
-    for index, data in enumerate(passes):
-        if index:  # the final pass starts again from the same initial members
-            torch.manual_seed(train.seed)
-            model.reset_members()
+    if config.members >= 2:
+        folds = fold_split(groups, config.members, generator)
+        left_out = [[i for i, f in enumerate(folds) if f == k] for k in range(config.members)]
+    else:
+        left_out = [_calibration_split(groups, train.calibration_share, generator)[0]]
+    total_steps = train.steps * config.members
+    for k, out in enumerate(left_out):
+        member_data = packed.subset(sorted(set(range(packed.num_networks)) - set(out)))
 
-        def pass_progress(step: int, offset: int = index * train.steps * config.members) -> None:
+        def member_progress(step: int, k: int = k) -> None:
             if progress is not None:
-                progress(offset + step, total_steps)
+                progress(k * train.steps + step, total_steps)
 
-        _fit_members(model, data, train, generator, pass_progress)
-        if index == 0:
-            _calibrate_interval(model, packed.subset(calibration))
+        _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
+    _calibrate_interval(model, packed, left_out, groups)
     model.eval()
     return model
 
 
-def _fit_members(
-    model: LPNet,
-    data: PackedSamples,
-    train: TrainConfig,
-    generator: torch.Generator,
-    progress: Callable[[int], None],
-) -> None:
-    """Fit every member on its own bootstrap of `data`'s networks, from rates fitted to `data`."""
-    rates = initial_log_rates(data)
-    ties = PeerTies.of(data)
-    members = model.members
-    with torch.no_grad():
-        for member in members:
-            member.log_rates.copy_(rates)
-            ties.apply(member)
-    for k in range(len(members)):
-        boot = torch.randint(0, data.num_networks, (data.num_networks,), generator=generator)
-        member_data = data.subset(boot.tolist()) if len(members) > 1 else data
+def fold_split(groups: Sequence[str], folds: int, generator: torch.Generator) -> list[int]:
+    """Each network's fold, 0 to `folds` - 1, folds as even in size as the groups allow.
 
-        def member_progress(step: int, k: int = k) -> None:
-            progress(k * train.steps + step)
-
-        _fit_member(model, k, member_data, ties, train, seed=train.seed * 1000 + k, progress=member_progress)
+    Small groups (one generated architecture, a family with few variants) go whole into one fold, so
+    the member that leaves the fold out never saw their architecture, as it never sees a user's. A
+    large group (a family's many width variants) is spread over the folds network by network, so
+    every member keeps most of the family.
+    """
+    sizes = Counter(groups)
+    small_limit = max(1, len(groups) // 20)
+    load = [0] * folds
+    fold_of: dict[str, int] = {}
+    small = sorted(g for g, size in sizes.items() if size <= small_limit)
+    for i in torch.randperm(len(small), generator=generator).tolist():
+        fold_of[small[i]] = load.index(min(load))
+        load[fold_of[small[i]]] += sizes[small[i]]
+    out = [fold_of.get(g, -1) for g in groups]
+    rest = [i for i, g in enumerate(groups) if g not in fold_of]
+    for j in torch.randperm(len(rest), generator=generator).tolist():
+        out[rest[j]] = load.index(min(load))
+        load[out[rest[j]]] += 1
+    return out
 
 
 def kind_feature_ranges(features: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,13 +273,17 @@ def _fit_member(
     model: LPNet,
     index: int,
     data: PackedSamples,
-    ties: PeerTies,
     train: TrainConfig,
     seed: int,
     progress: Callable[[int], None] | None,
 ) -> None:
+    """Fit member `index` on `data`, from rates fitted to `data` (`initial_log_rates`)."""
     torch.manual_seed(seed)
     member = model.members[index]
+    ties = PeerTies.of(data)
+    with torch.no_grad():
+        member.log_rates.copy_(initial_log_rates(data))
+        ties.apply(member)
     kinds = rate_kinds(data.ops, data.features)
     features = model.normalise(data.features, kinds)
     work = work_terms(data.features)
@@ -331,15 +325,34 @@ def _robust(log_error: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.nn.functional.huber_loss(log_error, torch.zeros_like(log_error), delta=delta) / delta
 
 
-def _calibrate_interval(model: LPNet, data: PackedSamples) -> None:
+def _calibrate_interval(
+    model: LPNet, packed: PackedSamples, left_out: Sequence[Sequence[int]], groups: Sequence[str]
+) -> None:
+    """Set the residuals of `LPNet.interval_bounds`: every left-out network's absolute log error
+    under the member that never saw it.
+
+    A user's network is an architecture the predictor never saw. So when at least
+    `_MIN_UNSEEN_CALIBRATION` left-out networks are of architectures their member never saw in any
+    width, only those calibrate; a fit of one family's width variants (train mode) calibrates on the
+    variants left out.
+    """
     with torch.no_grad():
-        member_ms = network_predictions(model, data)  # (K, S)
-        center = torch.log(member_ms.mean(0).clamp_min(1e-4))
-        spread = member_log_spread(member_ms)
-        floor = spread.median()
-        model.interval_floor.fill_(float(floor))
-        z = (torch.log(data.network_target_ms) - center).abs() / (spread + floor)
-        model.interval_scale.fill_(float(torch.quantile(z, INTERVAL_COVERAGE)))
+        log_error = network_predictions(model, packed).clamp_min(1e-4).log() - packed.network_target_ms.log()
+        log_error = log_error.abs()
+    residuals, members, unseen = [], [], []
+    for k, out in enumerate(left_out):
+        fitted = {groups[i] for i in set(range(len(groups))) - set(out)}
+        for i in out:
+            residuals.append(float(log_error[k, i]))
+            members.append(k)
+            unseen.append(groups[i] not in fitted)
+    if sum(unseen) >= _MIN_UNSEEN_CALIBRATION:
+        residuals = [r for r, u in zip(residuals, unseen, strict=True) if u]
+        members = [m for m, u in zip(members, unseen, strict=True) if u]
+    model.set_interval_residuals(torch.tensor(residuals), torch.tensor(members))
+
+
+_MIN_UNSEEN_CALIBRATION = 20
 
 
 def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:

@@ -97,7 +97,8 @@ def register(subparsers: SubParsers) -> None:
     source.add_argument(
         "--fit-variants",
         type=positive_int,
-        help="measure this many width variants of the network here (torch-cpu, 1 thread) and fit on them",
+        help="measure this many width variants of the network here (torch-cpu, 1 thread) and fit on them "
+        "(ensemble and steps: LPNET_FIT__MEMBERS, LPNET_FIT__STEPS)",
     )
     budget = latency.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-ms", type=positive_float, help="latency budget in ms")
@@ -164,6 +165,7 @@ def train_request(args: argparse.Namespace, settings: Settings) -> TrainRequest:
         base_epochs=args.base_epochs,
         verify=args.verify,
         config=config,
+        fit=settings.fit,
     )
 
 

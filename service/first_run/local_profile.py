@@ -60,8 +60,8 @@ def estimated_fit_seconds(fit: FitSettings) -> float:
 
     steps = fit.steps if fit.steps is not None else TrainConfig().steps
     members = fit.members if fit.members is not None else LPNetConfig().members
-    passes = 2 if TrainConfig().refit_all else 1  # calibrate, then refit on every network
-    return FIT_SECONDS_BASE + passes * steps * members * FIT_SECONDS_PER_STEP_MEMBER
+    # Two fits: the held-out report's, then the predictor's on every network (`fit_with_report`).
+    return FIT_SECONDS_BASE + 2 * steps * members * FIT_SECONDS_PER_STEP_MEMBER
 
 
 def profiling_seconds(session: Session, device_id: int, since: datetime | None = None) -> float:

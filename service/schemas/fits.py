@@ -42,8 +42,14 @@ class PredictorMetrics(LenientDocument):
     latencies mean."""
 
     split: str | None = Field(default=None, description="How the held-out networks were chosen.")
-    train_networks: int | None = Field(default=None, description="Architectures the predictor was fitted on.")
-    test_networks: int | None = Field(default=None, description="Architectures held out to evaluate it.")
+    train_networks: int | None = Field(
+        default=None,
+        description="Networks the evaluated fit saw; the predictor itself is then fitted on these and the "
+        "held-out ones.",
+    )
+    test_networks: int | None = Field(
+        default=None, description="Networks of architectures held out to evaluate it."
+    )
     families: list[str] | None = Field(default=None, description="Model families among the samples.")
     fit_seconds: float | None = Field(default=None, description="Time the fit and its evaluation took.")
     lpnet: AccuracyRead | None = Field(default=None, description="The predictor's own accuracy.")

@@ -25,6 +25,7 @@ from lpnet.gates.chart import layer_latency_chart
 from lpnet.gates.supervised import evaluate_accuracy, train_epochs
 from lpnet.gates.training import TrainedPlan, TrainPruneConfig, train_and_prune
 from lpnet.measurement import MeasuredLatency
+from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import MIN_NETWORK_SAMPLES, TrainConfig, fit_predictor
 from lpnet.pruning import dump_pruned, export_pruned_onnx
@@ -33,7 +34,9 @@ from profiler.environment import AllocatorPolicy, apply_allocator_policy
 from profiler.protocol import TimingProtocol
 from profiler.variants import measure_width_variants
 from profiler.verification import NetworkMeter
+from service.config import FitSettings
 from service.errors import InvalidInput
+from service.predictors import fit_configs
 from service.train import SMALL_RESNET
 from service.train.datasets import DataLoaders, load_dataset
 from service.train.model import build_model
@@ -64,7 +67,8 @@ class TrainRequest:
         model, weights: the module to prune (`model.build_model`).
         base_epochs: training before gating (None: none with `weights`, else `BASE_EPOCHS`).
         verify: measure plans here and re-plan when over budget.
-        config: the train mode's settings; its seed also seeds the data split and the variants.
+        config: the train mode's settings; its seed also seeds the data split, the variants and the fit.
+        fit: the ensemble and steps of the fit on `fit_variants` (the service's `LPNET_FIT__*`).
     """
 
     budget_ms: float | None = None
@@ -81,6 +85,7 @@ class TrainRequest:
     base_epochs: int | None = None
     verify: bool = False
     config: TrainPruneConfig = field(default_factory=TrainPruneConfig)
+    fit: FitSettings = field(default_factory=FitSettings)
 
     def check(self) -> None:
         """Raises InvalidInput for a request that cannot run, before anything is loaded."""
@@ -163,7 +168,7 @@ def run_train(request: TrainRequest, note: Note = logger.info) -> TrainReport:
     else:
         assert request.fit_variants is not None  # `check`: one of the two
         predictor, measured_unpruned = fitted_predictor(
-            network, request.fit_variants, meter, config.seed, note
+            network, request.fit_variants, meter, fit_configs(request.fit, config.seed), note
         )
     train_base(module, data, request, note)
     if request.verify:
@@ -195,7 +200,11 @@ def local_meter(allocator: AllocatorPolicy) -> NetworkMeter:
 
 
 def fitted_predictor(
-    network: Network, variants: int, meter: NetworkMeter, seed: int, note: Note
+    network: Network,
+    variants: int,
+    meter: NetworkMeter,
+    configs: tuple[LPNetConfig, TrainConfig],
+    note: Note,
 ) -> tuple[LatencyPredictor, float]:
     """LPNet fitted on `variants` width variants of `network` measured here (quick protocol), and the
     unpruned network's measured latency (the first variant)."""
@@ -207,9 +216,9 @@ def fitted_predictor(
             note(f"measured {done}/{total} width variants ({time.perf_counter() - started:.0f} s)")
 
     samples = measure_width_variants(
-        network, variants, lambda net: quick(net).ms, seed=seed, progress=progress
+        network, variants, lambda net: quick(net).ms, seed=configs[1].seed, progress=progress
     )
-    predictor = fit_predictor(samples, train=TrainConfig(seed=seed))
+    predictor = fit_predictor(samples, *configs)
     note(f"fitted LPNet on {len(samples)} measured variants in {time.perf_counter() - started:.0f} s")
     return predictor, samples[0].latency_ms
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -322,31 +321,6 @@ def test_a_version_4_artifact_loads_with_one_feature_range_and_no_work_ranges(
     current = load_predictor(data)
     assert current.predict(grouped).warnings == predictor.predict(grouped).warnings
     assert current.predict(grouped).total_ms == predictor.predict(grouped).total_ms
-
-
-def test_architectures_left_out_to_calibrate_join_the_final_fit(
-    split: tuple[list[NetworkSample], list[NetworkSample]],
-) -> None:
-    train, _ = split
-    quick = TrainConfig(steps=60)
-    single_pass = dataclasses.replace(quick, refit_all=False)
-    # As a profile's generated networks: every network an architecture of its own, so the interval
-    # is calibrated on whole architectures the first pass never saw.
-    own = [
-        dataclasses.replace(s, family="generated", network=s.network.model_copy(update={"name": f"arch-{i}"}))
-        for i, s in enumerate(train)
-    ]
-    once = fit_predictor(own, SMALL_MODEL, single_pass).model
-    twice = fit_predictor(own, SMALL_MODEL, quick).model
-    # The interval is the one calibrated after the first pass; the members come from a second pass
-    # over every network.
-    assert float(twice.interval_scale) == float(once.interval_scale)
-    assert float(twice.interval_floor) == float(once.interval_floor)
-    assert not torch.equal(twice.members[0].head.weight, once.members[0].head.weight)
-    # Calibration networks that are width variants of fitted families add no architecture: one pass.
-    family_once = fit_predictor(train, SMALL_MODEL, single_pass).model
-    family_default = fit_predictor(train, SMALL_MODEL, quick).model
-    assert torch.equal(family_default.members[0].head.weight, family_once.members[0].head.weight)
 
 
 def test_too_few_measurements_say_how_many_more(measured: list[NetworkSample]) -> None:
