@@ -90,7 +90,7 @@ def _fit_packed(
         folds = fold_split(groups, config.members, generator)
         left_out = [[i for i, f in enumerate(folds) if f == k] for k in range(config.members)]
     else:
-        left_out = [_calibration_split(groups, train.calibration_share, generator)[0]]
+        left_out = [_calibration_networks(groups, train.calibration_share, generator)]
     total_steps = train.steps * config.members
     for k, out in enumerate(left_out):
         member_data = packed.subset(sorted(set(range(packed.num_networks)) - set(out)))
@@ -113,11 +113,9 @@ def fold_split(groups: Sequence[str], folds: int, generator: torch.Generator) ->
     large group (a family's many width variants) is spread over the folds network by network, so
     every member keeps most of the family.
     """
-    sizes = Counter(groups)
-    small_limit = max(1, len(groups) // 20)
+    sizes, small = _small_groups(groups)
     load = [0] * folds
     fold_of: dict[str, int] = {}
-    small = sorted(g for g, size in sizes.items() if size <= small_limit)
     for i in torch.randperm(len(small), generator=generator).tolist():
         fold_of[small[i]] = load.index(min(load))
         load[fold_of[small[i]]] += sizes[small[i]]
@@ -139,23 +137,25 @@ def kind_feature_ranges(features: torch.Tensor, kinds: torch.Tensor) -> tuple[to
     return low, high
 
 
-def _calibration_split(
-    groups: Sequence[str], share: float, generator: torch.Generator
-) -> tuple[list[int], list[int]]:
-    """Networks held out to calibrate the interval, and the rest.
+def _small_groups(groups: Sequence[str]) -> tuple[Counter[str], list[str]]:
+    """How many networks each group has, and the groups small enough to leave out whole (one
+    generated architecture, a family with a few variants: at most a twentieth of the networks),
+    sorted."""
+    sizes = Counter(groups)
+    small_limit = max(1, len(groups) // 20)
+    return sizes, sorted(g for g, size in sizes.items() if size <= small_limit)
 
-    Small groups (one generated architecture, a family with few variants) are held out whole, so the
-    interval is calibrated on architectures the fit never saw, as users' networks are. A large group
-    (a family's many width variants) is never held out whole, which would take the family from the
-    fit; when small groups do not reach `share`, single networks of large groups make up the rest.
+
+def _calibration_networks(groups: Sequence[str], share: float, generator: torch.Generator) -> list[int]:
+    """Networks held out of a one-member fit to calibrate its interval.
+
+    Small groups are held out whole, so the interval is calibrated on architectures the fit never
+    saw, as users' networks are. A large group (a family's many width variants) is never held out
+    whole, which would take the family from the fit; when small groups do not reach `share`, single
+    networks of large groups make up the rest.
     """
-    n = len(groups)
-    want = max(3, int(round(share * n)))
-    sizes: dict[str, int] = {}
-    for g in groups:
-        sizes[g] = sizes.get(g, 0) + 1
-    small_limit = max(1, n // 20)
-    small = sorted(g for g, size in sizes.items() if size <= small_limit)
+    want = max(3, int(round(share * len(groups))))
+    sizes, small = _small_groups(groups)
     held: set[str] = set()
     count = 0
     for i in torch.randperm(len(small), generator=generator).tolist():
@@ -164,13 +164,11 @@ def _calibration_split(
         held.add(small[i])
         count += sizes[small[i]]
     calibration = [i for i, g in enumerate(groups) if g in held]
-    rest = [i for i, g in enumerate(groups) if g not in held]
     if len(calibration) < want:
+        rest = [i for i, g in enumerate(groups) if g not in held]
         order = torch.randperm(len(rest), generator=generator).tolist()
-        extra = {rest[j] for j in order[: want - len(calibration)]}
-        calibration += sorted(extra)
-        rest = [i for i in rest if i not in extra]
-    return calibration, rest
+        calibration += sorted(rest[j] for j in order[: want - len(calibration)])
+    return calibration
 
 
 def initial_log_rates(data: PackedSamples) -> torch.Tensor:
