@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -314,12 +315,17 @@ class SamplingConfig:
     max_ratio: float = 1.0
     lhs_block: int = 16
     seed: int = 0
+    # Sampled widths are multiples of this where a group allows (`sampling_step`), as the widths a
+    # predictor is asked about are: a plan's (the planner rounds to 8 by default), and nearly every
+    # published and generated network's. SIMD kernels price them apart: mobilenet_v2 one channel
+    # narrower in every group runs about 8 % slower than the network itself. 1 samples every width.
+    channel_step: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.min_ratio <= self.max_ratio <= 1:
             raise ValueError(f"need 0 < min_ratio <= max_ratio <= 1, got {self.min_ratio}, {self.max_ratio}")
-        if self.lhs_block < 1 or self.uniform_points < 0:
-            raise ValueError("lhs_block must be >= 1 and uniform_points >= 0")
+        if self.lhs_block < 1 or self.uniform_points < 0 or self.channel_step < 1:
+            raise ValueError("lhs_block and channel_step must be >= 1 and uniform_points >= 0")
         for name in ("network_samples", "in_context_samples", "isolated_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -345,6 +351,14 @@ class SamplingConfig:
 
 def _stable_int(*parts: object) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:16], 16)
+
+
+def sampling_step(channels: int, divisor: int, channel_step: int) -> int:
+    """The step of a group's sampled widths: the least common multiple of its divisor and
+    `channel_step` when its full width is a multiple of that (the unpruned width stays on the
+    grid), else its divisor."""
+    step = math.lcm(max(1, divisor), channel_step)
+    return step if channels % step == 0 else max(1, divisor)
 
 
 @dataclass
@@ -381,7 +395,10 @@ class StratifiedSampler(_QueueSampler):
         for name, network in networks.items():
             groups = channel_groups(network)
             self.families[name] = _Family(
-                name, network, [g.channels for g in groups], [max(1, g.divisor) for g in groups]
+                name,
+                network,
+                [g.channels for g in groups],
+                [sampling_step(g.channels, g.divisor, self.config.channel_step) for g in groups],
             )
         for name in self.families:
             for kind in self.config.kinds:

@@ -103,8 +103,14 @@ def measure_tiny_profile() -> TinyProfile:
     torch.set_num_threads(1)
     apply_allocator_policy(AllocatorPolicy.RETAIN)
     network = tiny_network()
+    # Every width (channel_step 1): the tiny network's groups have only a few multiples of 8.
     config = SamplingConfig(
-        network_samples=34, in_context_samples=4, isolated_samples=4, lhs_block=8, min_ratio=0.2
+        network_samples=34,
+        in_context_samples=4,
+        isolated_samples=4,
+        lhs_block=8,
+        min_ratio=0.2,
+        channel_step=1,
     )
     sampler = StratifiedSampler({"tiny": network}, TINY_SPEC, config)
     sink = MemorySink()

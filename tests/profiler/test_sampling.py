@@ -24,7 +24,10 @@ def drain(sampler: StratifiedSampler, bucket: tuple[str, MeasurementKind]) -> li
 
 @pytest.fixture
 def config() -> SamplingConfig:
-    return SamplingConfig(network_samples=40, in_context_samples=3, isolated_samples=30, seed=7)
+    # Every width: the tiny network's groups have only a few multiples of 8.
+    return SamplingConfig(
+        network_samples=40, in_context_samples=3, isolated_samples=30, seed=7, channel_step=1
+    )
 
 
 def test_same_seed_same_samples_other_seed_other_samples(
@@ -33,7 +36,9 @@ def test_same_seed_same_samples_other_seed_other_samples(
     first = drain(StratifiedSampler({"tiny": tiny_network}, device, config), ("tiny", NET))
     again = drain(StratifiedSampler({"tiny": tiny_network}, device, config), ("tiny", NET))
     other = drain(
-        StratifiedSampler({"tiny": tiny_network}, device, SamplingConfig(network_samples=40, seed=8)),
+        StratifiedSampler(
+            {"tiny": tiny_network}, device, SamplingConfig(network_samples=40, seed=8, channel_step=1)
+        ),
         ("tiny", NET),
     )
     keys = [s.sample_key for s in first]
@@ -63,6 +68,28 @@ def test_width_vectors_cover_the_ratio_range_and_respect_groups(
     # Every tenth of the range is hit in every group.
     for column in ratios.T:
         assert len(set(np.floor((column - 0.1) / 0.09).astype(int).clip(0, 9))) >= 9
+
+
+def test_sampled_widths_are_multiples_of_8_where_a_group_allows(device: DeviceSpec) -> None:
+    import torchvision
+
+    from lpnet.arch.from_torch import network_from_module
+
+    network = network_from_module(torchvision.models.mobilenet_v2(), (1, 3, 64, 64), name="mobilenet_v2")
+    groups = channel_groups(network)
+    samples = drain(StratifiedSampler({"m": network}, device, SamplingConfig(network_samples=30)), ("m", NET))
+    assert len({s.sample_key for s in samples}) == len(samples) == 30
+    assert list(samples[0].width_vector or []) == [g.channels for g in groups]
+    for sample in samples:
+        for width, group in zip(sample.width_vector or [], groups, strict=True):
+            step = 8 if group.channels % 8 == 0 else 1
+            assert width % step == 0 and 1 <= width <= group.channels, (width, group.channels)
+    # With a step of 1 the same ratios give unaligned widths too.
+    every = drain(
+        StratifiedSampler({"m": network}, device, SamplingConfig(network_samples=30, channel_step=1)),
+        ("m", NET),
+    )
+    assert any(w % 8 for s in every for w in s.width_vector or [])
 
 
 def test_latin_hypercube_hits_every_stratum_once() -> None:
