@@ -29,25 +29,24 @@ def width_variants(network: Network, count: int, seed: int = 0) -> list[list[int
     extrapolate there.
 
     Odd variants scale every group by one common share (+-30 % per group); even ones draw each
-    group's share independently, because planners visit unbalanced width vectors too. Widths are
-    multiples of 8 (or the group's size when it is smaller), at least one step per group.
+    group's share independently, because planners visit unbalanced width vectors too. Every width is
+    the nearest on the planner's default grid (`width_grid`: multiples of lcm(8, the group's
+    divisor) from its minimum, or the group's full width): the widths a plan asks about.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     layout = channel_layout(network)
     rng = random.Random(seed)
+    grid = width_grid(layout)
     vectors = [list(layout.full_widths)]
     if count > 1:
-        vectors.append(list(width_grid(layout).min_widths))
+        vectors.append(list(grid.min_widths))
     for index in range(2, count):
         share = rng.uniform(0.15, 1.0)
-        widths = []
-        for group in layout.groups:
-            step = 8 if group.channels >= 8 else group.channels
-            mine = share * rng.uniform(0.7, 1.3) if index % 2 else rng.uniform(0.1, 1.0)
-            value = step * round(mine * group.channels / step)
-            widths.append(int(min(group.channels, max(step, value))))
-        vectors.append(widths)
+        shares = [
+            share * rng.uniform(0.7, 1.3) if index % 2 else rng.uniform(0.1, 1.0) for _ in layout.groups
+        ]
+        vectors.append(grid.nearest([s * g.channels for s, g in zip(shares, layout.groups, strict=True)]))
     return vectors
 
 
