@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREDICTOR_KIND = "lpnet"
-# Share of architectures a fit holds out to report its accuracy on.
-HELD_OUT_SHARE = 0.2
 # The longest training fingerprint a predictor row holds.
 FINGERPRINT_MAX_LENGTH = 128
 
@@ -164,12 +162,12 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
 
 
 def min_fit_networks() -> int:
-    """Measured networks a fit needs: enough to train on after holding a share out for evaluation."""
+    """Measured networks a fit needs: enough for every member after its fold is left out."""
     # Imported here, as in the functions below: training pulls in scikit-learn, seconds of start-up
     # that a server answering latency queries does not need.
-    from lpnet.predictor.train import MIN_NETWORK_SAMPLES
+    from lpnet.predictor.report import min_report_networks
 
-    return int(MIN_NETWORK_SAMPLES / (1 - HELD_OUT_SHARE)) + 1
+    return min_report_networks()
 
 
 def check_enough_measurements(session: Session, device: Device) -> None:
@@ -209,7 +207,7 @@ def fit_from_samples(
     A `TrainingSet` adds what its latencies mean (`labels`, `nominal_probe_ms`) to the metrics.
 
     Raises:
-        NotEnoughMeasurements: Too few networks, counted after the held-out split.
+        NotEnoughMeasurements: Too few networks for every member to fit without its fold.
     """
     from lpnet.predictor.report import fit_with_report
 
@@ -220,7 +218,7 @@ def fit_from_samples(
         samples = samples.samples
     config, train = fit_configs(settings or FitSettings())
     started = time.perf_counter()
-    report = fit_with_report(samples, config, train, progress=progress, test_share=HELD_OUT_SHARE)
+    report = fit_with_report(samples, config, train, progress=progress)
     metrics = json_safe({**report.metrics, **basis})
     artifact = dump_predictor(
         report.predictor, extra={"metrics": metrics, "training_fingerprint": report.fingerprint}

@@ -70,8 +70,9 @@ def _fit_packed(
     config: LPNetConfig,
     train: TrainConfig,
     progress: ProgressCallback | None,
-) -> LPNet:
-    """Fit the members cross-validated and calibrate the interval on what each member never saw.
+) -> tuple[LPNet, list[list[int]]]:
+    """Fit the members cross-validated and calibrate the interval on what each member never saw;
+    returns the model and the networks each member never saw.
 
     With K >= 2 members the networks are split into K folds (`fold_split`) and member k is fitted on
     every fold but k: every network takes part in the fit, and every network is left out of exactly
@@ -102,7 +103,7 @@ def _fit_packed(
         _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
     _calibrate_interval(model, packed, left_out, groups)
     model.eval()
-    return model
+    return model, left_out
 
 
 def fold_split(groups: Sequence[str], folds: int, generator: torch.Generator) -> list[int]:
@@ -326,28 +327,33 @@ def _robust(log_error: torch.Tensor, delta: float) -> torch.Tensor:
 def _calibrate_interval(
     model: LPNet, packed: PackedSamples, left_out: Sequence[Sequence[int]], groups: Sequence[str]
 ) -> None:
-    """Set the residuals of `LPNet.interval_bounds`: every left-out network's absolute log error
-    under the member that never saw it.
+    """Set the residuals of `LPNet.interval_bounds`: the absolute log error of every network of
+    `_calibration_order` under the member that never saw it."""
+    with torch.no_grad():
+        log_error = network_predictions(model, packed).clamp_min(1e-4).log() - packed.network_target_ms.log()
+        log_error = log_error.abs()
+    member_of = {i: k for k, out in enumerate(left_out) for i in out}
+    calibration = _calibration_order(left_out, groups)
+    residuals = [float(log_error[member_of[i], i]) for i in calibration]
+    members = [member_of[i] for i in calibration]
+    model.set_interval_residuals(torch.tensor(residuals), torch.tensor(members, dtype=torch.long))
+
+
+def _calibration_order(left_out: Sequence[Sequence[int]], groups: Sequence[str]) -> list[int]:
+    """The networks that calibrate the interval, member by member.
 
     A user's network is an architecture the predictor never saw. So when at least
     `_MIN_UNSEEN_CALIBRATION` left-out networks are of architectures their member never saw in any
     width, only those calibrate; a fit of one family's width variants (train mode) calibrates on the
     variants left out.
     """
-    with torch.no_grad():
-        log_error = network_predictions(model, packed).clamp_min(1e-4).log() - packed.network_target_ms.log()
-        log_error = log_error.abs()
-    residuals, members, unseen = [], [], []
-    for k, out in enumerate(left_out):
+    everything: list[int] = []
+    unseen: list[int] = []
+    for out in left_out:
         fitted = {groups[i] for i in set(range(len(groups))) - set(out)}
-        for i in out:
-            residuals.append(float(log_error[k, i]))
-            members.append(k)
-            unseen.append(groups[i] not in fitted)
-    if sum(unseen) >= _MIN_UNSEEN_CALIBRATION:
-        residuals = [r for r, u in zip(residuals, unseen, strict=True) if u]
-        members = [m for m, u in zip(members, unseen, strict=True) if u]
-    model.set_interval_residuals(torch.tensor(residuals), torch.tensor(members))
+        everything += out
+        unseen += [i for i in out if groups[i] not in fitted]
+    return unseen if len(unseen) >= _MIN_UNSEEN_CALIBRATION else everything
 
 
 _MIN_UNSEEN_CALIBRATION = 20
@@ -367,14 +373,31 @@ def network_predictions(model: LPNet, data: PackedSamples) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def fit_predictor(
+@dataclass(frozen=True)
+class CrossFit:
+    """A fitted predictor, and every network some member never saw with that member's latency.
+
+    `held_out[j]` was left out of member `held_out_member[j]`'s fit, which predicts it at
+    `held_out_ms[j]`: a prediction of a network the predicting model never saw, for every network
+    of a cross-fitted ensemble, without a fit of its own. `calibration` lists the networks whose
+    errors calibrate the interval, in the order of `LPNet.interval_residuals`.
+    """
+
+    predictor: LatencyPredictor
+    held_out: list[int]
+    held_out_member: list[int]
+    held_out_ms: list[float]
+    calibration: list[int]
+
+
+def fit_cross_validated(
     samples: Sequence[NetworkSample],
     config: LPNetConfig | None = None,
     train: TrainConfig | None = None,
     progress: ProgressCallback | None = None,
-) -> LatencyPredictor:
-    """Fit an LPNet ensemble, calibrate its interval on held-out networks, and record its training
-    domain (ops seen, feature ranges) for extrapolation warnings.
+) -> CrossFit:
+    """Fit an LPNet ensemble, calibrate its interval on the networks each member never saw, and
+    record its training domain (ops seen, feature ranges) for extrapolation warnings.
 
     Raises:
         NotEnoughMeasurements: with fewer than MIN_NETWORK_SAMPLES measured networks, saying how
@@ -383,5 +406,24 @@ def fit_predictor(
     _check_enough(samples)
     packed = pack_samples(samples)
     groups = [sample.group for sample in samples]
-    model = _fit_packed(packed, groups, config or LPNetConfig(), train or TrainConfig(), progress)
-    return LatencyPredictor(model, TrainingDomain.of(packed.ops, packed.features))
+    model, left_out = _fit_packed(packed, groups, config or LPNetConfig(), train or TrainConfig(), progress)
+    with torch.no_grad():
+        predictions = network_predictions(model, packed)
+    held = sorted((i, k) for k, out in enumerate(left_out) for i in out)
+    return CrossFit(
+        predictor=LatencyPredictor(model, TrainingDomain.of(packed.ops, packed.features)),
+        held_out=[i for i, _ in held],
+        held_out_member=[k for _, k in held],
+        held_out_ms=[float(predictions[k, i]) for i, k in held],
+        calibration=_calibration_order(left_out, groups),
+    )
+
+
+def fit_predictor(
+    samples: Sequence[NetworkSample],
+    config: LPNetConfig | None = None,
+    train: TrainConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> LatencyPredictor:
+    """`fit_cross_validated`'s predictor."""
+    return fit_cross_validated(samples, config, train, progress).predictor

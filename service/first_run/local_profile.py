@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Fitting LPNet with 1 thread (see `estimated_fit_seconds`; only the ETA uses it): a fixed part (the
-# held-out report and its plot) and a part per optimisation step of each ensemble member. Measured on
+# baselines fitted per fold for the report, and its plot) and a part per optimisation step of each
+# ensemble member. Measured on
 # the 2-core development machine under load: 58 networks, 1500 steps x 5 members, 94 s.
 FIT_SECONDS_BASE = 5.0
 FIT_SECONDS_PER_STEP_MEMBER = 0.01
@@ -60,8 +61,7 @@ def estimated_fit_seconds(fit: FitSettings) -> float:
 
     steps = fit.steps if fit.steps is not None else TrainConfig().steps
     members = fit.members if fit.members is not None else LPNetConfig().members
-    # Two fits: the held-out report's, then the predictor's on every network (`fit_with_report`).
-    return FIT_SECONDS_BASE + 2 * steps * members * FIT_SECONDS_PER_STEP_MEMBER
+    return FIT_SECONDS_BASE + steps * members * FIT_SECONDS_PER_STEP_MEMBER
 
 
 def profiling_seconds(session: Session, device_id: int, since: datetime | None = None) -> float:

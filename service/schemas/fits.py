@@ -43,12 +43,11 @@ class PredictorMetrics(LenientDocument):
 
     split: str | None = Field(default=None, description="How the held-out networks were chosen.")
     train_networks: int | None = Field(
-        default=None,
-        description="Networks the evaluated fit saw; the predictor itself is then fitted on these and the "
-        "held-out ones.",
+        default=None, description="Networks the predictor is fitted on (each member without its fold)."
     )
     test_networks: int | None = Field(
-        default=None, description="Networks of architectures held out to evaluate it."
+        default=None,
+        description="Networks judged, each by the member (and baselines) fitted without its fold.",
     )
     families: list[str] | None = Field(default=None, description="Model families among the samples.")
     fit_seconds: float | None = Field(default=None, description="Time the fit and its evaluation took.")

@@ -11,45 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch import nn
 
-from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.generator import PROFILING_FAMILY
-from lpnet.arch.ir import Network
 from lpnet.predictor.artifact import dump_predictor, load_predictor, read_header
-from lpnet.predictor.features import tensorize, work_terms
 from lpnet.predictor.model import INTERVAL_COVERAGE, LPNet, LPNetConfig, member_log_spread
-from lpnet.predictor.samples import NetworkSample
-from lpnet.predictor.train import TrainConfig, fit_predictor, fold_split
-
-QUICK = TrainConfig(steps=30, batch_networks=8)
-THREE = LPNetConfig(members=3, hidden=8)
-
-
-def _law_samples(count: int, family: str, seed: int = 0) -> list[NetworkSample]:
-    """Two-convolution networks of varied widths, timed by a work-over-throughput law with 5 % noise;
-    each its own architecture when `family` is the generator's."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for index in range(count):
-        c_in, c_mid = (int(c) for c in rng.integers(4, 64, 2))
-        module = nn.Sequential(nn.Conv2d(c_in, c_mid, 3, padding=1), nn.ReLU(), nn.Conv2d(c_mid, 8, 1))
-        network = network_from_module(module, (1, c_in, 16, 16), name=f"{family}-{index}", family=family)
-        tn = tensorize(network, with_groups=False)
-        work = torch.exp(work_terms(tn.layer_features(torch.zeros(1, 0))[0]))  # (L, 2)
-        per_layer = {
-            name: float((3e-7 * w[0] + 1e-6 * w[1] + 0.005) * math.exp(rng.normal(0, 0.05)))
-            for name, w in zip(tn.layer_names, work, strict=True)
-        }
-        samples.append(NetworkSample(network, sum(per_layer.values()), per_layer, family))
-    return samples
-
-
-def _member_totals(model: LPNet, network: Network) -> torch.Tensor:
-    """Every member's latency of one network, (K,)."""
-    tn = tensorize(network, with_groups=False)
-    with torch.no_grad():
-        return model.member_network_ms(tn.layer_features(torch.zeros(1, 0)), tn.ops)[:, 0]
+from lpnet.predictor.train import fit_predictor, fold_split
+from tests.lpnet.law import QUICK, THREE, law_samples, member_totals
 
 
 def test_folds_keep_small_architectures_whole_and_spread_a_large_family() -> None:
@@ -66,7 +33,7 @@ def test_folds_keep_small_architectures_whole_and_spread_a_large_family() -> Non
 
 
 def test_each_member_never_sees_its_fold_and_its_error_there_calibrates_the_interval() -> None:
-    samples = _law_samples(30, PROFILING_FAMILY)
+    samples = law_samples(30, PROFILING_FAMILY)
     groups = [s.group for s in samples]
     assert len(set(groups)) == 30  # every network an architecture of its own
     predictor = fit_predictor(samples, THREE, QUICK)
@@ -76,9 +43,7 @@ def test_each_member_never_sees_its_fold_and_its_error_there_calibrates_the_inte
     assert model.interval_member.tolist() == sorted(folds)
     for k in range(3):
         fold = [s for s, f in zip(samples, folds, strict=True) if f == k]
-        errors = sorted(
-            abs(math.log(float(_member_totals(model, s.network)[k]) / s.latency_ms)) for s in fold
-        )
+        errors = sorted(abs(math.log(float(member_totals(model, s.network)[k]) / s.latency_ms)) for s in fold)
         stored = sorted(model.interval_residuals[model.interval_member == k].tolist())
         assert stored == pytest.approx(errors, rel=1e-4, abs=1e-6)
     # Tripling the latencies of fold 0 changes the members that fitted it, and not member 0.
@@ -94,7 +59,7 @@ def test_each_member_never_sees_its_fold_and_its_error_there_calibrates_the_inte
 
 def test_width_variants_of_one_family_calibrate_on_the_variants_left_out() -> None:
     # No architecture is ever left out whole, so every left-out variant calibrates.
-    samples = _law_samples(24, "family")
+    samples = law_samples(24, "family")
     model = fit_predictor(samples, THREE, QUICK).model
     assert model.interval_residuals.numel() == 24
 
@@ -118,14 +83,14 @@ def test_the_interval_applies_every_calibration_error_to_its_own_member() -> Non
 
 
 def test_a_version_5_artifact_keeps_its_scaled_spread_interval() -> None:
-    predictor = fit_predictor(_law_samples(24, PROFILING_FAMILY), THREE, QUICK)
+    predictor = fit_predictor(law_samples(24, PROFILING_FAMILY), THREE, QUICK)
     data = dump_predictor(predictor)
     tensors = {k: v for k, v in load_tensors(data).items() if not k.startswith("model.interval_residuals")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("model.interval_member")}
     old = load_predictor(save_tensors(tensors, metadata={**read_header(data), "artifact_version": "5"}))
     assert old.model.interval_residuals.numel() == 0
-    network = _law_samples(1, PROFILING_FAMILY, seed=9)[0].network
-    totals = _member_totals(old.model, network)[:, None]
+    network = law_samples(1, PROFILING_FAMILY, seed=9)[0].network
+    totals = member_totals(old.model, network)[:, None]
     half = float(old.model.interval_scale * (member_log_spread(totals)[0] + old.model.interval_floor))
     prediction = old.predict(network)
     assert math.log(prediction.high_ms / prediction.total_ms) == pytest.approx(half, rel=1e-4)
