@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from profiler.protocol import TimingProtocol
 from profiler.recycling import ChildSetup, InProcessMeasurer, Measurer, RecycledMeasurer
 from profiler.sampling import BucketKey, Sampler, Scorer
 from profiler.sinks import MeasurementSink
-from profiler.speed import SpeedProbe
+from profiler.speed import SpeedProbe, steadiness_warning, typical_slowdown
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RunSummary:
     seconds: float = 0.0
     budget_minutes: float | None = None
     interrupted: bool = False
+    probes_ms: list[float] = field(default_factory=list)
 
     @property
     def measured(self) -> int:
@@ -70,6 +72,8 @@ class RunSummary:
         stats.seconds += seconds
         if measurement.status == "ok":
             stats.ok += 1
+            if measurement.probe_ms is not None:
+                self.probes_ms.append(measurement.probe_ms)
         else:
             stats.failed += 1
             self.failures.append(
@@ -88,6 +92,8 @@ class RunSummary:
             "minutes": self.minutes,
             "budget_minutes": self.budget_minutes,
             "interrupted": self.interrupted,
+            "probe_median_ms": statistics.median(self.probes_ms) if self.probes_ms else None,
+            "typical_slowdown": typical_slowdown(self.probes_ms),
         }
 
     def format_table(self) -> str:
@@ -107,6 +113,13 @@ class RunSummary:
         if self.interrupted:
             notes.append("INTERRUPTED: rerun the same command to resume")
         lines.append("; ".join(notes))
+        slowdown = typical_slowdown(self.probes_ms)
+        if slowdown is not None:
+            median = statistics.median(self.probes_ms)
+            lines.append(f"speed probe: median {median:.3f} ms, {slowdown:.0%} above its quiet tenth")
+        warning = steadiness_warning(slowdown)
+        if warning is not None:
+            lines.append(f"UNSTEADY: {warning}")
         for failure in self.failures[:10]:
             lines.append(
                 f"  failed {failure.kind.value} {failure.family or '-'} {failure.sample_key}: {failure.error}"

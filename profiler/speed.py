@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -82,6 +82,39 @@ def nominal_probe_ms(rows: Iterable[ProbedRow]) -> float | None:
     """
     probes = [r.probe_ms for r in rows if r.probe_ms is not None and r.probe_version == PROBE_VERSION]
     return statistics.median(probes) if probes else None
+
+
+# A run whose median probe is this much slower than its fastest tenth spent most of its time on a
+# loaded machine (another job, a busy host): its latencies describe that load.
+UNSTEADY_SLOWDOWN = 0.15
+_MIN_STEADINESS_PROBES = 10
+
+
+def typical_slowdown(probes: Sequence[float]) -> float | None:
+    """How much slower than its quiet speed the machine typically ran: the median probe time over
+    the fastest tenth's (its 10th percentile), minus one. None with fewer than 10 probes.
+
+    On a quiet machine the probe's median is within a few per cent of its 10th percentile, whatever
+    the occasional spike; when another load holds the CPU for minutes, most probes run slow and the
+    median moves with them.
+    """
+    if len(probes) < _MIN_STEADINESS_PROBES:
+        return None
+    ordered = sorted(probes)
+    quiet = ordered[int(0.1 * (len(ordered) - 1))]
+    return statistics.median(ordered) / quiet - 1.0
+
+
+def steadiness_warning(slowdown: float | None) -> str | None:
+    """A sentence for a run or a fit whose probes ran `slowdown` slower than quiet, when that is
+    past UNSTEADY_SLOWDOWN."""
+    if slowdown is None or slowdown <= UNSTEADY_SLOWDOWN:
+        return None
+    return (
+        f"the machine ran {slowdown:.0%} slower than its quiet speed for most of these measurements "
+        "(another load on this CPU?): latencies fitted on them can be off by as much; measure again "
+        "when the machine is quiet"
+    )
 
 
 def at_nominal_speed(row: Measurement, nominal_ms: float) -> tuple[float, dict[str, float] | None]:

@@ -26,7 +26,7 @@ from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.samples import NetworkSample, merge_replicates
-from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal
+from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal, typical_slowdown
 from service.config import FitSettings
 from service.db.base import utcnow
 from service.db.models import Device, Job, MeasurementStatus, NetworkMeasurement, Predictor
@@ -109,16 +109,24 @@ class TrainingSet:
     `labels` is "ms" for the measured milliseconds, or "probe" when every network row was timed
     against the speed probe (profiler.speed): latencies are then at the device's nominal probe
     speed, `nominal_probe_ms`, which takes out how fast the machine happened to run at each moment.
-    `timings` counts the measurement rows behind the samples (one sample per architecture).
+    `timings` counts the measurement rows behind the samples (one sample per architecture);
+    `typical_slowdown` how much slower than quiet the machine ran during them
+    (`profiler.speed.typical_slowdown`; None without probes).
     """
 
     samples: list[NetworkSample]
     labels: str
     nominal_probe_ms: float | None
     timings: int = 0
+    typical_slowdown: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"labels": self.labels, "nominal_probe_ms": self.nominal_probe_ms, "timings": self.timings}
+        return {
+            "labels": self.labels,
+            "nominal_probe_ms": self.nominal_probe_ms,
+            "timings": self.timings,
+            "typical_slowdown": self.typical_slowdown,
+        }
 
 
 def training_samples(session: Session, device_id: int) -> TrainingSet:
@@ -158,7 +166,10 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
                 family=family,
             )
         )
-    return TrainingSet(merge_replicates(samples), "probe" if probed else "ms", nominal, len(samples))
+    slowdown = typical_slowdown([float(row.probe_ms) for row in rows]) if probed else None
+    return TrainingSet(
+        merge_replicates(samples), "probe" if probed else "ms", nominal, len(samples), slowdown
+    )
 
 
 def min_fit_networks() -> int:

@@ -50,6 +50,7 @@ def run_fit(args: argparse.Namespace, settings: Settings) -> int:
     """Fit in this process, store the predictor, print its metrics."""
     from tqdm import tqdm
 
+    from profiler.speed import steadiness_warning
     from service.db.session import make_engine, make_session_factory
     from service.devices import get_device, set_device_status
     from service.predictors import (
@@ -68,6 +69,9 @@ def run_fit(args: argparse.Namespace, settings: Settings) -> int:
         f"fitting {name!r} on {len(samples.samples)} measured networks "
         f"({samples.timings} timings, {samples.labels} labels)"
     )
+    unsteady = steadiness_warning(samples.typical_slowdown)
+    if unsteady is not None:
+        info(f"warning: {unsteady}")
     engine = make_engine(settings.database_url)
     factory = make_session_factory(engine)
     bar = tqdm(total=100, unit="%", disable=args.no_progress, dynamic_ncols=True)

@@ -170,11 +170,21 @@ def profile_local_device(
     finally:
         sink.close(status, summary.to_dict() if summary is not None else None)
     assert summary is not None  # run_profile returned, or the exception above propagated
+    _log_summary(tracker.stage, device.name, summary)
+    return summary
+
+
+def _log_summary(stage: str, device: str, summary: RunSummary) -> None:
+    """What the run measured, and a warning when the machine ran slow for most of it."""
+    from profiler.speed import steadiness_warning, typical_slowdown
+
     logger.info(
         "%s: profiled %r: %d measurement(s) in %s",
-        tracker.stage,
-        device.name,
+        stage,
+        device,
         summary.measured,
         format_duration(summary.seconds),
     )
-    return summary
+    unsteady = steadiness_warning(typical_slowdown(summary.probes_ms))
+    if unsteady is not None:
+        logger.warning("%s: %r: %s", stage, device, unsteady)

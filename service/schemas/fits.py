@@ -64,6 +64,12 @@ class PredictorMetrics(LenientDocument):
         default=None, description="The speed-probe time latencies are scaled to (probe labels only)."
     )
     timings: int | None = Field(default=None, description="Measurement rows behind the samples.")
+    typical_slowdown: float | None = Field(
+        default=None,
+        description="How much slower than its quiet speed the machine ran during those measurements: the "
+        "median speed-probe time over its 10th percentile, minus one. Past 0.15 another load held the "
+        "CPU for most of them, and the predictor describes that load.",
+    )
 
 
 class _FittedResult(StoredDocument):

@@ -6,7 +6,16 @@ import pytest
 
 from lpnet.arch.ir import Network
 from profiler.batch import Measurement
-from profiler.speed import PROBE_VERSION, at_nominal_speed, nominal_probe_ms
+from profiler.device import local_device_spec
+from profiler.runner import RunSummary
+from profiler.speed import (
+    PROBE_VERSION,
+    UNSTEADY_SLOWDOWN,
+    at_nominal_speed,
+    nominal_probe_ms,
+    steadiness_warning,
+    typical_slowdown,
+)
 from tests.profiler.test_batch import in_context_row, network_row
 
 
@@ -45,3 +54,27 @@ def test_rows_without_this_probe_cannot_be_normalised(tiny_network: Network) -> 
     for row in (plain, other):
         with pytest.raises(ValueError, match="no speed probe of version"):
             at_nominal_speed(row, 1.0)
+
+
+def test_a_quiet_run_with_spikes_is_steady_and_a_loaded_one_is_not(tiny_network: Network) -> None:
+    # Quiet: the probe near 0.78 ms with one slow reading in eight (a spike, a process change).
+    quiet = [0.78 + 0.01 * (i % 5) for i in range(56)] + [1.25] * 8
+    assert typical_slowdown(quiet) == pytest.approx(0.80 / 0.78 - 1)
+    assert steadiness_warning(typical_slowdown(quiet)) is None
+    # Loaded for most of the run: the median probe moves with the load.
+    loaded = [0.78] * 16 + [1.05 + 0.01 * (i % 7) for i in range(48)]
+    slowdown = typical_slowdown(loaded)
+    assert slowdown is not None and slowdown > UNSTEADY_SLOWDOWN
+    assert f"{slowdown:.0%} slower" in (steadiness_warning(slowdown) or "")
+    assert typical_slowdown(loaded[:9]) is None
+
+    summary = RunSummary(device=local_device_spec(threads=1))
+    for i, probe in enumerate(loaded):
+        summary.add(probed(network_row(tiny_network, f"network-{i:04d}"), probe, 2.0), 0.5)
+    assert summary.to_dict()["typical_slowdown"] == pytest.approx(slowdown)
+    assert "UNSTEADY: the machine ran" in summary.format_table()
+    quiet_summary = RunSummary(device=local_device_spec(threads=1))
+    for i, probe in enumerate(quiet):
+        quiet_summary.add(probed(network_row(tiny_network, f"network-{i:04d}"), probe, 2.0), 0.5)
+    assert "UNSTEADY" not in quiet_summary.format_table()
+    assert "speed probe: median 0.800 ms" in quiet_summary.format_table()

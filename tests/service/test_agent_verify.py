@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from profiler.agent.client import AgentError
 from profiler.agent.config import AgentLoopConfig
 from profiler.agent.loop import AgentLoop
-from profiler.speed import PROBE_VERSION
+from profiler.speed import PROBE_VERSION, typical_slowdown
 from service.auth import create_api_key
 from service.config import FitSettings, get_settings
 from service.db.base import utcnow
@@ -160,7 +160,11 @@ def store_probed_predictor(server: LiveServer, tiny_profile: TinyProfile) -> tup
         session.flush()
         training = training_samples(session, server.device_id)
         assert training.nominal_probe_ms is not None
+        # Every row with a whole-network timing (whole networks and in-context runs) has a probe.
+        probes = [m.probe_ms for m in tiny_profile.measurements if m.status == "ok" and m.probe_ms]
+        assert training.typical_slowdown == pytest.approx(typical_slowdown(probes))
         fitted = fit_from_samples(training, settings=FitSettings(steps=200, members=3))
+        assert fitted.metrics["typical_slowdown"] == pytest.approx(training.typical_slowdown)
         store_predictor(session, server.device_id, fitted)
         session.commit()
     return training.nominal_probe_ms, fitted
