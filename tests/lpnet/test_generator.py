@@ -122,6 +122,8 @@ def test_conv_configurations_appear(sample: list[Network]) -> None:
     assert len(depthwise) > 100
     assert len(grouped) > 20
     assert {c.groups for c in grouped} >= {2, 4, 8, 16, 32}
+    # RegNet-style: many narrow groups (8 channels each, more groups than any drawn count).
+    assert any(c.in_channels // c.groups == 8 and c.groups > 32 for c in grouped)
     assert all(c.in_channels % c.groups == 0 and c.out_channels % c.groups == 0 for c in grouped)
 
 

@@ -36,6 +36,16 @@ class Blocks:
         unit = math.lcm(8, groups)
         return max(unit * -(-low // unit), min(unit * (high // unit), unit * round(count / unit)))
 
+    @staticmethod
+    def groups(stage: StagePlan, *channels: int) -> int:
+        """The group count of a spatial conv of `stage` between `channels`: its drawn count where
+        the channels allow it, or as many groups of its drawn width as they allow."""
+        common = math.gcd(*channels)
+        if stage.group_width:
+            width = math.gcd(common, stage.group_width)
+            return common // width if width >= 8 else 1  # odd channels: no groups of 8 or more
+        return math.gcd(stage.groups, common)
+
     def scaled(self, base: float, odd: bool = False) -> int:
         """A planned channel count at `width`."""
         return self.rounded(base * self.width, odd)
@@ -50,7 +60,7 @@ class Blocks:
                 scope, x, x.channels, act, block.kernel, stride, x.channels, dilation, stage.batchnorm
             )
             return g.conv_bn_act(scope, x, channels, act, batchnorm=stage.batchnorm)
-        groups = math.gcd(stage.groups, x.channels, channels)
+        groups = self.groups(stage, x.channels, channels)
         return g.conv_bn_act(scope, x, channels, act, block.kernel, stride, groups, dilation, stage.batchnorm)
 
     def basic(
@@ -58,26 +68,24 @@ class Blocks:
     ) -> Tensor:
         g, act = self.g, stage.activation
         y = g.conv_bn_act(
-            scope, x, channels, act, block.kernel, stride, math.gcd(stage.groups, x.channels, channels)
+            scope, x, channels, act, block.kernel, stride, self.groups(stage, x.channels, channels)
         )
         dilation = block.dilation if stride == 1 else 1
-        y = g.conv_bn_act(
-            scope, y, channels, None, block.kernel, 1, math.gcd(stage.groups, channels), dilation
-        )
+        y = g.conv_bn_act(scope, y, channels, None, block.kernel, 1, self.groups(stage, channels), dilation)
         return self.residual(scope, stage, x, y, stride)
 
     def bottleneck(
         self, scope: str, stage: StagePlan, block: BlockPlan, x: Tensor, channels: int, stride: int
     ) -> Tensor:
         g, act = self.g, stage.activation
-        if stage.groups > 1:
+        if stage.groups > 1 or stage.group_width:
             # ResNeXt's middle width is groups x width-per-group, twice a ResNet's.
-            mid = self.grouped(self.width * stage.channels / 2, stage.groups)
+            mid = self.grouped(self.width * stage.channels / 2, stage.group_width or stage.groups)
         else:
             mid = self.scaled(stage.channels / 4, stage.odd_channels)
         dilation = block.dilation if stride == 1 else 1
         y = g.conv_bn_act(scope, x, mid, act)
-        y = g.conv_bn_act(scope, y, mid, act, block.kernel, stride, math.gcd(stage.groups, mid), dilation)
+        y = g.conv_bn_act(scope, y, mid, act, block.kernel, stride, self.groups(stage, mid), dilation)
         y = g.conv_bn_act(scope, y, channels, None)
         return self.residual(scope, stage, x, y, stride)
 

@@ -69,6 +69,7 @@ class StagePlan:
     blocks: tuple[BlockPlan, ...]
     squeeze: SqueezePlan | None = None
     groups: int = 1  # drawn group count of the spatial convs (1: dense)
+    group_width: int = 0  # drawn channels per group of the spatial convs instead (0: a count)
     separable: bool = False
     batchnorm: bool = True
     growth: int = 0  # dense growth rate before width scaling
@@ -169,9 +170,12 @@ def _draw_stage(
             activation=draw.pick((Op.RELU, Op.SILU, activation)),
             gate=draw.pick((Op.SIGMOID, Op.HARDSIGMOID)),
         )
-    groups = 1
+    groups, group_width = 1, 0
     if kind in (BlockKind.PLAIN, BlockKind.BASIC, BlockKind.BOTTLENECK) and draw.chance(space.grouped_prob):
-        groups = draw.pick(space.group_counts)
+        if draw.chance(space.group_width_prob):
+            group_width = draw.pick(space.group_widths)
+        else:
+            groups = draw.pick(space.group_counts)
     return StagePlan(
         kind=kind,
         channels=channels,
@@ -182,6 +186,7 @@ def _draw_stage(
         blocks=tuple(blocks),
         squeeze=squeeze,
         groups=groups,
+        group_width=group_width,
         separable=kind is BlockKind.PLAIN and draw.chance(space.separable_prob),
         batchnorm=not (kind is BlockKind.PLAIN and draw.chance(space.no_batchnorm_prob)),
         growth=draw.pick(space.dense_growth) if kind is BlockKind.DENSE else 0,

@@ -56,9 +56,13 @@ class DesignSpace:
             stride-2 conv (always a pool or a transition for INCEPTION and DENSE stages).
         se_prob: chance that a residual, bottleneck or inverted stage carries squeeze-excitation.
         se_reductions: reduction ratios of the squeeze channels, uniform.
-        grouped_prob: chance that a plain, basic or bottleneck stage uses grouped convs (ResNeXt);
-            the group count is the largest common divisor of the drawn count and the channels.
-        group_counts: candidate group counts, uniform.
+        grouped_prob: chance that a plain, basic or bottleneck stage uses grouped convs.
+        group_width_prob: chance that a grouped stage draws its channels per group (RegNet: many
+            narrow groups, as many as the channels allow) rather than its group count (ResNeXt).
+        group_counts: candidate group counts, uniform; the count is the largest common divisor of
+            the drawn count and the channels.
+        group_widths: candidate channels per group, uniform; a conv whose channels the drawn width
+            does not divide takes the largest common divisor of the two as its width.
         separable_prob: chance that a plain stage uses depthwise-separable convs.
         no_batchnorm_prob: chance that a plain stage has biased convs and no batch norm (VGG).
         dilation_prob: chance that a stride-1 3x3 conv of a stage is dilated by 2.
@@ -116,7 +120,9 @@ class DesignSpace:
     se_prob: float = 0.3
     se_reductions: tuple[int, ...] = (4, 8, 16)
     grouped_prob: float = 0.25
+    group_width_prob: float = 0.5
     group_counts: tuple[int, ...] = (2, 4, 8, 16, 32)
+    group_widths: tuple[int, ...] = (8, 16, 24, 32, 48, 64)
     separable_prob: float = 0.2
     no_batchnorm_prob: float = 0.15
     dilation_prob: float = 0.08
