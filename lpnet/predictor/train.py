@@ -70,9 +70,10 @@ def _fit_packed(
     config: LPNetConfig,
     train: TrainConfig,
     progress: ProgressCallback | None,
-) -> tuple[LPNet, list[list[int]]]:
+) -> tuple[LPNet, list[list[int]], torch.Tensor]:
     """Fit the members cross-validated and calibrate the interval on what each member never saw;
-    returns the model and the networks each member never saw.
+    returns the model, the networks each member never saw and every member's latency of every
+    network, (K, S).
 
     With K >= 2 members the networks are split into K folds (`fold_split`) and member k is fitted on
     every fold but k: every network takes part in the fit, and every network is left out of exactly
@@ -101,9 +102,11 @@ def _fit_packed(
                 progress(k * train.steps + step, total_steps)
 
         _fit_member(model, k, member_data, train, seed=train.seed * 1000 + k, progress=member_progress)
-    _calibrate_interval(model, packed, left_out, groups)
+    with torch.no_grad():
+        predictions = network_predictions(model, packed)
+    _calibrate_interval(model, predictions, packed.network_target_ms, left_out, groups)
     model.eval()
-    return model, left_out
+    return model, left_out, predictions
 
 
 def fold_split(groups: Sequence[str], folds: int, generator: torch.Generator) -> list[int]:
@@ -325,13 +328,15 @@ def _robust(log_error: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def _calibrate_interval(
-    model: LPNet, packed: PackedSamples, left_out: Sequence[Sequence[int]], groups: Sequence[str]
+    model: LPNet,
+    predictions: torch.Tensor,
+    target_ms: torch.Tensor,
+    left_out: Sequence[Sequence[int]],
+    groups: Sequence[str],
 ) -> None:
     """Set the residuals of `LPNet.interval_bounds`: the absolute log error of every network of
-    `_calibration_order` under the member that never saw it."""
-    with torch.no_grad():
-        log_error = network_predictions(model, packed).clamp_min(1e-4).log() - packed.network_target_ms.log()
-        log_error = log_error.abs()
+    `_calibration_order` under the member that never saw it (members' latencies (K, S))."""
+    log_error = (predictions.clamp_min(1e-4).log() - target_ms.log()).abs()
     member_of = {i: k for k, out in enumerate(left_out) for i in out}
     calibration = _calibration_order(left_out, groups)
     residuals = [float(log_error[member_of[i], i]) for i in calibration]
@@ -406,9 +411,9 @@ def fit_cross_validated(
     _check_enough(samples)
     packed = pack_samples(samples)
     groups = [sample.group for sample in samples]
-    model, left_out = _fit_packed(packed, groups, config or LPNetConfig(), train or TrainConfig(), progress)
-    with torch.no_grad():
-        predictions = network_predictions(model, packed)
+    model, left_out, predictions = _fit_packed(
+        packed, groups, config or LPNetConfig(), train or TrainConfig(), progress
+    )
     held = sorted((i, k) for k, out in enumerate(left_out) for i in out)
     return CrossFit(
         predictor=LatencyPredictor(model, TrainingDomain.of(packed.ops, packed.features)),
