@@ -67,9 +67,10 @@ class AllocatorPolicy(StrEnum):
 
 
 # Profiles measure in child processes replaced after this many seconds (profiler.recycling): a
-# process that has timed networks for minutes runs them slower. Kept here, free of torch, so that
-# command lines and settings can state the default before anything heavy is imported.
-DEFAULT_SECONDS_PER_PROCESS = 60.0
+# process that has timed networks for a while runs them slower than the fresh process a label, a
+# verification or a deployment runs in. Kept here, free of torch, so that command lines and settings
+# can state the default before anything heavy is imported.
+DEFAULT_SECONDS_PER_PROCESS = 10.0
 
 # The environment variables that put any process under a policy without code, set before it starts
 # (glibc's aliases of its tunables glibc.malloc.mmap_threshold and glibc.malloc.trim_threshold).

@@ -7,23 +7,24 @@ a deployment that has just started are all fresh processes, so a long profile is
 of them. `RecycledMeasurer` runs each sample in a child process and starts a new child once the
 current one has lived `seconds_per_process`, so every sample is measured in a young process.
 
-The child is started with ``spawn`` (no state inherited from the parent but its environment), puts
-itself under the device's allocator policy, builds the device's backend and its own speed probe, and
-ignores Ctrl-C, which the parent handles. It dies with its parent, even a parent killed with
-SIGKILL: the kernel signals it (Linux's parent-death signal), or elsewhere a watchdog thread sees
-the parent gone within a second. A child that dies mid-sample turns that sample into a `failed`
-measurement and the next sample gets a new child.
+Children are forked from a fork server (``forkserver``), a clean interpreter started once per
+measuring process that has imported torch and the measuring code and never runs a network: a new
+child starts in a fraction of a second, where a spawned interpreter spends seconds importing torch,
+so children can be replaced often. Where there is no fork server, children are spawned. A child
+inherits no state of the measuring process, puts itself under the device's allocator policy, builds
+the device's backend and its own speed probe, and ignores Ctrl-C, which the parent handles. It dies
+with the measuring process, even one killed with SIGKILL: a watchdog thread waits for that process
+to end. A child that dies mid-sample turns that sample into a `failed` measurement and the next
+sample gets a new child.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
+import select
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -75,19 +76,29 @@ class ChildSetup:
     parent_pid: int = field(default_factory=os.getpid)
 
 
-# prctl option (linux/prctl.h): the signal a process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
-
 # The measuring state of a child process, set once by `_start_child`.
 _child_backend: Backend | None = None
 _child_probe: ProbeFn | None = None
+
+
+# What the fork server imports before it forks any child: everything a child needs to measure.
+_PRELOAD = ("torch", "profiler.recycling")
+
+
+def child_context() -> multiprocessing.context.BaseContext:
+    """How measuring children are started: forked from a fork server that has imported torch, or spawned."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(_PRELOAD))  # no effect once the server runs; it keeps its own
+    return context
 
 
 def _start_child(setup: ChildSetup) -> None:
     """Initialise a measuring child: ignore Ctrl-C, apply the allocator policy, build backend and probe."""
     global _child_backend, _child_probe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(setup.parent_pid)
+    _die_with(setup.parent_pid)
     apply_allocator_policy(setup.allocator)
     _child_backend = setup.device.create_backend()
     if setup.speed_probe and _child_backend.runs_on_cpu:
@@ -96,24 +107,40 @@ def _start_child(setup: ChildSetup) -> None:
         _child_probe = SpeedProbe().run
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """End this process when `parent_pid` ends, however it ends."""
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    if (
-        libc_name is not None
-        and ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
-    ):
-        # The parent may have died before the signal was asked for.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-        return
+def _die_with(measuring_pid: int) -> None:
+    """End this process as soon as the measuring process `measuring_pid` ends, however it ends.
+
+    Its own parent is no guide: a fork server's children keep the server alive (each holds the
+    descriptor whose closing would stop it), so the kernel's parent-death signal would never come.
+    A watchdog thread waits on the measuring process instead (a pidfd where the kernel has them,
+    else a check every second).
+    """
+    if not _alive(measuring_pid):
+        os._exit(1)
+    try:
+        handle: int | None = os.pidfd_open(measuring_pid)
+    except (AttributeError, OSError):  # no pidfds here, or the process is gone already
+        handle = None
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the process has ended
+        else:
+            while _alive(measuring_pid):
+                time.sleep(1.0)
         os._exit(1)
 
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    threading.Thread(target=watch, name="measuring-process-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def _measure_in_child(sample: Sample, protocol: TimingProtocol, batch_size: int) -> Measurement:
@@ -163,7 +190,7 @@ class RecycledMeasurer:
         self._discard_child(kill=False)
         self._pool = ProcessPoolExecutor(
             max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=child_context(),
             initializer=_start_child,
             initargs=(self.setup,),
         )

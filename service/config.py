@@ -13,6 +13,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from profiler.environment import DEFAULT_SECONDS_PER_PROCESS
 from service.schemas.common import NAME_PATTERN, not_an_id
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -152,7 +153,7 @@ class FirstRunSettings(BaseModel):
         default=False, description="A loose timing protocol: for smoke runs and tests, not for real numbers."
     )
     seconds_per_process: float = Field(
-        default=60.0,
+        default=DEFAULT_SECONDS_PER_PROCESS,
         ge=0,
         le=24 * 3600,
         description="Measure in child processes, each replaced after this many seconds, so every timing "

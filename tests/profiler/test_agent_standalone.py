@@ -10,7 +10,7 @@ import pytest
 from profiler.agent.options import AgentOptions, options_from_args
 from profiler.agent.standalone import build_parser, main
 from profiler.batch import MeasurementKind
-from profiler.environment import ALLOCATOR_ENVIRONMENT, AllocatorPolicy
+from profiler.environment import ALLOCATOR_ENVIRONMENT, DEFAULT_SECONDS_PER_PROCESS, AllocatorPolicy
 from profiler.protocol import TimingProtocol
 from profiler.sinks import read_jsonl
 
@@ -85,7 +85,7 @@ def test_both_profiling_commands_read_their_flags_into_the_same_options() -> Non
     assert not standalone.progress and standalone.budget_minutes == 1.5
     assert standalone.seconds_per_process == 30
     defaults = options_from_args(build_parser().parse_args(["--jsonl", "x.jsonl"]))
-    assert defaults == AgentOptions() and defaults.seconds_per_process == 60
+    assert defaults == AgentOptions() and defaults.seconds_per_process == DEFAULT_SECONDS_PER_PROCESS
     in_process = build_parser().parse_args(["--jsonl", "x.jsonl", "--seconds-per-process", "0"])
     assert options_from_args(in_process).seconds_per_process is None
     for bad in ("-1", "inf", "nan", "soon"):

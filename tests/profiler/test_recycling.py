@@ -1,4 +1,4 @@
-"""Measuring in recycled child processes: real spawned children, real timings of tiny networks."""
+"""Measuring in recycled child processes: real children, real timings of tiny networks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
 from profiler.environment import process_allocator_policy
 from profiler.protocol import TimingProtocol
-from profiler.recycling import ChildSetup, RecycledMeasurer
+from profiler.recycling import ChildSetup, RecycledMeasurer, child_context
 from profiler.runner import run_profile
 from profiler.sampling import ListSampler, Sample
 from profiler.sinks import MemorySink
@@ -66,6 +66,26 @@ def test_children_are_replaced_once_they_reach_their_age(
     assert measurer.child_pid is None
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_children_are_forked_from_one_server_that_imported_torch_once(
+    tiny_network: Network, device: DeviceSpec, fast_protocol: TimingProtocol
+) -> None:
+    assert child_context().get_start_method() == "forkserver"
+    setup = ChildSetup(device=device, allocator=process_allocator_policy(), speed_probe=False)
+    measurer = RecycledMeasurer(setup, seconds_per_process=1e-3)
+    parents = []
+    try:
+        for sample in samples(tiny_network, device, (NET, NET)):
+            assert measurer(sample, fast_protocol).status == "ok"
+            assert measurer.child_pid is not None
+            parents.append(parent_of(measurer.child_pid))
+    finally:
+        measurer.close()
+    # Both children come from the same server, not from this process: torch was imported once, by the server.
+    assert parents[0] == parents[1] != os.getpid()
+    assert "forkserver" in Path(f"/proc/{parents[0]}/cmdline").read_text()
+
+
 def test_a_child_that_dies_fails_its_sample_and_the_next_sample_gets_a_new_child(
     tiny_network: Network, device: DeviceSpec, fast_protocol: TimingProtocol
 ) -> None:
@@ -101,7 +121,7 @@ from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
 from profiler.environment import process_allocator_policy
 from profiler.protocol import TimingProtocol
-from profiler.recycling import ChildSetup, RecycledMeasurer
+from profiler.recycling import ChildSetup, RecycledMeasurer, child_context
 from profiler.sampling import Sample
 from service.testing.tiny import TinyResNet
 
@@ -114,6 +134,11 @@ with open(sys.argv[1], "w") as out:
     out.write(str(measurer.child_pid))
 os.kill(os.getpid(), signal.SIGKILL)
 """
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def alive(pid: int) -> bool:
