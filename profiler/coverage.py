@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention
 
 from lpnet.arch.ir import Network
 
@@ -74,6 +73,10 @@ class OpCoverageNet(nn.Module):
         self.pool_context = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.window_input = nn.Conv2d(128, 32, 1)
         self.window_norm = nn.LayerNorm(32)
+        # Imported here: torchvision costs seconds to import, and most users of this module only
+        # need the family's name.
+        from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention
+
         self.window_attention = ShiftedWindowAttention(32, [4, 4], [2, 2], num_heads=2)
         self.merge = PatchMerging(32)
         self.token_pool = nn.AdaptiveAvgPool2d(2)

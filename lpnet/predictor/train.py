@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from sklearn.linear_model import LinearRegression
 
 from lpnet.arch.ir import Op
 from lpnet.errors import LpnetError
@@ -201,6 +200,9 @@ _MIN_OP_ROWS = 8
 
 def _non_negative_fit(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Non-negative coefficients of `target ~ design` in relative error (each row weighted 1/target)."""
+    # Imported here: scikit-learn costs a second to import, and a process that only predicts never fits.
+    from sklearn.linear_model import LinearRegression
+
     weight = 1.0 / target.clamp_min(1e-6)
     scale = design.abs().amax(0).clamp_min(1e-12)
     fit = LinearRegression(positive=True, fit_intercept=False)

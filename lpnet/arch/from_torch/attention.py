@@ -3,7 +3,7 @@ and MaxViT (block and grid partitions) attention, with MaxViT's partitions and S
 
 from __future__ import annotations
 
-from functools import cache
+import sys
 from typing import Any
 
 import torch.fx as fx
@@ -33,22 +33,21 @@ _SWIN_ATTENTION_PARAMETERS = (
 )
 
 
-@cache
 def _swin_functions() -> tuple[Any, Any]:
-    """torchvision's (shifted_window_attention, _patch_merging_pad), or Nones without torchvision."""
-    try:
-        from torchvision.models import swin_transformer
-    except ImportError:  # pragma: no cover - torchvision is a dependency
+    """torchvision's (shifted_window_attention, _patch_merging_pad), or Nones where torchvision's Swin
+    was never imported: no Swin model can exist in such a process, and importing torchvision to
+    find that out would cost every trace seconds."""
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    if swin is None:
         return None, None
-    return swin_transformer.shifted_window_attention, swin_transformer._patch_merging_pad
+    return swin.shifted_window_attention, swin._patch_merging_pad
 
 
-@cache
 def maxvit_modules() -> tuple[type[nn.Module], ...]:
-    """torchvision MaxViT's (WindowPartition, SwapAxes, WindowDepartition, its attention), or ()."""
-    try:
-        from torchvision.models import maxvit
-    except ImportError:  # pragma: no cover - torchvision is a dependency
+    """torchvision MaxViT's (WindowPartition, SwapAxes, WindowDepartition, its attention), or () where
+    torchvision's MaxViT was never imported (no MaxViT model can exist then)."""
+    maxvit = sys.modules.get("torchvision.models.maxvit")
+    if maxvit is None:
         return ()
     return (
         maxvit.WindowPartition,

@@ -31,10 +31,9 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping every nn.LocalResponseNorm (subclasses too) and MaxViT's window
     partitions and attention as one module call each."""
 
-    leaves: tuple[type[nn.Module], ...] = (nn.LocalResponseNorm, *maxvit_modules())
-
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+        leaves: tuple[type[nn.Module], ...] = (nn.LocalResponseNorm, *maxvit_modules())
+        return isinstance(m, leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
 def network_from_module(
