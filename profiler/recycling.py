@@ -1,10 +1,11 @@
-"""Measuring in child processes that are replaced every minute or so.
+"""Measuring in child processes that are replaced every few seconds.
 
-A process that has built and timed networks for minutes runs the same network measurably slower
+A process that has built and timed networks for a while runs the same network measurably slower
 than a fresh one: on a 2-core EPYC, mobilenet_v2 took 15-16 ms in fresh processes and 18-19 ms in a
-process that had profiled for 4.5 minutes (docs/benchmarks.md). A latency label, a verification and
-a deployment that has just started are all fresh processes, so a long profile is biased against all
-of them. `RecycledMeasurer` runs each sample in a child process and starts a new child once the
+process that had profiled for 4.5 minutes, and children replaced every minute still predicted
+unseen networks about 5 % high (docs/benchmarks.md). A latency label, a verification and a
+deployment that has just started are all fresh processes, so an old process biases a profile
+against all of them. `RecycledMeasurer` runs each sample in a child process and starts a new child once the
 current one has lived `seconds_per_process`, so every sample is measured in a young process.
 
 Children are forked from a fork server (``forkserver``), a clean interpreter started once per

@@ -41,6 +41,8 @@ from profiler.measure import measure_in_context
 from profiler.protocol import TimingProtocol
 from profiler.speed import SpeedProbe, scale_to_nominal
 
+pytestmark = pytest.mark.slow
+
 SHAPE = (1, 3, 48, 48)
 VARIANTS_PER_FAMILY = 26
 SMALL_FIT = TrainConfig(steps=500)

@@ -28,6 +28,8 @@ from lpnet.arch.onnx_io import export_onnx
 from lpnet.errors import InvalidArchitecture, InvalidPlanOptions, PruningFailed, UnknownModel
 from lpnet.predictor.artifact import ArtifactError
 
+pytestmark = pytest.mark.slow
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "python-api.md"
 README = DOC.parents[1] / "README.md"
 EXAMPLE_INPUT = (1, 3, 64, 64)

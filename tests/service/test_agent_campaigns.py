@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +41,8 @@ from service.db.session import make_engine, make_session_factory
 from service.main import create_app
 from service.testing.tiny import TINY_SPEC
 from tests.service.conftest import serve_in_thread
+
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 SMALL_CAMPAIGN: dict[str, Any] = {

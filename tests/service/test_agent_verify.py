@@ -36,6 +36,8 @@ from tests.service.test_agent_campaigns import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_a_verified_plan_for_a_remote_device_completes_once_its_agent_measured_it(

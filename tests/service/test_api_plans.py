@@ -128,6 +128,7 @@ def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_
     assert first["probe_ms"] is None and first["nominal_probe_ms"] is None
 
 
+@pytest.mark.slow
 def test_verified_plans_judge_at_the_speed_the_predictor_was_fitted_at(
     sqlite_api: Api, tiny_profile: TinyProfile
 ) -> None:

@@ -47,6 +47,7 @@ def lpnet_with_env(
     )
 
 
+@pytest.mark.slow
 def test_train_prunes_digits_to_a_verified_budget(tmp_path: Path) -> None:
     out = tmp_path / "run"
     # The fit on the variants with a fifth of the default steps (LPNET_FIT__STEPS), as the service's fits.

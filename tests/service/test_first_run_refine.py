@@ -7,6 +7,7 @@ quick timing protocol for a few seconds each, and refit with a short fit.
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import threading
@@ -265,12 +266,14 @@ def test_the_refining_scorer_is_the_members_disagreement_and_highest_far_from_th
 ) -> None:
     predictor = load_predictor(tiny_profile.fitted.artifact)
     spreads = []
-    for network in (tiny_profile.network, generate_network(0)):
+    for network in (tiny_profile.network, *(generate_network(seed) for seed in range(8))):
         tn = tensorize(network, with_groups=False)
         with torch.no_grad():
             totals = predictor.model.member_network_ms(tn.layer_features(torch.zeros(1, 0)), tn.ops)
         spread = predictor.log_spread(network)
         assert spread == pytest.approx(float(member_log_spread(totals)[0]), rel=1e-6)
         spreads.append(spread)
-    # The profile is width variants of one small network: a generated network is where it is least sure.
-    assert spreads[1] > spreads[0] >= 1e-3
+    # The profile is width variants of one small network: generated networks are where it is less
+    # sure. Judged on the median of eight, since one generated network can resemble the profile (the
+    # spreads of single ones ranged 0.009-0.15 over a few profiles, the profiled network's 0.003-0.03).
+    assert statistics.median(spreads[1:]) > spreads[0] >= 1e-3
