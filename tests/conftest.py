@@ -111,13 +111,3 @@ def migrated_url(request: pytest.FixtureRequest) -> str:
     fixture = "sqlite_migrated_url" if request.param == "sqlite" else "postgres_migrated_url"
     url: str = request.getfixturevalue(fixture)
     return url
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with a test marked ``slow`` run first, each file's tests in their own order.
-
-    `make test` gives each of its two workers one file at a time, in collection order; a long file
-    handed out last keeps one worker busy while the other has nothing left to do.
-    """
-    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.path not in slow_files)

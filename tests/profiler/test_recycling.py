@@ -121,7 +121,7 @@ from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
 from profiler.environment import process_allocator_policy
 from profiler.protocol import TimingProtocol
-from profiler.recycling import ChildSetup, RecycledMeasurer, child_context
+from profiler.recycling import ChildSetup, RecycledMeasurer
 from profiler.sampling import Sample
 from service.testing.tiny import TinyResNet
 
@@ -136,16 +136,20 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def parent_of(pid: int) -> int:
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name: state, parent pid, ..."""
     with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def parent_of(pid: int) -> int:
+    return int(stat_fields(pid)[1])
 
 
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat_fields(pid)[0] != "Z"
     except FileNotFoundError:
         return False
 
