@@ -13,7 +13,10 @@ The family `generated` (`GENERATED_FAMILY`) is not one architecture but a stream
 networks from `lpnet.arch.generator`'s profiling seeds (plain, residual, bottleneck, inverted,
 concat-branch blocks; every kernel, stride, group count and activation the generator draws), each
 measured once, and for `isolated` their distinct layers. It is what lets a predictor fitted on a
-profile answer for networks unlike the profiled families. The evaluation seeds are never sampled.
+profile answer for networks unlike the profiled families. The family `generated-heavy`
+(`HEAVY_GENERATED_FAMILY`) is the same from the generator's heavy space (3-12 GMACs, layers of up
+to a few GMACs each), so large layers are measured rather than extrapolated. The evaluation and
+development seeds are never sampled.
 
 `Sampler.next_batch(done, size, bucket, scorer)` is the hook for an adaptive mode: a scorer that
 returns a predicted error per candidate makes the sampler hand out the worst-predicted first.
@@ -33,7 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, generate_network
+from lpnet.arch.generator import (
+    HEAVY_PROFILING_FAMILY,
+    PROFILING_FAMILY,
+    PROFILING_SEEDS,
+    generate_heavy_network,
+    generate_network,
+)
 from lpnet.arch.ir import Layer, Network
 from lpnet.errors import GenerationError
 from profiler.batch import NETWORK_KINDS, MeasurementKind
@@ -61,6 +70,12 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
     PROFILING_FAMILY,
 )
 GENERATED_FAMILY = PROFILING_FAMILY
+HEAVY_GENERATED_FAMILY = HEAVY_PROFILING_FAMILY
+# The generated families, each a stream of seeded networks, by the function making a seed's network.
+GENERATED_STREAMS: Mapping[str, Callable[[int], Network]] = {
+    GENERATED_FAMILY: generate_network,
+    HEAVY_GENERATED_FAMILY: generate_heavy_network,
+}
 # Offsets into the profiling seeds of the generated networks measured as each kind, so that whole
 # networks, in-context layers and isolated layers cover different architectures.
 _GENERATED_OFFSETS = {
@@ -377,17 +392,22 @@ class StratifiedSampler(_QueueSampler):
         networks: Mapping[str, Network],
         device: DeviceSpec,
         config: SamplingConfig | None = None,
-        generated_batch: int | None = None,
+        generated: Sequence[str] = (),
+        generated_batch: int = 1,
     ) -> None:
         """Args:
         networks: the families' unpruned networks by family name.
         device: the device measured (part of every sample key).
         config: caps and ranges.
-        generated_batch: also sample the `generated` family, at this batch size.
+        generated: generated families (`GENERATED_STREAMS`) to sample as well.
+        generated_batch: the batch size of the generated networks.
         """
         super().__init__()
         from lpnet.arch.groups import channel_groups
 
+        unknown = [name for name in generated if name not in GENERATED_STREAMS]
+        if unknown:
+            raise UnknownFamily(f"{unknown} are not generated families ({sorted(GENERATED_STREAMS)})")
         self.device = device
         self.config = config or SamplingConfig()
         self.generated_batch = generated_batch
@@ -405,11 +425,11 @@ class StratifiedSampler(_QueueSampler):
                 cap = self.config.cap(kind)
                 if cap > 0:
                     self._add_bucket((name, kind), self._stream(name, kind), cap)
-        if generated_batch is not None:
+        for family in generated:
             for kind in self.config.kinds:
                 cap = self.config.cap(kind)
                 if cap > 0:
-                    self._add_bucket((GENERATED_FAMILY, kind), self._generated_stream(kind), cap)
+                    self._add_bucket((family, kind), self._generated_stream(family, kind), cap)
 
     @classmethod
     def for_families(
@@ -430,7 +450,7 @@ class StratifiedSampler(_QueueSampler):
 
         networks: dict[str, Network] = {}
         for name in families:
-            if name == GENERATED_FAMILY:
+            if name in GENERATED_STREAMS:
                 continue
             if name == OP_COVERAGE_FAMILY:
                 networks[name] = op_coverage_network(input_shape)
@@ -445,12 +465,12 @@ class StratifiedSampler(_QueueSampler):
                         f"family {name!r} cannot be profiled: {exc}", {"family": name}
                     ) from exc
                 logger.warning("skipping family %s: %s", name, exc)
-        generated = GENERATED_FAMILY in families
+        generated = [name for name in GENERATED_STREAMS if name in families]
         if not networks and not generated:
             raise UnknownFamily(
                 f"none of the families {list(families)} can be profiled", {"families": list(families)}
             )
-        return cls(networks, device, config, generated_batch=input_shape[0] if generated else None)
+        return cls(networks, device, config, generated=generated, generated_batch=input_shape[0])
 
     # Streams ----------------------------------------------------------------------------------------
 
@@ -491,38 +511,39 @@ class StratifiedSampler(_QueueSampler):
             sample = Sample.for_network(network, self.device, kind, family, widths, origin=origin)
             yield replace(sample, keep_ratios=tuple(ratios))
 
-    def generated_networks(self, kind: MeasurementKind) -> Iterator[Network]:
-        """The generated networks measured as `kind`, in order; seeds the generator cannot fit into
-        its cost bounds are passed over."""
+    def generated_networks(self, kind: MeasurementKind, family: str = GENERATED_FAMILY) -> Iterator[Network]:
+        """The networks of a generated family measured as `kind`, in order; seeds the generator
+        cannot fit into its cost bounds are passed over."""
         seeds = PROFILING_SEEDS
-        start = (_stable_int(self.config.seed, "generated") + _GENERATED_OFFSETS[kind]) % len(seeds)
+        make = GENERATED_STREAMS[family]
+        start = (_stable_int(self.config.seed, family) + _GENERATED_OFFSETS[kind]) % len(seeds)
         for i in range(len(seeds)):
             seed = seeds[(start + i) % len(seeds)]
             try:
-                network = generate_network(seed)
+                network = make(seed)
             except GenerationError as exc:
-                logger.debug("generated seed %d skipped: %s", seed, exc)
+                logger.debug("%s seed %d skipped: %s", family, seed, exc)
                 continue
-            batch = self.generated_batch or 1
+            batch = self.generated_batch
             if network.input_shape[0] != batch:
                 shape = (batch, *network.input_shape[1:])
                 network = Network.model_validate({**network.model_dump(), "input_shape": shape})
             yield network
 
-    def _generated_stream(self, kind: MeasurementKind) -> Iterator[Sample]:
+    def _generated_stream(self, family: str, kind: MeasurementKind) -> Iterator[Sample]:
         if kind in NETWORK_KINDS:
-            networks: Iterable[Network] = self.generated_networks(kind)
+            networks: Iterable[Network] = self.generated_networks(kind, family)
             if kind is MeasurementKind.IN_CONTEXT:
                 # Every family's unpruned network is timed in context first: its layers count as covered.
-                covered = KindCoverage(family.network for family in self.families.values())
+                covered = KindCoverage(named.network for named in self.families.values())
                 networks = coverage_ordered(networks, covered)
             for network in networks:
-                yield Sample.for_network(network, self.device, kind, GENERATED_FAMILY, origin="generated")
+                yield Sample.for_network(network, self.device, kind, family, origin="generated")
             return
         seen: set[str] = set()
-        for network in self.generated_networks(kind):
+        for network in self.generated_networks(kind, family):
             for layer in distinct_isolated_layers(network.layers, seen):
-                yield Sample.for_layer(layer, self.device, GENERATED_FAMILY, origin="generated")
+                yield Sample.for_layer(layer, self.device, family, origin="generated")
 
     def base_layers(self, family: str) -> list[Layer]:
         """Distinct layer configs of a family's unpruned network that are worth timing alone."""
