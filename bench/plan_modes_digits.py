@@ -31,7 +31,8 @@ uniform) from its choice of filters (the plan minus `@first`, same widths).
 Timings on this machine (2 cores, 1 thread): about 10-15 minutes per seed at the defaults.
 
 Run: `.venv/bin/python bench/plan_modes_digits.py --seeds 12` (writes bench/results/plan_modes_digits*.json);
-`--first-seed` and `--combine` split a long run over processes and pool it afterwards.
+`--first-seed` and `--combine` split a long run over processes and pool it afterwards; `--modes`
+runs one mode alone, and `--magnitude-prior` sets the weights mode's W-Gate magnitude prior.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +122,16 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             train_epochs(module, data.train, args.epochs, learning_rate=args.learning_rate)
             return evaluate_accuracy(module, data.val)
 
-        for mode_name, mode in MODES.items():
+        for mode_name in args.modes:
+            mode = MODES[mode_name]
             for band_name, (max_skew, min_keep) in BANDS.items():
                 kind = f"{mode_name}/{band_name}"
                 started = time.perf_counter()
                 options = PlanOptions(mode=mode, max_skew=max_skew, min_keep_ratio=min_keep, seed=seed)
+                if args.magnitude_prior is not None:
+                    options = replace(
+                        options, gates=replace(options.gates, magnitude_prior=args.magnitude_prior)
+                    )
                 try:
                     result = plan(network, predictor, budget, options, weights=weights, measure=meter)
                 except BudgetInfeasible as exc:
@@ -287,6 +294,14 @@ def main() -> None:
         "--first-filters",
         action="store_true",
         help="also fine-tune each banded plan's widths keeping every group's first channels",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="plan modes to run"
+    )
+    parser.add_argument(
+        "--magnitude-prior",
+        type=float,
+        help="the weights mode's W-Gate magnitude prior (WGateConfig.magnitude_prior; default: the library's)",
     )
     parser.add_argument("--tag", default="", help="suffix of the result file")
     parser.add_argument("--combine", nargs="+", type=Path, help="pool these result files; run nothing")
