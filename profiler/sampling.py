@@ -13,10 +13,7 @@ The family `generated` (`GENERATED_FAMILY`) is not one architecture but a stream
 networks from `lpnet.arch.generator`'s profiling seeds (plain, residual, bottleneck, inverted,
 concat-branch blocks; every kernel, stride, group count and activation the generator draws), each
 measured once, and for `isolated` their distinct layers. It is what lets a predictor fitted on a
-profile answer for networks unlike the profiled families. The family `generated-heavy`
-(`HEAVY_GENERATED_FAMILY`) is the same from the generator's heavy space (3-12 GMACs, layers of up
-to a few GMACs each), so large layers are measured rather than extrapolated. The evaluation and
-development seeds are never sampled.
+profile answer for networks unlike the profiled families. The evaluation seeds are never sampled.
 
 `Sampler.next_batch(done, size, bucket, scorer)` is the hook for an adaptive mode: a scorer that
 returns a predicted error per candidate makes the sampler hand out the worst-predicted first.
@@ -36,13 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from lpnet.arch.generator import (
-    HEAVY_PROFILING_FAMILY,
-    PROFILING_FAMILY,
-    PROFILING_SEEDS,
-    generate_heavy_network,
-    generate_network,
-)
+from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, generate_network
 from lpnet.arch.ir import Layer, Network
 from lpnet.errors import GenerationError
 from profiler.batch import NETWORK_KINDS, MeasurementKind
@@ -70,12 +61,6 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
     PROFILING_FAMILY,
 )
 GENERATED_FAMILY = PROFILING_FAMILY
-HEAVY_GENERATED_FAMILY = HEAVY_PROFILING_FAMILY
-# The generated families, each a stream of seeded networks, by the function making a seed's network.
-GENERATED_STREAMS: Mapping[str, Callable[[int], Network]] = {
-    GENERATED_FAMILY: generate_network,
-    HEAVY_GENERATED_FAMILY: generate_heavy_network,
-}
 # Offsets into the profiling seeds of the generated networks measured as each kind, so that whole
 # networks, in-context layers and isolated layers cover different architectures.
 _GENERATED_OFFSETS = {
@@ -392,22 +377,17 @@ class StratifiedSampler(_QueueSampler):
         networks: Mapping[str, Network],
         device: DeviceSpec,
         config: SamplingConfig | None = None,
-        generated: Sequence[str] = (),
-        generated_batch: int = 1,
+        generated_batch: int | None = None,
     ) -> None:
         """Args:
         networks: the families' unpruned networks by family name.
         device: the device measured (part of every sample key).
         config: caps and ranges.
-        generated: generated families (`GENERATED_STREAMS`) to sample as well.
-        generated_batch: the batch size of the generated networks.
+        generated_batch: also sample the `generated` family, at this batch size.
         """
         super().__init__()
         from lpnet.arch.groups import channel_groups
 
-        unknown = [name for name in generated if name not in GENERATED_STREAMS]
-        if unknown:
-            raise UnknownFamily(f"{unknown} are not generated families ({sorted(GENERATED_STREAMS)})")
         self.device = device
         self.config = config or SamplingConfig()
         self.generated_batch = generated_batch
@@ -425,11 +405,11 @@ class StratifiedSampler(_QueueSampler):
                 cap = self.config.cap(kind)
                 if cap > 0:
                     self._add_bucket((name, kind), self._stream(name, kind), cap)
-        for family in generated:
+        if generated_batch is not None:
             for kind in self.config.kinds:
                 cap = self.config.cap(kind)
                 if cap > 0:
-                    self._add_bucket((family, kind), self._generated_stream(family, kind), cap)
+                    self._add_bucket((GENERATED_FAMILY, kind), self._generated_stream(kind), cap)
 
     @classmethod
     def for_families(
@@ -450,7 +430,7 @@ class StratifiedSampler(_QueueSampler):
 
         networks: dict[str, Network] = {}
         for name in families:
-            if name in GENERATED_STREAMS:
+            if name == GENERATED_FAMILY:
                 continue
             if name == OP_COVERAGE_FAMILY:
                 networks[name] = op_coverage_network(input_shape)
@@ -465,12 +445,12 @@ class StratifiedSampler(_QueueSampler):
                         f"family {name!r} cannot be profiled: {exc}", {"family": name}
                     ) from exc
                 logger.warning("skipping family %s: %s", name, exc)
-        generated = [name for name in GENERATED_STREAMS if name in families]
+        generated = GENERATED_FAMILY in families
         if not networks and not generated:
             raise UnknownFamily(
                 f"none of the families {list(families)} can be profiled", {"families": list(families)}
             )
-        return cls(networks, device, config, generated=generated, generated_batch=input_shape[0])
+        return cls(networks, device, config, generated_batch=input_shape[0] if generated else None)
 
     # Streams ----------------------------------------------------------------------------------------
 
@@ -511,39 +491,38 @@ class StratifiedSampler(_QueueSampler):
             sample = Sample.for_network(network, self.device, kind, family, widths, origin=origin)
             yield replace(sample, keep_ratios=tuple(ratios))
 
-    def generated_networks(self, kind: MeasurementKind, family: str = GENERATED_FAMILY) -> Iterator[Network]:
-        """The networks of a generated family measured as `kind`, in order; seeds the generator
-        cannot fit into its cost bounds are passed over."""
+    def generated_networks(self, kind: MeasurementKind) -> Iterator[Network]:
+        """The generated networks measured as `kind`, in order; seeds the generator cannot fit into
+        its cost bounds are passed over."""
         seeds = PROFILING_SEEDS
-        make = GENERATED_STREAMS[family]
-        start = (_stable_int(self.config.seed, family) + _GENERATED_OFFSETS[kind]) % len(seeds)
+        start = (_stable_int(self.config.seed, "generated") + _GENERATED_OFFSETS[kind]) % len(seeds)
         for i in range(len(seeds)):
             seed = seeds[(start + i) % len(seeds)]
             try:
-                network = make(seed)
+                network = generate_network(seed)
             except GenerationError as exc:
-                logger.debug("%s seed %d skipped: %s", family, seed, exc)
+                logger.debug("generated seed %d skipped: %s", seed, exc)
                 continue
-            batch = self.generated_batch
+            batch = self.generated_batch or 1
             if network.input_shape[0] != batch:
                 shape = (batch, *network.input_shape[1:])
                 network = Network.model_validate({**network.model_dump(), "input_shape": shape})
             yield network
 
-    def _generated_stream(self, family: str, kind: MeasurementKind) -> Iterator[Sample]:
+    def _generated_stream(self, kind: MeasurementKind) -> Iterator[Sample]:
         if kind in NETWORK_KINDS:
-            networks: Iterable[Network] = self.generated_networks(kind, family)
+            networks: Iterable[Network] = self.generated_networks(kind)
             if kind is MeasurementKind.IN_CONTEXT:
                 # Every family's unpruned network is timed in context first: its layers count as covered.
-                covered = KindCoverage(named.network for named in self.families.values())
+                covered = KindCoverage(family.network for family in self.families.values())
                 networks = coverage_ordered(networks, covered)
             for network in networks:
-                yield Sample.for_network(network, self.device, kind, family, origin="generated")
+                yield Sample.for_network(network, self.device, kind, GENERATED_FAMILY, origin="generated")
             return
         seen: set[str] = set()
-        for network in self.generated_networks(kind, family):
+        for network in self.generated_networks(kind):
             for layer in distinct_isolated_layers(network.layers, seen):
-                yield Sample.for_layer(layer, self.device, family, origin="generated")
+                yield Sample.for_layer(layer, self.device, GENERATED_FAMILY, origin="generated")
 
     def base_layers(self, family: str) -> list[Layer]:
         """Distinct layer configs of a family's unpruned network that are worth timing alone."""

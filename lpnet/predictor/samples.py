@@ -10,18 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lpnet.arch.generator import (
-    DEVELOPMENT_FAMILY,
-    EVALUATION_FAMILY,
-    HEAVY_PROFILING_FAMILY,
-    PROFILING_FAMILY,
-)
+from lpnet.arch.generator import DEVELOPMENT_FAMILY, EVALUATION_FAMILY, PROFILING_FAMILY
 from lpnet.arch.ir import Network
 from lpnet.predictor.features import tensorize
 
-GENERATED_FAMILIES = frozenset(
-    {PROFILING_FAMILY, HEAVY_PROFILING_FAMILY, EVALUATION_FAMILY, DEVELOPMENT_FAMILY}
-)
+GENERATED_FAMILIES = frozenset({PROFILING_FAMILY, EVALUATION_FAMILY, DEVELOPMENT_FAMILY})
 
 
 @dataclass(frozen=True)

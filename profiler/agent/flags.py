@@ -51,8 +51,7 @@ def add_sampling_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
     parser.add_argument(
         "--families",
-        help="comma-separated torchvision names, generated (seeded random CNNs), generated-heavy (seeded "
-        "random CNNs of 3-12 GMACs) or op_coverage (every IR "
+        help="comma-separated torchvision names, generated (seeded random CNNs) or op_coverage (every IR "
         "operator) (default: ten common torchvision models)",
     )
     parser.add_argument(

@@ -13,20 +13,17 @@ import pytest
 import torch
 
 from lpnet.arch.build import build_module
-from lpnet.arch.counting import layer_cost, network_cost
+from lpnet.arch.counting import network_cost
 from lpnet.arch.generator import (
     DEFAULT_SPACE,
     DEVELOPMENT_FAMILY,
     DEVELOPMENT_SEEDS,
     EVALUATION_FAMILY,
     EVALUATION_SEEDS,
-    HEAVY_PROFILING_FAMILY,
-    HEAVY_SPACE,
     PROFILING_FAMILY,
     PROFILING_SEEDS,
     BlockKind,
     DesignSpace,
-    generate_heavy_network,
     generate_network,
     generate_networks,
     seed_family,
@@ -240,44 +237,6 @@ def test_generated_networks_build_and_run() -> None:
             out = module(torch.zeros(net.input_shape))
         assert out.shape == (1, net.layers[-1].out_channels), net.name
         assert torch.isfinite(out).all(), net.name
-
-
-# ---- heavy profiling networks --------------------------------------------------------------------------
-
-
-def _largest_layer_macs(network: Network) -> int:
-    return max(layer_cost(layer).macs for layer in network.layers)
-
-
-def test_heavy_networks_are_deterministic_within_their_bounds_and_larger_per_layer(
-    sample: list[Network],
-) -> None:
-    heavy = [generate_heavy_network(seed) for seed in range(40)]
-    assert [n.content_hash for n in heavy[:3]] == [generate_heavy_network(s).content_hash for s in range(3)]
-    assert [n.name for n in heavy[:2]] == ["gen-heavy-0", "gen-heavy-1"]
-    assert {n.family for n in heavy} == {HEAVY_PROFILING_FAMILY}
-    for network in heavy:
-        assert HEAVY_SPACE.min_macs <= network_cost(network).macs <= HEAVY_SPACE.max_macs, network.name
-        assert _feature_elements(network) <= HEAVY_SPACE.max_feature_elements, network.name
-    # The point of the heavy space: layers several times larger than the default space's.
-    heavy_median = sorted(_largest_layer_macs(n) for n in heavy)[len(heavy) // 2]
-    default_largest = max(_largest_layer_macs(n) for n in sample)
-    assert heavy_median > 4 * sorted(_largest_layer_macs(n) for n in sample)[len(sample) // 2]
-    assert max(_largest_layer_macs(n) for n in heavy) > default_largest
-
-
-def test_a_heavy_network_builds_and_runs() -> None:
-    net = generate_heavy_network(3)
-    with torch.inference_mode():
-        out = build_module(net)(torch.zeros(net.input_shape))
-    assert out.shape == (1, net.layers[-1].out_channels)
-    assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("seed", [EVALUATION_SEEDS.start, DEVELOPMENT_SEEDS.start + 5, -1])
-def test_heavy_networks_come_from_profiling_seeds_only(seed: int) -> None:
-    with pytest.raises(GenerationError, match="profiling seeds only"):
-        generate_heavy_network(seed)
 
 
 # ---- the profiling / evaluation split ------------------------------------------------------------------

@@ -2,17 +2,14 @@ from __future__ import annotations
 
 from itertools import islice
 
-import pytest
 from torch import nn
 
-from lpnet.arch.counting import network_cost
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.ir import Network
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
-from profiler.errors import UnknownFamily
 from profiler.kind_coverage import TARGET_ROWS, KindCoverage, coverage_ordered
-from profiler.sampling import GENERATED_FAMILY, HEAVY_GENERATED_FAMILY, SamplingConfig, StratifiedSampler
+from profiler.sampling import GENERATED_FAMILY, SamplingConfig, StratifiedSampler
 
 
 def plain(name: str) -> Network:
@@ -53,13 +50,13 @@ def test_in_context_generated_networks_are_ordered_by_coverage_and_deterministic
     config = SamplingConfig(kinds=(MeasurementKind.IN_CONTEXT,), in_context_samples=6, seed=3)
 
     def first_six() -> list[str]:
-        sampler = StratifiedSampler({}, device, config, generated=[GENERATED_FAMILY])
+        sampler = StratifiedSampler({}, device, config, generated_batch=1)
         bucket = (GENERATED_FAMILY, MeasurementKind.IN_CONTEXT)
         return [s.sample_key for s in sampler.next_batch(set(), size=6, bucket=bucket)]
 
     keys = first_six()
     assert keys == first_six()
-    sampler = StratifiedSampler({}, device, config, generated=[GENERATED_FAMILY])
+    sampler = StratifiedSampler({}, device, config, generated_batch=1)
     plain_order = [n.name for n in islice(sampler.generated_networks(MeasurementKind.IN_CONTEXT), 6)]
     ordered = [
         n.name
@@ -72,25 +69,3 @@ def test_in_context_generated_networks_are_ordered_by_coverage_and_deterministic
     window = list(islice(sampler.generated_networks(MeasurementKind.IN_CONTEXT), 12))
     gains = {n.name: KindCoverage().gain(n) for n in window}
     assert gains[ordered[0]] == max(gains.values())
-
-
-def test_each_generated_family_is_its_own_bucket_of_its_own_networks(device: DeviceSpec) -> None:
-    config = SamplingConfig(kinds=(MeasurementKind.NETWORK,), network_samples=3)
-    sampler = StratifiedSampler({}, device, config, generated=[GENERATED_FAMILY, HEAVY_GENERATED_FAMILY])
-    assert sampler.buckets() == [
-        (GENERATED_FAMILY, MeasurementKind.NETWORK),
-        (HEAVY_GENERATED_FAMILY, MeasurementKind.NETWORK),
-    ]
-    default = sampler.next_batch(set(), size=3, bucket=(GENERATED_FAMILY, MeasurementKind.NETWORK))
-    heavy = sampler.next_batch(set(), size=3, bucket=(HEAVY_GENERATED_FAMILY, MeasurementKind.NETWORK))
-    assert all(s.network is not None and s.network.name.startswith("gen-heavy-") for s in heavy)
-    assert {s.family for s in heavy} == {HEAVY_GENERATED_FAMILY}
-    assert not {s.sample_key for s in heavy} & {s.sample_key for s in default}
-    assert min(network_cost(s.network).macs for s in heavy if s.network) > max(
-        network_cost(s.network).macs for s in default if s.network
-    )
-
-
-def test_an_unknown_generated_family_is_refused(device: DeviceSpec) -> None:
-    with pytest.raises(UnknownFamily, match="not generated families"):
-        StratifiedSampler({}, device, SamplingConfig(), generated=["generated-huge"])

@@ -17,10 +17,6 @@ Seeds come in three ranges that never overlap:
   decisions about a predictor are judged on them, so the evaluation networks are judged on, never
   tuned to.
 
-`generate_heavy_network(seed)` draws a profiling seed's network from `HEAVY_SPACE` instead (family
-"generated-heavy"): 3-12 GMACs of mostly dense convolutions, whose layers are several times larger
-than any of the default space's. It is profiling material only.
-
 All ranges draw from the same distribution, so an evaluation network is new to the predictor yet
 comes from the space its profiling material covers.
 
@@ -39,15 +35,13 @@ from lpnet.arch.generator.seeds import (
     DEVELOPMENT_SEEDS,
     EVALUATION_FAMILY,
     EVALUATION_SEEDS,
-    HEAVY_PROFILING_FAMILY,
     PROFILING_FAMILY,
     PROFILING_SEEDS,
-    generate_heavy_network,
     generate_network,
     generate_networks,
     seed_family,
 )
-from lpnet.arch.generator.space import DEFAULT_SPACE, HEAVY_SPACE, BlockKind, DesignSpace
+from lpnet.arch.generator.space import DEFAULT_SPACE, BlockKind, DesignSpace
 
 __all__ = [
     "DEFAULT_SPACE",
@@ -55,13 +49,10 @@ __all__ = [
     "DEVELOPMENT_SEEDS",
     "EVALUATION_FAMILY",
     "EVALUATION_SEEDS",
-    "HEAVY_PROFILING_FAMILY",
-    "HEAVY_SPACE",
     "PROFILING_FAMILY",
     "PROFILING_SEEDS",
     "BlockKind",
     "DesignSpace",
-    "generate_heavy_network",
     "generate_network",
     "generate_networks",
     "seed_family",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lpnet.arch.generator.assembler import fit_cost
 from lpnet.arch.generator.plan import Draw, draw_plan
-from lpnet.arch.generator.space import DEFAULT_SPACE, HEAVY_SPACE, DesignSpace
+from lpnet.arch.generator.space import DEFAULT_SPACE, DesignSpace
 from lpnet.arch.ir import Network
 from lpnet.errors import GenerationError
 
@@ -14,8 +14,6 @@ DEVELOPMENT_SEEDS = range(2 * 10**9, 2 * 10**9 + 10**6)
 PROFILING_FAMILY = "generated"
 EVALUATION_FAMILY = "generated-eval"
 DEVELOPMENT_FAMILY = "generated-dev"
-# Networks of the profiling seeds drawn from HEAVY_SPACE instead: profiling material only.
-HEAVY_PROFILING_FAMILY = "generated-heavy"
 # Seed range -> family of its networks.
 _RANGES: dict[str, range] = {
     PROFILING_FAMILY: PROFILING_SEEDS,
@@ -50,22 +48,6 @@ def generate_network(seed: int, space: DesignSpace = DEFAULT_SPACE) -> Network:
     family = seed_family(seed)
     plan = draw_plan(Draw(seed), space)
     return fit_cost(plan, space, f"gen-{seed}", family)
-
-
-def generate_heavy_network(seed: int) -> Network:
-    """The heavy network of a profiling seed (`HEAVY_SPACE`): named `gen-heavy-<seed>`, family
-    `generated-heavy`.
-
-    Raises:
-        GenerationError: the seed is not a profiling seed, or its network does not fit the bounds.
-    """
-    if seed not in PROFILING_SEEDS:
-        raise GenerationError(
-            f"heavy networks come from profiling seeds only ({_describe(PROFILING_SEEDS)}), got {seed}",
-            {"seed": seed},
-        )
-    plan = draw_plan(Draw(seed), HEAVY_SPACE)
-    return fit_cost(plan, HEAVY_SPACE, f"gen-heavy-{seed}", HEAVY_PROFILING_FAMILY)
 
 
 def generate_networks(seeds: range, count: int, space: DesignSpace = DEFAULT_SPACE) -> list[Network]:

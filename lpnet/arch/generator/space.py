@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
@@ -151,22 +151,3 @@ class DesignSpace:
 
 
 DEFAULT_SPACE = DesignSpace()
-# Networks of 3-12 GMACs, mostly of dense convolutions (VGG, wide ResNets, ConvNeXt's MLP blocks):
-# their layers move several times the MACs and bytes of any in DEFAULT_SPACE's networks, which a
-# predictor otherwise prices by extrapolation. Profiling material only; no evaluation set uses it.
-HEAVY_SPACE = replace(
-    DEFAULT_SPACE,
-    resolution=(160, 320),
-    block_kinds=(
-        (BlockKind.PLAIN, 0.3),
-        (BlockKind.BASIC, 0.2),
-        (BlockKind.BOTTLENECK, 0.2),
-        (BlockKind.INVERTED, 0.1),
-        (BlockKind.INCEPTION, 0.1),
-        (BlockKind.DENSE, 0.1),
-    ),
-    min_macs=2.5e9,
-    budget_floor_macs=3e9,
-    max_macs=1.2e10,
-    max_feature_elements=1e8,
-)
