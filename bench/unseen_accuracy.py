@@ -3,7 +3,7 @@
 1. Profile this CPU (1 thread) as the first run does: resnet18, resnet50, mobilenet_v2 and the
    `generated` family (seeded random CNNs from the profiling seeds), plus any `--extra-families`,
    whole networks and layers in context, the default protocol capped at 6 s a network, freed memory
-   retained, in child processes replaced every `--seconds-per-process` (the first run's 60; 0
+   retained, in child processes replaced every `--seconds-per-process` (the first run's 10; 0
    profiles in this one process), for `--budget-minutes` (the first run's 6 by default). A JSONL
    cache makes reruns resume.
 2. Fit LPNet on the profile as the service fits a probed profile (`--labels probe`: every timing
