@@ -24,15 +24,18 @@ uniform widths (mean and standard error over seeds, wins/ties/losses in images),
 effect (banded minus unbanded, same mode), and the keep-ratio spread of the plans.
 
 The uniform networks keep each group's first channels (a width multiplier), the plans the filters
-their mode chose. `--first-filters` also fine-tunes every banded plan's widths keeping the first
-channels (`<mode>/band@first`), so the summary can separate the plan's widths (`@first` minus
-uniform) from its choice of filters (the plan minus `@first`, same widths).
+their mode chose. `--filter-variants first l1` also fine-tunes every banded plan's widths keeping
+each group's first channels (`<mode>/band@first`) or its largest filters by L1 norm
+(`<mode>/band@l1`), so the summary can separate the plan's widths (`@first` minus uniform) from its
+choice of filters (the plan minus `@first` or `@l1`, same widths). `--first-filters` is
+`--filter-variants first`.
 
 Timings on this machine (2 cores, 1 thread): about 10-15 minutes per seed at the defaults.
 
 Run: `.venv/bin/python bench/plan_modes_digits.py --seeds 12` (writes bench/results/plan_modes_digits*.json);
 `--first-seed` and `--combine` split a long run over processes and pool it afterwards; `--modes`
-runs one mode alone, and `--magnitude-prior` sets the weights mode's W-Gate magnitude prior.
+and `--bands` run a subset of the plan kinds, and `--magnitude-prior` sets the weights mode's W-Gate
+magnitude prior.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {"architecture": PlanMode.ARCHITECTURE_ONLY, "weights": PlanMode.WEIGHTS}
 # (max_skew, min_keep_ratio): the library's band, and none (only the grid's floor).
 BANDS = {"band": (1.25, 0.25), "no-band": (None, 0.05)}
+# Other filters for a banded plan's widths (`lpnet.pruning.prune_module` selections).
+FILTER_VARIANTS = ("first", "l1")
 
 
 def plan_kinds() -> list[str]:
@@ -124,7 +129,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
 
         for mode_name in args.modes:
             mode = MODES[mode_name]
-            for band_name, (max_skew, min_keep) in BANDS.items():
+            for band_name in args.bands:
+                max_skew, min_keep = BANDS[band_name]
                 kind = f"{mode_name}/{band_name}"
                 started = time.perf_counter()
                 options = PlanOptions(mode=mode, max_skew=max_skew, min_keep_ratio=min_keep, seed=seed)
@@ -161,18 +167,18 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     }
                 )
                 print_row(rows[-1], method_width=24)
-                if args.first_filters and band_name == "band":
-                    # The same widths keeping each group's first channels, as the uniform networks do:
-                    # separates the plan's widths from its choice of filters.
-                    first = prune_module(base, network, result.widths, selection="first")
+                for variant in args.filter_variants if band_name == "band" else ():
+                    # The same widths with other filters (first channels, as the uniform networks keep,
+                    # or the largest by L1 norm): separates the plan's widths from its choice of filters.
+                    other = prune_module(base, network, result.widths, selection=variant)
                     rows.append(
                         {
                             "seed": seed,
-                            "method": f"{kind}@first",
+                            "method": f"{kind}@{variant}",
                             "share": share,
                             "budget_ms": budget,
-                            "measured_ms": meter(first.network).ms,
-                            "accuracy": fine_tune(first.module),
+                            "measured_ms": meter(other.network).ms,
+                            "accuracy": fine_tune(other.module),
                             "val_images": val_images,
                             "widths": result.widths,
                         }
@@ -262,14 +268,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             }
         for mode in MODES:
             entry[f"{mode}: band minus no-band"] = paired(at, f"{mode}/band", f"{mode}/no-band")
-            if any(r["method"] == f"{mode}/band@first" for r in at):
-                # Widths alone (both keep first channels), and filters alone (same widths).
-                entry[f"{mode}/band@first minus uniform"] = paired(
-                    at, f"{mode}/band@first", f"uniform@{mode}/band"
-                )
-                entry[f"{mode}/band minus {mode}/band@first"] = paired(
-                    at, f"{mode}/band", f"{mode}/band@first"
-                )
+            for variant in FILTER_VARIANTS:
+                if any(r["method"] == f"{mode}/band@{variant}" for r in at):
+                    # The widths with these filters against uniform widths, and the plan's own filters
+                    # against these (same widths).
+                    entry[f"{mode}/band@{variant} minus uniform"] = paired(
+                        at, f"{mode}/band@{variant}", f"uniform@{mode}/band"
+                    )
+                    entry[f"{mode}/band minus {mode}/band@{variant}"] = paired(
+                        at, f"{mode}/band", f"{mode}/band@{variant}"
+                    )
         summary[f"{share:.2f}"] = entry
     return summary
 
@@ -291,12 +299,25 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=40, help="measured width variants for the predictor")
     parser.add_argument("--fit-steps", type=int, default=1500)
     parser.add_argument(
+        "--filter-variants",
+        action="extend",
+        nargs="+",
+        choices=FILTER_VARIANTS,
+        default=[],
+        help="also fine-tune each banded plan's widths with these filters: first channels, or largest L1",
+    )
+    parser.add_argument(
         "--first-filters",
-        action="store_true",
-        help="also fine-tune each banded plan's widths keeping every group's first channels",
+        action="append_const",
+        dest="filter_variants",
+        const="first",
+        help="the same as --filter-variants first",
     )
     parser.add_argument(
         "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="plan modes to run"
+    )
+    parser.add_argument(
+        "--bands", nargs="+", choices=list(BANDS), default=list(BANDS), help="allocation bands to run"
     )
     parser.add_argument(
         "--magnitude-prior",
