@@ -10,8 +10,9 @@ latency):
   architecture-only mode and the weights mode, each with the library's band (`max_skew` 1.25,
   `min_keep_ratio` 0.25) and without it (`max_skew` null, `min_keep_ratio` 0.05, the grid's floor);
   every plan is verified by measurement, as the service verifies plans;
-- each plan is applied to the base model (the kept filters are the plan's: W-Gate scores in the
-  weights mode, L1 norms in the architecture-only mode) and fine-tuned;
+- each plan is applied to the base model (the kept filters are the plan's: in the weights mode
+  those `--filters` names, the library's default unless given; L1 norms in the architecture-only
+  mode) and fine-tuned;
 - uniform widths are matched to each plan's measured latency by bisection, every candidate timed
   right beside the plan's network (paired timings), and fine-tuned the same way.
 
@@ -34,8 +35,8 @@ Timings on this machine (2 cores, 1 thread): about 10-15 minutes per seed at the
 
 Run: `.venv/bin/python bench/plan_modes_digits.py --seeds 12` (writes bench/results/plan_modes_digits*.json);
 `--first-seed` and `--combine` split a long run over processes and pool it afterwards; `--modes`
-and `--bands` run a subset of the plan kinds, and `--magnitude-prior` sets the weights mode's W-Gate
-magnitude prior.
+and `--bands` run a subset of the plan kinds; `--filters` and `--magnitude-prior` set the weights
+mode's filter choice and W-Gate magnitude prior.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from lpnet.arch.groups import channel_layout  # noqa: E402
 from lpnet.errors import BudgetInfeasible  # noqa: E402
 from lpnet.gates.budget import width_grid  # noqa: E402
 from lpnet.gates.criteria import get_criterion, match_latency  # noqa: E402
-from lpnet.gates.options import PlanMode  # noqa: E402
+from lpnet.gates.options import FilterChoice, PlanMode  # noqa: E402
 from lpnet.gates.planner import PlanOptions, plan  # noqa: E402
 from lpnet.gates.supervised import evaluate_accuracy, train_epochs  # noqa: E402
 from lpnet.pruning import ir_state_dict, prune_module  # noqa: E402
@@ -134,6 +135,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                 kind = f"{mode_name}/{band_name}"
                 started = time.perf_counter()
                 options = PlanOptions(mode=mode, max_skew=max_skew, min_keep_ratio=min_keep, seed=seed)
+                if args.filters is not None:
+                    options = replace(options, filters=args.filters)
                 if args.magnitude_prior is not None:
                     options = replace(
                         options, gates=replace(options.gates, magnitude_prior=args.magnitude_prior)
@@ -318,6 +321,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--bands", nargs="+", choices=list(BANDS), default=list(BANDS), help="allocation bands to run"
+    )
+    parser.add_argument(
+        "--filters",
+        type=FilterChoice,
+        choices=list(FilterChoice),
+        help="the filters a weights-mode plan keeps (PlanOptions.filters; default: the library's)",
     )
     parser.add_argument(
         "--magnitude-prior",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from lpnet.errors import InvalidPlanOptions
@@ -79,6 +79,10 @@ class OptionSpec(Generic[T]):
         """What is wrong with `value` ("must be in (0, 1]"), or None when it is a valid value."""
         if value is None:
             return None if self.nullable else "must be given"
+        kind = self.value_type
+        if issubclass(kind, Enum):
+            values = [member.value for member in kind]
+            return None if value in values else f"must be one of {', '.join(map(str, values))}"
         if not self.bounded:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -155,6 +159,13 @@ class Allocation(StrEnum):
     JOINT = "joint"
 
 
+class FilterChoice(StrEnum):
+    """Which filters a weights-mode plan keeps in each group (see `lpnet.gates.planner`)."""
+
+    L1 = "l1"
+    GATES = "gates"
+
+
 # The width grid and the allocation band (`lpnet.gates.budget`, `lpnet.gates.allocation`).
 ROUND_TO = OptionSpec(
     "round_to", 8, "Kept channels are multiples of this (and of each group's divisor).", ge=1, le=256
@@ -203,6 +214,12 @@ SAFETY_MARGIN = OptionSpec(
     lt=1,
 )
 SEED = OptionSpec("seed", 0, "Random seed.")
+FILTERS = OptionSpec(
+    "filters",
+    FilterChoice.L1,
+    "Which filters a weights-mode plan keeps in each group, at the widths its W-Gates chose: l1, the "
+    "largest by L1 norm (as the architecture mode keeps); gates, the highest W-Gate scores.",
+)
 
 # The train mode (`lpnet.gates.training`).
 ALLOCATION = OptionSpec(

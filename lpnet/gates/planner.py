@@ -8,7 +8,10 @@ Modes:
   included.
 - `weights`: a state dict is given. W-Gates score every filter from its weights and are trained,
   weights frozen, to keep the network's outputs on BatchNorm-synthesised inputs
-  (`lpnet.gates.datafree`) under the budget. The plan adds which filters stay: the highest-scoring ones.
+  (`lpnet.gates.datafree`) under the budget; their kept counts are the widths. The plan adds which
+  filters stay (`filters`): by default the largest by L1 norm, or the highest W-Gate scores. On the
+  digits benchmark (`bench/plan_modes_digits.py`) the gates' own filters fine-tuned to lower accuracy
+  than other filters at the same widths, so they are an option, not the default.
 - `train`: W-Gates trained jointly with the network on a dataset; see
   `lpnet.gates.training.train_and_prune` (it needs data loaders, so it is not reachable from `plan`).
 
@@ -46,6 +49,7 @@ from lpnet.gates.budget import AugmentedLagrangian
 from lpnet.gates.datafree import DataFreeConfig, optimise_gates_datafree, synthesize_inputs
 from lpnet.gates.options import (
     ACCEPT_BAND,
+    FILTERS,
     MAX_ROUNDS,
     MAX_SKEW,
     MIN_KEEP_RATIO,
@@ -54,6 +58,7 @@ from lpnet.gates.options import (
     SEED,
     VERIFY_MARGIN,
     VERIFY_TIMINGS,
+    FilterChoice,
     PlanMode,
     check_options,
 )
@@ -121,6 +126,7 @@ class PlanOptions(SharedPlanOptions):
         dual_rate: multiplier step per optimisation step, per unit of relative violation.
         gates: W-Gate network settings (weights mode).
         datafree: synthesis and gate-training settings (weights mode).
+        filters: which filters a weights-mode plan keeps (`FILTERS`).
     """
 
     mode: PlanMode | None = None
@@ -131,6 +137,7 @@ class PlanOptions(SharedPlanOptions):
     dual_rate: float = 1.0
     gates: WGateConfig = field(default_factory=WGateConfig)
     datafree: DataFreeConfig = field(default_factory=DataFreeConfig)
+    filters: FilterChoice = FILTERS.field()
 
 
 def plan(
@@ -248,7 +255,8 @@ def width_solver(
     options: PlanOptions,
     first_budget_ms: float,
 ) -> tuple[WidthSolver, list[torch.Tensor] | None]:
-    """How each verification round plans its widths, and the filter scores of the weights mode.
+    """How each verification round plans its widths, and the weights mode's W-Gate filter scores when
+    its filters are the gates' (None: the largest by L1 norm).
 
     The weights mode trains its gates once, for the first internal budget; every round then fits their
     counts into the band at its own budget. The architecture-only mode optimises afresh each round.
@@ -266,7 +274,7 @@ def width_solver(
         def fit_gates(internal_ms: float) -> list[int]:
             return banded(gate_target, internal_ms)
 
-        return fit_gates, outcome.scores
+        return fit_gates, outcome.scores if options.filters == FilterChoice.GATES else None
 
     def optimise(internal_ms: float) -> list[int]:
         return banded(optimise_widths(problem, internal_ms, options), internal_ms)

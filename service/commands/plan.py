@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName
+from lpnet.gates.options import FILTERS, MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName
 from service.commands._common import CommandError, database_session, info, option_argument, print_table
 from service.commands.predict import input_shape, load_network
 from service.commands.remote import remote_client, server_arguments
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from service.commands._common import SubParsers
 
 # The planner's options `lpnet plan` sets, each a flag of the same name.
-PLAN_OPTIONS = (MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO)
+PLAN_OPTIONS = (MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, FILTERS)
 # The modes a plan request runs (the train mode is `lpnet train`).
 MODES: tuple[str, ...] = get_args(ModeName)
 

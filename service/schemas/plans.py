@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lpnet.gates.options import MAX_SKEW, MIN_KEEP_RATIO, ROUND_TO, ModeName, OptionSpec
+from lpnet.gates.options import (
+    FILTERS,
+    MAX_SKEW,
+    MIN_KEEP_RATIO,
+    ROUND_TO,
+    FilterChoice,
+    ModeName,
+    OptionSpec,
+)
 from service.db.models import JobStatus
 from service.schemas.architectures import Architecture
 from service.schemas.common import MAX_ID, DeviceRef, RequestModel
@@ -55,6 +63,7 @@ class PlanOptions(RequestModel):
     )
     max_skew: float | None = planner_field(MAX_SKEW)
     min_keep_ratio: float = planner_field(MIN_KEEP_RATIO)
+    filters: FilterChoice = planner_field(FILTERS)
 
 
 class PlanOptionsRead(LenientDocument, PlanOptions):

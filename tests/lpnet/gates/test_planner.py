@@ -16,13 +16,13 @@ from lpnet.errors import BudgetInfeasible, InvalidPlanOptions, WeightsMismatch
 from lpnet.gates.allocation import AllocationBand, AllocationPolicy, BandedFit, uniform_ratio, uniform_widths
 from lpnet.gates.chart import layer_latency_chart
 from lpnet.gates.datafree import DataFreeConfig
-from lpnet.gates.options import PlanMode
+from lpnet.gates.options import FilterChoice, PlanMode
 from lpnet.gates.planner import PlanOptions, plan
 from lpnet.gates.problem import PlanningProblem
 from lpnet.gates.result import PlanResult
 from lpnet.measurement import MeasuredLatency
 from lpnet.predictor.predict import LatencyPredictor
-from lpnet.pruning import ir_state_dict, top_k_indices
+from lpnet.pruning import group_l1_scores, ir_state_dict, top_k_indices
 from tests.lpnet.gates.conftest import Measure, tiny_module
 
 QUICK_DATAFREE = DataFreeConfig(batch_size=4, synth_steps=10, gate_steps=40)
@@ -88,18 +88,32 @@ def test_per_layer_chart_is_a_png(resnet18_small: Network, tiny_predictor: Laten
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
-def test_weights_plan_keeps_the_highest_scoring_filters(
-    tiny_net: Network, tiny_predictor: LatencyPredictor
+@pytest.mark.parametrize("filters", list(FilterChoice))
+def test_weights_plan_keeps_the_filters_its_option_names(
+    filters: FilterChoice, tiny_net: Network, tiny_predictor: LatencyPredictor
 ) -> None:
-    weights = ir_state_dict(tiny_module(), tiny_net)
+    module = tiny_module()
+    weights = ir_state_dict(module, tiny_net)
     budget = 0.6 * tiny_predictor.predict(tiny_net).total_ms
-    result = plan(tiny_net, tiny_predictor, budget, PlanOptions(datafree=QUICK_DATAFREE), weights=weights)
+    options = PlanOptions(datafree=QUICK_DATAFREE, filters=filters)
+    result = plan(tiny_net, tiny_predictor, budget, options, weights=weights)
     assert result.mode == "weights"
     assert result.predicted.total_ms <= budget
-    for group in result.groups:
+    norms = group_l1_scores(module, tiny_net)
+    for group, group_norms in zip(result.groups, norms, strict=True):
         assert group.scores is not None and group.kept_indices is not None
         assert len(group.kept_indices) == group.kept
         assert group.kept_indices == top_k_indices(torch.tensor(group.scores), group.kept)
+        # l1 keeps the largest filters by L1 norm; gates keeps the gates' own scores, which are not norms.
+        is_l1 = torch.allclose(torch.tensor(group.scores), group_norms.float())
+        assert is_l1 == (filters is FilterChoice.L1)
+
+
+def test_an_unknown_filter_choice_is_named(tiny_net: Network, tiny_predictor: LatencyPredictor) -> None:
+    weights = ir_state_dict(tiny_module(), tiny_net)
+    options = PlanOptions(filters="best")  # type: ignore[arg-type]
+    with pytest.raises(InvalidPlanOptions, match="filters must be one of l1, gates"):
+        plan(tiny_net, tiny_predictor, 1.0, options, weights=weights)
 
 
 def test_architecture_only_with_weights_keeps_the_largest_l1_filters(
