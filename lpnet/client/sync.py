@@ -266,7 +266,8 @@ class Client:
         Args:
             options: The plan options the server takes: ``mode`` (``"architecture"`` or
                 ``"weights"``), ``round_to``, ``verify``, ``model_id`` (uploaded weights),
-                ``min_keep_ratio``. Unset ones keep the server's defaults.
+                ``max_skew``, ``min_keep_ratio``, ``filters`` (``"l1"`` or ``"gates"``). Unset ones
+                keep the server's defaults.
         """
         body = {
             "device": device,

@@ -43,8 +43,8 @@ class GroupPlan:
     """One channel group: how many channels stay and, when weights were given, which.
 
     `pruning_ratio` is the share of channels removed (0 keeps all). `scores` are the per-channel
-    scores the kept channels were chosen by (W-Gate scores, or L1 norms in the architecture-only mode
-    with weights): the kept channels are the highest-scoring ones.
+    scores the kept channels were chosen by (L1 norms, or W-Gate scores in the weights mode with
+    `filters="gates"`): the kept channels are the highest-scoring ones.
     """
 
     index: int

@@ -50,8 +50,8 @@ class GroupPlanRead(StoredDocument):
     )
     scores: list[float] | None = Field(
         default=None,
-        description="Per-channel scores the kept channels were chosen by (W-Gate scores, or L1 norms in "
-        "the architecture mode with weights): the kept channels are the highest-scoring ones.",
+        description="Per-channel scores the kept channels were chosen by (L1 norms, or W-Gate scores in "
+        "the weights mode with filters gates): the kept channels are the highest-scoring ones.",
     )
 
 

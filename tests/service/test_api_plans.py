@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import save
 
 from lpnet.arch.groups import channel_layout
+from lpnet.pruning import group_l1_scores
 from service.job_handlers import default_registry
 from service.jobs.worker import Worker
 from service.testing.tiny import TinyProfile, tiny_module
@@ -98,7 +100,8 @@ def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profil
     with api_client(sqlite_migrated_url) as api:
         api.store_measurements(api.device_id, tiny_profile.measurements)
         api.store_predictor(api.device_id, tiny_profile.fitted)
-        weights = save({k: v.contiguous() for k, v in tiny_module().state_dict().items()})
+        module = tiny_module()
+        weights = save({k: v.contiguous() for k, v in module.state_dict().items()})
         architecture = tiny_profile.network.model_dump_json()
         upload = api.post(
             "/v1/models",
@@ -111,10 +114,22 @@ def test_weights_plan_keeps_chosen_filters(sqlite_migrated_url: str, tiny_profil
         assert api.get(f"/v1/models/{model['id']}", key="reader").json() == model
 
         budget = budget_at(tiny_profile, 0.5)
-        plan = run_plan(api, plan_request(tiny_profile, budget, mode="weights", model_id=model["id"]))
-        assert plan["status"] == "succeeded", plan["error"]
-        groups = plan["result"]["groups"]
-        assert all(len(g["kept_indices"]) == g["kept"] for g in groups)
+        norms = group_l1_scores(module, tiny_profile.network)
+        for filters in ("l1", "gates"):
+            request = plan_request(
+                tiny_profile, budget, mode="weights", model_id=model["id"], filters=filters
+            )
+            plan = run_plan(api, request)
+            assert plan["status"] == "succeeded", plan["error"]
+            assert plan["options"]["filters"] == filters
+            groups = plan["result"]["groups"]
+            assert all(len(g["kept_indices"]) == g["kept"] for g in groups)
+            # l1 keeps the largest filters by L1 norm, gates the W-Gates' highest scores.
+            by_norm = [
+                torch.allclose(torch.tensor(g["scores"]), n.float())
+                for g, n in zip(groups, norms, strict=True)
+            ]
+            assert all(by_norm) if filters == "l1" else not any(by_norm)
 
 
 def test_verified_plans_measure_on_a_local_device(api_with_predictor: Api, tiny_profile: TinyProfile) -> None:
@@ -208,6 +223,7 @@ def test_unknown_device_and_missing_predictor(api: Api, tiny_profile: TinyProfil
         ({"min_keep_ratio": 0}, "validation_error", "min_keep_ratio"),
         ({"min_keep_ratio": -0.25}, "validation_error", "min_keep_ratio"),
         ({"min_keep_ratio": 1.5}, "validation_error", "min_keep_ratio"),
+        ({"filters": "best"}, "validation_error", "filters"),
     ],
 )
 def test_bad_options_are_refused(
