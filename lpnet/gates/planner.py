@@ -9,9 +9,8 @@ Modes:
 - `weights`: a state dict is given. W-Gates score every filter from its weights and are trained,
   weights frozen, to keep the network's outputs on BatchNorm-synthesised inputs
   (`lpnet.gates.datafree`) under the budget; their kept counts are the widths. The plan adds which
-  filters stay (`filters`): by default the largest by L1 norm, or the highest W-Gate scores. On the
-  digits benchmark (`bench/plan_modes_digits.py`) the gates' own filters fine-tuned to lower accuracy
-  than other filters at the same widths, so they are an option, not the default.
+  filters stay (`filters`): by default the largest by L1 norm, or the highest W-Gate scores
+  (docs/planner.md says why the norms are the default).
 - `train`: W-Gates trained jointly with the network on a dataset; see
   `lpnet.gates.training.train_and_prune` (it needs data loaders, so it is not reachable from `plan`).
 
