@@ -14,6 +14,9 @@ networks from `lpnet.arch.generator`'s profiling seeds (plain, residual, bottlen
 concat-branch blocks; every kernel, stride, group count and activation the generator draws), each
 measured once, and for `isolated` their distinct layers. It is what lets a predictor fitted on a
 profile answer for networks unlike the profiled families. The evaluation seeds are never sampled.
+The family `generated_transformer` (`TRANSFORMER_FAMILY`) is `generated` with transformer-style
+networks (the generator's `TRANSFORMER_SEEDS`) among its candidates for in-context timing, which
+the kind-coverage order takes while attention and layer norm are thinly covered.
 
 `Sampler.next_batch(done, size, bucket, scorer)` is the hook for an adaptive mode: a scorer that
 returns a predicted error per candidate makes the sampler hand out the worst-predicted first.
@@ -33,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, generate_network
+from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, TRANSFORMER_SEEDS, generate_network
 from lpnet.arch.ir import Layer, Network
 from lpnet.errors import GenerationError
 from profiler.batch import NETWORK_KINDS, MeasurementKind
@@ -68,6 +71,11 @@ _GENERATED_OFFSETS = {
     MeasurementKind.IN_CONTEXT: 300_000,
     MeasurementKind.ISOLATED: 600_000,
 }
+# `generated` with every `TRANSFORMER_EVERY`-th in-context candidate a transformer-style network,
+# so attention and layer norm, which no generated CNN has, are timed in context. Not a default: those
+# networks' layers, as the IR builds them, also move the prices of CNN layers (docs/predictor.md).
+TRANSFORMER_FAMILY = "generated_transformer"
+TRANSFORMER_EVERY = 6
 BucketKey = tuple[str, MeasurementKind]
 """(family, kind): the unit the budget planner shares time between."""
 
@@ -378,12 +386,14 @@ class StratifiedSampler(_QueueSampler):
         device: DeviceSpec,
         config: SamplingConfig | None = None,
         generated_batch: int | None = None,
+        transformers: bool = False,
     ) -> None:
         """Args:
         networks: the families' unpruned networks by family name.
         device: the device measured (part of every sample key).
         config: caps and ranges.
         generated_batch: also sample the `generated` family, at this batch size.
+        transformers: offer transformer-style networks among the generated in-context candidates.
         """
         super().__init__()
         from lpnet.arch.groups import channel_groups
@@ -391,6 +401,7 @@ class StratifiedSampler(_QueueSampler):
         self.device = device
         self.config = config or SamplingConfig()
         self.generated_batch = generated_batch
+        self.transformers = transformers
         self.families: dict[str, _Family] = {}
         for name, network in networks.items():
             groups = channel_groups(network)
@@ -422,15 +433,15 @@ class StratifiedSampler(_QueueSampler):
     ) -> StratifiedSampler:
         """Build each family's IR; unsupported families are skipped with a warning.
 
-        A family is a torchvision classification model's name, or `op_coverage`
-        (profiler.coverage): a synthetic network with every IR operator.
+        A family is a torchvision classification model's name, `op_coverage` (profiler.coverage): a
+        synthetic network with every IR operator, `generated` or `generated_transformer`.
         """
         from lpnet.arch.from_torch import network_from_torchvision
         from lpnet.errors import LpnetError, UnknownModel
 
         networks: dict[str, Network] = {}
         for name in families:
-            if name == GENERATED_FAMILY:
+            if name in (GENERATED_FAMILY, TRANSFORMER_FAMILY):
                 continue
             if name == OP_COVERAGE_FAMILY:
                 networks[name] = op_coverage_network(input_shape)
@@ -445,12 +456,14 @@ class StratifiedSampler(_QueueSampler):
                         f"family {name!r} cannot be profiled: {exc}", {"family": name}
                     ) from exc
                 logger.warning("skipping family %s: %s", name, exc)
-        generated = GENERATED_FAMILY in families
+        transformers = TRANSFORMER_FAMILY in families
+        generated = GENERATED_FAMILY in families or transformers
         if not networks and not generated:
             raise UnknownFamily(
                 f"none of the families {list(families)} can be profiled", {"families": list(families)}
             )
-        return cls(networks, device, config, generated_batch=input_shape[0] if generated else None)
+        batch = input_shape[0] if generated else None
+        return cls(networks, device, config, generated_batch=batch, transformers=transformers)
 
     # Streams ----------------------------------------------------------------------------------------
 
@@ -494,8 +507,15 @@ class StratifiedSampler(_QueueSampler):
     def generated_networks(self, kind: MeasurementKind) -> Iterator[Network]:
         """The generated networks measured as `kind`, in order; seeds the generator cannot fit into
         its cost bounds are passed over."""
-        seeds = PROFILING_SEEDS
-        start = (_stable_int(self.config.seed, "generated") + _GENERATED_OFFSETS[kind]) % len(seeds)
+        start = (_stable_int(self.config.seed, "generated") + _GENERATED_OFFSETS[kind]) % len(PROFILING_SEEDS)
+        return self._seeded_networks(PROFILING_SEEDS, start)
+
+    def transformer_networks(self) -> Iterator[Network]:
+        """The transformer-style networks offered for in-context timing, in order."""
+        start = _stable_int(self.config.seed, "transformer") % len(TRANSFORMER_SEEDS)
+        return self._seeded_networks(TRANSFORMER_SEEDS, start)
+
+    def _seeded_networks(self, seeds: range, start: int) -> Iterator[Network]:
         for i in range(len(seeds)):
             seed = seeds[(start + i) % len(seeds)]
             try:
@@ -509,13 +529,29 @@ class StratifiedSampler(_QueueSampler):
                 network = Network.model_validate({**network.model_dump(), "input_shape": shape})
             yield network
 
+    def in_context_candidates(self) -> Iterator[Network]:
+        """The generated CNNs timed in context; with `transformers`, every `TRANSFORMER_EVERY`-th
+        candidate a transformer-style network, which `coverage_ordered` takes while attention and
+        layer norm are thinly covered and leaves in its window once they are not."""
+        networks = self.generated_networks(MeasurementKind.IN_CONTEXT)
+        if not self.transformers:
+            yield from networks
+            return
+        transformers = self.transformer_networks()
+        for index, network in enumerate(networks):
+            if index % TRANSFORMER_EVERY == TRANSFORMER_EVERY - 1:
+                transformer = next(transformers, None)
+                if transformer is not None:
+                    yield transformer
+            yield network
+
     def _generated_stream(self, kind: MeasurementKind) -> Iterator[Sample]:
         if kind in NETWORK_KINDS:
             networks: Iterable[Network] = self.generated_networks(kind)
             if kind is MeasurementKind.IN_CONTEXT:
                 # Every family's unpruned network is timed in context first: its layers count as covered.
                 covered = KindCoverage(family.network for family in self.families.values())
-                networks = coverage_ordered(networks, covered)
+                networks = coverage_ordered(self.in_context_candidates(), covered)
             for network in networks:
                 yield Sample.for_network(network, self.device, kind, GENERATED_FAMILY, origin="generated")
             return

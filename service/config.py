@@ -140,7 +140,8 @@ class FirstRunSettings(BaseModel):
         default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2", "generated"],
         min_length=1,
         description="Families profiled, comma-separated: torchvision model names, `generated` (seeded "
-        "random CNNs, so the predictor answers for networks unlike the named families) and `op_coverage`.",
+        "random CNNs, so the predictor answers for networks unlike the named families), "
+        "`generated_transformer` (those, and transformer-style networks timed in context) and `op_coverage`.",
     )
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width profiled.")
     kinds: Annotated[list[MeasuredKind], NoDecode] = Field(

@@ -51,8 +51,9 @@ def add_sampling_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
     parser.add_argument(
         "--families",
-        help="comma-separated torchvision names, generated (seeded random CNNs) or op_coverage (every IR "
-        "operator) (default: ten common torchvision models)",
+        help="comma-separated torchvision names, generated (seeded random CNNs), generated_transformer (those "
+        "and transformer-style networks timed in context) or op_coverage (every IR operator) (default: ten "
+        "common torchvision models)",
     )
     parser.add_argument(
         "--kinds",

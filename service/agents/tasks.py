@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.errors import LpnetError
 from profiler.coverage import OP_COVERAGE_FAMILY
-from profiler.sampling import GENERATED_FAMILY
+from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY
 from service.config import Settings
 from service.db.base import utcnow
 from service.db.models import (
@@ -178,12 +178,13 @@ def check_families(families: Sequence[str]) -> None:
     import torchvision
 
     known = set(torchvision.models.list_models(module=torchvision.models))
-    special = {OP_COVERAGE_FAMILY, GENERATED_FAMILY}
+    special = {OP_COVERAGE_FAMILY, GENERATED_FAMILY, TRANSFORMER_FAMILY}
     unknown = [name for name in families if name not in known and name not in special]
     if unknown:
         raise InvalidInput(
             f"unknown model families {unknown}; families are {OP_COVERAGE_FAMILY} (every IR operator), "
-            f"{GENERATED_FAMILY} (seeded random CNNs) or torchvision classification models: "
+            f"{GENERATED_FAMILY} (seeded random CNNs), {TRANSFORMER_FAMILY} (those and transformer-style "
+            f"networks timed in context) or torchvision classification models: "
             f"{', '.join(sorted(known))}",
             {"unknown": unknown},
         )

@@ -52,7 +52,8 @@ class CampaignCreate(RequestModel):
         max_length=32,
         description="Families measured: torchvision classification models (their width variants), "
         "`generated` (seeded random CNNs, so the predictor answers for networks unlike the named "
-        "families) and `op_coverage` (every IR operator).",
+        "families), `generated_transformer` (those, and transformer-style networks timed in context) "
+        "and `op_coverage` (every IR operator).",
     )
     kinds: list[KindName] = Field(default_factory=lambda: list(ALL_KINDS), min_length=1, max_length=3)
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width.")

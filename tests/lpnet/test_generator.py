@@ -22,6 +22,7 @@ from lpnet.arch.generator import (
     EVALUATION_SEEDS,
     PROFILING_FAMILY,
     PROFILING_SEEDS,
+    TRANSFORMER_SEEDS,
     BlockKind,
     DesignSpace,
     generate_network,
@@ -273,7 +274,9 @@ def test_generate_networks_refuses_more_networks_than_seeds() -> None:
         generate_networks(range(0, 5), 6)
 
 
-@pytest.mark.parametrize("seed", [-1, PROFILING_SEEDS.stop, EVALUATION_SEEDS.stop, DEVELOPMENT_SEEDS.stop])
+@pytest.mark.parametrize(
+    "seed", [-1, PROFILING_SEEDS.stop, EVALUATION_SEEDS.stop, DEVELOPMENT_SEEDS.stop, TRANSFORMER_SEEDS.stop]
+)
 def test_generate_network_refuses_seeds_outside_every_range(seed: int) -> None:
     with pytest.raises(GenerationError, match="none of the seed ranges"):
         generate_network(seed)
@@ -288,5 +291,6 @@ def test_each_seed_range_has_its_own_family_and_the_ranges_do_not_overlap() -> N
     for family, seeds in ranges.items():
         assert generate_network(seeds.start).family == family
         assert seed_family(seeds.stop - 1) == family
-    bounds = sorted((seeds.start, seeds.stop) for seeds in ranges.values())
+    assert seed_family(TRANSFORMER_SEEDS.start) == PROFILING_FAMILY
+    bounds = sorted((seeds.start, seeds.stop) for seeds in [*ranges.values(), TRANSFORMER_SEEDS])
     assert all(stop <= start for (_, stop), (start, _) in zip(bounds, bounds[1:], strict=False))

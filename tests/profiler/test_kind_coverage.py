@@ -5,11 +5,17 @@ from itertools import islice
 from torch import nn
 
 from lpnet.arch.from_torch import network_from_module
-from lpnet.arch.ir import Network
+from lpnet.arch.ir import Network, Op
 from profiler.batch import MeasurementKind
 from profiler.device import DeviceSpec
 from profiler.kind_coverage import TARGET_ROWS, KindCoverage, coverage_ordered
-from profiler.sampling import GENERATED_FAMILY, SamplingConfig, StratifiedSampler
+from profiler.sampling import (
+    GENERATED_FAMILY,
+    TRANSFORMER_EVERY,
+    TRANSFORMER_FAMILY,
+    SamplingConfig,
+    StratifiedSampler,
+)
 
 
 def plain(name: str) -> Network:
@@ -69,3 +75,45 @@ def test_in_context_generated_networks_are_ordered_by_coverage_and_deterministic
     window = list(islice(sampler.generated_networks(MeasurementKind.IN_CONTEXT), 12))
     gains = {n.name: KindCoverage().gain(n) for n in window}
     assert gains[ordered[0]] == max(gains.values())
+
+
+def test_transformer_networks_are_offered_in_context_and_taken_while_attention_is_thin(
+    device: DeviceSpec,
+) -> None:
+    config = SamplingConfig(kinds=(MeasurementKind.IN_CONTEXT,), seed=3)
+    sampler = StratifiedSampler({}, device, config, generated_batch=1, transformers=True)
+    candidates = list(islice(sampler.in_context_candidates(), 3 * (TRANSFORMER_EVERY + 1)))
+    has_attention = [any(layer.op is Op.ATTENTION for layer in n.layers) for n in candidates]
+    assert has_attention == ([False] * (TRANSFORMER_EVERY - 1) + [True, False]) * 3
+    cnns = [n.name for n, a in zip(candidates, has_attention, strict=True) if not a]
+    assert cnns == [n.name for n in islice(sampler.generated_networks(MeasurementKind.IN_CONTEXT), len(cnns))]
+    # With no attention timed yet, the first transformer offered is taken as soon as it is in the window.
+    taken = list(islice(coverage_ordered(sampler.in_context_candidates(), KindCoverage()), 6))
+    assert any(layer.op is Op.ATTENTION for n in taken for layer in n.layers)
+    # Whole networks and isolated layers stay CNNs: no attention outside the in-context stream.
+    whole = islice(sampler.generated_networks(MeasurementKind.NETWORK), 20)
+    assert not any(layer.op is Op.ATTENTION for n in whole for layer in n.layers)
+
+
+def test_only_the_transformer_family_offers_transformers(device: DeviceSpec) -> None:
+    config = SamplingConfig(kinds=(MeasurementKind.IN_CONTEXT,), seed=3)
+    plain_sampler = StratifiedSampler.for_families([GENERATED_FAMILY], device, config)
+    with_transformers = StratifiedSampler.for_families([TRANSFORMER_FAMILY], device, config)
+    assert not plain_sampler.transformers and with_transformers.transformers
+    assert with_transformers.generated_batch == 1
+    count = 2 * TRANSFORMER_EVERY
+
+    def attention_networks(sampler: StratifiedSampler) -> int:
+        candidates = islice(sampler.in_context_candidates(), count)
+        return sum(any(layer.op is Op.ATTENTION for layer in n.layers) for n in candidates)
+
+    assert attention_networks(plain_sampler) == 0
+    assert attention_networks(with_transformers) == 1
+    bucket = (GENERATED_FAMILY, MeasurementKind.IN_CONTEXT)
+    keys = [s.sample_key for s in with_transformers.next_batch(set(), size=4, bucket=bucket)]
+    assert keys == [
+        s.sample_key
+        for s in StratifiedSampler.for_families([TRANSFORMER_FAMILY], device, config).next_batch(
+            set(), size=4, bucket=bucket
+        )
+    ]

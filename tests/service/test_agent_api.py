@@ -112,11 +112,13 @@ def test_a_campaign_is_leased_renewed_completed_once(api: Api, environment: dict
     }
 
 
-def test_a_campaign_may_ask_for_the_op_coverage_family(api: Api) -> None:
-    queued = queue_campaign(api, families=["resnet18", "op_coverage"])
-    assert queued["payload"]["families"] == ["resnet18", "op_coverage"]
-    misspelt = api.post("/v1/devices/tiny-cpu/campaigns", json={**CAMPAIGN, "families": ["op_coverages"]})
-    assert "op_coverages" in str(assert_error_shape(misspelt, 422, "invalid_input")["message"])
+@pytest.mark.parametrize("special", ["op_coverage", "generated", "generated_transformer"])
+def test_a_campaign_may_ask_for_the_special_families(api: Api, special: str) -> None:
+    queued = queue_campaign(api, families=["resnet18", special])
+    assert queued["payload"]["families"] == ["resnet18", special]
+    misspelt = api.post("/v1/devices/tiny-cpu/campaigns", json={**CAMPAIGN, "families": [f"{special}s"]})
+    message = str(assert_error_shape(misspelt, 422, "invalid_input")["message"])
+    assert f"{special}s" in message and special in message.replace(f"{special}s", "")
 
 
 def test_hello_queues_one_first_campaign_when_asked(api: Api, environment: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Seeded generator of CNN architectures that spans the design space people build from.
+"""Seeded generator of CNN architectures that spans the design space people build from, and of
+transformer-style networks for profiling.
 
 `generate_network(seed)` turns one integer into one network: a stem, 2-5 stages of plain, basic
 residual, bottleneck, inverted-residual, Inception-style or DenseNet-style blocks (with optional
@@ -6,7 +7,7 @@ squeeze-and-excitation), and a pooled classifier, its MACs held inside the desig
 The same seed gives the same network on every run and Python version: the generator draws only
 `random.Random.random()`, whose sequence Python keeps stable.
 
-Seeds come in three ranges that never overlap:
+Seeds come in ranges that never overlap:
 
 - `PROFILING_SEEDS` give networks of family "generated", which devices are profiled on, so a
   predictor learns from layers across the design space rather than from width variants of a few
@@ -15,9 +16,12 @@ Seeds come in three ranges that never overlap:
   predictor is judged on them as on architectures it has not seen;
 - `DEVELOPMENT_SEEDS` give networks of family "generated-dev", never profiled either: design
   decisions about a predictor are judged on them, so the evaluation networks are judged on, never
-  tuned to.
+  tuned to;
+- `TRANSFORMER_SEEDS` give transformer-style networks (`transformer`: attention, layer norm and
+  tokens as ViT, Swin and MaxViT use them) of family "generated", profiling material only: a
+  predictor is judged on torchvision's transformers, never on these.
 
-All ranges draw from the same distribution, so an evaluation network is new to the predictor yet
+The CNN ranges draw from the same distribution, so an evaluation network is new to the predictor yet
 comes from the space its profiling material covers.
 
 Modules, from the bottom up:
@@ -27,6 +31,7 @@ Modules, from the bottom up:
 - `graph_builder`: appends IR layers with consistent names and shapes.
 - `blocks`: the blocks of a stage at one width.
 - `assembler`: a plan realised as a network (stem, stages, head), rescaled until its cost fits.
+- `transformer`: transformer-style networks, drawn and rescaled in one module.
 - `seeds`: the seed ranges and families, `generate_network` and `generate_networks`.
 """
 
@@ -37,6 +42,7 @@ from lpnet.arch.generator.seeds import (
     EVALUATION_SEEDS,
     PROFILING_FAMILY,
     PROFILING_SEEDS,
+    TRANSFORMER_SEEDS,
     generate_network,
     generate_networks,
     seed_family,
@@ -51,6 +57,7 @@ __all__ = [
     "EVALUATION_SEEDS",
     "PROFILING_FAMILY",
     "PROFILING_SEEDS",
+    "TRANSFORMER_SEEDS",
     "BlockKind",
     "DesignSpace",
     "generate_network",

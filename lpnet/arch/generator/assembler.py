@@ -18,8 +18,9 @@ _MIN_SIDE_TO_HALVE = 4
 
 
 @dataclass(frozen=True)
-class _Scale:
-    """Width and resolution multipliers and a depth cap applied to a plan when it is realised."""
+class Scale:
+    """Width (for transformers, heads) and resolution multipliers and a depth cap applied to a plan
+    when it is realised."""
 
     width: float = 1.0
     resolution: float = 1.0
@@ -29,7 +30,7 @@ class _Scale:
 class _Realiser:
     """A plan realised as one network at one scale."""
 
-    def __init__(self, plan: Plan, scale: _Scale, space: DesignSpace) -> None:
+    def __init__(self, plan: Plan, scale: Scale, space: DesignSpace) -> None:
         self.plan = plan
         self.scale = scale
         self.space = space
@@ -123,7 +124,7 @@ def fit_cost(plan: Plan, space: DesignSpace, name: str, family: str) -> Network:
     brings the furthest-off quantity a tenth inside its bound. When a rebuild changes nothing (width
     and resolution are clamped) and the network is still too large, every stage drops a block.
     """
-    scale = _Scale()
+    scale = Scale()
     macs, elements = 0, 0
     previous: tuple[int, int] | None = None
     for _ in range(space.guard_attempts):
