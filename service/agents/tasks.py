@@ -169,7 +169,8 @@ def device_sample_keys(session: Session, device_id: int) -> list[str]:
 
 
 def check_families(families: Sequence[str]) -> None:
-    """Refuse names that are neither torchvision classification models nor the op-coverage network.
+    """Refuse names that are neither torchvision classification models nor the special families
+    (op_coverage, generated, generated_transformer).
 
     Raises:
         InvalidInput: Naming the unknown families and the known ones.
