@@ -109,7 +109,7 @@ class _Realiser:
         return g.linear("head", x, plan.classes)
 
 
-def _feature_elements(network: Network) -> int:
+def feature_elements(network: Network) -> int:
     """Elements summed over every layer's output."""
     batch = network.input_shape[0]
     return sum(batch * layer.out_channels * layer.out_hw[0] * layer.out_hw[1] for layer in network.layers)
@@ -129,7 +129,7 @@ def fit_cost(plan: Plan, space: DesignSpace, name: str, family: str) -> Network:
     previous: tuple[int, int] | None = None
     for _ in range(space.guard_attempts):
         network = _Realiser(plan, scale, space).network(name, family)
-        macs, elements = network_cost(network).macs, _feature_elements(network)
+        macs, elements = network_cost(network).macs, feature_elements(network)
         too_many_macs, too_many_elements = macs > plan.macs_budget, elements > space.max_feature_elements
         if macs >= space.min_macs and not (too_many_macs or too_many_elements):
             return network

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from lpnet.arch.counting import attention_scores, network_cost
-from lpnet.arch.generator.assembler import Scale
+from lpnet.arch.generator.assembler import Scale, feature_elements
 from lpnet.arch.generator.graph_builder import GraphBuilder, Tensor
 from lpnet.arch.generator.plan import Draw
 from lpnet.arch.generator.space import Weighted
@@ -263,10 +263,10 @@ class _Realiser:
 
 
 def _elements(network: Network) -> int:
+    """Elements summed over every layer's output and every attention layer's scores."""
     batch = network.input_shape[0]
-    outputs = sum(batch * layer.out_channels * layer.out_hw[0] * layer.out_hw[1] for layer in network.layers)
     scores = sum(attention_scores(layer, batch) for layer in network.layers if layer.op is Op.ATTENTION)
-    return outputs + scores
+    return feature_elements(network) + scores
 
 
 def generate_transformer(
