@@ -8,7 +8,10 @@ count and of its output channel count, separately:
 (`log(MACs)` is `log(in_c) + log(out_c) + const` for a conv, and so on). Channel counts are
 themselves affine maps of the width vector (`lpnet.arch.groups.ChannelLayout`). So a predictor on
 these features can be back-propagated to the widths, and a one-hidden-layer predictor can evaluate
-the first layer once per distinct channel count instead of once per (vector, layer) pair.
+the first layer once per distinct channel count instead of once per (vector, layer) pair. One
+feature is not: the memory the layers since a layer's kind last ran touched (`kind_gaps`), which
+depends on those layers' widths; it is computed from the other features, and only the predictor's
+base uses it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from lpnet.arch.counting import attention_cost
 from lpnet.arch.groups import channel_layout
 from lpnet.arch.ir import ACTIVATIONS, ELEMENTWISE_BINARY, Layer, Network, Op
 
-FEATURE_SCHEMA_VERSION = 2
+FEATURE_SCHEMA_VERSION = 3
 OPS: tuple[Op, ...] = tuple(Op)
 OP_INDEX: dict[Op, int] = {op: i for i, op in enumerate(OPS)}
 # Operators that cost alike (per element, per window...). An op no training network had (relu6 when
@@ -72,6 +75,7 @@ NUMERIC_FEATURES: tuple[str, ...] = (
     "out_sin8",
     "out_cos16",
     "out_sin16",
+    "log_kind_gap_elements",
 )
 _F = {name: i for i, name in enumerate(NUMERIC_FEATURES)}
 # What a layer's base rates (per MAC, per element moved, per call) are kept for: every op, and a
@@ -100,11 +104,19 @@ WINDOWED_OPS: frozenset[Op] = frozenset({Op.MAXPOOL2D, Op.AVGPOOL2D, Op.LRN})
 _WORK_FEATURES = [_F["log_macs"], _F["log_in_elements"], _F["log_out_elements"], _F["log_params"]]
 
 
+# Features only the base uses: the correction does not see them (a network-wide quantity as an MLP
+# input lets the correction tell training networks apart instead of learning layers).
+BASE_ONLY_FEATURES: frozenset[str] = frozenset({"log_kind_gap_elements"})
+# Columns of `work_terms` that measure the layer's own work (the rest describe its context).
+OWN_WORK_TERMS = 2
+
+
 def work_terms(features: torch.Tensor) -> torch.Tensor:
-    """(..., F) raw features -> (..., 2): log MACs and log elements moved (inputs, outputs, weights)."""
+    """(..., F) raw features -> (..., 3): log MACs, log elements moved (inputs, outputs, weights) and
+    log elements touched since the last layer of the same rate kind ran (`kind_gaps`)."""
     picked = features[..., _WORK_FEATURES]
     moved = torch.logsumexp(picked[..., 1:], dim=-1)
-    return torch.stack([picked[..., 0], moved], dim=-1)
+    return torch.stack([picked[..., 0], moved, features[..., _F["log_kind_gap_elements"]]], dim=-1)
 
 
 def rate_kinds(ops: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -149,8 +161,74 @@ def layer_rate_kind(layer: Layer) -> str:
     return Op.CONV2D.value
 
 
+def _gap_ranges(kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each layer, the layers that ran since the last one of its rate kind, as a range
+    [start, stop) over two forwards run back to back; rate kinds (L,) in the order the network runs
+    its layers. A kind's first layer runs after its last one of the previous forward, and a layer
+    alone of its kind waits a whole forward."""
+    count = len(kinds)
+    index = np.arange(count)
+    previous = np.zeros(count, dtype=int)
+    last_seen = {int(kind): i for i, kind in enumerate(kinds.tolist())}
+    for i, kind in enumerate(kinds.tolist()):
+        previous[i] = last_seen[kind]
+        last_seen[kind] = i
+    return previous + 1, np.where(previous < index, index, index + count)
+
+
+# The features `kind_gaps` reads.
+GAP_INPUTS: tuple[int, ...] = (_F["log_params"], _F["log_in_elements"], _F["log_out_elements"])
+
+
+def kind_gaps(features: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """log(1 + elements touched by the layers that ran since the last layer of each layer's rate
+    kind): features (..., L, F) of a network's layers at some widths (or only their `GAP_INPUTS`
+    columns, in that order), ranges (L,) (`_gap_ranges`) -> (..., L).
+
+    A call pays for fetching again what the traffic since its kind last ran pushed out of the caches:
+    its kernel's code and the interpreter's and dispatcher's data. On a 2-core EPYC a 512x7x7 global
+    pool took 13.5 us right after 1 MB had streamed through the caches and 165 us after 64 MB
+    (`bench.cache_context`). What a run of layers touches is its weights, each distinct, and its
+    activations, which the allocator recycles: the sum of the weights and the largest activation.
+    It follows the widths, so a pruned network is priced the same whether it comes as a network or
+    as a width vector of the one it prunes.
+    """
+    if features.shape[-1] != len(GAP_INPUTS):
+        features = features[..., list(GAP_INPUTS)]
+    params = torch.exp(features[..., 0])
+    activations = torch.exp(torch.logaddexp(features[..., 1], features[..., 2]))
+    summed = torch.nn.functional.pad(torch.cumsum(torch.cat([params, params], -1), -1), (1, 0))
+    weights = summed[..., stop] - summed[..., start]
+    twice = torch.cat([activations, activations], -1)  # (..., 2L)
+    positions = torch.arange(twice.shape[-1])
+    inside = (positions >= start[:, None]) & (positions < stop[:, None])  # (L, 2L)
+    if twice.numel() * inside.shape[0] <= _MASKED_MAX_ELEMENTS:
+        largest = torch.where(inside, twice.unsqueeze(-2), torch.zeros(())).amax(-1)
+    else:  # many width vectors at once: one slice per layer instead of an (..., L, 2L) mask
+        largest = torch.stack(
+            [
+                twice[..., a:b].amax(-1) if b > a else twice[..., 0] * 0
+                for a, b in zip(start.tolist(), stop.tolist(), strict=True)
+            ],
+            dim=-1,
+        )
+    return torch.log1p(weights + largest)
+
+
+def with_kind_gaps(features: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """`features` (..., L, F) with the gap feature set by `kind_gaps`."""
+    gap = _F["log_kind_gap_elements"]
+    parts = [features[..., :gap], kind_gaps(features, start, stop).unsqueeze(-1), features[..., gap + 1 :]]
+    return torch.cat(parts, dim=-1)
+
+
+# Above this many elements the largest activation of each gap is taken slice by slice.
+_MASKED_MAX_ELEMENTS = 4_000_000
+
+
 def _layer_terms(layers: list[Layer], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """const (L, F), in_coef (L, F, K) and out_coef (L, F, K) of every layer, vectorised."""
+    """const (L, F), in_coef (L, F, K) and out_coef (L, F, K) of every layer, vectorised; the gap
+    feature is left to `kind_gaps`, since it depends on other layers' widths."""
     n_l, n_f, n_k = len(layers), len(NUMERIC_FEATURES), len(BASIS)
     const = np.zeros((n_l, n_f))
     cin = np.zeros((n_l, n_f, n_k))
@@ -243,6 +321,8 @@ class TensorizedNetwork:
     out_coef: torch.Tensor  # (L, F, K)
     full_widths: torch.Tensor  # (G,)
     group_divisors: torch.Tensor  # (G,)
+    gap_start: torch.Tensor  # (L,) long: the layers since each layer's kind last ran (`kind_gaps`)
+    gap_stop: torch.Tensor  # (L,) long
 
     @property
     def num_layers(self) -> int:
@@ -267,7 +347,7 @@ class TensorizedNetwork:
         """Features (B, L, F) from channel counts (B, L)."""
         in_part = torch.einsum("blk,lfk->blf", channel_basis(in_c), self.in_coef)
         out_part = torch.einsum("blk,lfk->blf", channel_basis(out_c), self.out_coef)
-        return self.const + in_part + out_part
+        return with_kind_gaps(self.const + in_part + out_part, self.gap_start, self.gap_stop)
 
 
 def tensorize(
@@ -305,10 +385,13 @@ def tensorize(
                 for g, coef in expr.terms:
                     amap[i, g] = coef
     const, in_coef, out_coef = _layer_terms(layers, network.input_shape[0])
+    ops = torch.tensor([OP_INDEX[layer.op] for layer in layers], dtype=torch.long)
+    # A layer's rate kind depends only on features that no width changes, all of them in `const`.
+    gap_start, gap_stop = _gap_ranges(rate_kinds(ops, torch.as_tensor(const)).numpy())
     return TensorizedNetwork(
         network_hash=network.content_hash,
         layer_names=[layer.name for layer in layers],
-        ops=torch.tensor([OP_INDEX[layer.op] for layer in layers], dtype=torch.long),
+        ops=ops,
         in_map=in_map,
         in_bias=in_bias,
         out_map=out_map,
@@ -318,4 +401,6 @@ def tensorize(
         out_coef=torch.as_tensor(out_coef, dtype=dtype),
         full_widths=torch.tensor(full, dtype=dtype),
         group_divisors=torch.tensor(divisors, dtype=dtype),
+        gap_start=torch.as_tensor(gap_start, dtype=torch.long),
+        gap_stop=torch.as_tensor(gap_stop, dtype=torch.long),
     )

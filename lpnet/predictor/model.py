@@ -3,11 +3,14 @@ the network latency. An ensemble of members gives an interval.
 
 Each layer's time is a physical base times a bounded learned correction:
 
-    ms = (e^a[kind] * MACs + e^b[kind] * elements moved + e^d[kind]) * exp(B * tanh(mlp(features) / B))
+    ms = (e^a[kind] * MACs + e^b[kind] * elements moved + e^d[kind] + e^c[kind] * cold)
+         * exp(B * tanh(mlp(features) / B)),      cold = gap / (gap + e^h)
 
 The base is work over throughput: a compute rate, a memory rate and a per-call cost per rate kind
 (the operator, and for a convolution its kernel kind: dense, 1x1, grouped, depthwise), fitted on the
-device's measurements. The MLP learns what the base cannot (SIMD staircases in the
+device's measurements, and a cold-call cost: what a call pays for fetching again the code and data
+that the `gap` elements touched since its kind last ran pushed out of the caches, saturating at a
+learned traffic e^h. The MLP learns what the base cannot (SIMD staircases in the
 channel count, cache effects, kernel choice), but only within a factor e^B either way. Far from the
 training data the correction saturates and the prediction falls back to the base, which scales with
 the work instead of exploding or collapsing the way an unconstrained network on log features does.
@@ -22,11 +25,15 @@ import torch
 from torch import nn
 
 from lpnet.predictor.features import (
+    BASE_ONLY_FEATURES,
+    GAP_INPUTS,
     NUMERIC_FEATURES,
     OPS,
+    OWN_WORK_TERMS,
     RATE_KINDS,
     TensorizedNetwork,
     channel_basis,
+    kind_gaps,
     rate_kinds,
     work_terms,
 )
@@ -37,8 +44,12 @@ _CHANNEL_BITS = 16
 _GENERAL_PATH_ROWS = 20_000
 # The learned correction multiplies the base by at most this factor, either way.
 CORRECTION_FACTOR = 4.0
-# Base terms per layer: MACs, elements moved, one call.
-BASE_TERMS = 3
+# Base terms per layer: MACs, elements moved, one call, one call's cold share.
+BASE_TERMS = 4
+# log elements of traffic that evict half a call's working set, before fitting (2 M: 8 MB of floats).
+INITIAL_LOG_CACHE = math.log(2e6)
+# Zero on the features the correction does not see.
+_CORRECTION_MASK = torch.tensor([0.0 if name in BASE_ONLY_FEATURES else 1.0 for name in NUMERIC_FEATURES])
 # The share of unseen networks an interval is meant to hold.
 INTERVAL_COVERAGE = 0.9
 
@@ -86,6 +97,8 @@ class LayerLatencyMLP(nn.Module):
         # context, do not account for. There is no per-layer overhead: a layer's in-context time
         # already includes its call's dispatch, and the per-call term of the base prices it.
         self.network_overhead = nn.Parameter(torch.zeros(()))
+        # log elements of traffic that evict half of a call's working set (`cold_share`).
+        self.log_cache = nn.Parameter(torch.tensor(INITIAL_LOG_CACHE))
 
     def correction(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Bounded log-correction; features (..., F) normalised, ops (...,) -> (...)."""
@@ -96,14 +109,24 @@ class LayerLatencyMLP(nn.Module):
     def layer_log_ms(
         self, features: torch.Tensor, work: torch.Tensor, ops: torch.Tensor, kinds: torch.Tensor
     ) -> torch.Tensor:
-        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 2) log MACs and log
-        elements moved, ops and rate kinds (...,) -> (...)."""
-        return base_log_ms(work, self.log_rates[kinds]) + self.correction(features, ops)
+        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 3) log MACs, log
+        elements moved and log elements touched since the layer's kind last ran, ops and rate kinds
+        (...,) -> (...)."""
+        return base_log_ms(work, self.log_rates[kinds], self.log_cache) + self.correction(features, ops)
 
 
-def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor) -> torch.Tensor:
-    """log(e^a MACs + e^b elements + e^d): work (..., 2), log_rates (..., 3) -> (...)."""
-    terms = torch.cat([work, torch.zeros_like(work[..., :1])], dim=-1) + log_rates
+def cold_share(log_gap: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
+    """log(gap / (gap + cache)): how cold a call runs, from the log elements touched since its kind
+    last ran and the log traffic that evicts half of what it needs (broadcast)."""
+    return log_gap - torch.logaddexp(log_gap, log_cache)
+
+
+def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
+    """log(e^a MACs + e^b elements + e^d + e^c cold): work (..., 3) (`work_terms`), log_rates
+    (..., 4), log_cache broadcast to the layers -> (...)."""
+    cold = cold_share(work[..., 2], log_cache)
+    macs, moved, cold = torch.broadcast_tensors(work[..., 0], work[..., 1], cold)
+    terms = torch.stack([macs, moved, torch.zeros_like(cold), cold], dim=-1) + log_rates
     return torch.logsumexp(terms, dim=-1)
 
 
@@ -201,7 +224,7 @@ class LPNet(nn.Module):
         """Raw features (..., F) of layers of rate kinds (...,) held inside their kind's training
         range, then standardised."""
         held = torch.minimum(torch.maximum(features, self.feature_low[kinds]), self.feature_high[kinds])
-        return (held - self.feature_mean) / self.feature_std
+        return (held - self.feature_mean) / self.feature_std * _CORRECTION_MASK
 
     def member_layer_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
@@ -209,8 +232,9 @@ class LPNet(nn.Module):
         x = self.normalise(features, kinds)
         work = work_terms(features)
         if self.config.depth == 1:
-            rates = torch.stack([m.log_rates[kinds] for m in self.members])  # (K, B, L, 3)
-            base = base_log_ms(work.unsqueeze(0), rates)  # (K, B, L)
+            rates = torch.stack([m.log_rates[kinds] for m in self.members])  # (K, B, L, 4)
+            caches = torch.stack([m.log_cache for m in self.members]).view(-1, 1, 1)
+            base = base_log_ms(work.unsqueeze(0), rates, caches)  # (K, B, L)
             return torch.exp(base + self._stacked_correction(x, ops))
         ops_b = ops.expand(x.shape[:-1])
         return torch.stack([torch.exp(m.layer_log_ms(x, work, ops_b, kinds)) for m in self.members])
@@ -273,9 +297,20 @@ class LPNet(nn.Module):
             u_ops = tn.ops[u_layer]
             u_kinds = rate_kinds(u_ops, features)
             x = self.normalise(features, u_kinds)
-            work = work_terms(features)  # (U, 2)
+            work = work_terms(features)  # (U, 3); its gap column is not the layer's (below)
+            # A layer's gap depends on the widths of the layers around it, so the cold term is
+            # computed per width vector, from each layer's weights and activations.
+            per_vector = features[:, list(GAP_INPUTS)][triple_of].reshape(batch, num_layers, len(GAP_INPUTS))
+            log_gap = kind_gaps(per_vector, tn.gap_start, tn.gap_stop)  # (B, L)
             results = []
             for member in self.members:
-                layer_ms = torch.exp(member.layer_log_ms(x, work, u_ops, u_kinds))  # (U,)
-                results.append(layer_ms[triple_of].reshape(batch, num_layers).sum(-1))  # (B,)
+                rates = member.log_rates[u_kinds]  # (U, BASE_TERMS)
+                correction = member.correction(x, u_ops)  # (U,)
+                own = torch.logsumexp(
+                    torch.cat([work[:, :OWN_WORK_TERMS] + rates[:, :2], rates[:, 2:3]], -1), -1
+                )
+                warm = torch.exp(own + correction)[triple_of].reshape(batch, num_layers)
+                cold_rate = torch.exp(rates[:, 3] + correction)[triple_of].reshape(batch, num_layers)
+                layer_ms = warm + cold_rate * torch.exp(cold_share(log_gap, member.log_cache))
+                results.append(layer_ms.sum(-1))  # (B,)
             return torch.stack(results) + self.member_overhead_ms()[:, None]

@@ -9,9 +9,11 @@ import torch
 
 from lpnet.arch.ir import Network, Op
 from lpnet.predictor.features import (
+    BASE_ONLY_FEATURES,
     CONV_KINDS,
     NUMERIC_FEATURES,
     OPS,
+    OWN_WORK_TERMS,
     RATE_KINDS,
     TensorizedNetwork,
     kind_ranges,
@@ -83,7 +85,9 @@ class TrainingDomain:
     @classmethod
     def of(cls, ops: torch.Tensor, features: torch.Tensor) -> TrainingDomain:
         """The domain of training layers: op indices (N,) and raw features (N, F)."""
-        work_min, work_max = kind_ranges(work_terms(features), rate_kinds(ops, features))
+        work_min, work_max = kind_ranges(
+            work_terms(features)[..., :OWN_WORK_TERMS], rate_kinds(ops, features)
+        )
         return cls(
             ops={OPS[i].value for i in ops.unique().tolist()},
             feature_min=features.min(0).values,
@@ -129,7 +133,7 @@ class TrainingDomain:
         if self.work_min is None or self.work_max is None:
             return []
         kinds = rate_kinds(tn.ops, features)  # (L,)
-        work = work_terms(features)  # (L, 2)
+        work = work_terms(features)[..., :OWN_WORK_TERMS]  # (L, 2)
         low, high = self.work_min[kinds], self.work_max[kinds]  # (L, 2)
         margin = math.log(WORK_MARGIN)
         never = torch.isinf(low).any(-1)  # (L,)
@@ -174,7 +178,8 @@ class TrainingDomain:
         span = (self.feature_max - self.feature_min).clamp_min(1e-6)
         low = self.feature_min - _RANGE_MARGIN * span
         high = self.feature_max + _RANGE_MARGIN * span
-        outside = (features < low) | (features > high)  # (L, F)
+        # The base-only features saturate (the cold share of a call), so no value of theirs extrapolates.
+        outside = ((features < low) | (features > high)) & _WARNED_FEATURES  # (L, F)
         for layer_index, feature_index in outside.nonzero().tolist()[:5]:
             value = float(features[layer_index, feature_index])
             warnings.append(
@@ -185,6 +190,9 @@ class TrainingDomain:
         if int(outside.any(-1).sum()) > 5:
             warnings.append(f"{int(outside.any(-1).sum())} layers in all are outside the training range")
         return warnings
+
+
+_WARNED_FEATURES = torch.tensor([name not in BASE_ONLY_FEATURES for name in NUMERIC_FEATURES])
 
 
 def _names(names: list[str]) -> str:

@@ -16,12 +16,20 @@ from lpnet.predictor.features import (
     CONV_KINDS,
     OP_CLASS,
     OPS,
+    OWN_WORK_TERMS,
     RATE_KINDS,
     kind_ranges,
     rate_kinds,
     work_terms,
 )
-from lpnet.predictor.model import LayerLatencyMLP, LPNet, LPNetConfig
+from lpnet.predictor.model import (
+    BASE_TERMS,
+    INITIAL_LOG_CACHE,
+    LayerLatencyMLP,
+    LPNet,
+    LPNetConfig,
+    cold_share,
+)
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
 
@@ -175,17 +183,23 @@ def _calibration_networks(groups: Sequence[str], share: float, generator: torch.
 
 
 def initial_log_rates(data: PackedSamples) -> torch.Tensor:
-    """log (ms per MAC, ms per element moved, ms per call) of every rate kind, (len(RATE_KINDS), 3).
+    """log (ms per MAC, ms per element moved, ms per call, ms per cold call) of every rate kind,
+    (len(RATE_KINDS), 4).
 
     A non-negative least-squares fit: one set of rates for every layer from whole-network times (each
-    network's time against its summed MACs, elements and layer count), then per rate kind from its
-    in-context layer times where at least `_MIN_OP_ROWS` layers were timed.
+    network's time against its summed MACs, elements, layer count and cold shares at the initial
+    cache size), then per rate kind from its in-context layer times where at least `_MIN_OP_ROWS`
+    layers were timed.
     """
-    work = torch.exp(work_terms(data.features)).double()  # (N, 2)
-    design = torch.cat([work, torch.ones(work.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, 3)
-    per_network = torch.zeros(data.num_networks, 3, dtype=torch.float64).index_add(0, data.segment, design)
+    terms = work_terms(data.features)
+    work = torch.exp(terms[:, :OWN_WORK_TERMS]).double()  # (N, 2)
+    cold = torch.exp(cold_share(terms[:, OWN_WORK_TERMS], torch.tensor(INITIAL_LOG_CACHE))).double()
+    calls = torch.ones(work.shape[0], 1, dtype=torch.float64)
+    design = torch.cat([work, calls, cold[:, None]], dim=1)  # (N, BASE_TERMS)
+    per_network = torch.zeros(data.num_networks, BASE_TERMS, dtype=torch.float64)
+    per_network = per_network.index_add(0, data.segment, design)
     overall = _non_negative_fit(per_network, data.network_target_ms.double())
-    rates = overall.expand(len(RATE_KINDS), 3).clone()
+    rates = overall.expand(len(RATE_KINDS), BASE_TERMS).clone()
     timed = ~torch.isnan(data.layer_target_ms)
     kinds = rate_kinds(data.ops, data.features)
     for index in kinds[timed].unique().tolist():
@@ -209,7 +223,8 @@ def _non_negative_fit(design: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     fit.fit((design / scale * weight[:, None]).numpy(), (target * weight).numpy())
     coef = torch.as_tensor(fit.coef_, dtype=torch.float64) / scale
     if float(coef.sum()) <= 0:  # degenerate data: everything per call
-        coef = torch.tensor([0.0, 0.0, float(target.mean() / design[:, 2].mean())], dtype=torch.float64)
+        coef = torch.zeros(design.shape[1], dtype=torch.float64)
+        coef[2] = float(target.mean() / design[:, 2].mean())
     return coef
 
 
