@@ -78,9 +78,9 @@ NUMERIC_FEATURES: tuple[str, ...] = (
     "log_kind_gap_elements",
 )
 _F = {name: i for i, name in enumerate(NUMERIC_FEATURES)}
-# What a layer's base rates (per MAC, per element moved, per call) are kept for: every op, and a
-# convolution by its kernel kind, since a 1x1, a grouped and a depthwise convolution run different
-# kernels whose throughput differs by several times.
+# What a layer's base rates (per MAC, per element moved, per call, per cold call) are kept for: every
+# op, and a convolution by its kernel kind, since a 1x1, a grouped and a depthwise convolution run
+# different kernels whose throughput differs by several times.
 CONV_KINDS: tuple[str, ...] = ("conv2d_pointwise", "conv2d_grouped", "conv2d_depthwise")
 RATE_KINDS: tuple[str, ...] = (*(op.value for op in OPS), *CONV_KINDS)
 RATE_KIND_INDEX: dict[str, int] = {kind: i for i, kind in enumerate(RATE_KINDS)}

@@ -91,7 +91,8 @@ class LayerLatencyMLP(nn.Module):
         with torch.no_grad():  # the correction starts at zero: the member starts as its base
             self.head.weight.zero_()
             self.head.bias.zero_()
-        # log ms per MAC, per element moved and per call, by rate kind (set from the data before fitting).
+        # log ms per MAC, per element moved, per call and per cold call, by rate kind (set from the
+        # data before fitting).
         self.log_rates = nn.Parameter(torch.zeros(len(RATE_KINDS), BASE_TERMS))
         # A per-network constant (ms): the part of a network's latency that its layers, timed in
         # context, do not account for. There is no per-layer overhead: a layer's in-context time
