@@ -105,8 +105,11 @@ _WORK_FEATURES = [_F["log_macs"], _F["log_in_elements"], _F["log_out_elements"],
 
 
 # Features only the base uses: the correction does not see them (a network-wide quantity as an MLP
-# input lets the correction tell training networks apart instead of learning layers).
+# input lets the correction tell training networks apart instead of learning layers), and since the
+# base saturates in them, no value of theirs is an extrapolation to warn about.
 BASE_ONLY_FEATURES: frozenset[str] = frozenset({"log_kind_gap_elements"})
+# True on every feature but the base-only ones, in the order of NUMERIC_FEATURES.
+CORRECTION_FEATURES = torch.tensor([name not in BASE_ONLY_FEATURES for name in NUMERIC_FEATURES])
 # Columns of `work_terms` that measure the layer's own work (the rest describe its context).
 OWN_WORK_TERMS = 2
 
@@ -180,10 +183,10 @@ def _gap_ranges(kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 GAP_INPUTS: tuple[int, ...] = (_F["log_params"], _F["log_in_elements"], _F["log_out_elements"])
 
 
-def kind_gaps(features: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+def kind_gaps(inputs: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
     """log(1 + elements touched by the layers that ran since the last layer of each layer's rate
-    kind): features (..., L, F) of a network's layers at some widths (or only their `GAP_INPUTS`
-    columns, in that order), ranges (L,) (`_gap_ranges`) -> (..., L).
+    kind): the `GAP_INPUTS` columns (..., L, 3) of a network's layers at some widths, ranges (L,)
+    (`_gap_ranges`) -> (..., L).
 
     A call pays for fetching again what the traffic since its kind last ran pushed out of the caches:
     its kernel's code and the interpreter's and dispatcher's data. On a 2-core EPYC a 512x7x7 global
@@ -193,10 +196,8 @@ def kind_gaps(features: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -
     It follows the widths, so a pruned network is priced the same whether it comes as a network or
     as a width vector of the one it prunes.
     """
-    if features.shape[-1] != len(GAP_INPUTS):
-        features = features[..., list(GAP_INPUTS)]
-    params = torch.exp(features[..., 0])
-    activations = torch.exp(torch.logaddexp(features[..., 1], features[..., 2]))
+    params = torch.exp(inputs[..., 0])
+    activations = torch.exp(torch.logaddexp(inputs[..., 1], inputs[..., 2]))
     summed = torch.nn.functional.pad(torch.cumsum(torch.cat([params, params], -1), -1), (1, 0))
     weights = summed[..., stop] - summed[..., start]
     twice = torch.cat([activations, activations], -1)  # (..., 2L)
@@ -218,7 +219,8 @@ def kind_gaps(features: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -
 def with_kind_gaps(features: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
     """`features` (..., L, F) with the gap feature set by `kind_gaps`."""
     gap = _F["log_kind_gap_elements"]
-    parts = [features[..., :gap], kind_gaps(features, start, stop).unsqueeze(-1), features[..., gap + 1 :]]
+    gaps = kind_gaps(features[..., list(GAP_INPUTS)], start, stop)
+    parts = [features[..., :gap], gaps.unsqueeze(-1), features[..., gap + 1 :]]
     return torch.cat(parts, dim=-1)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lpnet.predictor.features import (
-    BASE_ONLY_FEATURES,
+    CORRECTION_FEATURES,
     GAP_INPUTS,
     NUMERIC_FEATURES,
     OPS,
@@ -48,8 +48,6 @@ CORRECTION_FACTOR = 4.0
 BASE_TERMS = 4
 # log elements of traffic that evict half a call's working set, before fitting (2 M: 8 MB of floats).
 INITIAL_LOG_CACHE = math.log(2e6)
-# Zero on the features the correction does not see.
-_CORRECTION_MASK = torch.tensor([0.0 if name in BASE_ONLY_FEATURES else 1.0 for name in NUMERIC_FEATURES])
 # The share of unseen networks an interval is meant to hold.
 INTERVAL_COVERAGE = 0.9
 
@@ -122,13 +120,18 @@ def cold_share(log_gap: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
     return log_gap - torch.logaddexp(log_gap, log_cache)
 
 
+def warm_log_ms(work: torch.Tensor, log_rates: torch.Tensor) -> torch.Tensor:
+    """log(e^a MACs + e^b elements + e^d), the base without its cold term: work (..., 2 or more)
+    (`work_terms`), log_rates (..., 3 or more) -> (...)."""
+    own = work[..., :OWN_WORK_TERMS] + log_rates[..., :OWN_WORK_TERMS]
+    return torch.logsumexp(torch.cat([own, log_rates[..., OWN_WORK_TERMS : OWN_WORK_TERMS + 1]], -1), -1)
+
+
 def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
     """log(e^a MACs + e^b elements + e^d + e^c cold): work (..., 3) (`work_terms`), log_rates
     (..., 4), log_cache broadcast to the layers -> (...)."""
-    cold = cold_share(work[..., 2], log_cache)
-    macs, moved, cold = torch.broadcast_tensors(work[..., 0], work[..., 1], cold)
-    terms = torch.stack([macs, moved, torch.zeros_like(cold), cold], dim=-1) + log_rates
-    return torch.logsumexp(terms, dim=-1)
+    cold = log_rates[..., 3] + cold_share(work[..., 2], log_cache)
+    return torch.logaddexp(warm_log_ms(work, log_rates), cold)
 
 
 def member_log_spread(totals: torch.Tensor) -> torch.Tensor:
@@ -225,7 +228,7 @@ class LPNet(nn.Module):
         """Raw features (..., F) of layers of rate kinds (...,) held inside their kind's training
         range, then standardised."""
         held = torch.minimum(torch.maximum(features, self.feature_low[kinds]), self.feature_high[kinds])
-        return (held - self.feature_mean) / self.feature_std * _CORRECTION_MASK
+        return (held - self.feature_mean) / self.feature_std * CORRECTION_FEATURES
 
     def member_layer_ms(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Per-layer ms of every member: features (B, L, F) raw, ops (L,) -> (K, B, L)."""
@@ -307,10 +310,7 @@ class LPNet(nn.Module):
             for member in self.members:
                 rates = member.log_rates[u_kinds]  # (U, BASE_TERMS)
                 correction = member.correction(x, u_ops)  # (U,)
-                own = torch.logsumexp(
-                    torch.cat([work[:, :OWN_WORK_TERMS] + rates[:, :2], rates[:, 2:3]], -1), -1
-                )
-                warm = torch.exp(own + correction)[triple_of].reshape(batch, num_layers)
+                warm = torch.exp(warm_log_ms(work, rates) + correction)[triple_of].reshape(batch, num_layers)
                 cold_rate = torch.exp(rates[:, 3] + correction)[triple_of].reshape(batch, num_layers)
                 layer_ms = warm + cold_rate * torch.exp(cold_share(log_gap, member.log_cache))
                 results.append(layer_ms.sum(-1))  # (B,)

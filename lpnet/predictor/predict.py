@@ -9,8 +9,8 @@ import torch
 
 from lpnet.arch.ir import Network, Op
 from lpnet.predictor.features import (
-    BASE_ONLY_FEATURES,
     CONV_KINDS,
+    CORRECTION_FEATURES,
     NUMERIC_FEATURES,
     OPS,
     OWN_WORK_TERMS,
@@ -178,8 +178,7 @@ class TrainingDomain:
         span = (self.feature_max - self.feature_min).clamp_min(1e-6)
         low = self.feature_min - _RANGE_MARGIN * span
         high = self.feature_max + _RANGE_MARGIN * span
-        # The base-only features saturate (the cold share of a call), so no value of theirs extrapolates.
-        outside = ((features < low) | (features > high)) & _WARNED_FEATURES  # (L, F)
+        outside = ((features < low) | (features > high)) & CORRECTION_FEATURES  # (L, F)
         for layer_index, feature_index in outside.nonzero().tolist()[:5]:
             value = float(features[layer_index, feature_index])
             warnings.append(
@@ -190,9 +189,6 @@ class TrainingDomain:
         if int(outside.any(-1).sum()) > 5:
             warnings.append(f"{int(outside.any(-1).sum())} layers in all are outside the training range")
         return warnings
-
-
-_WARNED_FEATURES = torch.tensor([name not in BASE_ONLY_FEATURES for name in NUMERIC_FEATURES])
 
 
 def _names(names: list[str]) -> str:

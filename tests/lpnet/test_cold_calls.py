@@ -11,7 +11,15 @@ from torch import nn
 from lpnet.arch.from_torch import network_from_module
 from lpnet.arch.groups import apply_width_vector
 from lpnet.arch.ir import Network
-from lpnet.predictor.features import NUMERIC_FEATURES, RATE_KIND_INDEX, tensorize, work_terms
+from lpnet.predictor.features import (
+    _MASKED_MAX_ELEMENTS,
+    GAP_INPUTS,
+    NUMERIC_FEATURES,
+    RATE_KIND_INDEX,
+    kind_gaps,
+    tensorize,
+    work_terms,
+)
 from lpnet.predictor.model import INITIAL_LOG_CACHE, cold_share
 from lpnet.predictor.samples import NetworkSample, pack_samples
 from lpnet.predictor.train import initial_log_rates
@@ -96,3 +104,14 @@ def test_initial_rates_recover_a_known_cold_cost() -> None:
         fitted = rates[RATE_KIND_INDEX[kind]]
         assert float(fitted[2]) == pytest.approx(0.01, rel=0.05)
         assert float(fitted[3]) == pytest.approx(0.05, rel=0.05)
+
+
+def test_many_width_vectors_take_the_same_gaps_as_one() -> None:
+    # Past `_MASKED_MAX_ELEMENTS` the largest activation of each gap is taken slice by slice instead
+    # of through one mask: both ways give every row the gaps it has on its own.
+    tn = tensorize(_network())
+    features = tn.layer_features(tn.full_widths[None])[:, :, list(GAP_INPUTS)]  # (1, L, 3)
+    one = kind_gaps(features, tn.gap_start, tn.gap_stop)
+    rows = _MASKED_MAX_ELEMENTS // (2 * tn.num_layers * tn.num_layers) + 1
+    many = kind_gaps(features.expand(rows, -1, -1), tn.gap_start, tn.gap_stop)
+    assert torch.allclose(many, one.expand(rows, -1))
