@@ -40,6 +40,7 @@ from service.job_handlers import serving_registry
 from service.jobs.worker import WorkerPool
 from service.latency import LatencyService
 from service.log import install_request_id_record_factory
+from service.stale_predictors import queue_stale_refits
 from service.version import package_version
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)
         # The child process that traces torchvision names imports torch and torchvision: start it now.
         app.state.latency.tracer.start()
+        # Before the workers start: a device whose predictor this lpnet cannot read gets a refit queued.
+        queue_stale_refits(settings, session_factory)
         if settings.first_run.enabled:
             # Before the workers start: a bootstrap job left running by a killed server is requeued first.
             start_first_run(settings, session_factory)

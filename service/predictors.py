@@ -57,6 +57,12 @@ class NoPredictor(Conflict):
     code = "no_predictor"
 
 
+class UnreadablePredictor(Conflict):
+    """A stored predictor that this lpnet cannot read (an older artifact version or feature schema)."""
+
+    code = ArtifactError.code
+
+
 class InvalidPredictorArtifact(InvalidInput):
     """Imported bytes that this lpnet cannot read as a predictor (format, versions, tensors)."""
 
@@ -463,8 +469,40 @@ def predictor_artifact(session: Session, predictor_id: int) -> bytes:
 
 
 def load_predictor_artifact(session: Session, predictor_id: int) -> LatencyPredictor:
-    """Deserialise a stored predictor (safetensors, never pickle)."""
-    return load_predictor(predictor_artifact(session, predictor_id))
+    """Deserialise a stored predictor (safetensors, never pickle).
+
+    Raises:
+        UnreadablePredictor: Its artifact version or feature schema is not this lpnet's; the message
+            names the refit of the device that is queued or running, if there is one.
+    """
+    try:
+        return load_predictor(predictor_artifact(session, predictor_id))
+    except ArtifactError as exc:
+        raise _unreadable(session, predictor_id, exc) from exc
+
+
+def _unreadable(session: Session, predictor_id: int, exc: ArtifactError) -> UnreadablePredictor:
+    row = session.get(Predictor, predictor_id)
+    device = session.get(Device, row.device_id) if row is not None else None
+    if row is None or device is None:
+        return UnreadablePredictor(exc.message, exc.details)
+    fit = active_job(session, JobKind.FIT, device.id)
+    advice = (
+        f"; a refit from its stored measurements is {fit.status} (job {fit.id}): retry once "
+        f"GET /v1/jobs/{fit.id} has succeeded"
+        if fit is not None
+        else f" (or POST /v1/devices/{device.id}/predictors)"
+    )
+    return UnreadablePredictor(
+        f"device {device.name!r} serves predictor version {row.version}, which this lpnet cannot read: "
+        f"{exc.message}{advice}",
+        {
+            **exc.details,
+            "device": device.name,
+            "predictor_version": row.version,
+            "refit_job_id": fit.id if fit is not None else None,
+        },
+    )
 
 
 def _typed_metrics(metrics: Any) -> dict[str, Any]:

@@ -68,13 +68,13 @@ def read_header(data: bytes) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()}
 
 
-def load_predictor(data: bytes) -> LatencyPredictor:
-    """Load a predictor, checking format and versions first.
+def check_readable(header: dict[str, str]) -> None:
+    """Refuse an artifact header of a format, version, feature schema or operator vocabulary that this
+    lpnet cannot use (cheap: the tensors are not read).
 
     Raises:
-        ArtifactError: naming the version found and the versions this build reads.
+        ArtifactError: naming what differs and what this build reads.
     """
-    header = read_header(data)
     if header.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"not an lpnet predictor artifact (format={header.get('format')!r})")
     version = int(header.get("artifact_version", "0"))
@@ -95,6 +95,16 @@ def load_predictor(data: bytes) -> LatencyPredictor:
         raise ArtifactError(
             "predictor was trained with a different operator vocabulary; refit it (lpnet fit)"
         )
+
+
+def load_predictor(data: bytes) -> LatencyPredictor:
+    """Load a predictor, checking format and versions first.
+
+    Raises:
+        ArtifactError: naming the version found and the versions this build reads.
+    """
+    header = read_header(data)
+    check_readable(header)
     config = LPNetConfig(**json.loads(header["config"]))
     tensors = load_tensors(data)
     model = LPNet(config)

@@ -51,6 +51,7 @@ from service.jobs.queue import ClaimedJob, Deferred, TaskOutcome, enqueue
 from service.predictors import (
     FittedPredictor,
     NoPredictor,
+    UnreadablePredictor,
     fit_from_samples,
     load_predictor_artifact,
     store_predictor,
@@ -65,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 # A round that gave way to other jobs is claimed again after this long (and after those jobs).
 GIVE_WAY_SECONDS = 1.0
+# A round waiting for the refit of a predictor this lpnet cannot read looks again after this long.
+REFIT_WAIT_SECONDS = 5.0
 
 
 class RefineInput(BootstrapInput):
@@ -192,7 +195,7 @@ def run_refine_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
         if serving is None:
             raise NoPredictor(f"device {device.name!r} has no predictor to refine", {"device": device.name})
         serving_version = serving.version
-        predictor = load_predictor_artifact(session, serving.id)
+        predictor = _sampling_predictor(session, context, spec, serving.id, at_start)
         queued_at = session.scalar(select(Job.created_at).where(Job.id == job.id))
         spent = profiling_seconds(session, device.id, since=queued_at)
         session.expunge(device)
@@ -213,7 +216,13 @@ def run_refine_job(job: ClaimedJob, context: JobContext) -> TaskOutcome:
     measured = 0
     if profile_s > 0:
         summary = profile_local_device(
-            device, spec, context, tracker, spec.kinds, seconds=profile_s, scorer=disagreement(predictor)
+            device,
+            spec,
+            context,
+            tracker,
+            spec.kinds,
+            seconds=profile_s,
+            scorer=disagreement(predictor) if predictor is not None else None,
         )
         measured, spent = summary.measured, spent + summary.seconds
     context.check()
@@ -288,6 +297,28 @@ def refine_failed(factory: sessionmaker[Session], job: ClaimedJob, error: str) -
             job_id=job.id,
             refined=False,
         )
+
+
+def _sampling_predictor(
+    session: Session, context: JobContext, spec: RefineInput, predictor_id: int, percent: float
+) -> LatencyPredictor | None:
+    """The serving predictor, which rates where the round samples; None when this lpnet cannot read
+    it and no refit of it is on its way (the round then samples as profiling does, and its fit
+    replaces it).
+
+    Raises:
+        Deferred: While a refit of the unreadable predictor is queued or running.
+    """
+    try:
+        return load_predictor_artifact(session, predictor_id)
+    except UnreadablePredictor as exc:
+        refit = exc.details.get("refit_job_id")
+        if refit is None:
+            logger.warning("%s: sampling without a predictor's guidance: %s", spec.stage, exc.message)
+            return None
+        message = f"{spec.stage}: waiting for the refit of the predictor it would sample by (job {refit})"
+        context.progress("waiting", percent, message=message, force=True)
+        raise Deferred(REFIT_WAIT_SECONDS, "waiting", message) from exc
 
 
 def disagreement(predictor: LatencyPredictor) -> Scorer:
