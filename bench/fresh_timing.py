@@ -2,6 +2,7 @@
 
     python -m bench.fresh_timing tv:resnet18            # a torchvision model by name, 224x224
     python -m bench.fresh_timing gen:2000000001         # a generated network by seed, from its IR
+    python -m bench.fresh_timing ir:network.json        # an IR network a bench wrote to a file
 
 Builds the network's own module (torchvision's, or a generated network's from its IR), random
 weights, torch eager, 1 thread, batch 1, `inference_mode`, freed memory retained unless
@@ -43,8 +44,17 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, fl
         network = generate_network(int(value))
         module = build_module(network).eval()
         shape = network.input_shape
+    elif kind == "ir":
+        from pathlib import Path
+
+        from lpnet.arch.build import build_module
+        from lpnet.arch.ir import Network
+
+        network = Network.from_json(Path(value).read_text())
+        module = build_module(network).eval()
+        shape = network.input_shape
     else:
-        raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name> or gen:<seed>")
+        raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name>, gen:<seed> or ir:<file>")
     x = torch.randn(*shape)
     times: list[float] = []
     probe = SpeedProbe()
@@ -70,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("spec", help="tv:<torchvision name> or gen:<generator seed>")
+    parser.add_argument("spec", help="tv:<torchvision name>, gen:<generator seed> or ir:<IR JSON file>")
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--no-retain-memory", action="store_true")
     args = parser.parse_args()

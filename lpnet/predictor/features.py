@@ -26,7 +26,7 @@ from lpnet.arch.counting import attention_cost
 from lpnet.arch.groups import channel_layout
 from lpnet.arch.ir import ACTIVATIONS, ELEMENTWISE_BINARY, Layer, Network, Op
 
-FEATURE_SCHEMA_VERSION = 3
+FEATURE_SCHEMA_VERSION = 4
 OPS: tuple[Op, ...] = tuple(Op)
 OP_INDEX: dict[Op, int] = {op: i for i, op in enumerate(OPS)}
 # Operators that cost alike (per element, per window...). An op no training network had (relu6 when
@@ -104,10 +104,13 @@ WINDOWED_OPS: frozenset[Op] = frozenset({Op.MAXPOOL2D, Op.AVGPOOL2D, Op.LRN})
 _WORK_FEATURES = [_F["log_macs"], _F["log_in_elements"], _F["log_out_elements"], _F["log_params"]]
 
 
-# Features only the base uses: the correction does not see them (a network-wide quantity as an MLP
-# input lets the correction tell training networks apart instead of learning layers), and since the
-# base saturates in them, no value of theirs is an extrapolation to warn about.
-BASE_ONLY_FEATURES: frozenset[str] = frozenset({"log_kind_gap_elements"})
+# Features only the base uses: the correction does not see them, and no value of theirs is an
+# extrapolation to warn about. The gap: a network-wide quantity as an MLP input lets the correction
+# tell training networks apart instead of learning layers, and the base saturates in it. The bias: a
+# profile's biased convolutions are mostly tiny ones (squeeze-excitation), so a correction that saw
+# the flag learned to double the price of every biased layer, a wide 1x1 convolution's included;
+# the base prices a bias as what it is, one more pass over the output.
+BASE_ONLY_FEATURES: frozenset[str] = frozenset({"log_kind_gap_elements", "bias"})
 # True on every feature but the base-only ones, in the order of NUMERIC_FEATURES.
 CORRECTION_FEATURES = torch.tensor([name not in BASE_ONLY_FEATURES for name in NUMERIC_FEATURES])
 # Columns of `work_terms` that measure the layer's own work (the rest describe its context).
@@ -115,10 +118,12 @@ OWN_WORK_TERMS = 2
 
 
 def work_terms(features: torch.Tensor) -> torch.Tensor:
-    """(..., F) raw features -> (..., 3): log MACs, log elements moved (inputs, outputs, weights) and
-    log elements touched since the last layer of the same rate kind ran (`kind_gaps`)."""
+    """(..., F) raw features -> (..., 3): log MACs, log elements moved (inputs, outputs, twice with a
+    bias, and weights) and log elements touched since the last layer of the same rate kind ran
+    (`kind_gaps`)."""
     picked = features[..., _WORK_FEATURES]
-    moved = torch.logsumexp(picked[..., 1:], dim=-1)
+    output_passes = picked[..., 2] + torch.log1p(features[..., _F["bias"]])
+    moved = torch.logsumexp(torch.stack([picked[..., 1], output_passes, picked[..., 3]], dim=-1), dim=-1)
     return torch.stack([picked[..., 0], moved, features[..., _F["log_kind_gap_elements"]]], dim=-1)
 
 
