@@ -42,6 +42,8 @@ from lpnet.predictor.features import (
 _CHANNEL_BITS = 16
 # Below this many (vector, layer) rows the plain batched path is faster than deduplication.
 _GENERAL_PATH_ROWS = 20_000
+# Rows of features whose corrections the batch path computes at once (hidden activations of 1 MB).
+_CORRECTION_BLOCK_ROWS = 4096
 # The learned correction multiplies the base by at most this factor, either way.
 CORRECTION_FACTOR = 4.0
 # Base terms per layer: MACs, elements moved, one call, one call's cold share.
@@ -261,6 +263,18 @@ class LPNet(nn.Module):
         raw = torch.einsum("kblh,kh->kbl", torch.nn.functional.silu(hidden), head) + bias[:, None, None]
         return bounded_correction(raw)
 
+    def _chunked_corrections(
+        self, features: torch.Tensor, ops: torch.Tensor, kinds: torch.Tensor
+    ) -> torch.Tensor:
+        """Every member's correction of rows of raw features (U, F), ops and rate kinds (U,) -> (K, U),
+        a block of rows at a time, so that the hidden activations stay in the caches."""
+        blocks = []
+        for start in range(0, features.shape[0], _CORRECTION_BLOCK_ROWS):
+            rows = slice(start, start + _CORRECTION_BLOCK_ROWS)
+            x = self.normalise(features[rows], kinds[rows])
+            blocks.append(torch.stack([member.correction(x, ops[rows]) for member in self.members]))
+        return torch.cat(blocks, dim=1)
+
     def member_overhead_ms(self) -> torch.Tensor:
         """Network overhead of every member (K,)."""
         return torch.stack([m.network_overhead for m in self.members])
@@ -292,26 +306,42 @@ class LPNet(nn.Module):
         u_in = (triples >> _CHANNEL_BITS) & (limit - 1)
         u_out = triples & (limit - 1)
         with torch.no_grad():
-            # Raw features of each triple: the layer's affine map of the channel bases.
-            features = (
-                tn.const[u_layer]
-                + torch.einsum("uk,ufk->uf", channel_basis(u_in.float()), tn.in_coef[u_layer])
-                + torch.einsum("uk,ufk->uf", channel_basis(u_out.float()), tn.out_coef[u_layer])
-            )  # (U, F)
+            features = _triple_features(
+                tn, u_layer, channel_basis(u_in.float()), channel_basis(u_out.float())
+            )
             u_ops = tn.ops[u_layer]
             u_kinds = rate_kinds(u_ops, features)
-            x = self.normalise(features, u_kinds)
+            corrections = self._chunked_corrections(features, u_ops, u_kinds)  # (K, U)
             work = work_terms(features)  # (U, 3); its gap column is not the layer's (below)
             # A layer's gap depends on the widths of the layers around it, so the cold term is
             # computed per width vector, from each layer's weights and activations.
             per_vector = features[:, list(GAP_INPUTS)][triple_of].reshape(batch, num_layers, len(GAP_INPUTS))
             log_gap = kind_gaps(per_vector, tn.gap_start, tn.gap_stop)  # (B, L)
             results = []
-            for member in self.members:
+            for member, correction in zip(self.members, corrections, strict=True):
                 rates = member.log_rates[u_kinds]  # (U, BASE_TERMS)
-                correction = member.correction(x, u_ops)  # (U,)
                 warm = torch.exp(warm_log_ms(work, rates) + correction)[triple_of].reshape(batch, num_layers)
                 cold_rate = torch.exp(rates[:, 3] + correction)[triple_of].reshape(batch, num_layers)
-                layer_ms = warm + cold_rate * torch.exp(cold_share(log_gap, member.log_cache))
+                layer_ms = warm + cold_rate * torch.sigmoid(log_gap - member.log_cache)  # exp(cold_share)
                 results.append(layer_ms.sum(-1))  # (B,)
             return torch.stack(results) + self.member_overhead_ms()[:, None]
+
+
+def _triple_features(
+    tn: TensorizedNetwork, layers: torch.Tensor, in_basis: torch.Tensor, out_basis: torch.Tensor
+) -> torch.Tensor:
+    """Raw features (U, F) of (layer, in, out) triples sorted by layer, from the channel bases (U, K):
+    each layer's affine map applied to its run of rows, without gathering a copy of the maps per row."""
+    counts = torch.bincount(layers, minlength=tn.num_layers).tolist()
+    features = torch.empty(layers.shape[0], tn.const.shape[1], dtype=tn.const.dtype)
+    start = 0
+    for layer, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            features[rows] = (
+                tn.const[layer]
+                + in_basis[rows] @ tn.in_coef[layer].T
+                + out_basis[rows] @ tn.out_coef[layer].T
+            )
+            start += count
+    return features

@@ -170,10 +170,16 @@ def test_gradients_with_respect_to_channel_counts_are_finite_and_positive(
     assert 0.5 < float(along_path.mean()) / difference < 2.0
 
 
-def test_batch_path_equals_single_predictions(predictor: LatencyPredictor) -> None:
+@pytest.mark.parametrize("block_rows", [4096, 7])  # one block of corrections, and many
+def test_batch_path_equals_single_predictions(
+    predictor: LatencyPredictor, block_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deduplicating fast path, whatever the number of rows.
+    monkeypatch.setattr("lpnet.predictor.model._GENERAL_PATH_ROWS", 0)
+    monkeypatch.setattr("lpnet.predictor.model._CORRECTION_BLOCK_ROWS", block_rows)
     base = _separable()
     tn = tensorize(base)
-    vectors = torch.tensor(_variants(base, 400, seed=7), dtype=torch.float32)  # enough rows for the fast path
+    vectors = torch.tensor(_variants(base, 400, seed=7), dtype=torch.float32)
     batch = predictor.predict_widths(tn, vectors)
     for i in (0, 57, 399):
         single = predictor.predict(apply_width_vector(base, vectors[i].long().tolist()))
