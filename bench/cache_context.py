@@ -24,21 +24,19 @@ Writes `bench/results/cache_context.json` (or `--output`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from bench.memory_format import median_ms
+from bench.results_file import save_figures
 from lpnet.arch.from_torch import network_from_torchvision
 from profiler.backends.base import get_backend
-from profiler.environment import cpu_signature, retain_freed_memory
+from profiler.environment import retain_freed_memory
 from profiler.measure import measure_in_context
 from profiler.protocol import TimingProtocol
 
@@ -120,21 +118,7 @@ def main() -> None:
     with torch.inference_mode():
         streamed_rows = streamed(args.calls)
         network_rows = in_network(args.calls)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                "cpu_signature": cpu_signature(),
-                "load_average": os.getloadavg(),
-                "calls": args.calls,
-                "streamed": streamed_rows,
-                "in_network": network_rows,
-            },
-            indent=1,
-        )
-    )
-    print(f"saved {args.output}")
+    save_figures(args.output, {"calls": args.calls, "streamed": streamed_rows, "in_network": network_rows})
 
 
 if __name__ == "__main__":

@@ -37,20 +37,16 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, fl
 
         module = torchvision_model(value).eval()
         shape: Sequence[int] = (1, 3, 224, 224)
-    elif kind == "gen":
-        from lpnet.arch.build import build_module
-        from lpnet.arch.generator import generate_network
-
-        network = generate_network(int(value))
-        module = build_module(network).eval()
-        shape = network.input_shape
-    elif kind == "ir":
+    elif kind in ("gen", "ir"):
         from pathlib import Path
 
         from lpnet.arch.build import build_module
+        from lpnet.arch.generator import generate_network
         from lpnet.arch.ir import Network
 
-        network = Network.from_json(Path(value).read_text())
+        network = (
+            generate_network(int(value)) if kind == "gen" else Network.from_json(Path(value).read_text())
+        )
         module = build_module(network).eval()
         shape = network.input_shape
     else:

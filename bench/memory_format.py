@@ -15,18 +15,16 @@ Writes `bench/results/memory_format.json` (or `--output`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from profiler.environment import cpu_signature, retain_freed_memory
+from bench.results_file import save_figures
+from profiler.environment import retain_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (name, module, input channels, input side)
@@ -80,21 +78,7 @@ def main() -> None:
             print(
                 f"{name:28} NCHW {statistics.median(nchw):8.3f} ms  channels-last {statistics.median(last):8.3f} ms  {ratio:.2f}"
             )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                "cpu_signature": cpu_signature(),
-                "load_average": os.getloadavg(),
-                "rounds": args.rounds,
-                "repeats": args.repeats,
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
-    print(f"saved {args.output}")
+    save_figures(args.output, {"rounds": args.rounds, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import argparse
 import json
 import statistics
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.predictor_accuracy import load
+from bench.results_file import save_figures
 from bench.unseen_accuracy import Case, independent_timings
 from lpnet.arch.ir import Layer, Network, Op
 from lpnet.predictor.model import LPNetConfig
@@ -135,10 +135,7 @@ def main() -> None:
         print(
             f"{network.name:22s} measured {measured:7.2f} ms  lpnet {predicted:7.2f} ms ({predicted / measured - 1:+.1%})"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_signature": cpu_signature()}
-    args.output.write_text(json.dumps({**summary, "cache": args.cache.name, "rows": rows}, indent=1))
-    print(f"saved {args.output}")
+    save_figures(args.output, {"cache": args.cache.name, "rows": rows})
 
 
 if __name__ == "__main__":
