@@ -8,8 +8,12 @@ Builds the network's own module (torchvision's, or a generated network's from it
 weights, torch eager, 1 thread, batch 1, `inference_mode`, freed memory retained unless
 `--no-retain-memory`; warms up for 0.3 s, then prints as JSON the median of at least 10 forwards
 over at least `--min-seconds`, and the speed probe's median time (`profiler.speed`) right before
-and right after them, so a label can be judged at a predictor's nominal probe speed. Imports only
-what building and timing need, so a label costs little more than its own timing.
+and right after them. With `--probed` it then times the network again as a profile does
+(`profiler.protocol.measure` under the first run's protocol, the probe right before and right after
+every sample) and adds the median ratio of each sample to its probes (`relative`): times the
+predictor's nominal probe time, the network's latency at the speed the predictor answers for,
+whatever speed the machine ran at in this process. Imports only what building and timing need, so
+a label costs little more than its own timing.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 
-def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, float]:
+def time_one(spec: str, retain_memory: bool, min_seconds: float, probed: bool = False) -> dict[str, float]:
     """Build the network `spec` names and time its forward in this process."""
     import torch
 
@@ -69,7 +74,28 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float) -> dict[str, fl
             if len(times) >= 200:
                 break
     probe_ms = statistics.mean([probe_before, probe.median_ms()])
-    return {"median_ms": statistics.median(times), "runs": float(len(times)), "probe_ms": probe_ms}
+    result = {"median_ms": statistics.median(times), "runs": float(len(times)), "probe_ms": probe_ms}
+    if probed:
+        result |= _probed_timing(module, x, probe)
+    return result
+
+
+def _probed_timing(module: Any, x: Any, probe: Any) -> dict[str, float]:
+    """The network timed as a profile times it: each sample between two probe runs."""
+    import torch
+
+    from profiler.protocol import TimingProtocol, measure
+
+    def forwards(number: int) -> float:
+        start = time.perf_counter()
+        for _ in range(number):
+            module(x)
+        return (time.perf_counter() - start) * 1000 / number
+
+    with torch.inference_mode():
+        timing = measure(forwards, TimingProtocol.budgeted(), probe=probe.run)
+    assert timing.relative is not None and timing.probe_ms is not None
+    return {"relative": timing.relative, "sample_probe_ms": timing.probe_ms}
 
 
 def main() -> None:
@@ -79,8 +105,11 @@ def main() -> None:
     parser.add_argument("spec", help="tv:<torchvision name>, gen:<generator seed> or ir:<IR JSON file>")
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--no-retain-memory", action="store_true")
+    parser.add_argument(
+        "--probed", action="store_true", help="also time it as a profile does, relative to the speed probe"
+    )
     args = parser.parse_args()
-    print(json.dumps(time_one(args.spec, not args.no_retain_memory, args.min_seconds)))
+    print(json.dumps(time_one(args.spec, not args.no_retain_memory, args.min_seconds, args.probed)))
 
 
 if __name__ == "__main__":

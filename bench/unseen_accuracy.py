@@ -21,7 +21,13 @@
    the label is the median of the processes' medians, and their spread is reported. Each process
    also times the speed probe; the result gives its median (`truth_probe_ms`) beside the
    predictor's nominal probe time, so a reader sees whether the machine ran at its nominal speed
-   while the labels were taken.
+   while the labels were taken. Each process then times the network again as a profile does, the
+   probe around every sample (`bench.fresh_timing --probed`); the median ratio times the profile's
+   nominal probe time is a second label, at the speed the predictor answers for (`at_nominal_ms`),
+   which LPNet is judged against beside the first.
+5. How well the labels repeat (`label_agreement`): how often the medians of two disjoint halves of
+   a network's processes agree within +-10 % and +-5 %, for both labels: the ceiling the labels' own
+   noise puts on those figures.
 
 Prints a table per set and saves `bench/results/unseen_accuracy.json`.
 
@@ -33,6 +39,7 @@ Prints a table per set and saves `bench/results/unseen_accuracy.json`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -169,40 +176,72 @@ def cases(development: bool) -> list[Case]:
 
 def independent_timings(
     all_cases: Sequence[Case], processes: int, retain_memory: bool, min_seconds: float
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Median of each case in `processes` fresh processes, round after round (drift spreads evenly),
-    and the speed probe's time in each of those processes."""
-    out: dict[str, list[float]] = {c.spec: [] for c in all_cases}
-    probes: dict[str, list[float]] = {c.spec: [] for c in all_cases}
+) -> dict[str, dict[str, list[float]]]:
+    """Each case timed in `processes` fresh processes, round after round (drift spreads evenly): per
+    spec, the processes' medians (`process_medians_ms`), the speed probe's time in each
+    (`process_probe_ms`) and each one's median ratio to the probe timed around every sample, as a
+    profile times (`process_relative`)."""
+    out: dict[str, dict[str, list[float]]] = {
+        c.spec: {"process_medians_ms": [], "process_probe_ms": [], "process_relative": []} for c in all_cases
+    }
     for round_index in range(processes):
         for case in all_cases:
-            command = [sys.executable, "-m", "bench.fresh_timing", case.spec]
+            command = [sys.executable, "-m", "bench.fresh_timing", case.spec, "--probed"]
             command += ["--min-seconds", str(min_seconds)]
             if not retain_memory:
                 command.append("--no-retain-memory")
             result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
             timing = json.loads(result.stdout.strip().splitlines()[-1])
-            out[case.spec].append(timing["median_ms"])
-            probes[case.spec].append(timing["probe_ms"])
+            out[case.spec]["process_medians_ms"].append(timing["median_ms"])
+            out[case.spec]["process_probe_ms"].append(timing["probe_ms"])
+            out[case.spec]["process_relative"].append(timing["relative"])
             print(
                 f"  round {round_index + 1}/{processes} {case.name:22s} {timing['median_ms']:9.2f} ms "
-                f"(probe {timing['probe_ms']:.3f} ms)",
+                f"(probe {timing['probe_ms']:.3f} ms; {timing['relative']:.2f} probes)",
                 flush=True,
             )
-    return out, probes
+    return out
 
 
 # Judging -----------------------------------------------------------------------------------------
 
 
-def judge(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    errors = np.array([(r[key] - r["measured_ms"]) / r["measured_ms"] for r in rows])
+def judge(rows: list[dict[str, Any]], key: str, label: str = "measured_ms") -> dict[str, Any]:
+    errors = np.array([(r[key] - r[label]) / r[label] for r in rows])
     return {
         "networks": len(rows),
         "within_10pct": int((np.abs(errors) <= 0.10).sum()),
         "within_5pct": int((np.abs(errors) <= 0.05).sum()),
         "median_abs_error": float(np.median(np.abs(errors))),
         "max_abs_error": float(np.abs(errors).max()),
+        "rmspe": float(np.sqrt(np.mean(errors**2))),
+        "median_signed_error": float(np.median(errors)),
+    }
+
+
+def label_agreement(rows: list[dict[str, Any]], processes: str = "process_medians_ms") -> dict[str, Any]:
+    """How well the labels repeat: for every split of a network's fresh processes into two disjoint
+    halves, whether the smaller half's median lies within +-10 % (+-5 %) of the larger half's, as
+    a prediction must of the label. The share of splits that agree, averaged over the networks, is
+    the ceiling the labels' own noise puts on those two figures (a label of all the processes
+    repeats somewhat better than either half)."""
+    within_10: list[float] = []
+    within_5: list[float] = []
+    for row in rows:
+        medians = row.get(processes) or []
+        if len(medians) < 4:
+            continue
+        gaps = []
+        for chosen in itertools.combinations(range(len(medians)), len(medians) // 2):
+            small = statistics.median(medians[i] for i in chosen)
+            large = statistics.median(m for i, m in enumerate(medians) if i not in chosen)
+            gaps.append(abs(small - large) / large)
+        within_10.append(statistics.mean(gap <= 0.10 for gap in gaps))
+        within_5.append(statistics.mean(gap <= 0.05 for gap in gaps))
+    return {
+        "networks": len(within_10),
+        "within_10pct": statistics.mean(within_10) if within_10 else None,
+        "within_5pct": statistics.mean(within_5) if within_5 else None,
     }
 
 
@@ -288,8 +327,7 @@ def main() -> None:
         baseline.fit(samples)
 
     all_cases = cases(args.development)
-    truth: dict[str, list[float]] = {}
-    label_probes: dict[str, list[float]] = {}
+    truth: dict[str, dict[str, list[float]]] = {}
     if args.reuse_truth is not None:
         earlier = json.loads(args.reuse_truth.read_text())
         timed_on = earlier["protocol"].get("cpu_signature")
@@ -302,22 +340,24 @@ def main() -> None:
         # the same architecture.
         by_hash = {row.get("content_hash"): row for row in earlier["rows"]}
         reused = [case for case in all_cases if case.network.content_hash in by_hash]
-        truth = {case.spec: by_hash[case.network.content_hash]["process_medians_ms"] for case in reused}
-        label_probes = {
-            case.spec: by_hash[case.network.content_hash].get("process_probe_ms") or [] for case in reused
+        truth = {
+            case.spec: {
+                key: by_hash[case.network.content_hash].get(key) or []
+                for key in ("process_medians_ms", "process_probe_ms", "process_relative")
+            }
+            for case in reused
         }
     missing = [case for case in all_cases if case.spec not in truth]
     if missing:
         print(f"timing {len(missing)} networks in {args.processes} fresh processes each", flush=True)
-        timed, probed = independent_timings(missing, args.processes, retain, args.min_seconds)
-        truth |= timed
-        label_probes |= probed
+        truth |= independent_timings(missing, args.processes, retain, args.min_seconds)
     rows: list[dict[str, Any]] = []
     networks = [c.network for c in all_cases]
     baseline_ms = {b.name: b.predict(networks) for b in baselines}
     for index, case in enumerate(all_cases):
         prediction = predictor.predict(case.network)
-        measured = truth[case.spec]
+        measured = truth[case.spec]["process_medians_ms"]
+        relative = truth[case.spec]["process_relative"]
         label = statistics.median(measured)
         rows.append(
             {
@@ -327,7 +367,10 @@ def main() -> None:
                 "measured_ms": label,
                 "process_medians_ms": measured,
                 "process_spread": (max(measured) - min(measured)) / label,
-                "process_probe_ms": label_probes.get(case.spec) or None,
+                "process_probe_ms": truth[case.spec]["process_probe_ms"] or None,
+                "process_relative": relative or None,
+                # The label at the profile's nominal probe speed: what the predictor answers for.
+                "at_nominal_ms": statistics.median(relative) * nominal if relative and nominal else None,
                 "lpnet_ms": prediction.total_ms,
                 "interval_ms": [prediction.low_ms, prediction.high_ms],
                 "in_interval": prediction.low_ms <= label <= prediction.high_ms,
@@ -343,34 +386,56 @@ def main() -> None:
             "lpnet": judge(chosen, "lpnet_ms"),
             **{name: judge(chosen, f"{name}_ms") for name in baseline_ms},
             "interval_coverage": sum(r["in_interval"] for r in chosen) / len(chosen),
+            "interval_median_half_width": statistics.median(
+                (r["interval_ms"][1] - r["interval_ms"][0]) / 2 / r["lpnet_ms"] for r in chosen
+            ),
             "flagged": sum(r["warnings"] > 0 for r in chosen),
             # The warnings' two failures: a network more than 25 % off with none, and a network
             # within 10 % with some (an alarm a user learns to ignore).
             "unflagged_beyond_25pct": sum(r["warnings"] == 0 and _error(r) > 0.25 for r in chosen),
             "flagged_within_10pct": sum(r["warnings"] > 0 and _error(r) <= 0.10 for r in chosen),
+            "median_process_spread": statistics.median(r["process_spread"] for r in chosen),
+            "label_agreement": label_agreement(chosen),
         }
-    print(f"\n{'set':20s} {'model':26s} {'<=10%':>7s} {'<=5%':>6s} {'median|e|':>10s} {'max|e|':>8s}")
+        at_nominal = [r for r in chosen if r["at_nominal_ms"] is not None]
+        if at_nominal:
+            # Judged against the labels at the nominal probe speed: the machine's speed in each label
+            # process taken out as the profile takes it out of its own timings.
+            summary[set_name]["lpnet_at_nominal"] = judge(at_nominal, "lpnet_ms", label="at_nominal_ms")
+            summary[set_name]["label_agreement_at_nominal"] = label_agreement(at_nominal, "process_relative")
+    print(
+        f"\n{'set':20s} {'model':26s} {'<=10%':>7s} {'<=5%':>6s} {'median|e|':>10s} {'max|e|':>8s} "
+        f"{'RMSPE':>7s} {'median e':>9s}"
+    )
     for set_name, figures in summary.items():
         for model in ["lpnet", *baseline_ms]:
             f = figures[model]
             print(
                 f"{set_name:20s} {model:26s} {f['within_10pct']:>3d}/{f['networks']:<3d} "
-                f"{f['within_5pct']:>2d}/{f['networks']:<3d} {f['median_abs_error']:>9.1%} {f['max_abs_error']:>7.1%}"
+                f"{f['within_5pct']:>2d}/{f['networks']:<3d} {f['median_abs_error']:>9.1%} "
+                f"{f['max_abs_error']:>7.1%} {f['rmspe']:>7.1%} {f['median_signed_error']:>+8.1%}"
             )
         print(
-            f"{set_name:20s} interval coverage {figures['interval_coverage']:.0%}, flagged {figures['flagged']} "
+            f"{set_name:20s} interval coverage {figures['interval_coverage']:.0%} (median half-width "
+            f"{figures['interval_median_half_width']:.1%}), flagged {figures['flagged']} "
             f"(beyond 25 % unflagged {figures['unflagged_beyond_25pct']}, within 10 % flagged "
             f"{figures['flagged_within_10pct']})"
         )
+        _print_labels(set_name, figures)
     print("\nper network (error of LPNet):")
     for r in rows:
         error = (r["lpnet_ms"] - r["measured_ms"]) / r["measured_ms"]
+        nominal_note = ""
+        if r["at_nominal_ms"] is not None:
+            nominal_note = (
+                f" (at nominal {r['at_nominal_ms']:.2f}: {r['lpnet_ms'] / r['at_nominal_ms'] - 1:+.1%})"
+            )
         print(
             f"  {r['set']:20s} {r['network']:22s} measured {r['measured_ms']:8.2f} ms "
-            f"(spread {r['process_spread']:.1%}) lpnet {r['lpnet_ms']:8.2f} ({error:+.1%}) "
+            f"(spread {r['process_spread']:.1%}) lpnet {r['lpnet_ms']:8.2f} ({error:+.1%}){nominal_note} "
             f"[{r['interval_ms'][0]:.2f}, {r['interval_ms'][1]:.2f}] warnings {r['warnings']}"
         )
-    all_probes = [ms for probes in label_probes.values() for ms in probes]
+    all_probes = [ms for timings in truth.values() for ms in timings["process_probe_ms"]]
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "protocol": {
@@ -405,6 +470,25 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
     print(f"\nsaved {output}")
+
+
+def _print_labels(set_name: str, figures: dict[str, Any]) -> None:
+    """How well a set's labels repeat, and LPNet against the labels at the nominal probe speed."""
+    for key, what in (("label_agreement", "as timed"), ("label_agreement_at_nominal", "at nominal speed")):
+        agreement = figures.get(key)
+        if agreement and agreement["networks"]:
+            print(
+                f"{set_name:20s} labels {what}: halves of the processes agree within 10 % in "
+                f"{agreement['within_10pct']:.0%}, within 5 % in {agreement['within_5pct']:.0%}"
+            )
+    nominal = figures.get("lpnet_at_nominal")
+    if nominal:
+        print(
+            f"{set_name:20s} lpnet against labels at nominal speed: {nominal['within_10pct']}/"
+            f"{nominal['networks']} within 10 %, {nominal['within_5pct']} within 5 %, RMSPE "
+            f"{nominal['rmspe']:.1%}, median {nominal['median_signed_error']:+.1%}"
+        )
+    print(f"{set_name:20s} median process spread {figures['median_process_spread']:.0%}")
 
 
 def _error(row: dict[str, Any]) -> float:
