@@ -175,29 +175,34 @@ def cases(development: bool) -> list[Case]:
 
 
 def independent_timings(
-    all_cases: Sequence[Case], processes: int, retain_memory: bool, min_seconds: float
+    all_cases: Sequence[Case], processes: int, retain_memory: bool, min_seconds: float, probed: bool = True
 ) -> dict[str, dict[str, list[float]]]:
     """Each case timed in `processes` fresh processes, round after round (drift spreads evenly): per
     spec, the processes' medians (`process_medians_ms`), the speed probe's time in each
-    (`process_probe_ms`) and each one's median ratio to the probe timed around every sample, as a
-    profile times (`process_relative`)."""
+    (`process_probe_ms`) and, when `probed`, each one's median ratio to the probe timed around every
+    sample, as a profile times (`process_relative`; empty otherwise)."""
     out: dict[str, dict[str, list[float]]] = {
         c.spec: {"process_medians_ms": [], "process_probe_ms": [], "process_relative": []} for c in all_cases
     }
     for round_index in range(processes):
         for case in all_cases:
-            command = [sys.executable, "-m", "bench.fresh_timing", case.spec, "--probed"]
+            command = [sys.executable, "-m", "bench.fresh_timing", case.spec]
             command += ["--min-seconds", str(min_seconds)]
+            if probed:
+                command.append("--probed")
             if not retain_memory:
                 command.append("--no-retain-memory")
             result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
             timing = json.loads(result.stdout.strip().splitlines()[-1])
             out[case.spec]["process_medians_ms"].append(timing["median_ms"])
             out[case.spec]["process_probe_ms"].append(timing["probe_ms"])
-            out[case.spec]["process_relative"].append(timing["relative"])
+            relative = ""
+            if probed:
+                out[case.spec]["process_relative"].append(timing["relative"])
+                relative = f"; {timing['relative']:.2f} probes"
             print(
                 f"  round {round_index + 1}/{processes} {case.name:22s} {timing['median_ms']:9.2f} ms "
-                f"(probe {timing['probe_ms']:.3f} ms; {timing['relative']:.2f} probes)",
+                f"(probe {timing['probe_ms']:.3f} ms{relative})",
                 flush=True,
             )
     return out

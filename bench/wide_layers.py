@@ -113,7 +113,9 @@ def main() -> None:
             path = Path(folder) / f"{network.name}.json"
             path.write_text(network.to_json())
             cases.append(Case("wide-layers", network.name or "", f"ir:{path}", network))
-        timed = independent_timings(cases, args.processes, True, args.min_seconds) if cases else {}
+        timed = (
+            independent_timings(cases, args.processes, True, args.min_seconds, probed=False) if cases else {}
+        )
     truth |= {case.network.content_hash: timed[case.spec]["process_medians_ms"] for case in cases}
     predictor = fit_predictor(
         merge_replicates(load(args.cache, "probe").samples), LPNetConfig(), TrainConfig()
