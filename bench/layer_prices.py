@@ -7,10 +7,11 @@ sample), `--repeats` times, and scales every layer to the nominal speed by its n
 the probe. Prints and saves, per network, the whole network measured and predicted, each rate
 kind's predicted and measured sum, and every convolution's and pool's own ratio.
 
-    python -m bench.layer_prices --cache profile.jsonl gen:2000000003 tv:mobilenet_v3_small
+    python -m bench.layer_prices --cache profile.jsonl gen:2000000003 tv:regnet_y_400mf
 
-Judge only on development networks (`gen:` seeds of `DEVELOPMENT_SEEDS`, the development
-torchvision families of `bench.unseen_accuracy`): what this shows steers predictor design.
+What this shows steers predictor design, so it takes only development networks (`gen:` seeds of
+`DEVELOPMENT_SEEDS`, the development torchvision families of `bench.unseen_accuracy`) and refuses
+the rest: a network looked at layer by layer is no longer unseen.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 from bench.predictor_accuracy import load
 from bench.results_file import save_figures
+from bench.unseen_accuracy import DEVELOPMENT_TORCHVISION
 from lpnet.arch.from_torch import network_from_torchvision
-from lpnet.arch.generator import generate_network
+from lpnet.arch.generator import DEVELOPMENT_SEEDS, generate_network
 from lpnet.arch.ir import Network
 from lpnet.predictor.features import layer_rate_kind
 from lpnet.predictor.model import LPNetConfig
@@ -39,11 +41,14 @@ _LISTED = ("conv2d", "conv2d_depthwise", "conv2d_grouped", "adaptive_avgpool2d")
 
 def network_of(spec: str) -> Network:
     kind, _, value = spec.partition(":")
-    if kind == "gen":
+    if kind == "gen" and value.isdigit() and int(value) in DEVELOPMENT_SEEDS:
         return generate_network(int(value))
-    if kind == "tv":
+    if kind == "tv" and value in DEVELOPMENT_TORCHVISION:
         return network_from_torchvision(value)
-    raise SystemExit(f"unknown network {spec!r}: give gen:<seed> or tv:<torchvision name>")
+    raise SystemExit(
+        f"{spec!r} is not a development network: give gen:<seed in {DEVELOPMENT_SEEDS.start}.."
+        f"{DEVELOPMENT_SEEDS.stop - 1}> or tv:<one of {', '.join(DEVELOPMENT_TORCHVISION)}>"
+    )
 
 
 def layer_prices(
