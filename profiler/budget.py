@@ -1,6 +1,8 @@
 """Sharing a time budget between (family, kind) buckets.
 
-Every bucket gets a share of the budget (by kind, split evenly over families). The next sample
+Every bucket gets a share of the budget: each kind's share, of which the generated streams take
+`GENERATED_SHARE` and the named families split the rest evenly (a kind with only one of the two
+splits it evenly over its families). The next sample
 always comes from the bucket that has spent least relative to its share, so time left by a bucket
 that runs dry flows to the others. Per-sample cost is the running average of the bucket (or of
 all buckets of its kind, or a prior), which also gives the progress bar its estimated total.
@@ -13,13 +15,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from profiler.batch import MeasurementKind
-from profiler.sampling import BucketKey
+from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY, BucketKey
 
 DEFAULT_KIND_SHARES: Mapping[MeasurementKind, float] = {
     MeasurementKind.NETWORK: 0.35,
     MeasurementKind.IN_CONTEXT: 0.4,
     MeasurementKind.ISOLATED: 0.25,
 }
+# The part of each kind's time that the generated streams take when named families share the kind.
+# A named family's width variants are all built from its few layers, and a predictor learns them
+# quickly: cross-fitted on a first-run profile, 417 of 418 held-out width variants were within +-10 %
+# where 113 of 165 held-out generated networks were. Unseen networks are priced from the generated
+# networks' layers, and fitting on twice as many of them (two first-run profiles together) took the
+# held-out generated networks from 68 to 81 % (docs/benchmarks.md, 2026-12-07, Xeon model 167).
+GENERATED_SHARE = 0.5
+_GENERATED_FAMILIES = frozenset({GENERATED_FAMILY, TRANSFORMER_FAMILY})
 # Seconds per sample before anything has been measured: a typical 1 %-precision network timing.
 PRIOR_SECONDS: Mapping[MeasurementKind, float] = {
     MeasurementKind.NETWORK: 5.0,
@@ -48,14 +58,23 @@ class BudgetPlanner:
     def __post_init__(self) -> None:
         if self.total_seconds is not None and not self.total_seconds > 0:
             raise ValueError(f"a budget must be positive, got {self.total_seconds} s")
-        per_kind: dict[MeasurementKind, int] = {}
-        for _, kind in self.buckets:
-            per_kind[kind] = per_kind.get(kind, 0) + 1
-        kind_total = sum(self.kind_shares.get(kind, 0.0) for kind in per_kind) or 1.0
-        self.shares = {
-            bucket: self.kind_shares.get(bucket[1], 0.0) / kind_total / per_kind[bucket[1]]
-            for bucket in self.buckets
-        }
+        kinds = {kind for _, kind in self.buckets}
+        kind_total = sum(self.kind_shares.get(kind, 0.0) for kind in kinds) or 1.0
+        self.shares = {}
+        for kind in kinds:
+            share = self.kind_shares.get(kind, 0.0) / kind_total
+            families = [family for family, k in self.buckets if k == kind]
+            generated = [family for family in families if family in _GENERATED_FAMILIES]
+            named = [family for family in families if family not in _GENERATED_FAMILIES]
+            if not generated or not named:
+                self.shares.update({(family, kind): share / len(families) for family in families})
+                continue
+            self.shares.update(
+                {(family, kind): share * GENERATED_SHARE / len(generated) for family in generated}
+            )
+            self.shares.update(
+                {(family, kind): share * (1 - GENERATED_SHARE) / len(named) for family in named}
+            )
         self._spend = {bucket: _Spend() for bucket in self.buckets}
 
     @classmethod

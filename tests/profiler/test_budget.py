@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from profiler.batch import MeasurementKind
-from profiler.budget import BudgetPlanner
+from profiler.budget import GENERATED_SHARE, BudgetPlanner
+from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY
 
 NET, CTX, ISO = MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT, MeasurementKind.ISOLATED
 BUCKETS = [("a", NET), ("b", NET), ("a", CTX), ("a", ISO), ("b", ISO)]
@@ -16,6 +17,21 @@ def test_shares_split_kinds_evenly_over_families() -> None:
     assert planner.shares[("a", NET)] == pytest.approx(0.3)
     assert planner.shares[("a", CTX)] == pytest.approx(0.15)
     assert planner.shares[("b", ISO)] == pytest.approx(0.125)
+
+
+def test_generated_streams_take_their_share_of_each_kind_beside_named_families() -> None:
+    buckets = [("r18", NET), ("r50", NET), ("mv2", NET), (GENERATED_FAMILY, NET), ("r18", CTX)]
+    planner = BudgetPlanner(buckets, 600.0, kind_shares=SHARES)
+    assert sum(planner.shares.values()) == pytest.approx(1.0)
+    net = SHARES[NET] / (SHARES[NET] + SHARES[CTX])
+    assert planner.shares[(GENERATED_FAMILY, NET)] == pytest.approx(net * GENERATED_SHARE)
+    assert planner.shares[("r50", NET)] == pytest.approx(net * (1 - GENERATED_SHARE) / 3)
+    # A kind without generated buckets splits evenly.
+    assert planner.shares[("r18", CTX)] == pytest.approx(1 - net)
+    # Two generated streams split the generated share.
+    both = BudgetPlanner([("r18", NET), (GENERATED_FAMILY, NET), (TRANSFORMER_FAMILY, NET)], 60.0)
+    assert both.shares[(TRANSFORMER_FAMILY, NET)] == pytest.approx(GENERATED_SHARE / 2)
+    assert both.shares[("r18", NET)] == pytest.approx(1 - GENERATED_SHARE)
 
 
 def test_time_follows_the_shares_and_flows_to_others_when_a_bucket_is_dry() -> None:
