@@ -2,10 +2,10 @@
 
 Every bucket gets a share of the budget: each kind's share, of which the generated streams take
 `GENERATED_SHARE` and the named families split the rest evenly (a kind with only one of the two
-splits it evenly over its families). The next sample
-always comes from the bucket that has spent least relative to its share, so time left by a bucket
-that runs dry flows to the others. Per-sample cost is the running average of the bucket (or of
-all buckets of its kind, or a prior), which also gives the progress bar its estimated total.
+splits it evenly over its families). The next sample always comes from the bucket that has spent
+least relative to its share, so time left by a bucket that runs dry flows to the others. Per-sample
+cost is the running average of the bucket (or of all buckets of its kind, or a prior), which also
+gives the progress bar its estimated total.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ DEFAULT_KIND_SHARES: Mapping[MeasurementKind, float] = {
     MeasurementKind.ISOLATED: 0.25,
 }
 # The part of each kind's time that the generated streams take when named families share the kind.
-# A named family's width variants are all built from its few layers, and a predictor learns them
-# quickly: cross-fitted on a first-run profile, 417 of 418 held-out width variants were within +-10 %
-# where 113 of 165 held-out generated networks were. Unseen networks are priced from the generated
-# networks' layers, and fitting on twice as many of them (two first-run profiles together) took the
-# held-out generated networks from 68 to 81 % (docs/benchmarks.md, 2026-12-07, Xeon model 167).
+# A named family's width variants are built from its few layers and a predictor learns them quickly;
+# every unseen network is priced from what the generated networks taught (docs/predictor.md).
 GENERATED_SHARE = 0.5
 _GENERATED_FAMILIES = frozenset({GENERATED_FAMILY, TRANSFORMER_FAMILY})
 # Seconds per sample before anything has been measured: a typical 1 %-precision network timing.
@@ -58,7 +55,7 @@ class BudgetPlanner:
     def __post_init__(self) -> None:
         if self.total_seconds is not None and not self.total_seconds > 0:
             raise ValueError(f"a budget must be positive, got {self.total_seconds} s")
-        kinds = {kind for _, kind in self.buckets}
+        kinds = list(dict.fromkeys(kind for _, kind in self.buckets))
         kind_total = sum(self.kind_shares.get(kind, 0.0) for kind in kinds) or 1.0
         self.shares = {}
         for kind in kinds:
