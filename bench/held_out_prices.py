@@ -2,7 +2,7 @@
 
 Cross-fits LPNet on each profile cache as the service does (five members, each fitted without one
 fold; latencies at the profile's nominal probe time) and judges every generated profiling network
-by the member that never saw it: whole networks within +-10 % and the RMS of the log error, and, for
+by the member that never saw it: whole networks within +-10 % and +-5 % and their RMSPE, and, for
 the networks timed in context, every layer's price against its in-context time, summed per layer
 shape (rate kind; a convolution's kernel size and stride; a pool's global or windowed reduction).
 
@@ -17,26 +17,24 @@ its label is one profile timing, not the median of fresh processes (`bench.unsee
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.predictor_accuracy import load
 from bench.results_file import save_figures
 from lpnet.arch.ir import Layer, Op
-from lpnet.predictor.features import layer_rate_kind, tensorize
+from lpnet.predictor.features import OP_CLASS, layer_rate_kind, tensorize
+from lpnet.predictor.metrics import accuracy_metrics
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.samples import GENERATED_FAMILIES, NetworkSample, merge_replicates
 from lpnet.predictor.train import TrainConfig, fit_cross_validated
 
 RESULTS = Path(__file__).resolve().parent / "results"
-_POOLS = frozenset({Op.MAXPOOL2D, Op.AVGPOOL2D, Op.ADAPTIVE_AVGPOOL2D})
-_WITHIN = math.log(1.1)
 
 
 def layer_shape(layer: Layer) -> str:
@@ -44,7 +42,7 @@ def layer_shape(layer: Layer) -> str:
     kind = layer_rate_kind(layer)
     if layer.op is Op.CONV2D:
         return f"{kind}/k{min(max(layer.kernel), 7)}/s{2 if max(layer.stride) > 1 else 1}"
-    if layer.op in _POOLS:
+    if OP_CLASS[layer.op] == "pool":
         return f"{kind}/{'global' if layer.out_hw == (1, 1) else 'window'}"
     return kind
 
@@ -87,13 +85,15 @@ def held_out_prices(
                 row[1] += measured
                 row[2] += abs(price - measured)
                 row[3] += 1
-    errors = [math.log(n["predicted_ms"] / n["measured_ms"]) for n in networks]
+    metrics = accuracy_metrics(
+        np.array([n["predicted_ms"] for n in networks]), np.array([n["measured_ms"] for n in networks])
+    )
     total = sum(row[1] for row in shapes.values()) or 1.0
     return {
         "generated_networks": len(networks),
-        "within_10": sum(abs(e) < _WITHIN for e in errors),
-        "rms_log_error": math.sqrt(statistics.mean(e * e for e in errors)) if errors else None,
-        "median_log_error": statistics.median(errors) if errors else None,
+        "within_10": round(metrics.within_10pct * len(networks)),
+        "within_5": round(metrics.within_5pct * len(networks)),
+        "rmspe": metrics.rmspe,
         "networks": networks,
         "shapes": {
             shape: {
@@ -130,7 +130,7 @@ def main() -> None:
         count += result["generated_networks"]
         print(
             f"\n{cache.name}: {result['within_10']} of {result['generated_networks']} held-out generated "
-            f"networks within +-10 %, RMS log error {100 * (result['rms_log_error'] or 0):.1f} %"
+            f"networks within +-10 % ({result['within_5']} within +-5 %), RMSPE {100 * result['rmspe']:.1f} %"
         )
         for shape, row in list(result["shapes"].items())[: args.shapes]:
             print(
