@@ -21,7 +21,7 @@ from profiler.protocol import TimingProtocol
 from profiler.recycling import ChildSetup, InProcessMeasurer, Measurer, RecycledMeasurer
 from profiler.sampling import BucketKey, Sampler, Scorer
 from profiler.sinks import MeasurementSink
-from profiler.speed import SpeedProbe, steadiness_warning, typical_slowdown
+from profiler.speed import SpeedProbe, speed_shift, steadiness_warning, typical_slowdown
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class RunSummary:
             "interrupted": self.interrupted,
             "probe_median_ms": statistics.median(self.probes_ms) if self.probes_ms else None,
             "typical_slowdown": typical_slowdown(self.probes_ms),
+            "speed_shift": speed_shift(self.probes_ms),
         }
 
     def format_table(self) -> str:
@@ -117,7 +118,7 @@ class RunSummary:
         if slowdown is not None:
             median = statistics.median(self.probes_ms)
             lines.append(f"speed probe: median {median:.3f} ms, {slowdown:.0%} above its quiet tenth")
-        warning = steadiness_warning(slowdown)
+        warning = steadiness_warning(slowdown, speed_shift(self.probes_ms))
         if warning is not None:
             lines.append(f"UNSTEADY: {warning}")
         for failure in self.failures[:10]:

@@ -105,16 +105,44 @@ def typical_slowdown(probes: Sequence[float]) -> float | None:
     return statistics.median(ordered) / quiet - 1.0
 
 
-def steadiness_warning(slowdown: float | None) -> str | None:
-    """A sentence for a run or a fit whose probes ran `slowdown` slower than quiet, when that is
-    past UNSTEADY_SLOWDOWN."""
-    if slowdown is None or slowdown <= UNSTEADY_SLOWDOWN:
+# A run whose last third of probes ran this much faster or slower than its first third changed speed
+# partway: rescaling by the probe takes out only part of such a change.
+SPEED_SHIFT = 0.15
+
+
+def speed_shift(probes: Sequence[float]) -> float | None:
+    """How much the machine's speed moved during a run, from probe times in measurement order: the
+    median of the last third over the median of the first third, minus one (negative: faster by the
+    end). None with fewer than 30 probes.
+
+    A probe ratio cancels a speed change only as far as every kernel slows or speeds up alike; when
+    the machine's speed moved by a fifth partway through a profile, a predictor fitted on both parts
+    was further off than one fitted on the first part alone (docs/benchmarks.md).
+    """
+    if len(probes) < 3 * _MIN_STEADINESS_PROBES:
         return None
-    return (
-        f"the machine ran {slowdown:.0%} slower than its quiet speed for most of these measurements "
-        "(another load on this CPU?): latencies fitted on them can be off by as much; measure again "
-        "when the machine is quiet"
-    )
+    third = len(probes) // 3
+    return statistics.median(probes[-third:]) / statistics.median(probes[:third]) - 1.0
+
+
+def steadiness_warning(slowdown: float | None, shift: float | None = None) -> str | None:
+    """A sentence for a run or a fit whose probes ran `slowdown` slower than quiet, past
+    UNSTEADY_SLOWDOWN, or whose speed moved by `shift` partway (`speed_shift`), past SPEED_SHIFT."""
+    sentences = []
+    if slowdown is not None and slowdown > UNSTEADY_SLOWDOWN:
+        sentences.append(
+            f"the machine ran {slowdown:.0%} slower than its quiet speed for most of these measurements "
+            "(another load on this CPU?): latencies fitted on them can be off by as much; measure again "
+            "when the machine is quiet"
+        )
+    if shift is not None and abs(shift) > SPEED_SHIFT:
+        direction = "slower" if shift > 0 else "faster"
+        sentences.append(
+            f"the machine ran {abs(shift):.0%} {direction} in the last third of these measurements than in "
+            "the first: the speed probe takes out only part of such a change, and a predictor fitted "
+            "across it describes neither speed; measure again while the machine holds one speed"
+        )
+    return "; ".join(sentences) or None
 
 
 def at_nominal_speed(row: Measurement, nominal_ms: float) -> tuple[float, dict[str, float] | None]:

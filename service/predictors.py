@@ -26,7 +26,7 @@ from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.samples import NetworkSample, merge_replicates
-from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal, typical_slowdown
+from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal, speed_shift, typical_slowdown
 from service.config import FitSettings
 from service.db.base import utcnow
 from service.db.models import Device, Job, MeasurementStatus, NetworkMeasurement, Predictor
@@ -117,7 +117,9 @@ class TrainingSet:
     speed, `nominal_probe_ms`, which takes out how fast the machine happened to run at each moment.
     `timings` counts the measurement rows behind the samples (one sample per architecture);
     `typical_slowdown` how much slower than quiet the machine ran during them
-    (`profiler.speed.typical_slowdown`; None without probes).
+    (`profiler.speed.typical_slowdown`; None without probes), and `speed_shift` how much its speed
+    moved between the first and the last third of them in the order they were stored
+    (`profiler.speed.speed_shift`).
     """
 
     samples: list[NetworkSample]
@@ -125,6 +127,7 @@ class TrainingSet:
     nominal_probe_ms: float | None
     timings: int = 0
     typical_slowdown: float | None = None
+    speed_shift: float | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -132,6 +135,7 @@ class TrainingSet:
             "nominal_probe_ms": self.nominal_probe_ms,
             "timings": self.timings,
             "typical_slowdown": self.typical_slowdown,
+            "speed_shift": self.speed_shift,
         }
 
 
@@ -172,9 +176,14 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
                 family=family,
             )
         )
-    slowdown = typical_slowdown([float(row.probe_ms) for row in rows]) if probed else None
+    probes = [float(row.probe_ms) for row in rows] if probed else []
     return TrainingSet(
-        merge_replicates(samples), "probe" if probed else "ms", nominal, len(samples), slowdown
+        merge_replicates(samples),
+        "probe" if probed else "ms",
+        nominal,
+        len(samples),
+        typical_slowdown(probes) if probed else None,
+        speed_shift(probes) if probed else None,
     )
 
 

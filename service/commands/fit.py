@@ -69,7 +69,7 @@ def run_fit(args: argparse.Namespace, settings: Settings) -> int:
         f"fitting {name!r} on {len(samples.samples)} measured networks "
         f"({samples.timings} timings, {samples.labels} labels)"
     )
-    unsteady = steadiness_warning(samples.typical_slowdown)
+    unsteady = steadiness_warning(samples.typical_slowdown, samples.speed_shift)
     if unsteady is not None:
         info(f"warning: {unsteady}")
     engine = make_engine(settings.database_url)

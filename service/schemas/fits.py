@@ -70,6 +70,12 @@ class PredictorMetrics(LenientDocument):
         "median speed-probe time over its 10th percentile, minus one. Past 0.15 another load held the "
         "CPU for most of them, and the predictor describes that load.",
     )
+    speed_shift: float | None = Field(
+        default=None,
+        description="How much the machine's speed moved while they were measured: the median speed-probe "
+        "time of the last third over that of the first third, minus one (negative: faster by the end). "
+        "Past +-0.15 the probe takes out only part of the change.",
+    )
 
 
 class _FittedResult(StoredDocument):

@@ -10,9 +10,11 @@ from profiler.device import local_device_spec
 from profiler.runner import RunSummary
 from profiler.speed import (
     PROBE_VERSION,
+    SPEED_SHIFT,
     UNSTEADY_SLOWDOWN,
     at_nominal_speed,
     nominal_probe_ms,
+    speed_shift,
     steadiness_warning,
     typical_slowdown,
 )
@@ -25,6 +27,14 @@ def probed(
     return Measurement.model_validate(
         {**row, "probe_ms": probe_ms, "relative_latency": relative, "probe_version": version}
     )
+
+
+def run_with_probes(network: Network, probes: list[float]) -> RunSummary:
+    """A run's summary of one network row per probe time, in that order."""
+    summary = RunSummary(device=local_device_spec(threads=1))
+    for i, probe in enumerate(probes):
+        summary.add(probed(network_row(network, f"network-{i:04d}"), probe, 2.0), 0.5)
+    return summary
 
 
 def test_the_nominal_probe_is_the_median_of_this_probe_version(tiny_network: Network) -> None:
@@ -68,13 +78,34 @@ def test_a_quiet_run_with_spikes_is_steady_and_a_loaded_one_is_not(tiny_network:
     assert f"{slowdown:.0%} slower" in (steadiness_warning(slowdown) or "")
     assert typical_slowdown(loaded[:9]) is None
 
-    summary = RunSummary(device=local_device_spec(threads=1))
-    for i, probe in enumerate(loaded):
-        summary.add(probed(network_row(tiny_network, f"network-{i:04d}"), probe, 2.0), 0.5)
+    summary = run_with_probes(tiny_network, loaded)
     assert summary.to_dict()["typical_slowdown"] == pytest.approx(slowdown)
     assert "UNSTEADY: the machine ran" in summary.format_table()
-    quiet_summary = RunSummary(device=local_device_spec(threads=1))
-    for i, probe in enumerate(quiet):
-        quiet_summary.add(probed(network_row(tiny_network, f"network-{i:04d}"), probe, 2.0), 0.5)
+    quiet_summary = run_with_probes(tiny_network, quiet)
     assert "UNSTEADY" not in quiet_summary.format_table()
     assert "speed probe: median 0.800 ms" in quiet_summary.format_table()
+
+
+def test_a_run_whose_speed_moves_partway_is_flagged_though_never_slow_for_long(tiny_network: Network) -> None:
+    # 0.95 ms for the first half, then a fifth faster: the median is near the quiet tenth's either
+    # way, so the slowdown alone does not see it; the shift between the thirds does.
+    faster = [0.95 + 0.005 * (i % 3) for i in range(40)] + [0.74 + 0.005 * (i % 3) for i in range(40)]
+    shift = speed_shift(faster)
+    assert shift == pytest.approx(0.745 / 0.955 - 1, abs=0.01)
+    assert shift is not None and shift < -SPEED_SHIFT
+    warning = steadiness_warning(typical_slowdown(faster), shift) or ""
+    assert f"{abs(shift):.0%} faster in the last third" in warning
+    assert "slower than its quiet speed" not in warning
+    slower = list(reversed(faster))
+    assert f"{speed_shift(slower):.0%} slower in the last third" in (
+        steadiness_warning(None, speed_shift(slower)) or ""
+    )
+    # Steady with spikes: no shift worth a word, and too few probes say nothing.
+    steady = [0.78 + 0.01 * (i % 5) for i in range(56)] + [1.25] * 8
+    assert abs(speed_shift(steady) or 1.0) < SPEED_SHIFT
+    assert steadiness_warning(typical_slowdown(steady), speed_shift(steady)) is None
+    assert speed_shift(faster[:29]) is None
+
+    summary = run_with_probes(tiny_network, faster)
+    assert summary.to_dict()["speed_shift"] == pytest.approx(shift)
+    assert "UNSTEADY: the machine ran" in summary.format_table()
