@@ -183,6 +183,27 @@ def test_classifier_head(sample: list[Network]) -> None:
     assert {net.layers[-1].out_channels for net in sample} == {10, 100, 1000}
 
 
+def test_some_classifiers_flatten_a_pooled_map_through_wide_linears(sample: list[Network]) -> None:
+    flattened = 0
+    for net in sample:
+        flatten = next(layer for layer in net.layers if layer.op is Op.FLATTEN)
+        pool = net.by_name[flatten.inputs[0]]
+        linears = [layer for layer in net.layers if layer.op is Op.LINEAR]
+        assert linears[0].in_channels == pool.out_channels * pool.out_hw[0] * pool.out_hw[1]
+        assert linears[0].in_channels * linears[0].out_channels <= max(
+            DEFAULT_SPACE.max_head_params, 2048 * 1000
+        )
+        if pool.out_hw != (1, 1):
+            flattened += 1
+            assert 1 < pool.out_hw[0] <= max(DEFAULT_SPACE.flatten_sides)
+            assert 2 <= len(linears) <= 3  # one or two hidden linears, then the classes
+            assert linears[0].out_channels >= 8 * DEFAULT_SPACE.flatten_hidden[0] or (
+                linears[0].in_channels * 8 * DEFAULT_SPACE.flatten_hidden[0] > DEFAULT_SPACE.max_head_params
+            )
+    # about flatten_head_prob of the networks, and never most of them
+    assert 0.04 * len(sample) <= flattened <= 0.3 * len(sample)
+
+
 # ---- the cost guard ------------------------------------------------------------------------------------
 
 
@@ -201,6 +222,23 @@ def test_a_tighter_space_shrinks_the_same_seeds_into_its_bounds() -> None:
         net = generate_network(seed, space)
         assert space.min_macs <= network_cost(net).macs <= space.max_macs
         assert _feature_elements(net) <= space.max_feature_elements
+
+
+def test_a_plan_with_more_weights_than_any_network_may_have_is_narrowed() -> None:
+    # Stages of 7x7 basic blocks growing to 2048 channels: realised at full width they exceed the
+    # IR's weight bound (MAX_PARAMS), which the guard meets by narrowing, as it meets too many MACs.
+    space = DesignSpace(
+        stages=(5, 5),
+        first_stage_channels=(128, 128),
+        stage_growth=(2.5, 2.5),
+        primary_kind_prob=1.0,
+        block_kinds=((BlockKind.BASIC, 1.0),),
+        blocks_per_stage=(4, 4),
+        kernels=((7, 1.0),),
+    )
+    for seed in range(3):
+        net = generate_network(seed, space)
+        assert space.min_macs <= network_cost(net).macs <= space.max_macs
 
 
 def test_unreachable_bounds_fail_after_bounded_attempts() -> None:

@@ -3,7 +3,9 @@ transformer-style networks for profiling.
 
 `generate_network(seed)` turns one integer into one network: a stem, 2-5 stages of plain, basic
 residual, bottleneck, inverted-residual, Inception-style or DenseNet-style blocks (with optional
-squeeze-and-excitation), and a pooled classifier, its MACs held inside the design space's bounds.
+squeeze-and-excitation), and a classifier that reads the global mean or, as AlexNet and VGG do, a
+map pooled to a few positions a side through wide hidden linears; its MACs, feature elements and
+weights held inside the design space's bounds.
 The same seed gives the same network on every run and Python version: the generator draws only
 `random.Random.random()`, whose sequence Python keeps stable.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pydantic import ValidationError
+
 from lpnet.arch.counting import network_cost
 from lpnet.arch.generator.blocks import Blocks
 from lpnet.arch.generator.graph_builder import GraphBuilder, Tensor
@@ -102,10 +104,11 @@ class _Realiser:
         plan, g = self.plan, self.g
         if plan.head_channels is not None:
             x = g.conv_bn_act("head", x, self.blocks.scaled(plan.head_channels), plan.head_activation)
-        x = g.global_pool("head", x)
-        x = g.flatten("head", x)
-        if plan.hidden_features is not None:
-            x = g.unary("head", plan.head_activation, g.linear("head", x, plan.hidden_features))
+        x = g.flatten("head", g.global_pool("head", x, plan.head_pool))
+        # The hidden linears are cut to the weight bound of the first (a flattened map's is the widest).
+        fitting = max(8, int(self.space.max_head_params / x.channels) // 8 * 8)
+        for features in plan.hidden_features:
+            x = g.unary("head", plan.head_activation, g.linear("head", x, min(features, fitting)))
         return g.linear("head", x, plan.classes)
 
 
@@ -128,7 +131,13 @@ def fit_cost(plan: Plan, space: DesignSpace, name: str, family: str) -> Network:
     macs, elements = 0, 0
     previous: tuple[int, int] | None = None
     for _ in range(space.guard_attempts):
-        network = _Realiser(plan, scale, space).network(name, family)
+        try:
+            network = _Realiser(plan, scale, space).network(name, family)
+        except ValidationError as exc:  # more weights than any network may have: narrower
+            if not any(error["type"] == "architecture_too_large" for error in exc.errors()):
+                raise
+            scale, previous = replace(scale, width=scale.width * 0.7), None
+            continue
         macs, elements = network_cost(network).macs, feature_elements(network)
         too_many_macs, too_many_elements = macs > plan.macs_budget, elements > space.max_feature_elements
         if macs >= space.min_macs and not (too_many_macs or too_many_elements):

@@ -139,8 +139,10 @@ class GraphBuilder:
         out = sum(t.channels for t in inputs) if op is Op.CONCAT else inputs[0].channels
         return self.add(scope, op, inputs, out)
 
-    def global_pool(self, scope: str, x: Tensor) -> Tensor:
-        return self.add(scope, Op.ADAPTIVE_AVGPOOL2D, [x], x.channels, out_hw=(1, 1))
+    def global_pool(self, scope: str, x: Tensor, side: int = 1) -> Tensor:
+        """An adaptive average pool to `side` positions a side (1: the global mean), at most the map's."""
+        out_hw = (min(side, x.hw[0]), min(side, x.hw[1]))
+        return self.add(scope, Op.ADAPTIVE_AVGPOOL2D, [x], x.channels, out_hw=out_hw)
 
     def flatten(self, scope: str, x: Tensor) -> Tensor:
         return self.add(scope, Op.FLATTEN, [x], x.channels * x.hw[0] * x.hw[1], out_hw=(1, 1))

@@ -87,7 +87,8 @@ class Plan:
     stem_activation: Op
     stages: tuple[StagePlan, ...]
     head_channels: float | None
-    hidden_features: int | None
+    hidden_features: tuple[int, ...]  # the classifier's hidden linears, in order
+    head_pool: int  # side of the map the classifier flattens: 1 is the global mean
     head_activation: Op
     classes: int
     macs_budget: float
@@ -127,6 +128,15 @@ def draw_plan(draw: Draw, space: DesignSpace) -> Plan:
     hidden_features = None
     if draw.chance(space.hidden_linear_prob):
         hidden_features = 8 * draw.integer(16, 256)
+    stem_activation = draw.weighted(space.activations) if draw.chance(0.2) else main_activation
+    classes = draw.weighted(space.classes)
+    macs_budget = math.exp(draw.uniform(math.log(space.budget_floor_macs), math.log(space.max_macs)))
+    # Drawn last, so that the draws before it make the same plan as a space without flattened heads.
+    hidden: tuple[int, ...] = (hidden_features,) if hidden_features is not None else ()
+    head_pool = 1
+    if draw.chance(space.flatten_head_prob):
+        head_pool = draw.pick(space.flatten_sides)
+        hidden = (8 * draw.integer(*space.flatten_hidden),) * draw.integer(1, 2)
     return Plan(
         height=height,
         width=width,
@@ -135,13 +145,14 @@ def draw_plan(draw: Draw, space: DesignSpace) -> Plan:
         stem_stride=stem_stride,
         deep_stem=deep_stem,
         stem_pool=stem_pool,
-        stem_activation=draw.weighted(space.activations) if draw.chance(0.2) else main_activation,
+        stem_activation=stem_activation,
         stages=tuple(stages),
         head_channels=head_channels,
-        hidden_features=hidden_features,
+        hidden_features=hidden,
+        head_pool=head_pool,
         head_activation=main_activation,
-        classes=draw.weighted(space.classes),
-        macs_budget=math.exp(draw.uniform(math.log(space.budget_floor_macs), math.log(space.max_macs))),
+        classes=classes,
+        macs_budget=macs_budget,
     )
 
 

@@ -70,6 +70,13 @@ class DesignSpace:
         dense_growth: candidate growth rates of DENSE stages before width scaling, uniform.
         head_conv_prob: chance of a 1x1 conv to a wide feature before pooling (MobileNet's 1280).
         hidden_linear_prob: chance of a hidden linear layer and activation in the classifier.
+        flatten_head_prob: chance that the classifier reads the last map average-pooled to a few
+            positions a side and flattened, through one or two wide hidden linears, rather than its
+            global mean (AlexNet, VGG).
+        flatten_sides: candidate sides of that pooled map, uniform (cut to the map's own side).
+        flatten_hidden: inclusive range of those hidden linears' features, in multiples of 8.
+        max_head_params: most weights of a flattened head's first linear: its hidden features are cut
+            until it fits (VGG-16's first classifier layer has 103 M).
         classes: weights of the classifier's output size.
         min_macs: fewest multiply-accumulates a network may have (lpnet.arch.counting).
         max_macs: most multiply-accumulates a network may have.
@@ -130,6 +137,10 @@ class DesignSpace:
     dense_growth: tuple[int, ...] = (12, 16, 24, 32)
     head_conv_prob: float = 0.3
     hidden_linear_prob: float = 0.15
+    flatten_head_prob: float = 0.12
+    flatten_sides: tuple[int, ...] = (2, 3, 4, 5, 6, 7)
+    flatten_hidden: tuple[int, int] = (64, 512)
+    max_head_params: float = 1.2e8
     classes: Weighted[int] = ((10, 0.2), (100, 0.2), (1000, 0.6))
     min_macs: float = 2e7
     max_macs: float = 2.5e9
