@@ -97,6 +97,11 @@ class RunSummary:
             "speed_shift": speed_shift(self.probes_ms),
         }
 
+    def unsteady_warning(self) -> str | None:
+        """The warning for a run that was slow for most of its time or changed speed partway
+        (`profiler.speed.steadiness_warning`), or None."""
+        return steadiness_warning(typical_slowdown(self.probes_ms), speed_shift(self.probes_ms))
+
     def format_table(self) -> str:
         """A plain-text table of the run, for a terminal."""
         lines = [f"{'kind':<12} {'ok':>6} {'failed':>7} {'minutes':>8} {'per min':>8}"]
@@ -118,7 +123,7 @@ class RunSummary:
         if slowdown is not None:
             median = statistics.median(self.probes_ms)
             lines.append(f"speed probe: median {median:.3f} ms, {slowdown:.0%} above its quiet tenth")
-        warning = steadiness_warning(slowdown, speed_shift(self.probes_ms))
+        warning = self.unsteady_warning()
         if warning is not None:
             lines.append(f"UNSTEADY: {warning}")
         for failure in self.failures[:10]:

@@ -182,8 +182,8 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
         "probe" if probed else "ms",
         nominal,
         len(samples),
-        typical_slowdown(probes) if probed else None,
-        speed_shift(probes) if probed else None,
+        typical_slowdown(probes),
+        speed_shift(probes),
     )
 
 

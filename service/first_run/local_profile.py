@@ -176,8 +176,6 @@ def profile_local_device(
 
 def _log_summary(stage: str, device: str, summary: RunSummary) -> None:
     """What the run measured, and a warning when the machine ran slow for most of it or changed speed."""
-    from profiler.speed import speed_shift, steadiness_warning, typical_slowdown
-
     logger.info(
         "%s: profiled %r: %d measurement(s) in %s",
         stage,
@@ -185,6 +183,6 @@ def _log_summary(stage: str, device: str, summary: RunSummary) -> None:
         summary.measured,
         format_duration(summary.seconds),
     )
-    unsteady = steadiness_warning(typical_slowdown(summary.probes_ms), speed_shift(summary.probes_ms))
+    unsteady = summary.unsteady_warning()
     if unsteady is not None:
         logger.warning("%s: %r: %s", stage, device, unsteady)
