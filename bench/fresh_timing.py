@@ -2,9 +2,10 @@
 
     python -m bench.fresh_timing tv:resnet18            # a torchvision model by name, 224x224
     python -m bench.fresh_timing gen:2000000001         # a generated network by seed, from its IR
+    python -m bench.fresh_timing wide:wide3x3-1024x7    # a wide-layer probe (bench.networks)
     python -m bench.fresh_timing ir:network.json        # an IR network a bench wrote to a file
 
-Builds the network's own module (torchvision's, or a generated network's from its IR), random
+Builds the network's own module (torchvision's, or any other network's from its IR), random
 weights, torch eager, 1 thread, batch 1, `inference_mode`, freed memory retained unless
 `--no-retain-memory`; warms up for 0.3 s, then prints as JSON the median of at least 10 forwards
 over at least `--min-seconds`, and the speed probe's median time (`profiler.speed`) right before
@@ -36,26 +37,21 @@ def time_one(spec: str, retain_memory: bool, min_seconds: float, probed: bool = 
     torch.set_num_threads(1)
     if retain_memory:
         retain_freed_memory()
-    kind, _, value = spec.partition(":")
-    if kind == "tv":
+    if spec.startswith("tv:"):
         from lpnet.arch.from_torch import torchvision_model
 
-        module = torchvision_model(value).eval()
+        module = torchvision_model(spec.removeprefix("tv:")).eval()
         shape: Sequence[int] = (1, 3, 224, 224)
-    elif kind in ("gen", "ir"):
-        from pathlib import Path
-
+    else:
+        from bench.networks import network_of
         from lpnet.arch.build import build_module
-        from lpnet.arch.generator import generate_network
-        from lpnet.arch.ir import Network
 
-        network = (
-            generate_network(int(value)) if kind == "gen" else Network.from_json(Path(value).read_text())
-        )
+        try:
+            network = network_of(spec)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         module = build_module(network).eval()
         shape = network.input_shape
-    else:
-        raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name>, gen:<seed> or ir:<file>")
     x = torch.randn(*shape)
     times: list[float] = []
     probe = SpeedProbe()
@@ -102,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("spec", help="tv:<torchvision name>, gen:<generator seed> or ir:<IR JSON file>")
+    parser.add_argument("spec", help="tv:<torchvision name>, gen:<seed>, wide:<probe> or ir:<IR JSON file>")
     parser.add_argument("--min-seconds", type=float, default=1.5)
     parser.add_argument("--no-retain-memory", action="store_true")
     parser.add_argument(

@@ -10,8 +10,9 @@ kind's predicted and measured sum, and every convolution's and pool's own ratio.
     python -m bench.layer_prices --cache profile.jsonl gen:2000000003 tv:regnet_y_400mf
 
 What this shows steers predictor design, so it takes only development networks (`gen:` seeds of
-`DEVELOPMENT_SEEDS`, the development torchvision families of `bench.unseen_accuracy`) and refuses
-the rest: a network looked at layer by layer is no longer unseen.
+`DEVELOPMENT_SEEDS`, the development torchvision families of `bench.unseen_accuracy` and the
+wide-layer probes of `bench.networks`) and refuses the rest: a network looked at layer by layer is no
+longer unseen.
 """
 
 from __future__ import annotations
@@ -22,33 +23,37 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.predictor_accuracy import load
+from bench.networks import network_of
+from bench.predictor_accuracy import fit_profiled, load
 from bench.results_file import save_figures
 from bench.unseen_accuracy import DEVELOPMENT_TORCHVISION
-from lpnet.arch.from_torch import network_from_torchvision
-from lpnet.arch.generator import DEVELOPMENT_SEEDS, generate_network
+from lpnet.arch.generator import DEVELOPMENT_SEEDS
 from lpnet.arch.ir import Network
 from lpnet.predictor.features import layer_rate_kind
-from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
-from lpnet.predictor.samples import merge_replicates
-from lpnet.predictor.train import TrainConfig, fit_predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Kinds whose layers are listed one by one.
 _LISTED = ("conv2d", "conv2d_depthwise", "conv2d_grouped", "adaptive_avgpool2d")
 
 
-def network_of(spec: str) -> Network:
+def development_network(spec: str) -> Network:
+    """The network `spec` names (`bench.networks`), if it is development material."""
     kind, _, value = spec.partition(":")
-    if kind == "gen" and value.isdigit() and int(value) in DEVELOPMENT_SEEDS:
-        return generate_network(int(value))
-    if kind == "tv" and value in DEVELOPMENT_TORCHVISION:
-        return network_from_torchvision(value)
-    raise SystemExit(
-        f"{spec!r} is not a development network: give gen:<seed in {DEVELOPMENT_SEEDS.start}.."
-        f"{DEVELOPMENT_SEEDS.stop - 1}> or tv:<one of {', '.join(DEVELOPMENT_TORCHVISION)}>"
+    development = (
+        (kind == "gen" and value.isdigit() and int(value) in DEVELOPMENT_SEEDS)
+        or (kind == "tv" and value in DEVELOPMENT_TORCHVISION)
+        or kind == "wide"
     )
+    if not development:
+        raise SystemExit(
+            f"{spec!r} is not a development network: give gen:<seed in {DEVELOPMENT_SEEDS.start}.."
+            f"{DEVELOPMENT_SEEDS.stop - 1}>, tv:<one of {', '.join(DEVELOPMENT_TORCHVISION)}> or wide:<probe>"
+        )
+    try:
+        return network_of(spec)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def layer_prices(
@@ -113,11 +118,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("networks", nargs="+", help="gen:<seed> or tv:<torchvision name>")
+    parser.add_argument("networks", nargs="+", help="gen:<seed>, tv:<torchvision name> or wide:<probe>")
     parser.add_argument("--cache", type=Path, required=True, help="the profile cache to fit on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=RESULTS / "layer_prices.json")
     args = parser.parse_args()
+    networks = {spec: development_network(spec) for spec in args.networks}
     import torch
 
     from profiler.environment import retain_freed_memory
@@ -128,10 +134,10 @@ def main() -> None:
     nominal = profiled.nominal_probe_ms
     if nominal is None:
         parser.error(f"{args.cache} has no speed-probe times: nothing to scale to the nominal speed")
-    predictor = fit_predictor(merge_replicates(profiled.samples), LPNetConfig(), TrainConfig(steps=1500))
+    predictor = fit_profiled(profiled.samples)
     figures: dict[str, Any] = {"profile_cache": args.cache.name, "nominal_probe_ms": nominal, "networks": {}}
-    for spec in args.networks:
-        result = layer_prices(network_of(spec), predictor, nominal, args.repeats)
+    for spec, network in networks.items():
+        result = layer_prices(network, predictor, nominal, args.repeats)
         figures["networks"][spec] = result
         print(f"\n{spec}: measured {result['measured_ms']:.2f} ms, predicted {result['predicted_ms']:.2f} ms")
         for kind, row in result["kinds"].items():

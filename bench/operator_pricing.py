@@ -28,28 +28,14 @@ from typing import Any
 
 import torch
 
-from bench.predictor_accuracy import load
+from bench.networks import network_of
+from bench.predictor_accuracy import fit_profiled, load
 from bench.unseen_accuracy import PROTOCOL, cases
-from lpnet.arch.from_torch import network_from_torchvision
-from lpnet.arch.generator import generate_network
-from lpnet.arch.ir import Network
 from lpnet.predictor.features import RATE_KINDS, layer_rate_kind, rate_kinds
-from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.samples import NetworkSample, merge_replicates, pack_samples
-from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.environment import cpu_signature, retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def network_of(spec: str) -> Network:
-    """The IR network a spec names: `tv:<torchvision name>` or `gen:<generator seed>`."""
-    kind, _, value = spec.partition(":")
-    if kind == "tv":
-        return network_from_torchvision(value)
-    if kind == "gen":
-        return generate_network(int(value))
-    raise SystemExit(f"unknown network {spec!r}: give tv:<torchvision name> or gen:<seed>")
 
 
 def time_in_child(spec: str) -> dict[str, Any]:
@@ -92,8 +78,9 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
-    samples = merge_replicates(load(args.cache, "ms").samples)
-    predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps))
+    profiled = load(args.cache, "ms")
+    samples = merge_replicates(profiled.samples)
+    predictor = fit_profiled(profiled.samples, args.steps)
     specs = args.networks or [case.spec for case in cases(development=True)]
     measured: dict[str, float] = defaultdict(float)
     predicted: dict[str, float] = defaultdict(float)

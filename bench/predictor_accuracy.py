@@ -50,8 +50,9 @@ from lpnet.predictor.evaluate import (
 )
 from lpnet.predictor.features import tensorize
 from lpnet.predictor.model import LPNetConfig
-from lpnet.predictor.samples import NetworkSample
-from lpnet.predictor.train import TrainConfig
+from lpnet.predictor.predict import LatencyPredictor
+from lpnet.predictor.samples import NetworkSample, merge_replicates
+from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import Measurement, MeasurementKind
 from profiler.coverage import OP_COVERAGE_FAMILY
 from profiler.device import local_device_spec
@@ -117,6 +118,12 @@ class Profile:
     counts: dict[str, int]
     timings: dict[tuple[str, str], list[float]]  # (kind, architecture hash) -> every timing, in order
     nominal_probe_ms: float | None = None  # the probe time labels were scaled to ("probe" labels)
+
+
+def fit_profiled(samples: list[NetworkSample], steps: int = 1500, seed: int = 0) -> LatencyPredictor:
+    """LPNet fitted as the accuracy benches fit it: replicates merged, the default model, one thread's
+    worth of `steps`, fit seed `seed`."""
+    return fit_predictor(merge_replicates(samples), LPNetConfig(), TrainConfig(steps=steps, seed=seed))
 
 
 def load(cache: Path, labels: str) -> Profile:

@@ -23,12 +23,9 @@ from typing import Any
 
 import torch
 
-from bench.predictor_accuracy import load
+from bench.predictor_accuracy import fit_profiled, load
 from lpnet.arch.from_torch import network_from_torchvision
 from lpnet.predictor.features import layer_rate_kind
-from lpnet.predictor.model import LPNetConfig
-from lpnet.predictor.samples import merge_replicates
-from lpnet.predictor.train import TrainConfig, fit_predictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = (
@@ -47,9 +44,7 @@ MIN_SHARE = 0.02
 def kind_prices(cache: Path, models: list[str], steps: int) -> dict[str, dict[str, Any]]:
     """Per model, one fit's total, network overhead and predicted milliseconds per rate kind."""
     profile = load(cache, "probe")
-    predictor = fit_predictor(
-        merge_replicates(profile.samples), LPNetConfig(), TrainConfig(steps=steps, seed=0)
-    )
+    predictor = fit_profiled(profile.samples, steps)
     prices: dict[str, dict[str, Any]] = {}
     for name in models:
         network = network_from_torchvision(name)

@@ -53,14 +53,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.predictor_accuracy import load
+from bench.predictor_accuracy import fit_profiled, load
 from lpnet.arch.from_torch import network_from_torchvision
 from lpnet.arch.generator import DEVELOPMENT_SEEDS, EVALUATION_SEEDS, PROFILING_FAMILY, generate_networks
 from lpnet.arch.ir import Network
 from lpnet.predictor.baselines import FlopsLinear, LayerForestSum
-from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.samples import merge_replicates
-from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import MeasurementKind
 from profiler.device import local_device_spec
 from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, cpu_model, cpu_signature, retain_freed_memory
@@ -325,7 +323,7 @@ def main() -> None:
     samples = merge_replicates(profiled.samples)
     nominal = profiled.nominal_probe_ms
     fit_started = time.perf_counter()
-    predictor = fit_predictor(samples, LPNetConfig(), TrainConfig(steps=args.steps, seed=args.fit_seed))
+    predictor = fit_profiled(profiled.samples, args.steps, args.fit_seed)
     fit_seconds = time.perf_counter() - fit_started
     baselines: list[Any] = [FlopsLinear(), LayerForestSum()]
     for baseline in baselines:
