@@ -121,8 +121,8 @@ class Profile:
 
 
 def fit_profiled(samples: list[NetworkSample], steps: int = 1500, seed: int = 0) -> LatencyPredictor:
-    """LPNet fitted as the accuracy benches fit it: replicates merged, the default model, one thread's
-    worth of `steps`, fit seed `seed`."""
+    """LPNet fitted as the accuracy benches fit it: replicates merged, the default model, `steps`
+    training steps, fit seed `seed`."""
     return fit_predictor(merge_replicates(samples), LPNetConfig(), TrainConfig(steps=steps, seed=seed))
 
 
