@@ -5,7 +5,9 @@
    whole networks and layers in context, the default protocol capped at 6 s a network, freed memory
    retained, in child processes replaced every `--seconds-per-process` (the first run's 10; 0
    profiles in this one process), for `--budget-minutes` (the first run's 6 by default). A JSONL
-   cache makes reruns resume.
+   cache makes reruns resume. With `--refine-rounds N`, profiling then goes on as the first run's
+   background refining does (`service.first_run.refine`): N rounds sharing `--refine-minutes`, each
+   fitted on everything measured so far and sampling where that fit's ensemble disagrees most.
 2. Fit LPNet on the profile as the service fits a probed profile (`--labels probe`: every timing
    at the profile's nominal speed-probe time, `profiler.speed`), and two baselines on the same
    samples: a FLOPs+params linear model and an nn-Meter-style per-layer RandomForest sum.
@@ -34,6 +36,7 @@ Prints a table per set and saves `bench/results/unseen_accuracy.json`.
     python -m bench.unseen_accuracy --budget-minutes 6
     python -m bench.unseen_accuracy --skip-profile          # refit and re-judge on the cached profile
     python -m bench.unseen_accuracy --skip-profile --reuse-truth bench/results/unseen_accuracy.json
+    python -m bench.unseen_accuracy --refine-rounds 3 --reuse-truth bench/results/unseen_accuracy.json
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,8 +68,9 @@ from profiler.device import local_device_spec
 from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, cpu_model, cpu_signature, retain_freed_memory
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
-from profiler.sampling import SamplingConfig, StratifiedSampler
+from profiler.sampling import SamplingConfig, Scorer, StratifiedSampler
 from profiler.sinks import JsonlSink
+from service.first_run.refine import disagreement
 
 RESULTS = Path(__file__).parent / "results"
 PROFILED = ("resnet18", "resnet50", "mobilenet_v2")
@@ -111,8 +116,10 @@ def profile(
     retain_memory: bool,
     seconds_per_process: float | None,
     protocol: TimingProtocol = PROTOCOL,
+    scorer: Scorer | None = None,
 ) -> None:
-    """Measure whole networks and in-context layers of `families` into the JSONL cache."""
+    """Measure whole networks and in-context layers of `families` into the JSONL cache; with a
+    `scorer`, each sample is the candidate it rates highest (the sampler's adaptive mode)."""
     import torch
 
     torch.set_num_threads(1)
@@ -132,6 +139,7 @@ def profile(
             budget_minutes=budget_minutes,
             backend=backend,
             seconds_per_process=seconds_per_process,
+            scorer=scorer,
         )
         print(summary.format_table())
     finally:
@@ -260,6 +268,21 @@ def main() -> None:
         help="profile these families beside the first run's (e.g. op_coverage); use another --cache",
     )
     parser.add_argument("--cache", type=Path, default=RESULTS / "unseen_profile_cache.jsonl")
+    parser.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=0,
+        help="after the profile, refine as the first run does in the background: this many rounds, "
+        "each fitted on the cache so far and profiling where that fit's ensemble disagrees most "
+        "(the service's scorer); the cache as it stood before each round is kept beside it "
+        "(<cache>.round<N>.jsonl) so each predictor version can be judged with --skip-profile",
+    )
+    parser.add_argument(
+        "--refine-minutes",
+        type=float,
+        default=24.0,
+        help="profiling time the refining rounds share (the first run's 24)",
+    )
     parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument(
         "--seconds-per-process",
@@ -303,6 +326,10 @@ def main() -> None:
     output = args.output or RESULTS / (
         "unseen_accuracy_development.json" if args.development else "unseen_accuracy.json"
     )
+    if args.refine_rounds < 0 or (args.refine_rounds and args.refine_minutes <= 0):
+        parser.error("--refine-rounds must be at least 0, and --refine-minutes positive when it is not")
+    if args.skip_profile and args.refine_rounds and not args.cache.exists():
+        parser.error(f"--refine-rounds refines a profile, and {args.cache} does not exist")
     retain = not args.no_retain_memory
     families = [*PROFILED, PROFILING_FAMILY, *args.extra_families]
     started = time.perf_counter()
@@ -314,6 +341,19 @@ def main() -> None:
             retain_memory=retain,
             seconds_per_process=args.seconds_per_process or None,
             protocol=PROTOCOL.model_copy(update={"target_precision": args.target_precision}),
+        )
+    for round_ in range(1, args.refine_rounds + 1):
+        shutil.copyfile(args.cache, args.cache.with_suffix(f".round{round_}.jsonl"))
+        guide = fit_profiled(load(args.cache, args.labels).samples, args.steps, args.fit_seed)
+        print(f"refining round {round_} of {args.refine_rounds}", flush=True)
+        profile(
+            families,
+            args.cache,
+            args.refine_minutes / args.refine_rounds,
+            retain_memory=retain,
+            seconds_per_process=args.seconds_per_process or None,
+            protocol=PROTOCOL.model_copy(update={"target_precision": args.target_precision}),
+            scorer=disagreement(guide),
         )
     profile_seconds = time.perf_counter() - started
     import torch
@@ -449,6 +489,8 @@ def main() -> None:
             else None,
             "profile_cache": args.cache.name,
             "profile_target_precision": args.target_precision if not args.skip_profile else None,
+            "refine_rounds": args.refine_rounds,
+            "refine_minutes": args.refine_minutes if args.refine_rounds else None,
             "profile_seconds": profile_seconds,
             "fit_seconds": fit_seconds,
             "training_networks": len(samples),
