@@ -446,6 +446,9 @@ def main() -> None:
             # process taken out as the profile takes it out of its own timings.
             summary[set_name]["lpnet_at_nominal"] = judge(at_nominal, "lpnet_ms", label="at_nominal_ms")
             summary[set_name]["label_agreement_at_nominal"] = label_agreement(at_nominal, "process_relative")
+            summary[set_name]["interval_coverage_at_nominal"] = sum(
+                r["interval_ms"][0] <= r["at_nominal_ms"] <= r["interval_ms"][1] for r in at_nominal
+            ) / len(at_nominal)
     print(
         f"\n{'set':20s} {'model':26s} {'<=10%':>7s} {'<=5%':>6s} {'median|e|':>10s} {'max|e|':>8s} "
         f"{'RMSPE':>7s} {'median e':>9s}"
@@ -531,7 +534,8 @@ def _print_labels(set_name: str, figures: dict[str, Any]) -> None:
         print(
             f"{set_name:20s} lpnet against labels at nominal speed: {nominal['within_10pct']}/"
             f"{nominal['networks']} within 10 %, {nominal['within_5pct']} within 5 %, RMSPE "
-            f"{nominal['rmspe']:.1%}, median {nominal['median_signed_error']:+.1%}"
+            f"{nominal['rmspe']:.1%}, median {nominal['median_signed_error']:+.1%}, interval coverage "
+            f"{figures['interval_coverage_at_nominal']:.0%}"
         )
     print(f"{set_name:20s} median process spread {figures['median_process_spread']:.0%}")
 
