@@ -37,6 +37,8 @@ _CPUINFO = Path("/proc/cpuinfo")
 _GOVERNOR = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
 _MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 _MEMINFO = Path("/proc/meminfo")
+_CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+_SIZE_UNITS = {"K": 1, "M": 1024, "G": 1024 * 1024}
 # The environment the process started with, which is what glibc read its allocator settings from.
 _STARTUP_ENVIRON = Path("/proc/self/environ")
 _THREAD_ENV = (
@@ -159,6 +161,9 @@ class Environment(BaseModel):
     cpu_governor: str | None = None
     cpu_max_mhz: float | None = None
     memory_total_mb: int | None = None
+    # The largest data or unified cache of the first core (the last level on most CPUs), in KiB;
+    # None where sysfs does not list it. Layers whose weights do not fit in it read them from memory.
+    last_level_cache_kb: int | None = None
     load_average: tuple[float, float, float] | None = None
     os: str
     kernel: str
@@ -231,6 +236,23 @@ def physical_cores() -> int:
                 cores.add((package, core))
             package = core = ""
     return len(cores) or (os.cpu_count() or 1)
+
+
+def last_level_cache_kb(caches: Path | None = None) -> int | None:
+    """The size (KiB) of the highest-level data or unified cache the first core sees, from sysfs
+    (`caches`: a directory of index*/ entries with level, type and size); None where none is listed."""
+    best: tuple[int, int] | None = None
+    for index in sorted((caches or _CPU0_CACHES).glob("index*")):
+        level, kind, size = (_read(index / name) for name in ("level", "type", "size"))
+        if level is None or kind is None or size is None or kind.strip() == "Instruction":
+            continue
+        text = size.strip()
+        digits, unit = (text[:-1], text[-1]) if text[-1:] in _SIZE_UNITS else (text, "K")
+        if not (level.strip().isdigit() and digits.isdigit()):
+            continue
+        entry = (int(level), int(digits) * _SIZE_UNITS[unit])
+        best = entry if best is None else max(best, entry)
+    return None if best is None else best[1]
 
 
 def _memory_total_mb() -> int | None:
@@ -377,6 +399,7 @@ def collect_environment(backend_settings: dict[str, Any] | None = None) -> Envir
         if max_freq and max_freq.strip().isascii() and max_freq.strip().isdigit()
         else None,
         memory_total_mb=_memory_total_mb(),
+        last_level_cache_kb=last_level_cache_kb(),
         load_average=load_average,
         os=platform.system(),
         kernel=platform.release(),

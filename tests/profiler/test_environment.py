@@ -100,3 +100,28 @@ def test_non_finite_path_names_the_first_nan_or_infinity() -> None:
     assert non_finite_path({"a": 1, "b": [0.5, {"c": math.nan}], "d": math.inf}) == "b.1.c"
     assert non_finite_path(math.inf) == ""
     assert non_finite_path({"a": [1, 2.5, "nan"], "b": None, "c": True}) is None
+
+
+def _cache(root: Path, index: int, level: str, kind: str, size: str) -> None:
+    entry = root / f"index{index}"
+    entry.mkdir(parents=True)
+    for name, value in (("level", level), ("type", kind), ("size", size)):
+        (entry / name).write_text(value + "\n")
+
+
+def test_the_last_level_cache_is_the_highest_data_or_unified_level(tmp_path: Path) -> None:
+    _cache(tmp_path, 0, "1", "Data", "48K")
+    _cache(tmp_path, 1, "1", "Instruction", "64K")
+    _cache(tmp_path, 2, "2", "Unified", "2048K")
+    _cache(tmp_path, 3, "3", "Unified", "32M")
+    _cache(tmp_path, 4, "4", "Instruction", "1G")  # an instruction cache never counts
+    _cache(tmp_path, 5, "x", "Unified", "garbage")  # unreadable entries are skipped
+    assert environment.last_level_cache_kb(tmp_path) == 32 * 1024
+    assert environment.last_level_cache_kb(tmp_path / "missing") is None
+
+
+def test_the_fingerprint_records_the_last_level_cache_this_machine_lists() -> None:
+    listed = environment.last_level_cache_kb()
+    recorded = collect_environment().last_level_cache_kb
+    assert recorded == listed
+    assert recorded is None or recorded > 0
