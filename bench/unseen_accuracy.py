@@ -332,6 +332,8 @@ def main() -> None:
         parser.error(f"--refine-rounds refines a profile, and {args.cache} does not exist")
     retain = not args.no_retain_memory
     families = [*PROFILED, PROFILING_FAMILY, *args.extra_families]
+    seconds_per_process = args.seconds_per_process or None
+    protocol = PROTOCOL.model_copy(update={"target_precision": args.target_precision})
     started = time.perf_counter()
     if not args.skip_profile:
         profile(
@@ -339,8 +341,8 @@ def main() -> None:
             args.cache,
             args.budget_minutes,
             retain_memory=retain,
-            seconds_per_process=args.seconds_per_process or None,
-            protocol=PROTOCOL.model_copy(update={"target_precision": args.target_precision}),
+            seconds_per_process=seconds_per_process,
+            protocol=protocol,
         )
     for round_ in range(1, args.refine_rounds + 1):
         shutil.copyfile(args.cache, args.cache.with_suffix(f".round{round_}.jsonl"))
@@ -351,8 +353,8 @@ def main() -> None:
             args.cache,
             args.refine_minutes / args.refine_rounds,
             retain_memory=retain,
-            seconds_per_process=args.seconds_per_process or None,
-            protocol=PROTOCOL.model_copy(update={"target_precision": args.target_precision}),
+            seconds_per_process=seconds_per_process,
+            protocol=protocol,
             scorer=disagreement(guide),
         )
     profile_seconds = time.perf_counter() - started
@@ -487,9 +489,7 @@ def main() -> None:
         "protocol": {
             "profile_families": families,
             "profile_budget_minutes": args.budget_minutes if not args.skip_profile else None,
-            "profile_seconds_per_process": (args.seconds_per_process or None)
-            if not args.skip_profile
-            else None,
+            "profile_seconds_per_process": seconds_per_process if not args.skip_profile else None,
             "profile_cache": args.cache.name,
             "profile_target_precision": args.target_precision if not args.skip_profile else None,
             "refine_rounds": args.refine_rounds,
