@@ -484,9 +484,10 @@ def prepare(database_url: str, samples: int) -> Prepared:
     from service.db.session import make_engine, make_session_factory
     from service.devices import local_device, register_device
     from service.first_run.keys import ensure_configured_key
-    from service.predictors import fit_from_samples, store_predictor, training_samples
+    from service.predictors import fit_from_samples, store_predictor
     from service.profiling import DatabaseSink
     from service.train.smallnet import SmallResNet, SmallResNetConfig
+    from service.training_set import training_samples
 
     torch.set_num_threads(1)
     upgrade(database_url, "head")

@@ -56,7 +56,7 @@ from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import Measurement, MeasurementKind
 from profiler.coverage import OP_COVERAGE_FAMILY
 from profiler.device import local_device_spec
-from profiler.environment import collect_environment, retain_freed_memory
+from profiler.environment import collect_environment, last_level_cache_kb, retain_freed_memory
 from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
@@ -121,9 +121,11 @@ class Profile:
 
 
 def fit_profiled(samples: list[NetworkSample], steps: int = 1500, seed: int = 0) -> LatencyPredictor:
-    """LPNet fitted as the accuracy benches fit it: replicates merged, the default model, `steps`
-    training steps, fit seed `seed`."""
-    return fit_predictor(merge_replicates(samples), LPNetConfig(), TrainConfig(steps=steps, seed=seed))
+    """LPNet fitted as the accuracy benches fit it: replicates merged, the default model with this
+    machine's last-level cache (the benches profile the machine they run on), `steps` training
+    steps, fit seed `seed`."""
+    config = LPNetConfig(last_level_cache_kb=last_level_cache_kb())
+    return fit_predictor(merge_replicates(samples), config, TrainConfig(steps=steps, seed=seed))
 
 
 def load(cache: Path, labels: str) -> Profile:

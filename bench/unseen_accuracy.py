@@ -1,7 +1,8 @@
 """LPNet on networks unlike anything profiled, judged against independent timings.
 
-1. Profile this CPU (1 thread) as the first run does: resnet18, resnet50, mobilenet_v2 and the
-   `generated` family (seeded random CNNs from the profiling seeds), plus any `--extra-families`,
+1. Profile this CPU (1 thread) as the first run does (`service.schemas.common.FIRST_RUN_FAMILIES`): resnet18,
+   resnet50, mobilenet_v2, `wide_dense` (dense convolutions on either side of the last-level cache)
+   and the `generated` family (seeded random CNNs from the profiling seeds), plus any `--extra-families`,
    whole networks and layers in context, the default protocol capped at 6 s a network, freed memory
    retained, in child processes replaced every `--seconds-per-process` (the first run's 10; 0
    profiles in this one process), for `--budget-minutes` (the first run's 6 by default). A JSONL
@@ -64,6 +65,7 @@ from lpnet.arch.ir import Network
 from lpnet.predictor.baselines import FlopsLinear, LayerForestSum
 from lpnet.predictor.samples import merge_replicates
 from profiler.batch import MeasurementKind
+from profiler.coverage import SYNTHETIC_FAMILIES
 from profiler.device import local_device_spec
 from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, cpu_model, cpu_signature, retain_freed_memory
 from profiler.protocol import TimingProtocol
@@ -71,9 +73,11 @@ from profiler.runner import make_run_context, run_profile
 from profiler.sampling import SamplingConfig, Scorer, StratifiedSampler
 from profiler.sinks import JsonlSink
 from service.first_run.refine import disagreement
+from service.schemas.common import FIRST_RUN_FAMILIES
 
 RESULTS = Path(__file__).parent / "results"
-PROFILED = ("resnet18", "resnet50", "mobilenet_v2")
+# The first run's torchvision families: their unpruned networks are judged as `profiled-unpruned`.
+PROFILED = tuple(name for name in FIRST_RUN_FAMILIES if name not in (*SYNTHETIC_FAMILIES, PROFILING_FAMILY))
 UNSEEN_TORCHVISION = (
     "resnet34",
     "vgg11",
@@ -331,7 +335,7 @@ def main() -> None:
     if args.skip_profile and args.refine_rounds and not args.cache.exists():
         parser.error(f"--refine-rounds refines a profile, and {args.cache} does not exist")
     retain = not args.no_retain_memory
-    families = [*PROFILED, PROFILING_FAMILY, *args.extra_families]
+    families = [*FIRST_RUN_FAMILIES, *args.extra_families]
     seconds_per_process = args.seconds_per_process or None
     protocol = PROTOCOL.model_copy(update={"target_precision": args.target_precision})
     started = time.perf_counter()

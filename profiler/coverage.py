@@ -16,13 +16,14 @@ Groups whose channels reach its slices, its channel shuffle or its transformer o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lpnet.arch.ir import Network
+from profiler.wide_dense import WIDE_DENSE_FAMILY, wide_dense_network
 
 OP_COVERAGE_FAMILY = "op_coverage"
 
@@ -117,3 +118,11 @@ def op_coverage_network(input_shape: Sequence[int] = (1, 3, 224, 224)) -> Networ
 
     module = OpCoverageNet(in_channels=int(input_shape[1])).eval()
     return network_from_module(module, input_shape, name=OP_COVERAGE_FAMILY, family=OP_COVERAGE_FAMILY)
+
+
+# The synthetic families a profile can name beside torchvision's models, by name: each builds its
+# network's IR for an (N, C, H, W) input.
+SYNTHETIC_FAMILIES: dict[str, Callable[[Sequence[int]], Network]] = {
+    OP_COVERAGE_FAMILY: op_coverage_network,
+    WIDE_DENSE_FAMILY: wide_dense_network,
+}

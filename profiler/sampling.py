@@ -40,11 +40,12 @@ from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, TRANSFORMER_
 from lpnet.arch.ir import Layer, Network
 from lpnet.errors import GenerationError
 from profiler.batch import NETWORK_KINDS, MeasurementKind
-from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
+from profiler.coverage import OP_COVERAGE_FAMILY, SYNTHETIC_FAMILIES
 from profiler.device import DeviceSpec
 from profiler.errors import UnknownFamily
 from profiler.kind_coverage import KindCoverage, coverage_ordered
 from profiler.variation import ISOLATED_OPS, latin_hypercube, scale_layer, widths_from_ratios
+from profiler.wide_dense import WIDE_DENSE_FAMILY
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
     "regnet_y_400mf",
     "vgg11",
     OP_COVERAGE_FAMILY,
+    WIDE_DENSE_FAMILY,
     PROFILING_FAMILY,
 )
 GENERATED_FAMILY = PROFILING_FAMILY
@@ -431,11 +433,9 @@ class StratifiedSampler(_QueueSampler):
         input_shape: Sequence[int] = (1, 3, 224, 224),
         skip_unsupported: bool = True,
     ) -> StratifiedSampler:
-        """Build each family's IR; unsupported families are skipped with a warning.
-
-        A family is a torchvision classification model's name, `op_coverage` (profiler.coverage): a
-        synthetic network with every IR operator, `generated` or `generated_transformer`.
-        """
+        """Build each family's IR, skipping unsupported families with a warning. A family is a torchvision
+        classification model's name, a synthetic family (`profiler.coverage.SYNTHETIC_FAMILIES`),
+        `generated` or `generated_transformer`."""
         from lpnet.arch.from_torch import network_from_torchvision
         from lpnet.errors import LpnetError, UnknownModel
 
@@ -443,8 +443,8 @@ class StratifiedSampler(_QueueSampler):
         for name in families:
             if name in (GENERATED_FAMILY, TRANSFORMER_FAMILY):
                 continue
-            if name == OP_COVERAGE_FAMILY:
-                networks[name] = op_coverage_network(input_shape)
+            if name in SYNTHETIC_FAMILIES:
+                networks[name] = SYNTHETIC_FAMILIES[name](input_shape)
                 continue
             try:
                 networks[name] = network_from_torchvision(name, input_shape)

@@ -20,13 +20,11 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from lpnet.arch.ir import Network
 from lpnet.predictor.artifact import ArtifactError, dump_predictor, load_predictor, read_header
 from lpnet.predictor.features import FEATURE_SCHEMA_VERSION
 from lpnet.predictor.model import LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor
-from lpnet.predictor.samples import NetworkSample, merge_replicates
-from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal, speed_shift, typical_slowdown
+from lpnet.predictor.samples import NetworkSample
 from service.config import FitSettings
 from service.db.base import utcnow
 from service.db.models import Device, Job, MeasurementStatus, NetworkMeasurement, Predictor
@@ -38,6 +36,7 @@ from service.jobs.queue import ClaimedJob, TaskOutcome, active_job, enqueue
 from service.pagination import Keyset, Page, PageRequest, paginate
 from service.schemas.fits import PredictorMetrics
 from service.schemas.predictors import PredictorRead
+from service.training_set import TrainingSet, training_samples
 
 if TYPE_CHECKING:
     from lpnet.predictor.train import TrainConfig
@@ -108,85 +107,6 @@ def ok_network_count(session: Session, device_id: int) -> int:
     return int(count or 0)
 
 
-@dataclass(frozen=True)
-class TrainingSet:
-    """A device's training samples and what their latencies mean.
-
-    `labels` is "ms" for the measured milliseconds, or "probe" when every network row was timed
-    against the speed probe (profiler.speed): latencies are then at the device's nominal probe
-    speed, `nominal_probe_ms`, which takes out how fast the machine happened to run at each moment.
-    `timings` counts the measurement rows behind the samples (one sample per architecture);
-    `typical_slowdown` how much slower than quiet the machine ran during them
-    (`profiler.speed.typical_slowdown`; None without probes), and `speed_shift` how much its speed
-    moved between the first and the last third of them in the order they were stored
-    (`profiler.speed.speed_shift`).
-    """
-
-    samples: list[NetworkSample]
-    labels: str
-    nominal_probe_ms: float | None
-    timings: int = 0
-    typical_slowdown: float | None = None
-    speed_shift: float | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "labels": self.labels,
-            "nominal_probe_ms": self.nominal_probe_ms,
-            "timings": self.timings,
-            "typical_slowdown": self.typical_slowdown,
-            "speed_shift": self.speed_shift,
-        }
-
-
-def training_samples(session: Session, device_id: int) -> TrainingSet:
-    """The device's successful network measurements as predictor training samples.
-
-    Repeated timings of one architecture become one sample labelled with their median
-    (`lpnet.predictor.samples.merge_replicates`), after scaling to the nominal probe speed.
-    """
-    rows = session.execute(
-        select(
-            NetworkMeasurement.architecture,
-            NetworkMeasurement.median_ms,
-            NetworkMeasurement.per_layer,
-            NetworkMeasurement.family,
-            NetworkMeasurement.probe_ms,
-            NetworkMeasurement.relative_latency,
-            NetworkMeasurement.probe_version,
-        )
-        .where(NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK)
-        .order_by(NetworkMeasurement.id)
-    ).all()
-    probed = bool(rows) and all(
-        row.probe_version == PROBE_VERSION and row.probe_ms and row.relative_latency for row in rows
-    )
-    nominal = nominal_probe_ms(rows) if probed else None
-    samples = []
-    for architecture, median_ms, per_layer, family, probe_ms, relative, _ in rows:
-        per_layer_ms = {str(t["layer"]): float(t["ms"]) for t in per_layer} if per_layer else None
-        latency = float(median_ms)
-        if nominal is not None:
-            latency, per_layer_ms = scale_to_nominal(float(relative), float(probe_ms), per_layer_ms, nominal)
-        samples.append(
-            NetworkSample(
-                network=Network.model_validate(architecture),
-                latency_ms=latency,
-                per_layer_ms=per_layer_ms,
-                family=family,
-            )
-        )
-    probes = [float(row.probe_ms) for row in rows] if probed else []
-    return TrainingSet(
-        merge_replicates(samples),
-        "probe" if probed else "ms",
-        nominal,
-        len(samples),
-        typical_slowdown(probes),
-        speed_shift(probes),
-    )
-
-
 def min_fit_networks() -> int:
     """Measured networks a fit needs: enough for every member after its fold is left out."""
     # Imported here, as in the functions below: training pulls in scikit-learn, seconds of start-up
@@ -214,11 +134,15 @@ def check_enough_measurements(session: Session, device: Device) -> None:
         )
 
 
-def fit_configs(settings: FitSettings, seed: int = 0) -> tuple[LPNetConfig, TrainConfig]:
-    """The ensemble and the optimisation of a fit: `settings` where set, lpnet's defaults elsewhere."""
+def fit_configs(
+    settings: FitSettings, seed: int = 0, last_level_cache_kb: int | None = None
+) -> tuple[LPNetConfig, TrainConfig]:
+    """The ensemble and the optimisation of a fit: `settings` where set, lpnet's defaults elsewhere;
+    the device's last-level cache (KiB) where known."""
     from lpnet.predictor.train import TrainConfig
 
-    config = LPNetConfig(members=settings.members) if settings.members is not None else LPNetConfig()
+    members = {"members": settings.members} if settings.members is not None else {}
+    config = LPNetConfig(last_level_cache_kb=last_level_cache_kb, **members)
     steps = {"steps": settings.steps} if settings.steps is not None else {}
     return config, TrainConfig(seed=seed, **steps)
 
@@ -240,9 +164,10 @@ def fit_from_samples(
     basis = (
         samples.describe() if isinstance(samples, TrainingSet) else {"labels": "ms", "nominal_probe_ms": None}
     )
+    cache_kb = samples.last_level_cache_kb if isinstance(samples, TrainingSet) else None
     if isinstance(samples, TrainingSet):
         samples = samples.samples
-    config, train = fit_configs(settings or FitSettings())
+    config, train = fit_configs(settings or FitSettings(), last_level_cache_kb=cache_kb)
     started = time.perf_counter()
     report = fit_with_report(samples, config, train, progress=progress)
     metrics = json_safe({**report.metrics, **basis})

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
+import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from lpnet.errors import LpnetError
 from lpnet.predictor.features import FEATURE_SCHEMA_VERSION, NUMERIC_FEATURES, OPS, RATE_KINDS
-from lpnet.predictor.model import LPNet, LPNetConfig
+from lpnet.predictor.model import BASE_TERMS, LPNet, LPNetConfig
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 
 ARTIFACT_FORMAT = "lpnet-predictor"
 # Bump when the layout of the tensors or the header changes; readers say which versions they read.
-ARTIFACT_VERSION = 6
+ARTIFACT_VERSION = 7
 # Version 4 kept one feature range for all layers and lacks the per-kind work ranges of the training
 # domain; it still loads, its range given to every rate kind, and warns without the work ranges.
 # Versions 4 and 5 lack the interval's cross-validation residuals; they keep their scaled-spread
-# interval (`LPNet.interval_bounds`).
-READABLE_ARTIFACT_VERSIONS = frozenset({4, 5, 6})
+# interval (`LPNet.interval_bounds`). Versions 4 to 6 have four base rates per rate kind and no
+# last-level cache: they load with no price for weights past the cache, which never applies to them.
+READABLE_ARTIFACT_VERSIONS = frozenset({4, 5, 6, 7})
+# The log rate a base rate that does not apply is stored with (`initial_log_rates`' floor).
+_ABSENT_LOG_RATE = math.log(1e-12)
 
 
 class ArtifactError(LpnetError):
@@ -113,6 +118,11 @@ def load_predictor(data: bytes) -> LatencyPredictor:
         if name in state and state[name].dim() == 1:
             # Version 4 kept one feature range for every layer: every rate kind gets it.
             state[name] = state[name].expand(len(RATE_KINDS), -1).clone()
+    for name, rates in state.items():
+        if name.endswith("log_rates") and rates.dim() == 2 and rates.shape[1] < BASE_TERMS:
+            # Versions 4 to 6: no price per weight past the cache.
+            absent = torch.full((rates.shape[0], BASE_TERMS - rates.shape[1]), _ABSENT_LOG_RATE)
+            state[name] = torch.cat([rates, absent.to(rates.dtype)], dim=1)
     if "interval_residuals" in state and "interval_member" in state:
         model.set_interval_residuals(state["interval_residuals"], state["interval_member"])
     else:

@@ -115,16 +115,20 @@ BASE_ONLY_FEATURES: frozenset[str] = frozenset({"log_kind_gap_elements", "bias"}
 CORRECTION_FEATURES = torch.tensor([name not in BASE_ONLY_FEATURES for name in NUMERIC_FEATURES])
 # Columns of `work_terms` that measure the layer's own work (the rest describe its context).
 OWN_WORK_TERMS = 2
+# The column of `work_terms` with the layer's log weights (elements), which decide whether they fit in
+# the device's last-level cache.
+WEIGHTS_TERM = 3
 
 
 def work_terms(features: torch.Tensor) -> torch.Tensor:
-    """(..., F) raw features -> (..., 3): log MACs, log elements moved (inputs, outputs, twice with a
-    bias, and weights) and log elements touched since the last layer of the same rate kind ran
-    (`kind_gaps`)."""
+    """(..., F) raw features -> (..., 4): log MACs, log elements moved (inputs, outputs, twice with a
+    bias, and weights), log elements touched since the last layer of the same rate kind ran
+    (`kind_gaps`) and log weights (`WEIGHTS_TERM`)."""
     picked = features[..., _WORK_FEATURES]
     output_passes = picked[..., 2] + torch.log1p(features[..., _F["bias"]])
     moved = torch.logsumexp(torch.stack([picked[..., 1], output_passes, picked[..., 3]], dim=-1), dim=-1)
-    return torch.stack([picked[..., 0], moved, features[..., _F["log_kind_gap_elements"]]], dim=-1)
+    gap = features[..., _F["log_kind_gap_elements"]]
+    return torch.stack([picked[..., 0], moved, gap, picked[..., 3]], dim=-1)
 
 
 def rate_kinds(ops: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

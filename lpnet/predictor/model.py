@@ -3,17 +3,21 @@ the network latency. An ensemble of members gives an interval.
 
 Each layer's time is a physical base times a bounded learned correction:
 
-    ms = (e^a[kind] * MACs + e^b[kind] * elements moved + e^d[kind] + e^c[kind] * cold)
-         * exp(B * tanh(mlp(features) / B)),      cold = gap / (gap + e^h)
+    ms = (e^a[kind] * MACs + e^b[kind] * elements moved + e^d[kind] + e^c[kind] * cold
+          + e^g[kind] * weights * spill) * exp(B * tanh(mlp(features) / B)),
+    cold = gap / (gap + e^h),      spill = sigmoid(S * log(weights / (1.05 * last-level cache)))
 
 The base is work over throughput: a compute rate, a memory rate and a per-call cost per rate kind
 (the operator, and for a convolution its kernel kind: dense, 1x1, grouped, depthwise), fitted on the
 device's measurements, and a cold-call cost: what a call pays for fetching again the code and data
 that the `gap` elements touched since its kind last ran pushed out of the caches, saturating at a
-learned traffic e^h. The MLP learns what the base cannot (SIMD staircases in the
-channel count, cache effects, kernel choice), but only within a factor e^B either way. Far from the
-training data the correction saturates and the prediction falls back to the base, which scales with
-the work instead of exploding or collapsing the way an unconstrained network on log features does.
+learned traffic e^h; and a price per weight once a layer's weights no longer fit in the device's
+last-level cache (on a 2-core EPYC with a 32 MB L3 a dense 3x3 convolution of 960 channels at 7x7,
+31.6 MB of weights, ran at 16 GMACs/s and one of 1,024 channels, 36 MB, at 5.6). The MLP learns what
+the base cannot (SIMD staircases in the channel count, cache effects, kernel choice), but only
+within a factor e^B either way. Far from the training data the correction saturates and the
+prediction falls back to the base, which scales with the work instead of exploding or collapsing
+the way an unconstrained network on log features does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lpnet.predictor.features import (
     OPS,
     OWN_WORK_TERMS,
     RATE_KINDS,
+    WEIGHTS_TERM,
     TensorizedNetwork,
     channel_basis,
     kind_gaps,
@@ -46,8 +51,16 @@ _GENERAL_PATH_ROWS = 20_000
 _CORRECTION_BLOCK_ROWS = 4096
 # The learned correction multiplies the base by at most this factor, either way.
 CORRECTION_FACTOR = 4.0
-# Base terms per layer: MACs, elements moved, one call, one call's cold share.
-BASE_TERMS = 4
+# Base terms per layer: MACs, elements moved, one call, one call's cold share, weights past the cache.
+BASE_TERMS = 5
+# Weights spill from the last-level cache past this multiple of its size (in float32 elements): on a
+# 32 MB L3, 31.6 MB of convolution weights ran at the in-cache rate and 36 MB did not.
+SPILL_POINT = 1.05
+# How sharply `spill_share` rises around the spill point, per unit of log weights: from 0.1 at the
+# cache's size to 0.9 at 1.11 times it.
+SPILL_SHARPNESS = 40.0
+# The log spill point of a device whose last-level cache is unknown: no layer spills.
+_NO_CACHE_LOG_WEIGHTS = 1e3
 # log elements of traffic that evict half a call's working set, before fitting (2 M: 8 MB of floats).
 INITIAL_LOG_CACHE = math.log(2e6)
 # The share of unseen networks an interval is meant to hold.
@@ -62,9 +75,19 @@ class LPNetConfig:
     depth: int = 1
     op_embedding: int = 8
     members: int = 5
+    # The device's last-level cache (KiB, `profiler.environment.last_level_cache_kb`): where layers'
+    # weights start to spill (`spill_share`). None: unknown, and no layer is priced as spilling.
+    last_level_cache_kb: int | None = None
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
+
+    @property
+    def log_spill_weights(self) -> float:
+        """log float32 weights at which a layer's weights spill from the last-level cache."""
+        if self.last_level_cache_kb is None:
+            return _NO_CACHE_LOG_WEIGHTS
+        return math.log(SPILL_POINT * self.last_level_cache_kb * 1024 / 4)
 
 
 def bounded_correction(raw: torch.Tensor) -> torch.Tensor:
@@ -91,8 +114,8 @@ class LayerLatencyMLP(nn.Module):
         with torch.no_grad():  # the correction starts at zero: the member starts as its base
             self.head.weight.zero_()
             self.head.bias.zero_()
-        # log ms per MAC, per element moved, per call and per cold call, by rate kind (set from the
-        # data before fitting).
+        # log ms per MAC, per element moved, per call, per cold call and per weight past the cache, by
+        # rate kind (set from the data before fitting).
         self.log_rates = nn.Parameter(torch.zeros(len(RATE_KINDS), BASE_TERMS))
         # A per-network constant (ms): the part of a network's latency that its layers, timed in
         # context, do not account for. There is no per-layer overhead: a layer's in-context time
@@ -100,6 +123,8 @@ class LayerLatencyMLP(nn.Module):
         self.network_overhead = nn.Parameter(torch.zeros(()))
         # log elements of traffic that evict half of a call's working set (`cold_share`).
         self.log_cache = nn.Parameter(torch.tensor(INITIAL_LOG_CACHE))
+        # log weights at which a layer's weights spill from the device's last-level cache (fixed).
+        self.log_spill_weights = config.log_spill_weights
 
     def correction(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Bounded log-correction; features (..., F) normalised, ops (...,) -> (...)."""
@@ -110,10 +135,10 @@ class LayerLatencyMLP(nn.Module):
     def layer_log_ms(
         self, features: torch.Tensor, work: torch.Tensor, ops: torch.Tensor, kinds: torch.Tensor
     ) -> torch.Tensor:
-        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 3) log MACs, log
-        elements moved and log elements touched since the layer's kind last ran, ops and rate kinds
-        (...,) -> (...)."""
-        return base_log_ms(work, self.log_rates[kinds], self.log_cache) + self.correction(features, ops)
+        """Per-layer log-milliseconds: features (..., F) normalised, work (..., 4) (`work_terms`), ops
+        and rate kinds (...,) -> (...)."""
+        base = base_log_ms(work, self.log_rates[kinds], self.log_cache, self.log_spill_weights)
+        return base + self.correction(features, ops)
 
 
 def cold_share(log_gap: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
@@ -122,18 +147,29 @@ def cold_share(log_gap: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
     return log_gap - torch.logaddexp(log_gap, log_cache)
 
 
-def warm_log_ms(work: torch.Tensor, log_rates: torch.Tensor) -> torch.Tensor:
-    """log(e^a MACs + e^b elements + e^d), the base without its cold term: work (..., 2 or more)
-    (`work_terms`), log_rates (..., 3 or more) -> (...)."""
+def spill_share(log_weights: torch.Tensor, log_spill_weights: float) -> torch.Tensor:
+    """log of the share of a layer's weights priced as coming from beyond the last-level cache: a
+    steep sigmoid of log weights around the device's spill point (`LPNetConfig.log_spill_weights`)."""
+    return torch.nn.functional.logsigmoid(SPILL_SHARPNESS * (log_weights - log_spill_weights))
+
+
+def warm_log_ms(work: torch.Tensor, log_rates: torch.Tensor, log_spill_weights: float) -> torch.Tensor:
+    """log(e^a MACs + e^b elements + e^d + e^g weights spill), the base without its cold term: work
+    (..., 4) (`work_terms`), log_rates (..., 5) -> (...)."""
     own = work[..., :OWN_WORK_TERMS] + log_rates[..., :OWN_WORK_TERMS]
-    return torch.logsumexp(torch.cat([own, log_rates[..., OWN_WORK_TERMS : OWN_WORK_TERMS + 1]], -1), -1)
+    call = log_rates[..., OWN_WORK_TERMS : OWN_WORK_TERMS + 1]
+    weights = work[..., WEIGHTS_TERM]
+    spilled = (log_rates[..., 4] + weights + spill_share(weights, log_spill_weights)).unsqueeze(-1)
+    return torch.logsumexp(torch.cat([own, call, spilled], -1), -1)
 
 
-def base_log_ms(work: torch.Tensor, log_rates: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
-    """log(e^a MACs + e^b elements + e^d + e^c cold): work (..., 3) (`work_terms`), log_rates
-    (..., 4), log_cache broadcast to the layers -> (...)."""
+def base_log_ms(
+    work: torch.Tensor, log_rates: torch.Tensor, log_cache: torch.Tensor, log_spill_weights: float
+) -> torch.Tensor:
+    """log(e^a MACs + e^b elements + e^d + e^c cold + e^g weights spill): work (..., 4)
+    (`work_terms`), log_rates (..., 5), log_cache broadcast to the layers -> (...)."""
     cold = log_rates[..., 3] + cold_share(work[..., 2], log_cache)
-    return torch.logaddexp(warm_log_ms(work, log_rates), cold)
+    return torch.logaddexp(warm_log_ms(work, log_rates, log_spill_weights), cold)
 
 
 def member_log_spread(totals: torch.Tensor) -> torch.Tensor:
@@ -238,9 +274,9 @@ class LPNet(nn.Module):
         x = self.normalise(features, kinds)
         work = work_terms(features)
         if self.config.depth == 1:
-            rates = torch.stack([m.log_rates[kinds] for m in self.members])  # (K, B, L, 4)
+            rates = torch.stack([m.log_rates[kinds] for m in self.members])  # (K, B, L, BASE_TERMS)
             caches = torch.stack([m.log_cache for m in self.members]).view(-1, 1, 1)
-            base = base_log_ms(work.unsqueeze(0), rates, caches)  # (K, B, L)
+            base = base_log_ms(work.unsqueeze(0), rates, caches, self.config.log_spill_weights)  # (K, B, L)
             return torch.exp(base + self._stacked_correction(x, ops))
         ops_b = ops.expand(x.shape[:-1])
         return torch.stack([torch.exp(m.layer_log_ms(x, work, ops_b, kinds)) for m in self.members])
@@ -312,7 +348,7 @@ class LPNet(nn.Module):
             u_ops = tn.ops[u_layer]
             u_kinds = rate_kinds(u_ops, features)
             corrections = self._chunked_corrections(features, u_ops, u_kinds)  # (K, U)
-            work = work_terms(features)  # (U, 3); its gap column is not the layer's (below)
+            work = work_terms(features)  # (U, 4); its gap column is not the layer's (below)
             # A layer's gap depends on the widths of the layers around it, so the cold term is
             # computed per width vector, from each layer's weights and activations.
             per_vector = features[:, list(GAP_INPUTS)][triple_of].reshape(batch, num_layers, len(GAP_INPUTS))
@@ -320,7 +356,8 @@ class LPNet(nn.Module):
             results = []
             for member, correction in zip(self.members, corrections, strict=True):
                 rates = member.log_rates[u_kinds]  # (U, BASE_TERMS)
-                warm = torch.exp(warm_log_ms(work, rates) + correction)[triple_of].reshape(batch, num_layers)
+                warm_log = warm_log_ms(work, rates, member.log_spill_weights) + correction
+                warm = torch.exp(warm_log)[triple_of].reshape(batch, num_layers)
                 cold_rate = torch.exp(rates[:, 3] + correction)[triple_of].reshape(batch, num_layers)
                 layer_ms = warm + cold_rate * torch.sigmoid(log_gap - member.log_cache)  # exp(cold_share)
                 results.append(layer_ms.sum(-1))  # (B,)

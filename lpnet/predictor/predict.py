@@ -14,14 +14,16 @@ from lpnet.predictor.features import (
     NUMERIC_FEATURES,
     OPS,
     OWN_WORK_TERMS,
+    RATE_KIND_INDEX,
     RATE_KINDS,
+    WEIGHTS_TERM,
     TensorizedNetwork,
     kind_ranges,
     rate_kinds,
     tensorize,
     work_terms,
 )
-from lpnet.predictor.model import LPNet, member_log_spread
+from lpnet.predictor.model import LPNet, member_log_spread, spill_share
 
 _OP_NAMES: tuple[str, ...] = tuple(op.value for op in OPS)
 # How far (in units of the training range) a feature may stray before a result is flagged.
@@ -31,6 +33,9 @@ _RANGE_MARGIN = 0.1
 # small layers past the edge cannot move the total much.
 WORK_MARGIN = 1.5
 WORK_SHARE = 0.05
+# Below this log price per spilled weight (ms), a rate kind has none: nothing of it spilled in training
+# (a measured one is near 5e-6 ms per weight, log -12).
+_UNPRICED_LOG_RATE = -20.0
 _WORK_TERMS = ("MACs", "elements moved")
 
 
@@ -191,6 +196,10 @@ class TrainingDomain:
         return warnings
 
 
+def _size(kb: float) -> str:
+    return f"{kb:.0f} KB" if kb < 1024 else f"{kb / 1024:.0f} MB"
+
+
 def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
 
@@ -222,8 +231,48 @@ class LatencyPredictor:
             high_ms=float(high[0]),
             overhead_ms=float(overheads.mean()),
             per_layer=per_layer,
-            warnings=self.domain.warnings_for(tn, features[0], layer_ms.mean(0)),
+            warnings=self.domain.warnings_for(tn, features[0], layer_ms.mean(0))
+            + self._spill_warnings(tn, features[0], layer_ms.mean(0)),
         )
+
+    def _spill_warnings(
+        self, tn: TensorizedNetwork, features: torch.Tensor, layer_ms: torch.Tensor
+    ) -> list[str]:
+        """One warning per convolution kind whose layers' weights spill from the device's last-level
+        cache when nothing measured of that kind spilled, so the predictor has no price for it
+        (`initial_log_rates`), and the layers take at least `WORK_SHARE` of the predicted total.
+
+        Only convolutions: they read their weights again for every tile of output positions, which
+        past the cache costs several times their work (`lpnet.predictor.model`); a linear layer at
+        batch 1 reads each weight once wherever it lives, and already pays for moving it.
+        """
+        config = self.model.config
+        if config.last_level_cache_kb is None:
+            return []
+        kinds = rate_kinds(tn.ops, features)  # (L,)
+        log_weights = work_terms(features)[:, WEIGHTS_TERM]
+        spills = spill_share(log_weights, config.log_spill_weights) > math.log(0.5)
+        rates = torch.stack([member.log_rates[:, 4] for member in self.model.members])  # (K, R)
+        unpriced = torch.logsumexp(rates, 0) - math.log(rates.shape[0]) < _UNPRICED_LOG_RATE  # (R,)
+        total = float(layer_ms.sum()) or 1.0
+        warnings: list[str] = []
+        convolutions = {RATE_KIND_INDEX[kind] for kind in (Op.CONV2D.value, *CONV_KINDS)}
+        for kind in kinds[spills].unique().tolist():
+            rows = spills & (kinds == kind)
+            if kind not in convolutions:
+                continue
+            share = float(layer_ms[rows].sum()) / total
+            if not bool(unpriced[kind]) or share < WORK_SHARE:
+                continue
+            names = [tn.layer_names[i] for i in rows.nonzero().flatten().tolist()]
+            largest_kb = math.exp(float(log_weights[rows].max())) * 4 / 1024
+            warnings.append(
+                f"{len(names)} {RATE_KINDS[kind]} layer(s) ({_names(names)}), {share:.0%} of the predicted time, "
+                f"hold up to {_size(largest_kb)} of weights, more than this device's "
+                f"{_size(config.last_level_cache_kb)} last-level cache, and no {RATE_KINDS[kind]} layer that "
+                "large was measured on it: such layers can run several times slower than their work suggests"
+            )
+        return warnings
 
     def log_spread(self, network: Network) -> float:
         """How far the ensemble's members disagree on a network: their robust spread of log latency

@@ -18,6 +18,7 @@ from lpnet.predictor.features import (
     OPS,
     OWN_WORK_TERMS,
     RATE_KINDS,
+    WEIGHTS_TERM,
     kind_ranges,
     rate_kinds,
     work_terms,
@@ -29,6 +30,7 @@ from lpnet.predictor.model import (
     LPNet,
     LPNetConfig,
     cold_share,
+    spill_share,
 )
 from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
@@ -182,46 +184,59 @@ def _calibration_networks(groups: Sequence[str], share: float, generator: torch.
     return calibration
 
 
-def initial_log_rates(data: PackedSamples) -> torch.Tensor:
-    """log (ms per MAC, ms per element moved, ms per call, ms per cold call) of every rate kind,
-    (len(RATE_KINDS), 4).
+def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Tensor:
+    """log (ms per MAC, ms per element moved, ms per call, ms per cold call, ms per weight past the
+    cache) of every rate kind, (len(RATE_KINDS), BASE_TERMS).
 
     A non-negative least-squares fit: one set of rates for every layer from whole-network times (each
-    network's time against its summed MACs, elements, layer count and cold shares at the initial
-    cache size), then per rate kind from its in-context layer times where at least `_MIN_OP_ROWS`
-    layers were timed.
+    network's time against its summed MACs, elements, layer count, cold shares at the initial
+    cache size and spilled weights at `log_spill_weights`), then per rate kind from its in-context
+    layer times where at least `_MIN_OP_ROWS` layers were timed. A price per spilled weight is fitted
+    only where at least `_MIN_SPILL_ROWS` networks (or in-context layers of the kind) spilled; elsewhere
+    it is zero: nothing measured says what spilling costs there (`TrainingDomain` warns).
     """
     terms = work_terms(data.features)
     work = torch.exp(terms[:, :OWN_WORK_TERMS]).double()  # (N, 2)
     cold = torch.exp(cold_share(terms[:, OWN_WORK_TERMS], torch.tensor(INITIAL_LOG_CACHE))).double()
     calls = torch.ones(work.shape[0], 1, dtype=torch.float64)
-    design = torch.cat([work, calls, cold[:, None]], dim=1)  # (N, BASE_TERMS)
+    share = torch.exp(spill_share(terms[:, WEIGHTS_TERM], log_spill_weights)).double()
+    spilled = torch.exp(terms[:, WEIGHTS_TERM]).double() * share
+    design = torch.cat([work, calls, cold[:, None], spilled[:, None]], dim=1)  # (N, BASE_TERMS)
     per_network = torch.zeros(data.num_networks, BASE_TERMS, dtype=torch.float64)
     per_network = per_network.index_add(0, data.segment, design)
-    overall = _non_negative_fit(per_network, data.network_target_ms.double())
+    spilling_networks = int(data.segment[share > 0.5].unique().numel())
+    overall = _non_negative_fit(per_network, data.network_target_ms.double(), spilling_networks)
     rates = overall.expand(len(RATE_KINDS), BASE_TERMS).clone()
     timed = ~torch.isnan(data.layer_target_ms)
     kinds = rate_kinds(data.ops, data.features)
     for index in kinds[timed].unique().tolist():
         rows = timed & (kinds == index)
         if int(rows.sum()) >= _MIN_OP_ROWS:
-            rates[index] = _non_negative_fit(design[rows], data.layer_target_ms[rows].double())
+            spilled_rows = int((share[rows] > 0.5).sum())
+            rates[index] = _non_negative_fit(design[rows], data.layer_target_ms[rows].double(), spilled_rows)
     return torch.log(rates.clamp_min(1e-12)).float()
 
 
 _MIN_OP_ROWS = 8
+# Networks, or in-context layers of a rate kind, whose weights spilled from the last-level cache
+# before a price per spilled weight is fitted.
+_MIN_SPILL_ROWS = 3
 
 
-def _non_negative_fit(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Non-negative coefficients of `target ~ design` in relative error (each row weighted 1/target)."""
+def _non_negative_fit(design: torch.Tensor, target: torch.Tensor, spilled_rows: int) -> torch.Tensor:
+    """Non-negative coefficients of `target ~ design` in relative error (each row weighted 1/target);
+    the last column's (weights past the cache) is zero unless `spilled_rows` >= `_MIN_SPILL_ROWS`."""
     # Imported here: scikit-learn costs a second to import, and a process that only predicts never fits.
     from sklearn.linear_model import LinearRegression
 
+    columns = design.shape[1] if spilled_rows >= _MIN_SPILL_ROWS else design.shape[1] - 1
+    fitted = design[:, :columns]
     weight = 1.0 / target.clamp_min(1e-6)
-    scale = design.abs().amax(0).clamp_min(1e-12)
+    scale = fitted.abs().amax(0).clamp_min(1e-12)
     fit = LinearRegression(positive=True, fit_intercept=False)
-    fit.fit((design / scale * weight[:, None]).numpy(), (target * weight).numpy())
-    coef = torch.as_tensor(fit.coef_, dtype=torch.float64) / scale
+    fit.fit((fitted / scale * weight[:, None]).numpy(), (target * weight).numpy())
+    coef = torch.zeros(design.shape[1], dtype=torch.float64)
+    coef[:columns] = torch.as_tensor(fit.coef_, dtype=torch.float64) / scale
     if float(coef.sum()) <= 0:  # degenerate data: everything per call
         coef = torch.zeros(design.shape[1], dtype=torch.float64)
         coef[2] = float(target.mean() / design[:, 2].mean())
@@ -301,7 +316,7 @@ def _fit_member(
     member = model.members[index]
     ties = PeerTies.of(data)
     with torch.no_grad():
-        member.log_rates.copy_(initial_log_rates(data))
+        member.log_rates.copy_(initial_log_rates(data, model.config.log_spill_weights))
         ties.apply(member)
     kinds = rate_kinds(data.ops, data.features)
     features = model.normalise(data.features, kinds)

@@ -52,8 +52,8 @@ def add_sampling_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--families",
         help="comma-separated torchvision names, generated (seeded random CNNs), generated_transformer (those "
-        "and transformer-style networks timed in context) or op_coverage (every IR operator) (default: ten "
-        "common torchvision models)",
+        "and transformer-style networks timed in context), op_coverage (every IR operator) or wide_dense (dense "
+        "convolutions too wide for the caches) (default: ten common torchvision models)",
     )
     parser.add_argument(
         "--kinds",

@@ -24,8 +24,9 @@ from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.errors import LpnetError
-from profiler.coverage import OP_COVERAGE_FAMILY
+from profiler.coverage import OP_COVERAGE_FAMILY, SYNTHETIC_FAMILIES
 from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY
+from profiler.wide_dense import WIDE_DENSE_FAMILY
 from service.config import Settings
 from service.db.base import utcnow
 from service.db.models import (
@@ -170,7 +171,7 @@ def device_sample_keys(session: Session, device_id: int) -> list[str]:
 
 def check_families(families: Sequence[str]) -> None:
     """Refuse names that are neither torchvision classification models nor the special families
-    (op_coverage, generated, generated_transformer).
+    (op_coverage, wide_dense, generated, generated_transformer).
 
     Raises:
         InvalidInput: Naming the unknown families and the known ones.
@@ -179,11 +180,12 @@ def check_families(families: Sequence[str]) -> None:
     import torchvision
 
     known = set(torchvision.models.list_models(module=torchvision.models))
-    special = {OP_COVERAGE_FAMILY, GENERATED_FAMILY, TRANSFORMER_FAMILY}
+    special = {*SYNTHETIC_FAMILIES, GENERATED_FAMILY, TRANSFORMER_FAMILY}
     unknown = [name for name in families if name not in known and name not in special]
     if unknown:
         raise InvalidInput(
             f"unknown model families {unknown}; families are {OP_COVERAGE_FAMILY} (every IR operator), "
+            f"{WIDE_DENSE_FAMILY} (dense convolutions too wide for the caches), "
             f"{GENERATED_FAMILY} (seeded random CNNs), {TRANSFORMER_FAMILY} (those and transformer-style "
             f"networks timed in context) or torchvision classification models: "
             f"{', '.join(sorted(known))}",

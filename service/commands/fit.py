@@ -57,8 +57,8 @@ def run_fit(args: argparse.Namespace, settings: Settings) -> int:
         check_enough_measurements,
         fit_from_samples,
         store_predictor,
-        training_samples,
     )
+    from service.training_set import training_samples
 
     with database_session(settings) as session:
         device = get_device(session, args.device)

@@ -58,8 +58,8 @@ from service.predictors import (
     min_fit_networks,
     ok_network_count,
     store_predictor,
-    training_samples,
 )
+from service.training_set import training_samples
 
 if TYPE_CHECKING:
     from profiler.runner import RunSummary

@@ -55,8 +55,8 @@ from service.predictors import (
     fit_from_samples,
     load_predictor_artifact,
     store_predictor,
-    training_samples,
 )
+from service.training_set import training_samples
 
 if TYPE_CHECKING:
     from lpnet.predictor.predict import LatencyPredictor

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from profiler.environment import AllocatorPolicy, Environment, FiniteJson
 from profiler.protocol import TimingProtocol
 from service.db.models import TaskKind, TaskStatus
-from service.schemas.common import DeviceRef, RequestModel
+from service.schemas.common import FIRST_RUN_FAMILIES, DeviceRef, RequestModel
 from service.schemas.documents import LenientDocument, SchemaOf, StoredDocument, document_of_kind
 from service.schemas.plan_results import NetworkDocument
 
@@ -47,13 +47,13 @@ class CampaignCreate(RequestModel):
     """A profile campaign for a remote device's agent: which families to sample, and how much."""
 
     families: list[FamilyName] = Field(
-        default_factory=lambda: ["resnet18", "resnet50", "mobilenet_v2", "generated"],
+        default_factory=lambda: list(FIRST_RUN_FAMILIES),
         min_length=1,
         max_length=32,
         description="Families measured: torchvision classification models (their width variants), "
         "`generated` (seeded random CNNs, so the predictor answers for networks unlike the named "
-        "families), `generated_transformer` (those, and transformer-style networks timed in context) "
-        "and `op_coverage` (every IR operator).",
+        "families), `generated_transformer` (those, and transformer-style networks timed in context), "
+        "`op_coverage` (every IR operator) and `wide_dense` (dense convolutions too wide for the caches).",
     )
     kinds: list[KindName] = Field(default_factory=lambda: list(ALL_KINDS), min_length=1, max_length=3)
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width.")

@@ -7,6 +7,11 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+# What the first run profiles, and a campaign measures unless told otherwise: three common
+# torchvision families, dense convolutions on either side of the machine's last-level cache
+# (`wide_dense`), and seeded random CNNs (`generated`); docs/predictor.md.
+FIRST_RUN_FAMILIES: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2", "wide_dense", "generated")
+
 # Names end up in URLs and on command lines, so keep them to characters that need no quoting.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 

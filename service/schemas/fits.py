@@ -76,6 +76,11 @@ class PredictorMetrics(LenientDocument):
         "time of the last third over that of the first third, minus one (negative: faster by the end). "
         "Past +-0.15 the probe takes out only part of the change.",
     )
+    last_level_cache_kb: int | None = Field(
+        default=None,
+        description="The device's last-level cache (KiB) the fit priced weights past it against; null when "
+        "unknown, and then no layer is priced as spilling from it.",
+    )
 
 
 class _FittedResult(StoredDocument):

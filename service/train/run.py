@@ -30,7 +30,7 @@ from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import MIN_NETWORK_SAMPLES, TrainConfig, fit_predictor
 from lpnet.pruning import dump_pruned, export_pruned_onnx
 from profiler.backends.base import get_backend
-from profiler.environment import AllocatorPolicy, apply_allocator_policy
+from profiler.environment import AllocatorPolicy, apply_allocator_policy, last_level_cache_kb
 from profiler.protocol import TimingProtocol
 from profiler.variants import measure_width_variants
 from profiler.verification import NetworkMeter
@@ -168,7 +168,11 @@ def run_train(request: TrainRequest, note: Note = logger.info) -> TrainReport:
     else:
         assert request.fit_variants is not None  # `check`: one of the two
         predictor, measured_unpruned = fitted_predictor(
-            network, request.fit_variants, meter, fit_configs(request.fit, config.seed), note
+            network,
+            request.fit_variants,
+            meter,
+            fit_configs(request.fit, config.seed, last_level_cache_kb()),
+            note,
         )
     train_base(module, data, request, note)
     if request.verify:

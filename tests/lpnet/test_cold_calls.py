@@ -20,7 +20,7 @@ from lpnet.predictor.features import (
     tensorize,
     work_terms,
 )
-from lpnet.predictor.model import INITIAL_LOG_CACHE, cold_share
+from lpnet.predictor.model import INITIAL_LOG_CACHE, LPNetConfig, cold_share
 from lpnet.predictor.samples import NetworkSample, pack_samples
 from lpnet.predictor.train import initial_log_rates
 
@@ -99,7 +99,7 @@ def test_initial_rates_recover_a_known_cold_cost() -> None:
             name: float(0.01 + 0.05 * c) for name, c in zip(tn.layer_names, cold.tolist(), strict=True)
         }
         samples.append(NetworkSample(network, sum(per_layer.values()), per_layer))
-    rates = torch.exp(initial_log_rates(pack_samples(samples)))
+    rates = torch.exp(initial_log_rates(pack_samples(samples), LPNetConfig().log_spill_weights))
     for kind in ("batchnorm2d", "relu"):
         fitted = rates[RATE_KIND_INDEX[kind]]
         assert float(fitted[2]) == pytest.approx(0.01, rel=0.05)

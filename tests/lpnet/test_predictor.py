@@ -436,7 +436,7 @@ def test_initial_rates_recover_a_known_cost_model() -> None:
         per_layer = {name: float(2e-7 * w[0] + 0.01) for name, w in zip(tn.layer_names, work, strict=True)}
         samples.append(NetworkSample(network, sum(per_layer.values()), per_layer))
     # The 3x3 and the 1x1 convolutions are fitted apart (rate kinds), both to the same law.
-    rates = torch.exp(initial_log_rates(pack_samples(samples)))
+    rates = torch.exp(initial_log_rates(pack_samples(samples), LPNetConfig().log_spill_weights))
     for kind in ("conv2d", "conv2d_pointwise"):
         fitted = rates[RATE_KIND_INDEX[kind]]
         assert float(fitted[0]) == pytest.approx(2e-7, rel=0.05)

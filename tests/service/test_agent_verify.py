@@ -24,9 +24,10 @@ from service.config import FitSettings, get_settings
 from service.db.base import utcnow
 from service.db.models import AgentTask, ApiKey, Device, Job, KeyScope, TaskKind, TaskStatus
 from service.jobs.queue import wake_job
-from service.predictors import FittedPredictor, fit_from_samples, store_predictor, training_samples
+from service.predictors import FittedPredictor, fit_from_samples, store_predictor
 from service.profiles import measurement_rows
 from service.testing.tiny import TinyProfile
+from service.training_set import training_samples
 from tests.service.support import feasible_budget
 from tests.service.test_agent_campaigns import (
     LiveServer,

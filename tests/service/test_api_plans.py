@@ -149,7 +149,8 @@ def test_verified_plans_judge_at_the_speed_the_predictor_was_fitted_at(
 ) -> None:
     api = sqlite_api
     from service.config import FitSettings
-    from service.predictors import fit_from_samples, training_samples
+    from service.predictors import fit_from_samples
+    from service.training_set import training_samples
 
     api.store_measurements(api.device_id, tiny_profile.measurements)
     with api.factory() as session:

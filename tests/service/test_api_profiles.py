@@ -297,7 +297,7 @@ def test_speed_probe_fields_are_stored_with_the_row(api: Api, tiny_profile: Tiny
 def test_a_fully_probed_device_trains_on_latencies_at_its_nominal_probe_speed(
     api: Api, tiny_profile: TinyProfile
 ) -> None:
-    from service.predictors import training_samples
+    from service.training_set import training_samples
 
     batch = tiny_profile.batch_json("batch-probe-0002", tiny_profile.one_per_architecture)
     assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201
@@ -319,7 +319,7 @@ def test_a_fully_probed_device_trains_on_latencies_at_its_nominal_probe_speed(
 
 
 def test_a_device_with_unprobed_rows_trains_on_milliseconds(api: Api, tiny_profile: TinyProfile) -> None:
-    from service.predictors import training_samples
+    from service.training_set import training_samples
 
     rows = tiny_profile.one_per_architecture
     batch = _unprobed(tiny_profile.batch_json("batch-probe-0003", rows), *range(len(rows) - 1))
@@ -333,7 +333,8 @@ def test_a_device_with_unprobed_rows_trains_on_milliseconds(api: Api, tiny_profi
 def test_repeated_timings_of_one_architecture_train_as_one_median_sample(
     api: Api, tiny_profile: TinyProfile
 ) -> None:
-    from service.predictors import ok_network_count, training_samples
+    from service.predictors import ok_network_count
+    from service.training_set import training_samples
 
     batch = _unprobed(tiny_profile.batch_json("batch-repl-0001", tiny_profile.one_per_architecture))
     assert api.post(profiles_url(api), key="agent", json=batch).status_code == 201

@@ -25,8 +25,19 @@ from tests.service.support import Api, api_client
 from tests.service.test_health_api import LiveServer, assert_error_shape
 
 # Generous for a loaded two-core machine: parsing a 40,000-layer body on the event loop held it for
-# about half a second.
+# about half a second. On a slower machine the bound is the time one parse of that body takes here
+# (`_parse_seconds`): parsing on the loop would hold /healthz at least that long.
 HEALTHZ_BOUND_S = 0.3
+
+
+def _parse_seconds(body: bytes) -> float:
+    """The shortest of three parses of `body` in this process."""
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        json.loads(body)
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 @dataclass
@@ -119,7 +130,10 @@ def test_healthz_answers_while_large_bodies_are_parsed(live: Live) -> None:
         stop.set()
         gc.unfreeze()
     assert len(statuses) >= 4 and set(statuses) <= {409, 413, 422}
-    assert max(durations) < HEALTHZ_BOUND_S, f"/healthz took up to {max(durations) * 1000:.0f} ms"
+    bound = max(HEALTHZ_BOUND_S, _parse_seconds(bodies[0]))
+    assert max(durations) < bound, (
+        f"/healthz took up to {max(durations) * 1000:.0f} ms (bound {bound * 1000:.0f} ms)"
+    )
 
 
 @pytest.mark.parametrize("path", ["/v1/latency", "/v1/latency/batch", "/v1/plans"])

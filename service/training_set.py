@@ -1,0 +1,117 @@
+"""A device's training set: its measured networks as predictor samples, what their latencies mean,
+and the device facts a fit needs (its last-level cache)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lpnet.arch.ir import Network
+from lpnet.predictor.samples import NetworkSample, merge_replicates
+from profiler.speed import PROBE_VERSION, nominal_probe_ms, scale_to_nominal, speed_shift, typical_slowdown
+from service.db.models import Device, MeasurementStatus, NetworkMeasurement, ProfileRun
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """A device's training samples and what their latencies mean.
+
+    `labels` is "ms" for the measured milliseconds, or "probe" when every network row was timed
+    against the speed probe (profiler.speed): latencies are then at the device's nominal probe
+    speed, `nominal_probe_ms`, which takes out how fast the machine happened to run at each moment.
+    `timings` counts the measurement rows behind the samples (one sample per architecture);
+    `typical_slowdown` how much slower than quiet the machine ran during them
+    (`profiler.speed.typical_slowdown`; None without probes), and `speed_shift` how much its speed
+    moved between the first and the last third of them in the order they were stored
+    (`profiler.speed.speed_shift`); `last_level_cache_kb` the device's last-level cache
+    (`device_cache_kb`), which decides where layers' weights spill from it.
+    """
+
+    samples: list[NetworkSample]
+    labels: str
+    nominal_probe_ms: float | None
+    timings: int = 0
+    typical_slowdown: float | None = None
+    speed_shift: float | None = None
+    last_level_cache_kb: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "nominal_probe_ms": self.nominal_probe_ms,
+            "timings": self.timings,
+            "typical_slowdown": self.typical_slowdown,
+            "speed_shift": self.speed_shift,
+            "last_level_cache_kb": self.last_level_cache_kb,
+        }
+
+
+# A last-level cache outside this range (KiB) is not believed: the environment is client-supplied.
+_CACHE_KB_RANGE = (64, 64 * 1024 * 1024)
+
+
+def device_cache_kb(session: Session, device_id: int) -> int | None:
+    """The device's last-level cache (KiB) as its newest profile run that recorded one found it, else
+    as its registration or agent recorded it; None where none did or the value is not plausible."""
+    recorded = session.scalars(
+        select(ProfileRun.environment).where(ProfileRun.device_id == device_id).order_by(ProfileRun.id.desc())
+    ).all()
+    device = session.get(Device, device_id)
+    candidates = [*recorded, device.environment if device is not None else {}]
+    for environment in candidates:
+        value = (environment or {}).get("last_level_cache_kb")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if _CACHE_KB_RANGE[0] <= value <= _CACHE_KB_RANGE[1] else None
+    return None
+
+
+def training_samples(session: Session, device_id: int) -> TrainingSet:
+    """The device's successful network measurements as predictor training samples.
+
+    Repeated timings of one architecture become one sample labelled with their median
+    (`lpnet.predictor.samples.merge_replicates`), after scaling to the nominal probe speed.
+    """
+    rows = session.execute(
+        select(
+            NetworkMeasurement.architecture,
+            NetworkMeasurement.median_ms,
+            NetworkMeasurement.per_layer,
+            NetworkMeasurement.family,
+            NetworkMeasurement.probe_ms,
+            NetworkMeasurement.relative_latency,
+            NetworkMeasurement.probe_version,
+        )
+        .where(NetworkMeasurement.device_id == device_id, NetworkMeasurement.status == MeasurementStatus.OK)
+        .order_by(NetworkMeasurement.id)
+    ).all()
+    probed = bool(rows) and all(
+        row.probe_version == PROBE_VERSION and row.probe_ms and row.relative_latency for row in rows
+    )
+    nominal = nominal_probe_ms(rows) if probed else None
+    samples = []
+    for architecture, median_ms, per_layer, family, probe_ms, relative, _ in rows:
+        per_layer_ms = {str(t["layer"]): float(t["ms"]) for t in per_layer} if per_layer else None
+        latency = float(median_ms)
+        if nominal is not None:
+            latency, per_layer_ms = scale_to_nominal(float(relative), float(probe_ms), per_layer_ms, nominal)
+        samples.append(
+            NetworkSample(
+                network=Network.model_validate(architecture),
+                latency_ms=latency,
+                per_layer_ms=per_layer_ms,
+                family=family,
+            )
+        )
+    probes = [float(row.probe_ms) for row in rows] if probed else []
+    return TrainingSet(
+        merge_replicates(samples),
+        "probe" if probed else "ms",
+        nominal,
+        len(samples),
+        typical_slowdown(probes),
+        speed_shift(probes),
+        device_cache_kb(session, device_id),
+    )
