@@ -258,9 +258,9 @@ class LatencyPredictor:
         warnings: list[str] = []
         convolutions = {RATE_KIND_INDEX[kind] for kind in (Op.CONV2D.value, *CONV_KINDS)}
         for kind in kinds[spills].unique().tolist():
-            rows = spills & (kinds == kind)
             if kind not in convolutions:
                 continue
+            rows = spills & (kinds == kind)
             share = float(layer_ms[rows].sum()) / total
             if not bool(unpriced[kind]) or share < WORK_SHARE:
                 continue

@@ -193,7 +193,7 @@ def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Te
     cache size and spilled weights at `log_spill_weights`), then per rate kind from its in-context
     layer times where at least `_MIN_OP_ROWS` layers were timed. A price per spilled weight is fitted
     only where at least `_MIN_SPILL_ROWS` networks (or in-context layers of the kind) spilled; elsewhere
-    it is zero: nothing measured says what spilling costs there (`TrainingDomain` warns).
+    it is zero: nothing measured says what spilling costs there (`LatencyPredictor` warns).
     """
     terms = work_terms(data.features)
     work = torch.exp(terms[:, :OWN_WORK_TERMS]).double()  # (N, 2)
