@@ -65,6 +65,23 @@ def _wait_for_end(database_url: str, job_id: int, deadline: float) -> dict[str, 
         time.sleep(0.1)
 
 
+def _freeze_owner(
+    database_url: str, job_id: int, process: subprocess.Popen[bytes], victim_pid: int
+) -> dict[str, Any]:
+    """Stop `process` (SIGSTOP) and return the job as stored while it is frozen.
+
+    Raises:
+        RuntimeError: The job had ended or changed owner before the worker froze: the plan is too short
+            to be killed in on this machine.
+    """
+    process.send_signal(signal.SIGSTOP)
+    job = read_job(database_url, job_id)
+    if job["status"] != "running" or _worker_pid(job["lease_owner"]) != victim_pid:
+        process.send_signal(signal.SIGCONT)
+        raise RuntimeError(f"the plan ended before its worker could be stopped; make it longer: {job}")
+    return job
+
+
 def worker_kill(
     api: ServedApi,
     processes: Processes,
@@ -72,11 +89,13 @@ def worker_kill(
     plan_request: dict[str, Any],
     *,
     lease_seconds: float = 2.0,
-    kill_after_seconds: float = 0.3,
     timeout: float = 90.0,
 ) -> dict[str, Any]:
-    """Two workers; the one that leased the plan is SIGKILLed `kill_after_seconds` into its planning
-    phase; the other must take it over once the lease lapses, and finish it.
+    """Two workers; the one that leased the plan is frozen as soon as it is seen planning, then SIGKILLed;
+    the other must take the plan over once the lease lapses, and finish it.
+
+    Freezing first means the job is known to be running on the victim at the moment of the kill, however
+    fast this machine plans.
 
     Returns the job as stored at the end, the killed and surviving worker pids, and the times.
     """
@@ -95,8 +114,7 @@ def worker_kill(
     victim_pid = _worker_pid(job["lease_owner"])
     assert victim_pid is not None
     victim = by_pid[victim_pid]
-    time.sleep(kill_after_seconds)
-    running_when_killed = read_job(api.database_url, job_id)
+    running_when_killed = _freeze_owner(api.database_url, job_id, workers[victim], victim_pid)
     workers[victim].send_signal(signal.SIGKILL)
     workers[victim].wait(10)
     processes.running.pop(victim)
@@ -108,7 +126,9 @@ def worker_kill(
         plan = client.get(f"/v1/plans/{job_id}").json()
     survivor_pid = _worker_pid(final["lease_owner"])
     survivor = by_pid.get(survivor_pid) if survivor_pid is not None else None
-    survivor_exit = processes.stop(survivor) if survivor is not None else None
+    survivor_exit = (
+        processes.stop(survivor) if survivor is not None and survivor in processes.running else None
+    )
     for name in workers:
         if name in processes.running:
             processes.stop(name)
