@@ -53,6 +53,8 @@ def dump_predictor(predictor: LatencyPredictor, extra: dict[str, Any] | None = N
         "domain_ops": json.dumps(sorted(predictor.domain.ops)),
         "extra": json.dumps(extra or {}),
     }
+    if predictor.domain.spilled_kinds is not None:
+        header["domain_spilled_kinds"] = json.dumps(sorted(predictor.domain.spilled_kinds))
     return save_tensors(tensors, metadata=header)
 
 
@@ -139,5 +141,8 @@ def load_predictor(data: bytes) -> LatencyPredictor:
         feature_max=tensors["domain.feature_max"],
         work_min=tensors.get("domain.work_min"),
         work_max=tensors.get("domain.work_max"),
+        spilled_kinds=frozenset(json.loads(header["domain_spilled_kinds"]))
+        if "domain_spilled_kinds" in header
+        else None,
     )
     return LatencyPredictor(model, domain)

@@ -33,8 +33,12 @@ _RANGE_MARGIN = 0.1
 # small layers past the edge cannot move the total much.
 WORK_MARGIN = 1.5
 WORK_SHARE = 0.05
-# Below this log price per spilled weight (ms), a rate kind has none: nothing of it spilled in training
-# (a measured one is near 5e-6 ms per weight, log -12).
+# Networks, or layers of a rate kind, whose weights spilled from the last-level cache before a fit
+# prices spilling (`lpnet.predictor.train.initial_log_rates`) and a prediction takes the kind's
+# spilled layers as priced (`TrainingDomain.spilled_kinds`).
+MIN_SPILLED_LAYERS = 3
+# Below this log price per spilled weight (ms), a rate kind has none; what a predictor stored without
+# its spilled kinds goes by (a measured price is near 5e-6 ms per weight, log -12).
 _UNPRICED_LOG_RATE = -20.0
 _WORK_TERMS = ("MACs", "elements moved")
 
@@ -79,6 +83,8 @@ class TrainingDomain:
     `work_min` and `work_max` are (len(RATE_KINDS), 2): the smallest and largest log MACs and log
     elements moved of the training layers of each rate kind (`work_terms`); a kind no training
     layer had has min +inf and max -inf. None when the predictor was stored without them.
+    `spilled_kinds` are the rate kinds of which at least `MIN_SPILLED_LAYERS` training layers held
+    weights past the device's spill point; None when the predictor was stored without them.
     """
 
     ops: set[str]
@@ -86,19 +92,26 @@ class TrainingDomain:
     feature_max: torch.Tensor
     work_min: torch.Tensor | None = None
     work_max: torch.Tensor | None = None
+    spilled_kinds: frozenset[str] | None = None
 
     @classmethod
-    def of(cls, ops: torch.Tensor, features: torch.Tensor) -> TrainingDomain:
-        """The domain of training layers: op indices (N,) and raw features (N, F)."""
-        work_min, work_max = kind_ranges(
-            work_terms(features)[..., :OWN_WORK_TERMS], rate_kinds(ops, features)
-        )
+    def of(cls, ops: torch.Tensor, features: torch.Tensor, log_spill_weights: float) -> TrainingDomain:
+        """The domain of training layers: op indices (N,) and raw features (N, F), and the device's log
+        spill point in weights (`LPNetConfig.log_spill_weights`)."""
+        kinds = rate_kinds(ops, features)
+        terms = work_terms(features)
+        work_min, work_max = kind_ranges(terms[..., :OWN_WORK_TERMS], kinds)
+        spilled = spill_share(terms[:, WEIGHTS_TERM], log_spill_weights) > math.log(0.5)
+        counts = torch.bincount(kinds[spilled], minlength=len(RATE_KINDS))
         return cls(
             ops={OPS[i].value for i in ops.unique().tolist()},
             feature_min=features.min(0).values,
             feature_max=features.max(0).values,
             work_min=work_min,
             work_max=work_max,
+            spilled_kinds=frozenset(
+                RATE_KINDS[i] for i in (counts >= MIN_SPILLED_LAYERS).nonzero().flatten()
+            ),
         )
 
     def warnings_for(
@@ -239,8 +252,9 @@ class LatencyPredictor:
         self, tn: TensorizedNetwork, features: torch.Tensor, layer_ms: torch.Tensor
     ) -> list[str]:
         """One warning per convolution kind whose layers' weights spill from the device's last-level
-        cache when nothing measured of that kind spilled, so the predictor has no price for it
-        (`initial_log_rates`), and the layers take at least `WORK_SHARE` of the predicted total.
+        cache when fewer than `MIN_SPILLED_LAYERS` layers of that kind spilled in training
+        (`TrainingDomain.spilled_kinds`; for a predictor stored without them, when the kind's price
+        per spilled weight is zero), and the layers take at least `WORK_SHARE` of the predicted total.
 
         Only convolutions: they read their weights again for every tile of output positions, which
         past the cache costs several times their work (`lpnet.predictor.model`); a linear layer at
@@ -252,8 +266,7 @@ class LatencyPredictor:
         kinds = rate_kinds(tn.ops, features)  # (L,)
         log_weights = work_terms(features)[:, WEIGHTS_TERM]
         spills = spill_share(log_weights, config.log_spill_weights) > math.log(0.5)
-        rates = torch.stack([member.log_rates[:, 4] for member in self.model.members])  # (K, R)
-        unpriced = torch.logsumexp(rates, 0) - math.log(rates.shape[0]) < _UNPRICED_LOG_RATE  # (R,)
+        unpriced = self._unpriced_spill_kinds()  # (R,)
         total = float(layer_ms.sum()) or 1.0
         warnings: list[str] = []
         convolutions = {RATE_KIND_INDEX[kind] for kind in (Op.CONV2D.value, *CONV_KINDS)}
@@ -273,6 +286,14 @@ class LatencyPredictor:
                 "large was measured on it: such layers can run several times slower than their work suggests"
             )
         return warnings
+
+    def _unpriced_spill_kinds(self) -> torch.Tensor:
+        """(len(RATE_KINDS),) bool: the kinds too few of whose training layers spilled to price it."""
+        spilled = self.domain.spilled_kinds
+        if spilled is not None:
+            return torch.tensor([kind not in spilled for kind in RATE_KINDS])
+        rates = torch.stack([member.log_rates[:, 4] for member in self.model.members])  # (K, R)
+        return torch.logsumexp(rates, 0) - math.log(rates.shape[0]) < _UNPRICED_LOG_RATE
 
     def log_spread(self, network: Network) -> float:
         """How far the ensemble's members disagree on a network: their robust spread of log latency

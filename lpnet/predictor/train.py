@@ -32,7 +32,7 @@ from lpnet.predictor.model import (
     cold_share,
     spill_share,
 )
-from lpnet.predictor.predict import LatencyPredictor, TrainingDomain
+from lpnet.predictor.predict import MIN_SPILLED_LAYERS, LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Te
     network's time against its summed MACs, elements, layer count, cold shares at the initial
     cache size and spilled weights at `log_spill_weights`), then per rate kind from its in-context
     layer times where at least `_MIN_OP_ROWS` layers were timed. A price per spilled weight is fitted
-    only where at least `_MIN_SPILL_ROWS` networks (or in-context layers of the kind) spilled; elsewhere
+    only where at least `MIN_SPILLED_LAYERS` networks (or in-context layers of the kind) spilled; elsewhere
     it is zero: nothing measured says what spilling costs there (`LatencyPredictor` warns).
     """
     terms = work_terms(data.features)
@@ -218,18 +218,15 @@ def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Te
 
 
 _MIN_OP_ROWS = 8
-# Networks, or in-context layers of a rate kind, whose weights spilled from the last-level cache
-# before a price per spilled weight is fitted.
-_MIN_SPILL_ROWS = 3
 
 
 def _non_negative_fit(design: torch.Tensor, target: torch.Tensor, spilled_rows: int) -> torch.Tensor:
     """Non-negative coefficients of `target ~ design` in relative error (each row weighted 1/target);
-    the last column's (weights past the cache) is zero unless `spilled_rows` >= `_MIN_SPILL_ROWS`."""
+    the last column's (weights past the cache) is zero unless `spilled_rows` >= `MIN_SPILLED_LAYERS`."""
     # Imported here: scikit-learn costs a second to import, and a process that only predicts never fits.
     from sklearn.linear_model import LinearRegression
 
-    columns = design.shape[1] if spilled_rows >= _MIN_SPILL_ROWS else design.shape[1] - 1
+    columns = design.shape[1] if spilled_rows >= MIN_SPILLED_LAYERS else design.shape[1] - 1
     fitted = design[:, :columns]
     weight = 1.0 / target.clamp_min(1e-6)
     scale = fitted.abs().amax(0).clamp_min(1e-12)
@@ -448,7 +445,9 @@ def fit_cross_validated(
     )
     held = sorted((i, k) for k, out in enumerate(left_out) for i in out)
     return CrossFit(
-        predictor=LatencyPredictor(model, TrainingDomain.of(packed.ops, packed.features)),
+        predictor=LatencyPredictor(
+            model, TrainingDomain.of(packed.ops, packed.features, model.config.log_spill_weights)
+        ),
         held_out=[i for i, _ in held],
         held_out_member=[k for _, k in held],
         held_out_ms=[float(predictions[k, i]) for i, k in held],

@@ -3,6 +3,7 @@ cache pays for each of them, once a profile has timed such layers; until then it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -120,6 +121,44 @@ def test_a_spilled_layer_of_a_kind_that_never_spilled_in_training_is_warned(
     linear = spill_predictor.predict(network_from_module(head, (1, 8, 8, 8), name="wide-linear"))
     assert float(spill_predictor.model.members[0].log_rates[RATE_KIND_INDEX["linear"], 4]) < -20
     assert not any("last-level cache" in w for w in linear.warnings)
+
+
+def test_the_domain_records_the_kinds_that_spilled_in_training_and_warnings_follow_it(
+    spill_predictor: LatencyPredictor,
+) -> None:
+    # Only the dense convolutions of `_samples` reach past the cache.
+    assert spill_predictor.domain.spilled_kinds == frozenset({"conv2d"})
+    loaded = load_predictor(dump_predictor(spill_predictor))
+    assert loaded.domain.spilled_kinds == frozenset({"conv2d"})
+    # The record decides, not the fitted price: a priced kind the record lacks is warned of.
+    dense = _network(80, 16, "recorded")
+    assert not any("last-level cache" in w for w in spill_predictor.predict(dense).warnings)
+    unrecorded = LatencyPredictor(
+        spill_predictor.model, dataclasses.replace(spill_predictor.domain, spilled_kinds=frozenset())
+    )
+    spill = [w for w in unrecorded.predict(dense).warnings if "last-level cache" in w]
+    assert len(spill) == 1 and spill[0].startswith("1 conv2d layer(s)")
+    # Wide 1x1 convolutions in training: their kind is recorded, and a wide one is not warned of.
+    rng = np.random.default_rng(5)
+    wide = [_law(_network(16, int(rng.integers(1200, 3000)), f"wide-{i}"), CONFIG, rng) for i in range(8)]
+    both = fit_predictor([*_samples(22, seed=2), *wide], CONFIG, FIT)
+    assert both.domain.spilled_kinds is not None
+    assert {"conv2d", "conv2d_pointwise"} <= both.domain.spilled_kinds
+    assert not any(
+        "last-level cache" in w for w in both.predict(_network(16, 4096, "wide-pointwise")).warnings
+    )
+
+
+def test_a_predictor_stored_without_its_spilled_kinds_goes_by_the_fitted_prices(
+    spill_predictor: LatencyPredictor,
+) -> None:
+    data = dump_predictor(spill_predictor)
+    header = read_header(data)
+    del header["domain_spilled_kinds"]
+    old = load_predictor(save_tensors(load_tensors(data), metadata=header))
+    assert old.domain.spilled_kinds is None
+    assert not any("last-level cache" in w for w in old.predict(_network(80, 16, "priced")).warnings)
+    assert any("last-level cache" in w for w in old.predict(_network(16, 4096, "unpriced")).warnings)
 
 
 def test_widths_across_the_spill_point_keep_finite_gradients_of_the_right_sign(
