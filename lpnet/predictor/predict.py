@@ -83,8 +83,9 @@ class TrainingDomain:
     `work_min` and `work_max` are (len(RATE_KINDS), 2): the smallest and largest log MACs and log
     elements moved of the training layers of each rate kind (`work_terms`); a kind no training
     layer had has min +inf and max -inf. None when the predictor was stored without them.
-    `spilled_kinds` are the rate kinds of which at least `MIN_SPILLED_LAYERS` training layers held
-    weights past the device's spill point; None when the predictor was stored without them.
+    `spilled_kinds` are the rate kinds of which at least `MIN_SPILLED_LAYERS` layers timed in context
+    held weights past the device's spill point, the layers a kind's own price is fitted from; None
+    when the predictor was stored without them.
     """
 
     ops: set[str]
@@ -95,13 +96,16 @@ class TrainingDomain:
     spilled_kinds: frozenset[str] | None = None
 
     @classmethod
-    def of(cls, ops: torch.Tensor, features: torch.Tensor, log_spill_weights: float) -> TrainingDomain:
-        """The domain of training layers: op indices (N,) and raw features (N, F), and the device's log
-        spill point in weights (`LPNetConfig.log_spill_weights`)."""
+    def of(
+        cls, ops: torch.Tensor, features: torch.Tensor, timed: torch.Tensor, log_spill_weights: float
+    ) -> TrainingDomain:
+        """The domain of training layers: op indices (N,), raw features (N, F), whether each layer was
+        timed in context (N,), and the device's log spill point in weights
+        (`LPNetConfig.log_spill_weights`)."""
         kinds = rate_kinds(ops, features)
         terms = work_terms(features)
         work_min, work_max = kind_ranges(terms[..., :OWN_WORK_TERMS], kinds)
-        spilled = spill_share(terms[:, WEIGHTS_TERM], log_spill_weights) > math.log(0.5)
+        spilled = timed & (spill_share(terms[:, WEIGHTS_TERM], log_spill_weights) > math.log(0.5))
         counts = torch.bincount(kinds[spilled], minlength=len(RATE_KINDS))
         return cls(
             ops={OPS[i].value for i in ops.unique().tolist()},
@@ -252,8 +256,8 @@ class LatencyPredictor:
         self, tn: TensorizedNetwork, features: torch.Tensor, layer_ms: torch.Tensor
     ) -> list[str]:
         """One warning per convolution kind whose layers' weights spill from the device's last-level
-        cache when fewer than `MIN_SPILLED_LAYERS` layers of that kind spilled in training
-        (`TrainingDomain.spilled_kinds`; for a predictor stored without them, when the kind's price
+        cache when fewer than `MIN_SPILLED_LAYERS` layers of that kind timed in context spilled in
+        training (`TrainingDomain.spilled_kinds`; for a predictor stored without them, when the kind's price
         per spilled weight is zero), and the layers take at least `WORK_SHARE` of the predicted total.
 
         Only convolutions: they read their weights again for every tile of output positions, which
@@ -288,7 +292,7 @@ class LatencyPredictor:
         return warnings
 
     def _unpriced_spill_kinds(self) -> torch.Tensor:
-        """(len(RATE_KINDS),) bool: the kinds too few of whose training layers spilled to price it."""
+        """(len(RATE_KINDS),) bool: the kinds too few of whose timed layers spilled to price them."""
         spilled = self.domain.spilled_kinds
         if spilled is not None:
             return torch.tensor([kind not in spilled for kind in RATE_KINDS])

@@ -446,7 +446,13 @@ def fit_cross_validated(
     held = sorted((i, k) for k, out in enumerate(left_out) for i in out)
     return CrossFit(
         predictor=LatencyPredictor(
-            model, TrainingDomain.of(packed.ops, packed.features, model.config.log_spill_weights)
+            model,
+            TrainingDomain.of(
+                packed.ops,
+                packed.features,
+                ~torch.isnan(packed.layer_target_ms),
+                model.config.log_spill_weights,
+            ),
         ),
         held_out=[i for i, _ in held],
         held_out_member=[k for _, k in held],

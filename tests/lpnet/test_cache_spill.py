@@ -144,9 +144,13 @@ def test_the_domain_records_the_kinds_that_spilled_in_training_and_warnings_foll
     both = fit_predictor([*_samples(22, seed=2), *wide], CONFIG, FIT)
     assert both.domain.spilled_kinds is not None
     assert {"conv2d", "conv2d_pointwise"} <= both.domain.spilled_kinds
-    assert not any(
-        "last-level cache" in w for w in both.predict(_network(16, 4096, "wide-pointwise")).warnings
-    )
+    query = _network(16, 4096, "wide-pointwise")
+    assert not any("last-level cache" in w for w in both.predict(query).warnings)
+    # Timed only as whole networks, they price no kind of their own: not recorded, and warned of.
+    whole = [NetworkSample(sample.network, sample.latency_ms, None, PROFILING_FAMILY) for sample in wide]
+    unseen = fit_predictor([*_samples(22, seed=2), *whole], CONFIG, FIT)
+    assert unseen.domain.spilled_kinds == frozenset({"conv2d"})
+    assert any("last-level cache" in w for w in unseen.predict(query).warnings)
 
 
 def test_a_predictor_stored_without_its_spilled_kinds_goes_by_the_fitted_prices(
