@@ -161,12 +161,10 @@ def fit_from_samples(
     """
     from lpnet.predictor.report import fit_with_report
 
-    basis = (
-        samples.describe() if isinstance(samples, TrainingSet) else {"labels": "ms", "nominal_probe_ms": None}
-    )
-    cache_kb = samples.last_level_cache_kb if isinstance(samples, TrainingSet) else None
+    basis: dict[str, Any] = {"labels": "ms", "nominal_probe_ms": None}
+    cache_kb = None
     if isinstance(samples, TrainingSet):
-        samples = samples.samples
+        basis, cache_kb, samples = samples.describe(), samples.last_level_cache_kb, samples.samples
     config, train = fit_configs(settings or FitSettings(), last_level_cache_kb=cache_kb)
     started = time.perf_counter()
     report = fit_with_report(samples, config, train, progress=progress)

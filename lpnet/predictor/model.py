@@ -153,6 +153,11 @@ def spill_share(log_weights: torch.Tensor, log_spill_weights: float) -> torch.Te
     return torch.nn.functional.logsigmoid(SPILL_SHARPNESS * (log_weights - log_spill_weights))
 
 
+def spills(log_weights: torch.Tensor, log_spill_weights: float) -> torch.Tensor:
+    """Whether a layer counts as spilled: more than half its weights priced past the cache."""
+    return spill_share(log_weights, log_spill_weights) > math.log(0.5)
+
+
 def warm_log_ms(work: torch.Tensor, log_rates: torch.Tensor, log_spill_weights: float) -> torch.Tensor:
     """log(e^a MACs + e^b elements + e^d + e^g weights spill), the base without its cold term: work
     (..., 4) (`work_terms`), log_rates (..., 5) -> (...)."""

@@ -23,7 +23,7 @@ from lpnet.predictor.features import (
     tensorize,
     work_terms,
 )
-from lpnet.predictor.model import LPNet, member_log_spread, spill_share
+from lpnet.predictor.model import LPNet, member_log_spread, spills
 
 _OP_NAMES: tuple[str, ...] = tuple(op.value for op in OPS)
 # How far (in units of the training range) a feature may stray before a result is flagged.
@@ -105,7 +105,7 @@ class TrainingDomain:
         kinds = rate_kinds(ops, features)
         terms = work_terms(features)
         work_min, work_max = kind_ranges(terms[..., :OWN_WORK_TERMS], kinds)
-        spilled = timed & (spill_share(terms[:, WEIGHTS_TERM], log_spill_weights) > math.log(0.5))
+        spilled = timed & spills(terms[:, WEIGHTS_TERM], log_spill_weights)
         counts = torch.bincount(kinds[spilled], minlength=len(RATE_KINDS))
         return cls(
             ops={OPS[i].value for i in ops.unique().tolist()},
@@ -269,15 +269,15 @@ class LatencyPredictor:
             return []
         kinds = rate_kinds(tn.ops, features)  # (L,)
         log_weights = work_terms(features)[:, WEIGHTS_TERM]
-        spills = spill_share(log_weights, config.log_spill_weights) > math.log(0.5)
+        spilled = spills(log_weights, config.log_spill_weights)
         unpriced = self._unpriced_spill_kinds()  # (R,)
         total = float(layer_ms.sum()) or 1.0
         warnings: list[str] = []
         convolutions = {RATE_KIND_INDEX[kind] for kind in (Op.CONV2D.value, *CONV_KINDS)}
-        for kind in kinds[spills].unique().tolist():
+        for kind in kinds[spilled].unique().tolist():
             if kind not in convolutions:
                 continue
-            rows = spills & (kinds == kind)
+            rows = spilled & (kinds == kind)
             share = float(layer_ms[rows].sum()) / total
             if not bool(unpriced[kind]) or share < WORK_SHARE:
                 continue

@@ -31,6 +31,7 @@ from lpnet.predictor.model import (
     LPNetConfig,
     cold_share,
     spill_share,
+    spills,
 )
 from lpnet.predictor.predict import MIN_SPILLED_LAYERS, LatencyPredictor, TrainingDomain
 from lpnet.predictor.samples import NetworkSample, PackedSamples, pack_samples
@@ -201,10 +202,11 @@ def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Te
     calls = torch.ones(work.shape[0], 1, dtype=torch.float64)
     share = torch.exp(spill_share(terms[:, WEIGHTS_TERM], log_spill_weights)).double()
     spilled = torch.exp(terms[:, WEIGHTS_TERM]).double() * share
+    spilled_layer = spills(terms[:, WEIGHTS_TERM], log_spill_weights)
     design = torch.cat([work, calls, cold[:, None], spilled[:, None]], dim=1)  # (N, BASE_TERMS)
     per_network = torch.zeros(data.num_networks, BASE_TERMS, dtype=torch.float64)
     per_network = per_network.index_add(0, data.segment, design)
-    spilling_networks = int(data.segment[share > 0.5].unique().numel())
+    spilling_networks = int(data.segment[spilled_layer].unique().numel())
     overall = _non_negative_fit(per_network, data.network_target_ms.double(), spilling_networks)
     rates = overall.expand(len(RATE_KINDS), BASE_TERMS).clone()
     timed = ~torch.isnan(data.layer_target_ms)
@@ -212,7 +214,7 @@ def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Te
     for index in kinds[timed].unique().tolist():
         rows = timed & (kinds == index)
         if int(rows.sum()) >= _MIN_OP_ROWS:
-            spilled_rows = int((share[rows] > 0.5).sum())
+            spilled_rows = int((spilled_layer & rows).sum())
             rates[index] = _non_negative_fit(design[rows], data.layer_target_ms[rows].double(), spilled_rows)
     return torch.log(rates.clamp_min(1e-12)).float()
 
