@@ -54,9 +54,14 @@ from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.samples import NetworkSample, merge_replicates
 from lpnet.predictor.train import TrainConfig, fit_predictor
 from profiler.batch import Measurement, MeasurementKind
-from profiler.coverage import OP_COVERAGE_FAMILY
 from profiler.device import local_device_spec
-from profiler.environment import collect_environment, last_level_cache_kb, retain_freed_memory
+from profiler.environment import (
+    collect_environment,
+    fresh_mapping_kb,
+    last_level_cache_kb,
+    retain_freed_memory,
+)
+from profiler.family_names import OP_COVERAGE_FAMILY
 from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
 from profiler.runner import make_run_context, run_profile
@@ -122,9 +127,9 @@ class Profile:
 
 def fit_profiled(samples: list[NetworkSample], steps: int = 1500, seed: int = 0) -> LatencyPredictor:
     """LPNet fitted as the accuracy benches fit it: replicates merged, the default model with this
-    machine's last-level cache (the benches profile the machine they run on), `steps` training
+    machine's spill point (the benches profile the machine they run on), `steps` training
     steps, fit seed `seed`."""
-    config = LPNetConfig(last_level_cache_kb=last_level_cache_kb())
+    config = LPNetConfig(last_level_cache_kb=last_level_cache_kb(), fresh_mapping_kb=fresh_mapping_kb())
     return fit_predictor(merge_replicates(samples), config, TrainConfig(steps=steps, seed=seed))
 
 

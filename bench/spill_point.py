@@ -1,12 +1,15 @@
-"""Where layers' weights spill from the last-level cache, and what it costs: single layers timed alone.
+"""Where layers' weights spill, and what it costs: single layers timed alone.
 
 Dense 3x3 convolutions at 7x7 and 14x14, 1x1 convolutions at 7x7 and linear layers at batch 1, each
 of widths whose weights run from a few MB to well past this machine's last-level cache
-(`profiler.environment.last_level_cache_kb`). Each layer is built and called on its own in this
-process, 1 thread, `inference_mode`, freed memory retained, and timed `--repeats` times after a
-warm-up; the median is reported with its GMACs/s (a linear layer's MB of weights per ms), beside the
-layer's weights relative to the cache, so the cliff the predictor's price per spilled weight
-describes (`lpnet.predictor.model`) can be read off any machine.
+(`profiler.environment.last_level_cache_kb`) or the block size past which its C library maps every
+allocation afresh (`profiler.environment.fresh_mapping_kb`), whichever is smaller. Each layer is
+built and called on its own in this process, 1 thread, `inference_mode`, freed memory retained, and
+timed `--repeats` times after a warm-up; the median is reported with its GMACs/s (a linear layer's
+MB of weights per ms) and the page faults a timed call took, beside the layer's weights relative to
+the spill point, so the cliff the predictor's price per spilled weight describes
+(`lpnet.predictor.model`) can be read off any machine. Whether a copy past the mapping threshold
+is mapped afresh depends on the freed blocks earlier layers left: the page faults tell.
 
     python -m bench.spill_point [--repeats 15] [--output bench/results/spill_point.json]
 """
@@ -14,6 +17,7 @@ describes (`lpnet.predictor.model`) can be read off any machine.
 from __future__ import annotations
 
 import argparse
+import resource
 from pathlib import Path
 
 import torch
@@ -21,7 +25,8 @@ from torch import nn
 
 from bench.memory_format import median_ms
 from bench.results_file import save_figures
-from profiler.environment import last_level_cache_kb, retain_freed_memory
+from lpnet.predictor.model import LPNetConfig
+from profiler.environment import fresh_mapping_kb, last_level_cache_kb, retain_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (kind, kernel, map side, channel counts): square layers, in channels = out channels.
@@ -36,7 +41,7 @@ CASES: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
 def time_layer(
     kind: str, kernel: int, side: int, channels: int, repeats: int
 ) -> dict[str, float | int | str]:
-    """One layer's median time alone, its work rate and its weights."""
+    """One layer's median time alone, its work rate, its weights and its page faults per call."""
     if kind == "linear":
         module: nn.Module = nn.Linear(channels, channels, bias=False)
         x = torch.randn(1, channels)
@@ -47,7 +52,9 @@ def time_layer(
         macs = channels * channels * kernel * kernel * side * side
     weights_mb = sum(p.numel() for p in module.parameters()) * 4 / 2**20
     with torch.inference_mode():
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         ms = median_ms(module.eval(), x, repeats)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     rate = weights_mb / ms if kind == "linear" else macs / ms / 1e6
     return {
         "kind": kind,
@@ -56,6 +63,8 @@ def time_layer(
         "weights_mb": round(weights_mb, 2),
         "ms": round(ms, 3),
         "rate": round(rate, 2),
+        # Over the warm-up calls and the timed ones.
+        "page_faults_per_call": round(faults / (repeats + 3), 1),
     }
 
 
@@ -70,22 +79,36 @@ def main() -> None:
         parser.error("--repeats must be at least 1")
     torch.set_num_threads(1)
     retain_freed_memory()
-    cache_kb = last_level_cache_kb()
-    cache_mb = cache_kb / 1024 if cache_kb is not None else None
-    print(f"last-level cache: {cache_mb} MB")
+    config = LPNetConfig(last_level_cache_kb=last_level_cache_kb(), fresh_mapping_kb=fresh_mapping_kb())
+    spill_mb = config.spill_kb / 1024 if config.spill_kb is not None else None
+    print(
+        f"last-level cache {config.last_level_cache_kb} KB, fresh mappings past {config.fresh_mapping_kb} KB: "
+        f"spill point {spill_mb} MB"
+    )
     rows = []
     for kind, kernel, side, widths in CASES:
         for channels in widths:
             row = time_layer(kind, kernel, side, channels, args.repeats)
-            row["weights_over_cache"] = round(float(row["weights_mb"]) / cache_mb, 3) if cache_mb else None
+            row["weights_over_spill_point"] = (
+                round(float(row["weights_mb"]) / spill_mb, 3) if spill_mb else None
+            )
             unit = "MB/ms" if kind == "linear" else "GMACs/s"
             print(
                 f"{kind:8s} {side:3d}px {channels:5d} ch  {row['weights_mb']:7.1f} MB "
-                f"({row['weights_over_cache']} of the cache)  {row['ms']:9.2f} ms  {row['rate']:6.1f} {unit}",
+                f"({row['weights_over_spill_point']} of the spill point)  {row['ms']:9.2f} ms  "
+                f"{row['rate']:6.1f} {unit}  {row['page_faults_per_call']:8.1f} faults/call",
                 flush=True,
             )
             rows.append(row)
-    save_figures(args.output, {"last_level_cache_kb": cache_kb, "repeats": args.repeats, "rows": rows})
+    save_figures(
+        args.output,
+        {
+            "last_level_cache_kb": config.last_level_cache_kb,
+            "fresh_mapping_kb": config.fresh_mapping_kb,
+            "repeats": args.repeats,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

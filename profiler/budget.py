@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from profiler.batch import MeasurementKind
-from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY, BucketKey
+from profiler.family_names import GENERATED_FAMILY, TRANSFORMER_FAMILY
+from profiler.sampling import BucketKey
 
 DEFAULT_KIND_SHARES: Mapping[MeasurementKind, float] = {
     MeasurementKind.NETWORK: 0.35,

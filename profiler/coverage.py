@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpnet.arch.ir import Network
-from profiler.wide_dense import WIDE_DENSE_FAMILY, wide_dense_network
-
-OP_COVERAGE_FAMILY = "op_coverage"
+from profiler.family_names import OP_COVERAGE_FAMILY, WIDE_DENSE_FAMILY
+from profiler.wide_dense import wide_dense_network
 
 
 def _conv_bn(

@@ -164,6 +164,10 @@ class Environment(BaseModel):
     # The largest data or unified cache of the first core (the last level on most CPUs), in KiB;
     # None where sysfs does not list it. Layers whose weights do not fit in it read them from memory.
     last_level_cache_kb: int | None = None
+    # The block size (KiB) past which the C library maps every allocation afresh from the kernel
+    # (`fresh_mapping_kb`); None where not known. A convolution whose weights are larger pays page
+    # faults for their reordered copy on every call.
+    fresh_mapping_kb: int | None = None
     load_average: tuple[float, float, float] | None = None
     os: str
     kernel: str
@@ -255,6 +259,30 @@ def last_level_cache_kb(caches: Path | None = None) -> int | None:
     return None if best is None else best[1]
 
 
+def fresh_mapping_kb(environ: Mapping[str, str] | None = None) -> int | None:
+    """The block size (KiB) past which this process's C library maps every allocation afresh from the
+    kernel and unmaps it when freed, however much freed memory the process holds: glibc's mmap
+    threshold rises no higher than `_MMAP_THRESHOLD_MAX` (32 MiB on 64-bit) unless the process started
+    with a larger MALLOC_MMAP_THRESHOLD_ (`environ`: the start-up environment). None for another C
+    library, whose policy is not known here.
+
+    oneDNN copies a convolution's weights into its own layout on every call, into a block the size of
+    the weights: past this size every call page-faults the copy in (wide_resnet50_2's three 36 MB
+    3x3 convolutions: 27,651 page faults a forward, 9,216 per layer, on a machine with a 480 MB L3).
+    """
+    if not _is_glibc():
+        return None
+    return max(_configured_mmap_threshold(environ or _startup_environment()), _MMAP_THRESHOLD_MAX) // 1024
+
+
+def _configured_mmap_threshold(environ: Mapping[str, str]) -> int:
+    """The mmap threshold (bytes) `environ` starts glibc with; 0 where it sets none."""
+    try:
+        return int(environ.get("MALLOC_MMAP_THRESHOLD_", ""), 0)
+    except ValueError:
+        return 0
+
+
 def _memory_total_mb() -> int | None:
     for line in (_read(_MEMINFO) or "").splitlines():
         if line.startswith("MemTotal:"):
@@ -276,7 +304,9 @@ def retain_freed_memory() -> bool:
     """Tell glibc to keep freed memory instead of returning it to the kernel (mallopt).
 
     Repeated forwards then reuse the same pages rather than faulting in fresh ones, which removes
-    a large part of the between-process spread. Returns whether glibc accepted the settings.
+    a large part of the between-process spread. A larger mmap threshold the process started with
+    (MALLOC_MMAP_THRESHOLD_) is kept: mallopt cannot set one past `_MMAP_THRESHOLD_MAX`, and would
+    lower it. Returns whether glibc accepted the settings.
     """
     global _allocator_retains_memory
     path = ctypes.util.find_library("c")
@@ -285,7 +315,8 @@ def retain_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(path)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        started_higher = _configured_mmap_threshold(_startup_environment()) > _MMAP_THRESHOLD_MAX
+        ok = started_higher or libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
         ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
     except (OSError, AttributeError) as exc:  # not glibc (musl, macOS)
         logger.warning("mallopt unavailable (%s); allocator left as it is", exc)
@@ -319,10 +350,10 @@ def _retains_by_environment(environ: Mapping[str, str]) -> bool:
     a larger threshold keeps even more.
     """
     try:
-        mmap_threshold = int(environ.get("MALLOC_MMAP_THRESHOLD_", ""), 0)
         trim_threshold = int(environ.get("MALLOC_TRIM_THRESHOLD_", ""), 0)
     except ValueError:
         return False
+    mmap_threshold = _configured_mmap_threshold(environ)
     return _is_glibc() and mmap_threshold >= _MMAP_THRESHOLD_MAX and trim_threshold >= _TRIM_THRESHOLD
 
 
@@ -400,6 +431,7 @@ def collect_environment(backend_settings: dict[str, Any] | None = None) -> Envir
         else None,
         memory_total_mb=_memory_total_mb(),
         last_level_cache_kb=last_level_cache_kb(),
+        fresh_mapping_kb=fresh_mapping_kb(),
         load_average=load_average,
         os=platform.system(),
         kernel=platform.release(),

@@ -36,16 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from lpnet.arch.generator import PROFILING_FAMILY, PROFILING_SEEDS, TRANSFORMER_SEEDS, generate_network
+from lpnet.arch.generator import PROFILING_SEEDS, TRANSFORMER_SEEDS, generate_network
 from lpnet.arch.ir import Layer, Network
 from lpnet.errors import GenerationError
 from profiler.batch import NETWORK_KINDS, MeasurementKind
-from profiler.coverage import OP_COVERAGE_FAMILY, SYNTHETIC_FAMILIES
+from profiler.coverage import SYNTHETIC_FAMILIES
 from profiler.device import DeviceSpec
 from profiler.errors import UnknownFamily
+from profiler.family_names import GENERATED_FAMILY, OP_COVERAGE_FAMILY, TRANSFORMER_FAMILY, WIDE_DENSE_FAMILY
 from profiler.kind_coverage import KindCoverage, coverage_ordered
 from profiler.variation import ISOLATED_OPS, latin_hypercube, scale_layer, widths_from_ratios
-from profiler.wide_dense import WIDE_DENSE_FAMILY
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ DEFAULT_FAMILIES: tuple[str, ...] = (
     "vgg11",
     OP_COVERAGE_FAMILY,
     WIDE_DENSE_FAMILY,
-    PROFILING_FAMILY,
+    GENERATED_FAMILY,
 )
-GENERATED_FAMILY = PROFILING_FAMILY
 # Offsets into the profiling seeds of the generated networks measured as each kind, so that whole
 # networks, in-context layers and isolated layers cover different architectures.
 _GENERATED_OFFSETS = {
@@ -76,7 +75,6 @@ _GENERATED_OFFSETS = {
 # `generated` with every `TRANSFORMER_EVERY`-th in-context candidate a transformer-style network,
 # so attention and layer norm, which no generated CNN has, are timed in context. Not a default: those
 # networks' layers, as the IR builds them, also move the prices of CNN layers (docs/predictor.md).
-TRANSFORMER_FAMILY = "generated_transformer"
 TRANSFORMER_EVERY = 6
 BucketKey = tuple[str, MeasurementKind]
 """(family, kind): the unit the budget planner shares time between."""

@@ -1,17 +1,19 @@
 """A wide_dense family: one synthetic network of dense 3x3 convolutions too wide for a CPU's caches.
 
-A convolution whose weights no longer fit in the last-level cache runs several times slower than its
-work suggests: on a 2-core AMD EPYC with a 32 MB L3, a dense 3x3 convolution at 7x7 ran at 16 GMACs/s
-with 960 channels (31.6 MB of weights) and at 5.6 GMACs/s with 1,024 (36 MB) (`bench.spill_point`). Wide ResNets, VGG-style
-stacks and users' own wide heads have such layers, and neither the named families nor the generated
-networks of a short profile do, so a predictor has nothing to price them from
-(`lpnet.predictor.model`: the base's price per weight past the cache).
+A convolution whose weights pass the device's spill point (the smaller of its last-level cache and
+the 32 MB past which glibc maps every block afresh, so that oneDNN's per-call copy of the weights is
+page-faulted in) runs several times slower than its work suggests: on a 2-core AMD EPYC with a
+32 MB L3, a dense 3x3 convolution at 7x7 ran at 16 GMACs/s with 960 channels (31.6 MB of weights)
+and at 5.6 GMACs/s with 1,024 (36 MB) (`bench.spill_point`). Wide ResNets, VGG-style stacks and
+users' own wide heads have such layers, and neither the named families nor the generated networks
+of a short profile do, so a predictor has nothing to price them from (`lpnet.predictor.model`: the
+base's price per weight past the spill point).
 
 The network reaches 1/32 of its input (7x7 at 224x224) in four strided convolutions and a pool, and
-then runs three dense 3x3 convolutions of 1,024-1,536 channels holding 38, 57 and 85 MB of weights. The sampler's width
-variants (the uniform points first, then Latin-hypercube blocks) scale each group on its own, so the
-profile times these layers from a few MB of weights to well past a 32 MB cache, on either side of
-any cache from about 4 to 85 MB. At 224x224 it does 2.6 GMACs.
+then runs three dense 3x3 convolutions of 1,024-1,536 channels holding 38, 57 and 85 MB of weights.
+The sampler's width variants (the uniform points first, then Latin-hypercube blocks) scale each
+group on its own, so the profile times these layers from a few MB of weights to well past 32 MB,
+on either side of any spill point from about 4 to 85 MB. At 224x224 it does 2.6 GMACs.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import torch
 from torch import nn
 
 from lpnet.arch.ir import Network
-
-WIDE_DENSE_FAMILY = "wide_dense"
+from profiler.family_names import WIDE_DENSE_FAMILY
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from profiler.environment import DEFAULT_SECONDS_PER_PROCESS
+from profiler.family_names import describe_special_families
 from service.schemas.common import FIRST_RUN_FAMILIES, NAME_PATTERN, not_an_id
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -139,10 +140,7 @@ class FirstRunSettings(BaseModel):
     families: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(FIRST_RUN_FAMILIES),
         min_length=1,
-        description="Families profiled, comma-separated: torchvision model names, `generated` (seeded "
-        "random CNNs, so the predictor answers for networks unlike the named families), "
-        "`generated_transformer` (those, and transformer-style networks timed in context), `op_coverage` "
-        "(every IR operator) and `wide_dense` (dense convolutions too wide for the caches).",
+        description=f"Families profiled, comma-separated: torchvision model names, {describe_special_families('`')}.",
     )
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width profiled.")
     kinds: Annotated[list[MeasuredKind], NoDecode] = Field(

@@ -135,14 +135,19 @@ def check_enough_measurements(session: Session, device: Device) -> None:
 
 
 def fit_configs(
-    settings: FitSettings, seed: int = 0, last_level_cache_kb: int | None = None
+    settings: FitSettings,
+    seed: int = 0,
+    last_level_cache_kb: int | None = None,
+    fresh_mapping_kb: int | None = None,
 ) -> tuple[LPNetConfig, TrainConfig]:
     """The ensemble and the optimisation of a fit: `settings` where set, lpnet's defaults elsewhere;
-    the device's last-level cache (KiB) where known."""
+    the device's last-level cache and mapping threshold (KiB, `LPNetConfig.spill_kb`) where known."""
     from lpnet.predictor.train import TrainConfig
 
     members = {"members": settings.members} if settings.members is not None else {}
-    config = LPNetConfig(last_level_cache_kb=last_level_cache_kb, **members)
+    config = LPNetConfig(
+        last_level_cache_kb=last_level_cache_kb, fresh_mapping_kb=fresh_mapping_kb, **members
+    )
     steps = {"steps": settings.steps} if settings.steps is not None else {}
     return config, TrainConfig(seed=seed, **steps)
 
@@ -162,10 +167,11 @@ def fit_from_samples(
     from lpnet.predictor.report import fit_with_report
 
     basis: dict[str, Any] = {"labels": "ms", "nominal_probe_ms": None}
-    cache_kb = None
+    limits: tuple[int | None, int | None] = (None, None)
     if isinstance(samples, TrainingSet):
-        basis, cache_kb, samples = samples.describe(), samples.last_level_cache_kb, samples.samples
-    config, train = fit_configs(settings or FitSettings(), last_level_cache_kb=cache_kb)
+        basis, limits = samples.describe(), (samples.last_level_cache_kb, samples.fresh_mapping_kb)
+        samples = samples.samples
+    config, train = fit_configs(settings or FitSettings(), 0, *limits)
     started = time.perf_counter()
     report = fit_with_report(samples, config, train, progress=progress)
     metrics = json_safe({**report.metrics, **basis})

@@ -1,5 +1,5 @@
 """A device's training set: its measured networks as predictor samples, what their latencies mean,
-and the device facts a fit needs (its last-level cache)."""
+and the device facts a fit needs (where layers' weights spill)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ class TrainingSet:
     `typical_slowdown` how much slower than quiet the machine ran during them
     (`profiler.speed.typical_slowdown`; None without probes), and `speed_shift` how much its speed
     moved between the first and the last third of them in the order they were stored
-    (`profiler.speed.speed_shift`); `last_level_cache_kb` the device's last-level cache
-    (`device_cache_kb`), which decides where layers' weights spill from it.
+    (`profiler.speed.speed_shift`); `last_level_cache_kb` and `fresh_mapping_kb` the device's
+    last-level cache and the block size past which its C library maps allocations afresh
+    (`device_spill_facts`), the smaller of which is where layers' weights spill.
     """
 
     samples: list[NetworkSample]
@@ -37,6 +38,7 @@ class TrainingSet:
     typical_slowdown: float | None = None
     speed_shift: float | None = None
     last_level_cache_kb: int | None = None
+    fresh_mapping_kb: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -46,26 +48,32 @@ class TrainingSet:
             "typical_slowdown": self.typical_slowdown,
             "speed_shift": self.speed_shift,
             "last_level_cache_kb": self.last_level_cache_kb,
+            "fresh_mapping_kb": self.fresh_mapping_kb,
         }
 
 
-# A last-level cache outside this range (KiB) is not believed: the environment is client-supplied.
-_CACHE_KB_RANGE = (64, 64 * 1024 * 1024)
+# A size outside this range (KiB) is not believed: the environment is client-supplied.
+_PLAUSIBLE_KB = (64, 64 * 1024 * 1024)
+# The environment fields (`profiler.environment.Environment`) that decide where weights spill.
+SPILL_FACTS = ("last_level_cache_kb", "fresh_mapping_kb")
 
 
-def device_cache_kb(session: Session, device_id: int) -> int | None:
-    """The device's last-level cache (KiB) as its newest profile run that recorded one found it, else
+def device_spill_facts(session: Session, device_id: int) -> dict[str, int | None]:
+    """Each of `SPILL_FACTS` (KiB) as the device's newest profile run that recorded it found it, else
     as its registration or agent recorded it; None where none did or the value is not plausible."""
+    facts: dict[str, int | None] = {}
+    device = session.get(Device, device_id)
     recorded = session.scalars(
         select(ProfileRun.environment).where(ProfileRun.device_id == device_id).order_by(ProfileRun.id.desc())
-    ).all()
-    device = session.get(Device, device_id)
-    candidates = [*recorded, device.environment if device is not None else {}]
-    for environment in candidates:
-        value = (environment or {}).get("last_level_cache_kb")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value if _CACHE_KB_RANGE[0] <= value <= _CACHE_KB_RANGE[1] else None
-    return None
+    )
+    for environment in [*recorded, device.environment if device is not None else {}]:
+        for key in SPILL_FACTS:
+            value = (environment or {}).get(key)
+            if key not in facts and isinstance(value, int) and not isinstance(value, bool):
+                facts[key] = value if _PLAUSIBLE_KB[0] <= value <= _PLAUSIBLE_KB[1] else None
+        if len(facts) == len(SPILL_FACTS):
+            break
+    return {key: facts.get(key) for key in SPILL_FACTS}
 
 
 def training_samples(session: Session, device_id: int) -> TrainingSet:
@@ -113,5 +121,5 @@ def training_samples(session: Session, device_id: int) -> TrainingSet:
         len(samples),
         typical_slowdown(probes),
         speed_shift(probes),
-        device_cache_kb(session, device_id),
+        **device_spill_facts(session, device_id),
     )

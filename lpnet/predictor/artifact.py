@@ -23,7 +23,7 @@ ARTIFACT_VERSION = 7
 # domain; it still loads, its range given to every rate kind, and warns without the work ranges.
 # Versions 4 and 5 lack the interval's cross-validation residuals; they keep their scaled-spread
 # interval (`LPNet.interval_bounds`). Versions 4 to 6 have four base rates per rate kind and no
-# last-level cache: they load with no price for weights past the cache, which never applies to them.
+# spill point: they load with no price for weights past it, which never applies to them.
 READABLE_ARTIFACT_VERSIONS = frozenset({4, 5, 6, 7})
 # The log rate a base rate that does not apply is stored with (`initial_log_rates`' floor).
 _ABSENT_LOG_RATE = math.log(1e-12)
@@ -122,7 +122,7 @@ def load_predictor(data: bytes) -> LatencyPredictor:
             state[name] = state[name].expand(len(RATE_KINDS), -1).clone()
     for name, rates in state.items():
         if name.endswith("log_rates") and rates.dim() == 2 and rates.shape[1] < BASE_TERMS:
-            # Versions 4 to 6: no price per weight past the cache.
+            # Versions 4 to 6: no price per weight past the spill point.
             absent = torch.full((rates.shape[0], BASE_TERMS - rates.shape[1]), _ABSENT_LOG_RATE)
             state[name] = torch.cat([rates, absent.to(rates.dtype)], dim=1)
     if "interval_residuals" in state and "interval_member" in state:

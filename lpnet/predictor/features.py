@@ -115,8 +115,8 @@ BASE_ONLY_FEATURES: frozenset[str] = frozenset({"log_kind_gap_elements", "bias"}
 CORRECTION_FEATURES = torch.tensor([name not in BASE_ONLY_FEATURES for name in NUMERIC_FEATURES])
 # Columns of `work_terms` that measure the layer's own work (the rest describe its context).
 OWN_WORK_TERMS = 2
-# The column of `work_terms` with the layer's log weights (elements), which decide whether they fit in
-# the device's last-level cache.
+# The column of `work_terms` with the layer's log weights (elements), which decide whether they pass
+# the device's spill point (`lpnet.predictor.model.LPNetConfig.spill_kb`).
 WEIGHTS_TERM = 3
 
 

@@ -5,15 +5,18 @@ Each layer's time is a physical base times a bounded learned correction:
 
     ms = (e^a[kind] * MACs + e^b[kind] * elements moved + e^d[kind] + e^c[kind] * cold
           + e^g[kind] * weights * spill) * exp(B * tanh(mlp(features) / B)),
-    cold = gap / (gap + e^h),      spill = sigmoid(S * log(weights / (1.05 * last-level cache)))
+    cold = gap / (gap + e^h),      spill = sigmoid(S * log(weights / (1.05 * spill point)))
 
 The base is work over throughput: a compute rate, a memory rate and a per-call cost per rate kind
 (the operator, and for a convolution its kernel kind: dense, 1x1, grouped, depthwise), fitted on the
 device's measurements, and a cold-call cost: what a call pays for fetching again the code and data
 that the `gap` elements touched since its kind last ran pushed out of the caches, saturating at a
-learned traffic e^h; and a price per weight once a layer's weights no longer fit in the device's
-last-level cache (on a 2-core EPYC with a 32 MB L3 a dense 3x3 convolution of 960 channels at 7x7,
-31.6 MB of weights, ran at 16 GMACs/s and one of 1,024 channels, 36 MB, at 5.6). The MLP learns what
+learned traffic e^h; and a price per weight once a layer's weights pass the device's spill point:
+the smaller of its last-level cache and the block size past which its C library maps every
+allocation afresh (`LPNetConfig.spill_kb`). On a 2-core EPYC with a 32 MB L3 a dense 3x3 convolution
+of 960 channels at 7x7, 31.6 MB of weights, ran at 16 GMACs/s and one of 1,024 channels, 36 MB, at
+5.6; on a Xeon with a 480 MB L3 at 32 and 20 GMACs/s, the larger one page-faulting its weights'
+reordered copy in on every call. The MLP learns what
 the base cannot (SIMD staircases in the channel count, cache effects, kernel choice), but only
 within a factor e^B either way. Far from the training data the correction saturates and the
 prediction falls back to the base, which scales with the work instead of exploding or collapsing
@@ -51,15 +54,17 @@ _GENERAL_PATH_ROWS = 20_000
 _CORRECTION_BLOCK_ROWS = 4096
 # The learned correction multiplies the base by at most this factor, either way.
 CORRECTION_FACTOR = 4.0
-# Base terms per layer: MACs, elements moved, one call, one call's cold share, weights past the cache.
+# Base terms per layer: MACs, elements moved, one call, one call's cold share, weights past the spill
+# point.
 BASE_TERMS = 5
-# Weights spill from the last-level cache past this multiple of its size (in float32 elements): on a
-# 32 MB L3, 31.6 MB of convolution weights ran at the in-cache rate and 36 MB did not.
+# Weights spill past this multiple of the spill point (`LPNetConfig.spill_kb`, in float32 elements):
+# with a 32 MB L3 and a 32 MB mapping threshold, 31.6 MB of convolution weights ran at the in-cache
+# rate and 36 MB did not.
 SPILL_POINT = 1.05
 # How sharply `spill_share` rises around the spill point, per unit of log weights: from 0.1 at the
-# cache's size to 0.9 at 1.11 times it.
+# spill point's size to 0.9 at 1.11 times it.
 SPILL_SHARPNESS = 40.0
-# The log spill point of a device whose last-level cache is unknown: no layer spills.
+# The log spill point of a device whose spill point is unknown: no layer spills.
 _NO_CACHE_LOG_WEIGHTS = 1e3
 # log elements of traffic that evict half a call's working set, before fitting (2 M: 8 MB of floats).
 INITIAL_LOG_CACHE = math.log(2e6)
@@ -75,19 +80,31 @@ class LPNetConfig:
     depth: int = 1
     op_embedding: int = 8
     members: int = 5
-    # The device's last-level cache (KiB, `profiler.environment.last_level_cache_kb`): where layers'
-    # weights start to spill (`spill_share`). None: unknown, and no layer is priced as spilling.
+    # The device's last-level cache (KiB, `profiler.environment.last_level_cache_kb`) and the block
+    # size (KiB) past which its C library maps every allocation afresh
+    # (`profiler.environment.fresh_mapping_kb`): the smaller is where layers' weights start to spill
+    # (`spill_kb`). None: unknown.
     last_level_cache_kb: int | None = None
+    fresh_mapping_kb: int | None = None
 
     def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
 
     @property
+    def spill_kb(self) -> int | None:
+        """Weights (KiB) past which a layer reads them from memory or page-faults their reordered copy
+        in on every call: the smaller of the known limits; None when neither is known, and then no
+        layer is priced as spilling."""
+        known = [kb for kb in (self.last_level_cache_kb, self.fresh_mapping_kb) if kb is not None]
+        return min(known) if known else None
+
+    @property
     def log_spill_weights(self) -> float:
-        """log float32 weights at which a layer's weights spill from the last-level cache."""
-        if self.last_level_cache_kb is None:
+        """log float32 weights at which a layer's weights spill (`spill_kb`)."""
+        spill_kb = self.spill_kb
+        if spill_kb is None:
             return _NO_CACHE_LOG_WEIGHTS
-        return math.log(SPILL_POINT * self.last_level_cache_kb * 1024 / 4)
+        return math.log(SPILL_POINT * spill_kb * 1024 / 4)
 
 
 def bounded_correction(raw: torch.Tensor) -> torch.Tensor:
@@ -114,8 +131,8 @@ class LayerLatencyMLP(nn.Module):
         with torch.no_grad():  # the correction starts at zero: the member starts as its base
             self.head.weight.zero_()
             self.head.bias.zero_()
-        # log ms per MAC, per element moved, per call, per cold call and per weight past the cache, by
-        # rate kind (set from the data before fitting).
+        # log ms per MAC, per element moved, per call, per cold call and per weight past the spill
+        # point, by rate kind (set from the data before fitting).
         self.log_rates = nn.Parameter(torch.zeros(len(RATE_KINDS), BASE_TERMS))
         # A per-network constant (ms): the part of a network's latency that its layers, timed in
         # context, do not account for. There is no per-layer overhead: a layer's in-context time
@@ -123,7 +140,7 @@ class LayerLatencyMLP(nn.Module):
         self.network_overhead = nn.Parameter(torch.zeros(()))
         # log elements of traffic that evict half of a call's working set (`cold_share`).
         self.log_cache = nn.Parameter(torch.tensor(INITIAL_LOG_CACHE))
-        # log weights at which a layer's weights spill from the device's last-level cache (fixed).
+        # log weights at which a layer's weights spill (`LPNetConfig.spill_kb`; fixed).
         self.log_spill_weights = config.log_spill_weights
 
     def correction(self, features: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
@@ -148,13 +165,13 @@ def cold_share(log_gap: torch.Tensor, log_cache: torch.Tensor) -> torch.Tensor:
 
 
 def spill_share(log_weights: torch.Tensor, log_spill_weights: float) -> torch.Tensor:
-    """log of the share of a layer's weights priced as coming from beyond the last-level cache: a
-    steep sigmoid of log weights around the device's spill point (`LPNetConfig.log_spill_weights`)."""
+    """log of the share of a layer's weights priced as spilled: a steep sigmoid of log weights around
+    the device's spill point (`LPNetConfig.log_spill_weights`)."""
     return torch.nn.functional.logsigmoid(SPILL_SHARPNESS * (log_weights - log_spill_weights))
 
 
 def spills(log_weights: torch.Tensor, log_spill_weights: float) -> torch.Tensor:
-    """Whether a layer counts as spilled: more than half its weights priced past the cache."""
+    """Whether a layer counts as spilled: more than half its weights priced past the spill point."""
     return spill_share(log_weights, log_spill_weights) > math.log(0.5)
 
 

@@ -23,7 +23,7 @@ from lpnet.predictor.features import (
     tensorize,
     work_terms,
 )
-from lpnet.predictor.model import LPNet, member_log_spread, spills
+from lpnet.predictor.model import LPNet, LPNetConfig, member_log_spread, spills
 
 _OP_NAMES: tuple[str, ...] = tuple(op.value for op in OPS)
 # How far (in units of the training range) a feature may stray before a result is flagged.
@@ -33,7 +33,7 @@ _RANGE_MARGIN = 0.1
 # small layers past the edge cannot move the total much.
 WORK_MARGIN = 1.5
 WORK_SHARE = 0.05
-# Networks, or layers of a rate kind, whose weights spilled from the last-level cache before a fit
+# Networks, or layers of a rate kind, whose weights passed the spill point before a fit
 # prices spilling (`lpnet.predictor.train.initial_log_rates`) and a prediction takes the kind's
 # spilled layers as priced (`TrainingDomain.spilled_kinds`).
 MIN_SPILLED_LAYERS = 3
@@ -217,6 +217,16 @@ def _size(kb: float) -> str:
     return f"{kb:.0f} KB" if kb < 1024 else f"{kb / 1024:.0f} MB"
 
 
+def _spill_point(config: LPNetConfig) -> str:
+    """What the device's spill point is, for a warning."""
+    if config.spill_kb == config.fresh_mapping_kb:
+        return (
+            f"the {_size(config.spill_kb or 0)} past which this device's allocator maps a convolution's "
+            "reordered weights afresh on every call"
+        )
+    return f"this device's {_size(config.spill_kb or 0)} last-level cache"
+
+
 def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
 
@@ -255,17 +265,19 @@ class LatencyPredictor:
     def _spill_warnings(
         self, tn: TensorizedNetwork, features: torch.Tensor, layer_ms: torch.Tensor
     ) -> list[str]:
-        """One warning per convolution kind whose layers' weights spill from the device's last-level
-        cache when fewer than `MIN_SPILLED_LAYERS` layers of that kind timed in context spilled in
-        training (`TrainingDomain.spilled_kinds`; for a predictor stored without them, when the kind's price
-        per spilled weight is zero), and the layers take at least `WORK_SHARE` of the predicted total.
+        """One warning per convolution kind whose layers' weights pass the device's spill point
+        (`LPNetConfig.spill_kb`) when fewer than `MIN_SPILLED_LAYERS` layers of that kind timed in
+        context spilled in training (`TrainingDomain.spilled_kinds`; for a predictor stored without
+        them, when the kind's price per spilled weight is zero), and the layers take at least
+        `WORK_SHARE` of the predicted total.
 
-        Only convolutions: they read their weights again for every tile of output positions, which
-        past the cache costs several times their work (`lpnet.predictor.model`); a linear layer at
-        batch 1 reads each weight once wherever it lives, and already pays for moving it.
+        Only convolutions: they copy their weights into oneDNN's layout on every call and read them
+        again for every tile of output positions, which past the spill point costs several times their
+        work (`lpnet.predictor.model`); a linear layer at batch 1 reads each weight once wherever it
+        lives, and already pays for moving it.
         """
         config = self.model.config
-        if config.last_level_cache_kb is None:
+        if config.spill_kb is None:
             return []
         kinds = rate_kinds(tn.ops, features)  # (L,)
         log_weights = work_terms(features)[:, WEIGHTS_TERM]
@@ -285,9 +297,9 @@ class LatencyPredictor:
             largest_kb = math.exp(float(log_weights[rows].max())) * 4 / 1024
             warnings.append(
                 f"{len(names)} {RATE_KINDS[kind]} layer(s) ({_names(names)}), {share:.0%} of the predicted time, "
-                f"hold up to {_size(largest_kb)} of weights, more than this device's "
-                f"{_size(config.last_level_cache_kb)} last-level cache, and no {RATE_KINDS[kind]} layer that "
-                "large was measured on it: such layers can run several times slower than their work suggests"
+                f"hold up to {_size(largest_kb)} of weights, more than {_spill_point(config)}, and no "
+                f"{RATE_KINDS[kind]} layer that large was measured on it: such layers can run several times "
+                "slower than their work suggests"
             )
         return warnings
 

@@ -187,7 +187,7 @@ def _calibration_networks(groups: Sequence[str], share: float, generator: torch.
 
 def initial_log_rates(data: PackedSamples, log_spill_weights: float) -> torch.Tensor:
     """log (ms per MAC, ms per element moved, ms per call, ms per cold call, ms per weight past the
-    cache) of every rate kind, (len(RATE_KINDS), BASE_TERMS).
+    spill point) of every rate kind, (len(RATE_KINDS), BASE_TERMS).
 
     A non-negative least-squares fit: one set of rates for every layer from whole-network times (each
     network's time against its summed MACs, elements, layer count, cold shares at the initial
@@ -224,7 +224,7 @@ _MIN_OP_ROWS = 8
 
 def _non_negative_fit(design: torch.Tensor, target: torch.Tensor, spilled_rows: int) -> torch.Tensor:
     """Non-negative coefficients of `target ~ design` in relative error (each row weighted 1/target);
-    the last column's (weights past the cache) is zero unless `spilled_rows` >= `MIN_SPILLED_LAYERS`."""
+    the last column's (weights past the spill point) is zero unless `spilled_rows` >= `MIN_SPILLED_LAYERS`."""
     # Imported here: scikit-learn costs a second to import, and a process that only predicts never fits.
     from sklearn.linear_model import LinearRegression
 

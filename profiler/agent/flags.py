@@ -11,6 +11,7 @@ import argparse
 
 from profiler.batch import MeasurementKind
 from profiler.environment import DEFAULT_SECONDS_PER_PROCESS, AllocatorPolicy
+from profiler.family_names import describe_special_families
 
 
 def positive_float(text: str) -> float:
@@ -51,9 +52,8 @@ def add_sampling_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--budget-minutes", type=positive_float, help="stop after this much measuring time")
     parser.add_argument(
         "--families",
-        help="comma-separated torchvision names, generated (seeded random CNNs), generated_transformer (those "
-        "and transformer-style networks timed in context), op_coverage (every IR operator) or wide_dense (dense "
-        "convolutions too wide for the caches) (default: ten common torchvision models)",
+        help=f"comma-separated torchvision names, {describe_special_families(last='or')} (default: ten "
+        "common torchvision models)",
     )
     parser.add_argument(
         "--kinds",

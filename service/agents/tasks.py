@@ -24,9 +24,8 @@ from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from lpnet.errors import LpnetError
-from profiler.coverage import OP_COVERAGE_FAMILY, SYNTHETIC_FAMILIES
-from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY
-from profiler.wide_dense import WIDE_DENSE_FAMILY
+from profiler.coverage import SYNTHETIC_FAMILIES
+from profiler.family_names import GENERATED_FAMILY, TRANSFORMER_FAMILY, describe_special_families
 from service.config import Settings
 from service.db.base import utcnow
 from service.db.models import (
@@ -184,11 +183,8 @@ def check_families(families: Sequence[str]) -> None:
     unknown = [name for name in families if name not in known and name not in special]
     if unknown:
         raise InvalidInput(
-            f"unknown model families {unknown}; families are {OP_COVERAGE_FAMILY} (every IR operator), "
-            f"{WIDE_DENSE_FAMILY} (dense convolutions too wide for the caches), "
-            f"{GENERATED_FAMILY} (seeded random CNNs), {TRANSFORMER_FAMILY} (those and transformer-style "
-            f"networks timed in context) or torchvision classification models: "
-            f"{', '.join(sorted(known))}",
+            f"unknown model families {unknown}; families are {describe_special_families(last='or')}, "
+            f"or torchvision classification models: {', '.join(sorted(known))}",
             {"unknown": unknown},
         )
 

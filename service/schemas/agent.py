@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from profiler.environment import AllocatorPolicy, Environment, FiniteJson
+from profiler.family_names import describe_special_families
 from profiler.protocol import TimingProtocol
 from service.db.models import TaskKind, TaskStatus
 from service.schemas.common import FIRST_RUN_FAMILIES, DeviceRef, RequestModel
@@ -51,9 +52,7 @@ class CampaignCreate(RequestModel):
         min_length=1,
         max_length=32,
         description="Families measured: torchvision classification models (their width variants), "
-        "`generated` (seeded random CNNs, so the predictor answers for networks unlike the named "
-        "families), `generated_transformer` (those, and transformer-style networks timed in context), "
-        "`op_coverage` (every IR operator) and `wide_dense` (dense convolutions too wide for the caches).",
+        f"{describe_special_families('`')}.",
     )
     kinds: list[KindName] = Field(default_factory=lambda: list(ALL_KINDS), min_length=1, max_length=3)
     image_size: int = Field(default=224, ge=16, le=1024, description="Input height and width.")

@@ -8,7 +8,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # What the first run profiles, and a campaign measures unless told otherwise: three common
-# torchvision families, dense convolutions on either side of the machine's last-level cache
+# torchvision families, dense convolutions on either side of the machine's spill point
 # (`wide_dense`), and seeded random CNNs (`generated`); docs/predictor.md.
 FIRST_RUN_FAMILIES: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2", "wide_dense", "generated")
 

@@ -78,8 +78,15 @@ class PredictorMetrics(LenientDocument):
     )
     last_level_cache_kb: int | None = Field(
         default=None,
-        description="The device's last-level cache (KiB) the fit priced weights past it against; null when "
-        "unknown, and then no layer is priced as spilling from it.",
+        description="The device's last-level cache (KiB); null when unknown. The smaller of it and "
+        "`fresh_mapping_kb` is the spill point the fit priced layers' weights past; with neither known, "
+        "no layer is priced as spilling.",
+    )
+    fresh_mapping_kb: int | None = Field(
+        default=None,
+        description="The block size (KiB) past which the device's C library maps every allocation afresh "
+        "from the kernel (glibc: 32 MiB), so that a convolution with more weights page-faults their "
+        "reordered copy in on every call; null when unknown.",
     )
 
 

@@ -30,7 +30,12 @@ from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.train import MIN_NETWORK_SAMPLES, TrainConfig, fit_predictor
 from lpnet.pruning import dump_pruned, export_pruned_onnx
 from profiler.backends.base import get_backend
-from profiler.environment import AllocatorPolicy, apply_allocator_policy, last_level_cache_kb
+from profiler.environment import (
+    AllocatorPolicy,
+    apply_allocator_policy,
+    fresh_mapping_kb,
+    last_level_cache_kb,
+)
 from profiler.protocol import TimingProtocol
 from profiler.variants import measure_width_variants
 from profiler.verification import NetworkMeter
@@ -171,7 +176,7 @@ def run_train(request: TrainRequest, note: Note = logger.info) -> TrainReport:
             network,
             request.fit_variants,
             meter,
-            fit_configs(request.fit, config.seed, last_level_cache_kb()),
+            fit_configs(request.fit, config.seed, last_level_cache_kb(), fresh_mapping_kb()),
             note,
         )
     train_base(module, data, request, note)

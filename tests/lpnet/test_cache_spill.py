@@ -1,5 +1,6 @@
-"""The price per weight past the last-level cache: a layer whose weights no longer fit in the device's
-cache pays for each of them, once a profile has timed such layers; until then its kind is warned of."""
+"""The price per weight past the spill point: a layer whose weights no longer fit in the device's
+last-level cache, or pass the block size past which its allocator maps every allocation afresh, pays for
+each of them, once a profile has timed such layers; until then its kind is warned of."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lpnet.arch.generator import PROFILING_FAMILY
 from lpnet.arch.ir import Network
 from lpnet.predictor.artifact import dump_predictor, load_predictor, read_header
 from lpnet.predictor.features import RATE_KIND_INDEX, WEIGHTS_TERM, tensorize, work_terms
-from lpnet.predictor.model import LPNetConfig, spill_share
+from lpnet.predictor.model import LPNetConfig, spill_share, spills
 from lpnet.predictor.predict import LatencyPredictor
 from lpnet.predictor.samples import NetworkSample, pack_samples
 from lpnet.predictor.train import TrainConfig, fit_predictor, initial_log_rates
@@ -212,3 +213,31 @@ def test_a_version_6_artifact_loads_with_no_price_for_spilled_weights(
     below = _network(40, 16, "below-cache")
     assert old.predict(below).total_ms == pytest.approx(spill_predictor.predict(below).total_ms, rel=0.01)
     assert not any("last-level cache" in w for w in old.predict(_network(16, 4096, "old")).warnings)
+
+
+def test_the_spill_point_is_the_smaller_of_the_cache_and_the_mapping_threshold() -> None:
+    xeon = LPNetConfig(last_level_cache_kb=491520, fresh_mapping_kb=32768)
+    assert xeon.spill_kb == 32768
+    assert xeon.log_spill_weights == LPNetConfig(last_level_cache_kb=32768).log_spill_weights
+    assert LPNetConfig(last_level_cache_kb=16384, fresh_mapping_kb=32768).spill_kb == 16384
+    assert LPNetConfig(fresh_mapping_kb=32768).spill_kb == 32768
+    # 36 MB of convolution weights spill at a 32 MB mapping threshold whatever the cache; 31.6 MB do not.
+    log_weights = torch.log(torch.tensor([31.6, 36.0]) * 2**20 / 4)
+    assert spills(log_weights, xeon.log_spill_weights).tolist() == [False, True]
+    assert not spills(log_weights, LPNetConfig(last_level_cache_kb=491520).log_spill_weights).any()
+
+
+def test_a_mapping_threshold_below_the_cache_prices_and_warns_as_the_spill_point(
+    spill_predictor: LatencyPredictor,
+) -> None:
+    # The same fitted predictor, its spill point now set by the allocator under a far larger cache.
+    data = dump_predictor(spill_predictor)
+    config = {**CONFIG.to_dict(), "last_level_cache_kb": 1024 * CACHE_KB, "fresh_mapping_kb": CACHE_KB}
+    mapped = load_predictor(
+        save_tensors(load_tensors(data), metadata={**read_header(data), "config": json.dumps(config)})
+    )
+    network = _network(80, 16, "dense-past-the-threshold")
+    assert mapped.predict(network).total_ms == spill_predictor.predict(network).total_ms
+    spill = [w for w in mapped.predict(_network(16, 4096, "wide-pointwise")).warnings if "256 KB" in w]
+    assert len(spill) == 1
+    assert "more than the 64 KB past which this device's allocator maps a convolution's reordered" in spill[0]

@@ -4,7 +4,7 @@ import pytest
 
 from profiler.batch import MeasurementKind
 from profiler.budget import GENERATED_SHARE, BudgetPlanner
-from profiler.sampling import GENERATED_FAMILY, TRANSFORMER_FAMILY
+from profiler.family_names import GENERATED_FAMILY, TRANSFORMER_FAMILY
 
 NET, CTX, ISO = MeasurementKind.NETWORK, MeasurementKind.IN_CONTEXT, MeasurementKind.ISOLATED
 BUCKETS = [("a", NET), ("b", NET), ("a", CTX), ("a", ISO), ("b", ISO)]

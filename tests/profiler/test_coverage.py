@@ -8,8 +8,9 @@ from lpnet.arch.ir import Network, Op
 from lpnet.arch.onnx_io import export_onnx, network_from_onnx
 from profiler.backends import get_backend
 from profiler.batch import MeasurementKind
-from profiler.coverage import OP_COVERAGE_FAMILY, op_coverage_network
+from profiler.coverage import op_coverage_network
 from profiler.device import DeviceSpec
+from profiler.family_names import OP_COVERAGE_FAMILY
 from profiler.measure import measure_sample
 from profiler.protocol import TimingProtocol
 from profiler.sampling import SamplingConfig, StratifiedSampler

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,63 @@ def test_the_fingerprint_records_the_last_level_cache_this_machine_lists() -> No
     recorded = collect_environment().last_level_cache_kb
     assert recorded == listed
     assert recorded is None or recorded > 0
+
+
+def test_glibc_maps_afresh_past_its_threshold_ceiling_unless_started_with_a_larger_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(environment, "_is_glibc", lambda: True)
+    assert environment.fresh_mapping_kb({}) == 32 * 1024
+    assert environment.fresh_mapping_kb({"MALLOC_MMAP_THRESHOLD_": str(2**20)}) == 32 * 1024
+    assert environment.fresh_mapping_kb({"MALLOC_MMAP_THRESHOLD_": str(2**28)}) == 256 * 1024
+    assert environment.fresh_mapping_kb({"MALLOC_MMAP_THRESHOLD_": "lots"}) == 32 * 1024
+    monkeypatch.setattr(environment, "_is_glibc", lambda: False)
+    assert environment.fresh_mapping_kb({}) is None
+
+
+def test_the_fingerprint_records_the_mapping_threshold_of_this_process() -> None:
+    assert collect_environment().fresh_mapping_kb == environment.fresh_mapping_kb()
+
+
+# Times a dense 3x3 convolution of 45.6 MB of weights in a process that keeps freed memory, and
+# prints the mapping threshold it records and the page faults a call took.
+_CONVOLUTION_FAULTS = """
+import resource
+import torch
+from profiler.environment import fresh_mapping_kb, retain_freed_memory
+assert retain_freed_memory()
+torch.set_num_threads(1)
+layer = torch.nn.Conv2d(1152, 1152, 3, padding=1, bias=False).eval()
+x = torch.randn(1, 1152, 7, 7)
+with torch.inference_mode():
+    for _ in range(2):
+        layer(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        layer(x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(fresh_mapping_kb(), (after - before) // 3)
+"""
+
+
+def _convolution_faults(mmap_threshold: int | None) -> tuple[int, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    done = subprocess.run(
+        [sys.executable, "-c", _CONVOLUTION_FAULTS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    kb, faults = done.stdout.split()
+    return int(kb), int(faults)
+
+
+@pytest.mark.skipif(not environment._is_glibc(), reason="glibc's mmap threshold")
+def test_past_the_recorded_mapping_threshold_a_convolution_faults_its_weights_in_on_every_call() -> None:
+    pages = 1152 * 1152 * 9 * 4 // 4096
+    kb, faults = _convolution_faults(None)
+    assert kb == 32 * 1024 and faults >= 0.9 * pages
+    # Started with a larger threshold, the process keeps it through `retain_freed_memory`, and
+    # records it: the copy is taken from freed memory.
+    kb, faults = _convolution_faults(2**28)
+    assert kb == 256 * 1024 and faults < 0.1 * pages

@@ -8,8 +8,9 @@ from lpnet.arch.ir import Layer, Op
 from profiler.batch import MeasurementKind
 from profiler.coverage import SYNTHETIC_FAMILIES
 from profiler.device import DeviceSpec
+from profiler.family_names import WIDE_DENSE_FAMILY
 from profiler.sampling import DEFAULT_FAMILIES, SamplingConfig, StratifiedSampler
-from profiler.wide_dense import WIDE_DENSE_FAMILY, wide_dense_network
+from profiler.wide_dense import wide_dense_network
 from service.agents.tasks import check_families
 from service.schemas.common import FIRST_RUN_FAMILIES
 
