@@ -304,7 +304,9 @@ def main() -> None:
         "--reuse-truth",
         type=Path,
         help="take the fresh-process timings of the networks an earlier result file has instead of "
-        "timing them again (the others are timed)",
+        "timing them again (the others are timed). Labels of another machine of the same CPU signature "
+        "compare arms with each other, not with the targets: between two Xeons of one type the probe "
+        "left a 10-15 %% swing between compute-bound and memory-bound networks",
     )
     parser.add_argument(
         "--development",
