@@ -272,7 +272,8 @@ def fresh_mapping_kb(environ: Mapping[str, str] | None = None) -> int | None:
     """
     if not _is_glibc():
         return None
-    return max(_configured_mmap_threshold(environ or _startup_environment()), _MMAP_THRESHOLD_MAX) // 1024
+    configured = _configured_mmap_threshold(_startup_environment() if environ is None else environ)
+    return max(configured, _MMAP_THRESHOLD_MAX) // 1024
 
 
 def _configured_mmap_threshold(environ: Mapping[str, str]) -> int:

@@ -3,6 +3,8 @@ and the device facts a fit needs (where layers' weights spill)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,11 +64,10 @@ def device_spill_facts(session: Session, device_id: int) -> dict[str, int | None
     """Each of `SPILL_FACTS` (KiB) as the device's newest profile run that recorded it found it, else
     as its registration or agent recorded it; None where none did or the value is not plausible."""
     facts: dict[str, int | None] = {}
-    device = session.get(Device, device_id)
     recorded = session.scalars(
         select(ProfileRun.environment).where(ProfileRun.device_id == device_id).order_by(ProfileRun.id.desc())
     )
-    for environment in [*recorded, device.environment if device is not None else {}]:
+    for environment in itertools.chain(recorded, _registered_environment(session, device_id)):
         for key in SPILL_FACTS:
             value = (environment or {}).get(key)
             if key not in facts and isinstance(value, int) and not isinstance(value, bool):
@@ -74,6 +75,12 @@ def device_spill_facts(session: Session, device_id: int) -> dict[str, int | None
         if len(facts) == len(SPILL_FACTS):
             break
     return {key: facts.get(key) for key in SPILL_FACTS}
+
+
+def _registered_environment(session: Session, device_id: int) -> Iterator[dict[str, Any] | None]:
+    """The environment the device's registration or agent recorded, read only when asked for."""
+    device = session.get(Device, device_id)
+    yield device.environment if device is not None else None
 
 
 def training_samples(session: Session, device_id: int) -> TrainingSet:

@@ -133,7 +133,9 @@ def test_glibc_maps_afresh_past_its_threshold_ceiling_unless_started_with_a_larg
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(environment, "_is_glibc", lambda: True)
-    assert environment.fresh_mapping_kb({}) == 32 * 1024
+    monkeypatch.setattr(environment, "_startup_environment", lambda: {"MALLOC_MMAP_THRESHOLD_": str(2**27)})
+    assert environment.fresh_mapping_kb() == 128 * 1024
+    assert environment.fresh_mapping_kb({}) == 32 * 1024  # an empty environment sets no threshold
     assert environment.fresh_mapping_kb({"MALLOC_MMAP_THRESHOLD_": str(2**20)}) == 32 * 1024
     assert environment.fresh_mapping_kb({"MALLOC_MMAP_THRESHOLD_": str(2**28)}) == 256 * 1024
     assert environment.fresh_mapping_kb({"MALLOC_MMAP_THRESHOLD_": "lots"}) == 32 * 1024
